@@ -1,0 +1,256 @@
+"""LLMEngine: add_request / step / abort_request. Owns the scheduler, the KV block manager, the
+model runner (and TP workers), the sampler and the per-step log."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+import torch
+
+from labkit.config import EngineConfig
+from labkit.engine.block_manager import BlockManager
+from labkit.engine.detokenizer import IncrementalDetokenizer
+from labkit.engine.model_runner import ModelRunner, SeqWork
+from labkit.engine.request import Request
+from labkit.engine.sampler import SampleResult, Sampler
+from labkit.engine.scheduler import Scheduler
+from labkit.engine.workers import WorkerGroup
+from labkit.observe.step_log import StepRecord
+from labkit.observe.timer import PhaseTimer
+from labkit.outputs import CompletionOutput, Logprob, RequestOutput
+from labkit.sampling_params import SamplingParams
+
+log = logging.getLogger("labkit")
+
+
+def load_tokenizer(config: EngineConfig):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(config.tokenizer or config.model_dir))
+
+
+def _eos_ids(config: EngineConfig, tokenizer) -> set[int]:
+    ids = set(config.hf_config.eos_token_id)
+    gen = config.model_dir / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids |= set([eos] if isinstance(eos, int) else (eos or []))
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config)
+        self.workers = WorkerGroup(config) if config.tensor_parallel_size > 1 else None
+        try:
+            self.runner = ModelRunner(config, 0, self.workers.init_method if self.workers else "")
+            if self.workers:
+                self.workers.wait_ready()
+        except BaseException:
+            if self.workers:
+                self.workers.shutdown()
+            raise
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens, config.enable_chunked_prefill)
+        self.eos_token_ids = _eos_ids(config, self.tokenizer)
+        self.sampler = Sampler(config.seed, self.eos_token_ids)
+        self.requests: dict[str, list[Request]] = {}   # parent id -> its n sequences
+        self.step_records: list[StepRecord] = []
+        self.timer = self.runner.timer
+        self._closed = False
+
+    # ---- requests -----------------------------------------------------------------------
+    def tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: text prompts need a tokenizer (skip_tokenizer_init=True)")
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        if isinstance(prompt, (list, tuple)):
+            return None, list(prompt)
+        raise ValueError(f"prompt: expected a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        n = len(prompt_token_ids)
+        vocab = self.config.hf_config.vocab_size
+        if n == 0:
+            raise ValueError("prompt: the prompt is empty; give at least one token")
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt_token_ids: every id must be an integer in [0, {vocab})")
+        max_len = self.config.max_model_len
+        if n >= max_len:
+            raise ValueError(f"prompt: the prompt has {n} tokens; max_model_len is {max_len}, "
+                             "so it must be shorter than that to leave room for an output token")
+        blocks = -(-(n + 1) // self.config.block_size)
+        if blocks > self.block_manager.num_blocks:
+            raise ValueError(f"prompt: {n} tokens need {blocks} KV blocks but the cache holds "
+                             f"{self.block_manager.num_blocks}; raise the KV cache size")
+
+    def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
+                    arrival_time: float | None = None, priority: int = 0) -> str:
+        params = params or SamplingParams()
+        text, ids = self.tokenize(prompt)
+        self.validate(ids, params)
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.requests:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        arrival = arrival_time or time.time()
+        seqs = []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator().manual_seed(params.seed + i)
+            req = Request(f"{request_id}-{i}" if params.n > 1 else request_id, request_id, i,
+                          text, ids, params, priority, arrival, generator=gen)
+            if self.tokenizer is not None:
+                req.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+            seqs.append(req)
+            self.scheduler.add(req)
+        self.requests[request_id] = seqs
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        for req in self.requests.pop(request_id, []):
+            if not req.finished:
+                req.finish_reason = "abort"
+                self.scheduler.finish(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        step_start, t0 = time.time(), time.perf_counter()
+        batch = self.scheduler.schedule()
+        t_sched = (time.perf_counter() - t0) * 1e3
+        if not batch.work:
+            self._fail_unschedulable()
+            return self._outputs(self._drain_finished())
+        work = [SeqWork(r.token_ids[r.num_computed_tokens:r.num_computed_tokens + n],
+                        r.num_computed_tokens, list(r.block_table),
+                        r.num_computed_tokens + n == r.num_tokens) for r, n in batch.work]
+        if self.workers:
+            self.workers.call("execute", work)
+        logits = self.runner.execute(work)
+        to_sample = [r for (r, n), w in zip(batch.work, work) if w.sample]
+        result = None
+        if to_sample:
+            with self.timer.phase("sample"):
+                result = self.sampler(logits, to_sample)
+        t1 = time.perf_counter()
+        now = time.time()
+        for r, n in batch.work:
+            r.num_computed_tokens += n
+            if r.metrics.first_scheduled_time is None:
+                r.metrics.first_scheduled_time = step_start
+                r.metrics.time_in_queue = step_start - r.metrics.arrival_time
+        touched = {r.parent_id for r, _ in batch.work}
+        if result is not None:
+            self._append_tokens(to_sample, result, now)
+        finished = self._drain_finished()
+        outputs = self._outputs(touched | finished)
+        phases = self.timer.collect()
+        post_ms = (time.perf_counter() - t1) * 1e3
+        self.step_records.append(StepRecord(
+            step=len(self.step_records), start_time=step_start, schedule_ms=t_sched,
+            prepare_ms=phases.get("prepare", 0.0), forward_ms=phases.get("forward", 0.0),
+            sample_ms=phases.get("sample", 0.0), postprocess_ms=post_ms,
+            total_ms=(time.perf_counter() - t0) * 1e3,
+            num_prefill_tokens=batch.num_prefill_tokens,
+            num_prefill_seqs=len(batch.work) - batch.num_decode, num_decode_seqs=batch.num_decode,
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_blocks_used=self.block_manager.num_used, kv_blocks_free=self.block_manager.num_free,
+            num_preemptions=batch.num_preempted))
+        return outputs
+
+    def _append_tokens(self, reqs: list[Request], result: SampleResult, now: float) -> None:
+        for i, r in enumerate(reqs):
+            tok = result.token_ids[i]
+            r.token_ids.append(tok)
+            r.cumulative_logprob += result.logprobs[i]
+            if r.metrics.first_token_time is None:
+                r.metrics.first_token_time = now
+            r.metrics.last_token_time = now
+            if r.output_logprobs is not None:
+                entry = {tok: Logprob(result.logprobs[i], result.ranks[i], self._token_text(tok))}
+                for rank, (tid, lp) in enumerate(result.top_logprobs[i], start=1):
+                    entry.setdefault(tid, Logprob(lp, rank, self._token_text(tid)))
+                r.output_logprobs.append(entry)
+            if r.detokenizer is not None:
+                r.output_text += r.detokenizer.step(tok)
+            self._check_stop(r, tok)
+            if r.finish_reason is not None:
+                r.metrics.finished_time = now
+                self.scheduler.finish(r)
+
+    def _token_text(self, tok: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([tok])
+
+    def _check_stop(self, r: Request, tok: int) -> None:
+        p = r.params
+        if r.num_output_tokens >= p.min_tokens:
+            if tok in p.stop_token_ids:
+                r.finish_reason, r.stop_reason = "stop", tok
+                return
+            if not p.ignore_eos and tok in self.eos_token_ids:
+                r.finish_reason = "stop"
+                return
+            for s in p.stop:
+                at = r.output_text.find(s)
+                if at != -1:
+                    r.output_text = r.output_text[: at + (len(s) if p.include_stop_str_in_output else 0)]
+                    r.finish_reason, r.stop_reason = "stop", s
+                    return
+        if (p.max_tokens is not None and r.num_output_tokens >= p.max_tokens) \
+                or r.num_tokens >= self.config.max_model_len:
+            r.finish_reason = "length"
+
+    def _fail_unschedulable(self) -> None:
+        """Nothing could be scheduled although requests wait: the first one cannot fit even in
+        an empty cache (it grew past the cache's size). End it rather than spin forever."""
+        if self.scheduler.waiting and not self.scheduler.running:
+            r = self.scheduler.waiting[0]
+            r.finish_reason = "length"
+            r.metrics.finished_time = time.time()
+            self.scheduler.finish(r)
+
+    def _drain_finished(self) -> set[str]:
+        return {pid for pid, seqs in self.requests.items() if all(s.finished for s in seqs)}
+
+    def _outputs(self, parent_ids) -> list[RequestOutput]:
+        outs = []
+        for pid in parent_ids:
+            seqs = self.requests.get(pid)
+            if seqs is None:
+                continue
+            done = all(s.finished for s in seqs)
+            outs.append(RequestOutput(
+                request_id=pid, prompt=seqs[0].prompt, prompt_token_ids=seqs[0].prompt_token_ids,
+                outputs=[CompletionOutput(s.index, s.output_text, s.output_token_ids,
+                                          s.cumulative_logprob, s.output_logprobs,
+                                          s.finish_reason, s.stop_reason) for s in seqs],
+                finished=done, metrics=seqs[0].metrics))
+            if done:
+                del self.requests[pid]
+        return outs
+
+    # ---- life cycle -----------------------------------------------------------------------
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.workers:
+            self.workers.shutdown()
+        self.runner.close()
+        self.runner = self.scheduler = self.block_manager = None

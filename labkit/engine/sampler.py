@@ -1,0 +1,90 @@
+"""Logits -> next tokens, with vLLM's sampling semantics.
+
+Logprobs are those of the raw model distribution (vLLM's default `raw_logprobs`), before
+temperature and truncation. Each seeded request samples from its own generator, so its text does
+not depend on what else is in the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from labkit.engine.request import Request
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float]                       # of each chosen token
+    top_logprobs: list[list[tuple[int, float]] | None]  # requested top-k, per row
+    ranks: list[int | None]
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                            min_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) what top-k, top-p and min-p cut, row by row; k <= 0 means no top-k."""
+    sorted_logits, idx = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    ranks = torch.arange(vocab, device=logits.device)
+    cut = ranks[None, :] >= k[:, None]
+    probs = sorted_logits.masked_fill(cut, float("-inf")).softmax(-1)
+    # top-p keeps the smallest prefix whose mass reaches p (the first token always stays)
+    cut |= (probs.cumsum(-1) - probs) >= top_p[:, None]
+    cut |= probs < (min_p[:, None] * probs[:, :1])
+    sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, idx, sorted_logits)
+
+
+class Sampler:
+    def __init__(self, seed: int, eos_token_ids: set[int]):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.eos_token_ids = eos_token_ids
+
+    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SampleResult:
+        logits = logits.float().cpu()
+        self._suppress_stops_before_min_tokens(logits, reqs)
+        logprobs = logits.log_softmax(-1)
+        chosen = logits.argmax(-1)
+        sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
+        if sampled:
+            rows = logits[sampled]
+            temp = torch.tensor([reqs[i].params.temperature for i in sampled])
+            rows = rows / temp[:, None]
+            p = [reqs[i].params for i in sampled]
+            if any(x.top_k > 0 or x.top_p < 1 or x.min_p > 0 for x in p):
+                rows = apply_top_k_top_p_min_p(rows, torch.tensor([x.top_k for x in p]),
+                                               torch.tensor([x.top_p for x in p]),
+                                               torch.tensor([x.min_p for x in p]))
+            probs = rows.softmax(-1)
+            # Gumbel-style race: argmax(p / E) with E ~ Exp(1) samples from p.
+            noise = torch.empty_like(probs)
+            for j, i in enumerate(sampled):
+                g = reqs[i].generator or self.generator
+                noise[j].exponential_(generator=g)
+            chosen[sampled] = (probs / noise).argmax(-1)
+        token_lp = logprobs.gather(-1, chosen[:, None])[:, 0]
+        tops, ranks = [], []
+        for i, r in enumerate(reqs):
+            k = r.params.logprobs
+            if k is None:
+                tops.append(None)
+                ranks.append(None)
+                continue
+            ranks.append(int((logprobs[i] > token_lp[i]).sum()) + 1)
+            if k:
+                v, ix = logprobs[i].topk(k)
+                tops.append(list(zip(ix.tolist(), v.tolist())))
+            else:
+                tops.append([])
+        return SampleResult(chosen.tolist(), token_lp.tolist(), tops, ranks)
+
+    def _suppress_stops_before_min_tokens(self, logits: torch.Tensor, reqs: list[Request]) -> None:
+        for i, r in enumerate(reqs):
+            if r.num_output_tokens < r.params.min_tokens:
+                banned = set(r.params.stop_token_ids)
+                if not r.params.ignore_eos:
+                    banned |= self.eos_token_ids
+                if banned:
+                    logits[i, list(banned)] = float("-inf")

@@ -1,0 +1,82 @@
+"""The `labkit` command. Subcommands: generate (more to come: serve, bench, sweep)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine flags with vLLM's names; the seed's `--tensor_parallel_size` spelling works too."""
+    p.add_argument("--model", default=None, help="local checkpoint dir or .gguf (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--tensor-parallel-size", "--tensor_parallel_size", "-tp", type=int, default=1,
+                   dest="tensor_parallel_size")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--load-format", default="auto", dest="load_format")
+    p.add_argument("--max-model-len", type=int, default=None, dest="max_model_len")
+    p.add_argument("--block-size", type=int, default=16, dest="block_size")
+    p.add_argument("--num-kv-blocks", type=int, default=None, dest="num_kv_blocks")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, dest="gpu_memory_utilization")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None, dest="kv_cache_memory_bytes")
+    p.add_argument("--max-num-seqs", type=int, default=256, dest="max_num_seqs")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, dest="max_num_batched_tokens")
+    p.add_argument("--enforce-eager", action="store_true", dest="enforce_eager")
+
+
+ENGINE_KEYS = ("model", "tokenizer", "tensor_parallel_size", "dtype", "device", "seed", "load_format",
+               "max_model_len", "block_size", "num_kv_blocks", "gpu_memory_utilization",
+               "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens", "enforce_eager")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in ENGINE_KEYS}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from labkit import LLM, SamplingParams
+    sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                        max_tokens=args.max_tokens, seed=args.sampling_seed, n=args.n)
+    with LLM(**engine_kwargs(args)) as llm:
+        prompts = args.prompts
+        if args.chat:
+            outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], sp, use_tqdm=False)
+        else:
+            outs = llm.generate(prompts, sp, use_tqdm=False)
+        for out in outs:
+            for c in out.outputs:
+                print(f"Prompt: {out.prompt!r}, Generated text: {c.text!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="labkit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate completions for prompts")
+    g.add_argument("prompts", nargs="+")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt as a user chat message")
+    g.add_argument("--max-tokens", type=int, default=32, dest="max_tokens")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0, dest="top_p")
+    g.add_argument("--top-k", type=int, default=0, dest="top_k")
+    g.add_argument("--n", type=int, default=1)
+    g.add_argument("--sampling-seed", type=int, default=None, dest="sampling_seed")
+    add_engine_args(g)
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"labkit: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

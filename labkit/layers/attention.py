@@ -1,0 +1,132 @@
+"""Paged attention: one seam between the model and the attention implementation.
+
+The model runner describes a step's batch as `SeqSlice`s; the backend's `prepare` turns them into
+metadata once per step (shared by every layer), and `forward` writes the new K/V into the paged
+cache by slot mapping and attends through each sequence's block table. The torch reference runs
+everywhere; the Triton backend (CUDA) plugs in behind the same two methods.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's share of a step: `q_len` new tokens at the end of `ctx_len` tokens."""
+    q_len: int
+    ctx_len: int
+    block_table: list[int]
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor                  # [T] cache slot of each new token
+    num_decode: int                             # decode rows come first, one token each
+    decode_slots: torch.Tensor | None = None    # [B, L] cache slots of each decode context
+    decode_mask: torch.Tensor | None = None     # [B, 1, 1, L] True where a slot is real
+    prefills: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
+    # (first row, q_len, context slots [ctx_len]) for each sequence with q_len > 1
+    extra: dict = field(default_factory=dict)   # backend-specific tensors
+
+
+def context_slots(block_table: list[int], ctx_len: int, block_size: int) -> list[int]:
+    return [block_table[i // block_size] * block_size + i % block_size for i in range(ctx_len)]
+
+
+class TorchAttentionBackend:
+    """Reference backend: gathers K/V through the block table and calls SDPA."""
+
+    def __init__(self, block_size: int, device: torch.device):
+        self.block_size = block_size
+        self.device = device
+
+    def prepare(self, seqs: list[SeqSlice]) -> AttentionMetadata:
+        bs = self.block_size
+        slots, decode_ctx, prefills, row = [], [], [], 0
+        for s in seqs:
+            ctx = context_slots(s.block_table, s.ctx_len, bs)
+            slots.extend(ctx[s.ctx_len - s.q_len:])
+            if s.q_len == 1:
+                decode_ctx.append(ctx)
+            else:
+                prefills.append((row, s.q_len, torch.tensor(ctx, device=self.device)))
+            row += s.q_len
+        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long, device=self.device),
+                                 len(decode_ctx), prefills=prefills)
+        if decode_ctx:
+            width = max(map(len, decode_ctx))
+            meta.decode_slots = torch.tensor([c + [0] * (width - len(c)) for c in decode_ctx],
+                                             device=self.device)
+            lens = torch.tensor([len(c) for c in decode_ctx], device=self.device)
+            meta.decode_mask = (torch.arange(width, device=self.device) < lens[:, None])[:, None, None, :]
+        return meta
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        """q: [T, H, D]; k, v: [T, Hkv, D]; caches: [num_blocks * block_size, Hkv, D]."""
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        n, h, d = meta.num_decode, q.shape[1], q.shape[2]
+        hkv = k.shape[1]
+        if n:
+            # Grouped queries as the "length" axis: one SDPA call, no K/V repeat for GQA.
+            qq = q[:n].view(n, hkv, h // hkv, d)
+            kk = k_cache[meta.decode_slots].transpose(1, 2)
+            vv = v_cache[meta.decode_slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=meta.decode_mask, scale=scale)
+            out[:n] = o.reshape(n, h, d)
+        for row, q_len, slots in meta.prefills:
+            ctx = slots.shape[0]
+            qq = q[row:row + q_len].transpose(0, 1).unsqueeze(0)
+            kk = k_cache[slots].transpose(0, 1).unsqueeze(0)
+            vv = v_cache[slots].transpose(0, 1).unsqueeze(0)
+            if ctx == q_len:
+                o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale,
+                                                   enable_gqa=True)
+            else:  # a chunk after cached tokens: query i sees keys up to ctx - q_len + i
+                mask = torch.ones(q_len, ctx, dtype=torch.bool, device=q.device).tril(ctx - q_len)
+                o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale,
+                                                   enable_gqa=True)
+            out[row:row + q_len] = o[0].transpose(0, 1)
+        return out
+
+
+# The forward context: the model runner enters it around `model.forward`, and every attention
+# layer reads the step's metadata and backend from it (mini-sglang's pattern), so the model's
+# signature stays (input_ids, positions).
+@dataclass
+class ForwardContext:
+    backend: TorchAttentionBackend
+    meta: AttentionMetadata
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+_ctx: ForwardContext | None = None
+
+
+@contextlib.contextmanager
+def forward_context(ctx: ForwardContext):
+    global _ctx
+    prev, _ctx = _ctx, ctx
+    try:
+        yield ctx
+    finally:
+        _ctx = prev
+
+
+class Attention(nn.Module):
+    def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx = _ctx
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+        return ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.meta, self.scale)

@@ -1,0 +1,40 @@
+"""Vocabulary-parallel embedding and LM head: each rank holds a contiguous slice of the vocab."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from labkit.distributed import all_reduce, gather_last_dim, tp
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        n = tp().size
+        self.vocab_size = vocab_size
+        self.shard_size = (vocab_size + n - 1) // n
+        self.start = tp().rank * self.shard_size
+        self.weight = nn.Parameter(torch.empty(self.shard_size, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        shard = loaded[self.start:self.start + self.shard_size]
+        param.data.zero_()  # the last rank's shard may run past the vocab: pad with zeros
+        param.data[: shard.shape[0]].copy_(shard)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if tp().size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        mask = (local < 0) | (local >= self.shard_size)
+        y = F.embedding(local.masked_fill(mask, 0), self.weight)
+        return all_reduce(y.masked_fill_(mask.unsqueeze(-1), 0))
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Logits for the rows that will be sampled; the full vocab is gathered on rank 0 only."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        logits = gather_last_dim(F.linear(hidden, self.weight))
+        return None if logits is None else logits[..., : self.vocab_size]

@@ -1,0 +1,82 @@
+"""Linear layers that shard themselves over the tensor-parallel ranks (Megatron style).
+
+Column-parallel layers split their output features; row-parallel layers split their input
+features and all-reduce the partial sums. Each parameter carries a `weight_loader` that takes the
+full checkpoint tensor and keeps this rank's slice, so loading is the same for any TP size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from labkit.distributed import all_reduce, divide, tp
+
+
+class _ParallelLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, shard_dim: int | None):
+        super().__init__()
+        self.shard_dim = shard_dim
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        dim = self.shard_dim
+        if dim is not None and not (dim == 1 and param.dim() == 1):  # row-parallel bias is whole
+            size = param.shape[dim]
+            loaded = loaded.narrow(dim, tp().rank * size, size)
+        param.data.copy_(loaded)
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, divide(out_features, tp().size, "output features"), bias, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of one input in one matmul (gate and up)."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False):
+        self.output_sizes = output_sizes
+        super().__init__(in_features, sum(output_sizes), bias)
+
+    def weight_loader(self, param, loaded, shard_id: int) -> None:
+        n = tp().size
+        offset = sum(self.output_sizes[:shard_id]) // n
+        size = self.output_sizes[shard_id] // n
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, tp().rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v in one matmul; each rank holds its share of query and key/value heads."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False):
+        n = tp().size
+        self.head_dim = head_dim
+        self.num_heads = divide(num_heads, n, "num_attention_heads")
+        self.num_kv_heads = divide(num_kv_heads, n, "num_key_value_heads")
+        super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias)
+
+    def weight_loader(self, param, loaded, shard_id: str) -> None:
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, tp().rank * size, size))
+
+
+class RowParallelLinear(_ParallelLinear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(divide(in_features, tp().size, "input features"), out_features, bias, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The bias is added once, after the sum, not once per rank.
+        y = all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias

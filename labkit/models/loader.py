@@ -1,0 +1,118 @@
+"""Find a checkpoint, build our model class for it, and fill it with weights.
+
+Formats: an HF directory with safetensors (one file or sharded with the index), a GGUF file
+(converted once, see gguf_convert), `load_format="dummy"` (random weights from config.json alone),
+and pickled `*.bin` only when the user asks for it with `load_format="pt"`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from labkit.models.gguf_convert import convert_gguf
+from labkit.models.model_config import ModelConfig
+from labkit.models.registry import model_class
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "pt")
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A checkpoint directory for `model`: a directory, a .gguf file, or a directory with one."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ValueError(f"model: path {model!r} does not exist (labkit loads local checkpoints: "
+                         "a directory with config.json, or a .gguf file; it downloads nothing)")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model: {model!r} is a file but not a .gguf file")
+        return convert_gguf(path)
+    if not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return convert_gguf(ggufs[0])
+        raise ValueError(f"model: directory {model!r} has no config.json (nor exactly one .gguf file)")
+    return path
+
+
+def _checkpoint_tensors(model_dir: Path, load_format: str):
+    files = sorted(model_dir.glob("*.safetensors"))
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [model_dir / n for n in names]
+    if files:
+        from safetensors import safe_open
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                for name in fh.keys():
+                    yield name, fh.get_tensor(name)
+        return
+    bins = sorted(model_dir.glob("*.bin"))
+    if bins and load_format != "pt":
+        raise ValueError(f"model: {model_dir} has only pickled *.bin weights, which can run code "
+                         "when loaded; pass load_format='pt' if you trust them")
+    if not bins:
+        raise ValueError(f"model: no *.safetensors weights in {model_dir}")
+    for f in bins:
+        yield from torch.load(f, map_location="cpu", weights_only=True).items()
+
+
+def _copy_whole(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit a "
+                         f"parameter of shape {tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
+def load_weights(model: nn.Module, tensors) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    packed = getattr(model, "packed_modules", {})
+    for name, tensor in tensors:
+        if "rotary_emb.inv_freq" in name:
+            continue
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        shard = None
+        for src, (dst, shard_id) in packed.items():
+            if f".{src}." in name:
+                name, shard = name.replace(f".{src}.", f".{dst}."), shard_id
+                break
+        param = params.get(name)
+        if param is None:
+            raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
+        loaded = tensor.to(param.dtype)
+        loader = getattr(param, "weight_loader", _copy_whole)
+        if shard is None:
+            loader(param, loaded)
+        else:
+            loader(param, loaded, shard)
+
+
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Random weights of a realistic scale, so benchmarks do real arithmetic (never zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.data.fill_(1.0)
+        else:
+            p.data.copy_(torch.empty(p.shape).uniform_(-0.02, 0.02, generator=g))
+
+
+def build_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                load_format: str, seed: int = 0) -> nn.Module:
+    cls = model_class(cfg.architecture)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device if load_format == "dummy" else "cpu"):
+            model = cls(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+    else:
+        load_weights(model, _checkpoint_tensors(model_dir, load_format))
+    return model.to(device).eval()

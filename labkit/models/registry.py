@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from torch import nn
+
+from labkit.models.llama import LlamaForCausalLM
+
+# Qwen2 is Llama with q/k/v biases (ModelConfig.attention_bias), so one class serves both.
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+}
+
+
+def model_class(architecture: str) -> type[nn.Module]:
+    try:
+        return MODEL_REGISTRY[architecture]
+    except KeyError:
+        raise ValueError(f"model architecture {architecture!r} is not supported; supported "
+                         f"architectures: {', '.join(sorted(MODEL_REGISTRY))}") from None

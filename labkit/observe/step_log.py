@@ -1,0 +1,30 @@
+"""One record per engine step, the raw material of the profiling dashboard and benchmarks."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class StepRecord:
+    step: int
+    start_time: float          # time.time() at the step's start
+    schedule_ms: float
+    prepare_ms: float
+    forward_ms: float
+    sample_ms: float
+    postprocess_ms: float
+    total_ms: float
+    num_prefill_tokens: int
+    num_prefill_seqs: int
+    num_decode_seqs: int
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    num_preemptions: int
+
+
+def to_dataframe(records: list[StepRecord]):
+    import pandas as pd
+    cols = list(StepRecord.__dataclass_fields__)
+    return pd.DataFrame([asdict(r) for r in records], columns=cols)

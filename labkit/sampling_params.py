@@ -1,0 +1,56 @@
+"""vLLM's SamplingParams: same names, same defaults, validated when built."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "an integer >= 1")
+        _check(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 means greedy)")
+        _check(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        _check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", self.top_k,
+               "an integer >= -1 (0 or -1 turn it off)")
+        _check(0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
+        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+               "max_tokens", self.max_tokens, "an integer >= 1 (or None: up to max_model_len)")
+        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens",
+               self.min_tokens, "an integer >= 0")
+        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+               self.min_tokens, f"<= max_tokens ({self.max_tokens})")
+        _check(self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
+               "logprobs", self.logprobs, "None or an integer >= 0")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
+               "a non-empty string or a list of them")
+        _check(all(isinstance(t, int) for t in self.stop_token_ids), "stop_token_ids",
+               self.stop_token_ids, "a list of integers")
+        _check(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "None or an integer")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _check(ok: bool, field: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"SamplingParams.{field}={value!r} is invalid: must be {allowed}")
