@@ -1,13 +1,24 @@
 """Tensor-parallel worker processes. Rank 0's ModelRunner lives in the engine's process; ranks
-1..N-1 run in spawned processes, each with its own ModelRunner, and repeat every call that rank 0
-makes (sent over a pipe), so the collectives inside the forward pass line up."""
+1..N-1 run in child processes, each with its own ModelRunner, and repeat every call that rank 0
+makes (sent over a pipe), so the collectives inside the forward pass line up.
+
+Children are started as `python -m labkit.engine.tp_worker`, not with multiprocessing's spawn:
+spawn re-runs the user's main script in the child, which breaks scripts without an
+`if __name__ == "__main__":` guard (the seed's quickstart has none), and fork is unsafe once
+torch's thread pools exist.
+"""
 from __future__ import annotations
 
-import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
 import socket
-import traceback
+import subprocess
+import sys
+import time
 
 from labkit.config import EngineConfig
+
+STARTUP_TIMEOUT_S = 600
 
 
 def free_port() -> int:
@@ -16,43 +27,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker_main(config: EngineConfig, rank: int, init_method: str, conn) -> None:
-    from labkit.engine.model_runner import ModelRunner
-    try:
-        runner = ModelRunner(config, rank, init_method)
-    except BaseException:
-        conn.send(("error", traceback.format_exc()))
-        return
-    conn.send(("ready", None))
-    try:
-        while True:
-            method, args = conn.recv()
-            if method == "exit":
-                break
-            getattr(runner, method)(*args)
-    except (EOFError, KeyboardInterrupt):
-        pass  # the engine went away: exit quietly
-    finally:
-        runner.close()
-
-
 class WorkerGroup:
     def __init__(self, config: EngineConfig):
-        n = config.tensor_parallel_size
         self.init_method = f"tcp://127.0.0.1:{free_port()}"
-        ctx = mp.get_context("spawn")
-        self.procs, self.conns = [], []
-        for rank in range(1, n):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker_main, args=(config, rank, self.init_method, child),
-                            daemon=True, name=f"labkit-tp{rank}")
-            p.start()
+        self.procs: list[subprocess.Popen] = []
+        self.conns: list[mpc.Connection] = []
+        for rank in range(1, config.tensor_parallel_size):
+            parent, child = mpc.Pipe()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "labkit.engine.tp_worker", str(child.fileno())],
+                pass_fds=[child.fileno()], env={**os.environ, "PYTHONUNBUFFERED": "1"})
             child.close()
-            self.procs.append(p)
+            parent.send((config, rank, self.init_method))
+            self.procs.append(proc)
             self.conns.append(parent)
 
     def wait_ready(self) -> None:
-        for rank, conn in enumerate(self.conns, start=1):
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
+            while not conn.poll(0.2):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"tensor-parallel worker {rank} died while starting "
+                                       f"(exit code {proc.returncode}); its error is above")
             status, detail = conn.recv()
             if status != "ready":
                 raise RuntimeError(f"tensor-parallel worker {rank} failed to start:\n{detail}")
@@ -65,13 +61,14 @@ class WorkerGroup:
         for conn in self.conns:
             try:
                 conn.send(("exit", ()))
-            except (BrokenPipeError, OSError):
+            except OSError:
                 pass
-        for p in self.procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         for conn in self.conns:
             conn.close()
         self.procs, self.conns = [], []
