@@ -1,56 +1,80 @@
-"""Tensor-parallel state shared by the layers: which rank this process is and how many there are.
+"""Tensor-parallel groups. A layer takes the group that is current while it is built and keeps
+it, so each engine's model talks only to its own ranks: several engines (TP or not) can live in
+one process, as notebook users expect when they compare models.
 
-TP=1 is TP with one rank: every collective below is the identity then, so the layers have one
-code path. Ranks > 1 talk over torch.distributed (gloo on the CPU, NCCL on CUDA).
+TP=1 is TP with one rank: every collective is the identity then, so the layers have one code
+path. Ranks > 1 talk over a private torch.distributed process group (gloo on the CPU, NCCL on
+CUDA), not the global default group.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+TIMEOUT = datetime.timedelta(seconds=600)
 
-@dataclass
-class TPState:
+
+@dataclass(eq=False)
+class TPGroup:
     rank: int = 0
     size: int = 1
+    pg: object = None      # the process group, None for a single rank
+    store: object = None   # keeps the rendezvous store alive as long as the group
 
+    @classmethod
+    def create(cls, rank: int, size: int, host: str, port: int, backend: str) -> "TPGroup":
+        if size == 1:
+            return cls()
+        store = dist.TCPStore(host, port, size, rank == 0, timeout=TIMEOUT)
+        if backend == "nccl":
+            pg = dist.ProcessGroupNCCL(store, rank, size)
+        else:
+            pg = dist.ProcessGroupGloo(store, rank, size, TIMEOUT)
+        return cls(rank, size, pg, store)
 
-_tp = TPState()
-
-
-def tp() -> TPState:
-    return _tp
-
-
-def init_tp(rank: int, size: int, init_method: str, backend: str) -> None:
-    _tp.rank, _tp.size = rank, size
-    if size > 1:
-        dist.init_process_group(backend, init_method=init_method, world_size=size, rank=rank,
-                                timeout=datetime.timedelta(seconds=600))
-
-
-def destroy_tp() -> None:
-    if _tp.size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
-    _tp.rank, _tp.size = 0, 1
-
-
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if _tp.size > 1:
-        dist.all_reduce(x)
-    return x
-
-
-def gather_last_dim(x: torch.Tensor) -> torch.Tensor | None:
-    """Concatenate every rank's shard along the last dim on rank 0; other ranks get None."""
-    if _tp.size == 1:
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            self.pg.allreduce([x]).wait()
         return x
-    parts = [torch.empty_like(x) for _ in range(_tp.size)] if _tp.rank == 0 else None
-    dist.gather(x.contiguous(), parts, dst=0)
-    return torch.cat(parts, dim=-1) if _tp.rank == 0 else None
+
+    def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Concatenate every rank's shard along the last dim on rank 0; other ranks get None."""
+        if self.size == 1:
+            return x
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else []
+        opts = dist.GatherOptions()
+        opts.rootRank = 0
+        self.pg.gather([parts] if self.rank == 0 else [], [x], opts).wait()
+        return torch.cat(parts, dim=-1) if self.rank == 0 else None
+
+    def close(self) -> None:
+        if self.pg is not None and hasattr(self.pg, "shutdown"):
+            self.pg.shutdown()
+        self.pg = self.store = None
+
+
+_SINGLE = TPGroup()
+_building: TPGroup = _SINGLE
+
+
+def building_tp() -> TPGroup:
+    """The group of the model under construction (a single rank outside `build_with`)."""
+    return _building
+
+
+@contextlib.contextmanager
+def build_with(group: TPGroup):
+    global _building
+    prev, _building = _building, group
+    try:
+        yield group
+    finally:
+        _building = prev
 
 
 def divide(n: int, d: int, what: str) -> int:

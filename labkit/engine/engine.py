@@ -47,7 +47,7 @@ class LLMEngine:
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config)
         self.workers = WorkerGroup(config) if config.tensor_parallel_size > 1 else None
         try:
-            self.runner = ModelRunner(config, 0, self.workers.init_method if self.workers else "")
+            self.runner = ModelRunner(config, 0, self.workers.port if self.workers else 0)
             if self.workers:
                 self.workers.wait_ready()
         except BaseException:

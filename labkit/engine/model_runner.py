@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from labkit.config import EngineConfig
-from labkit.distributed import destroy_tp, init_tp, tp
+from labkit.distributed import TPGroup, build_with
 from labkit.layers.attention import ForwardContext, SeqSlice, TorchAttentionBackend, forward_context
 from labkit.models.loader import build_model
 from labkit.observe.timer import PhaseTimer
@@ -30,19 +30,20 @@ class SeqWork:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, rank: int = 0, init_method: str = ""):
+    def __init__(self, config: EngineConfig, rank: int = 0, tp_port: int = 0):
         self.config = config
         self.device = torch.device(config.device if config.device == "cpu" else f"cuda:{rank}")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        init_tp(rank, config.tensor_parallel_size, init_method,
-                "nccl" if self.device.type == "cuda" else "gloo")
+        self.tp = TPGroup.create(rank, config.tensor_parallel_size, "127.0.0.1", tp_port,
+                                 "nccl" if self.device.type == "cuda" else "gloo")
         torch.manual_seed(config.seed)
         hc = config.hf_config
-        self.model = build_model(config.model_dir, hc, config.torch_dtype, self.device,
-                                 config.load_format, config.seed)
+        with build_with(self.tp):
+            self.model = build_model(config.model_dir, hc, config.torch_dtype, self.device,
+                                     config.load_format, config.seed)
         self.block_size = config.block_size
-        self.num_kv_heads = hc.num_key_value_heads // tp().size
+        self.num_kv_heads = hc.num_key_value_heads // self.tp.size
         self.num_blocks = self._count_kv_blocks()
         shape = (self.num_blocks * self.block_size, self.num_kv_heads, hc.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=config.torch_dtype, device=self.device),
@@ -73,7 +74,7 @@ class ModelRunner:
         if n < 1:
             raise ValueError("the KV cache has no room for a single block: raise "
                              "gpu_memory_utilization / kv_cache_memory_bytes or num_kv_blocks")
-        if tp().rank == 0:
+        if self.tp.rank == 0:
             log.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB per rank)", n,
                      self.block_size, n * self.block_size, n * per_block / 2**20)
         return n
@@ -103,7 +104,7 @@ class ModelRunner:
 
     def close(self) -> None:
         self.model = self.kv_caches = None
-        destroy_tp()
+        self.tp.close()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -8,10 +8,10 @@ import traceback
 
 def _worker_main(fd: int) -> None:
     conn = mpc.Connection(fd)
-    config, rank, init_method = conn.recv()
+    config, rank, port = conn.recv()
     from labkit.engine.model_runner import ModelRunner
     try:
-        runner = ModelRunner(config, rank, init_method)
+        runner = ModelRunner(config, rank, port)
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         return

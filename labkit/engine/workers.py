@@ -29,7 +29,7 @@ def free_port() -> int:
 
 class WorkerGroup:
     def __init__(self, config: EngineConfig):
-        self.init_method = f"tcp://127.0.0.1:{free_port()}"
+        self.port = free_port()
         self.procs: list[subprocess.Popen] = []
         self.conns: list[mpc.Connection] = []
         for rank in range(1, config.tensor_parallel_size):
@@ -38,7 +38,7 @@ class WorkerGroup:
                 [sys.executable, "-m", "labkit.engine.tp_worker", str(child.fileno())],
                 pass_fds=[child.fileno()], env={**os.environ, "PYTHONUNBUFFERED": "1"})
             child.close()
-            parent.send((config, rank, self.init_method))
+            parent.send((config, rank, self.port))
             self.procs.append(proc)
             self.conns.append(parent)
 

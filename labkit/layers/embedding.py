@@ -5,16 +5,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.distributed import all_reduce, gather_last_dim, tp
+from labkit.distributed import building_tp
 
 
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__()
-        n = tp().size
+        self.tp = building_tp()
         self.vocab_size = vocab_size
-        self.shard_size = (vocab_size + n - 1) // n
-        self.start = tp().rank * self.shard_size
+        self.shard_size = (vocab_size + self.tp.size - 1) // self.tp.size
+        self.start = self.tp.rank * self.shard_size
         self.weight = nn.Parameter(torch.empty(self.shard_size, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
@@ -24,17 +24,17 @@ class VocabParallelEmbedding(nn.Module):
         param.data[: shard.shape[0]].copy_(shard)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if tp().size == 1:
+        if self.tp.size == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.start
         mask = (local < 0) | (local >= self.shard_size)
         y = F.embedding(local.masked_fill(mask, 0), self.weight)
-        return all_reduce(y.masked_fill_(mask.unsqueeze(-1), 0))
+        return self.tp.all_reduce(y.masked_fill_(mask.unsqueeze(-1), 0))
 
 
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits for the rows that will be sampled; the full vocab is gathered on rank 0 only."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        logits = gather_last_dim(F.linear(hidden, self.weight))
+        logits = self.tp.gather_last_dim(F.linear(hidden, self.weight))
         return None if logits is None else logits[..., : self.vocab_size]

@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.distributed import all_reduce, divide, tp
+from labkit.distributed import building_tp, divide
 
 
 class _ParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, shard_dim: int | None):
         super().__init__()
+        self.tp = building_tp()
         self.shard_dim = shard_dim
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
@@ -29,13 +30,14 @@ class _ParallelLinear(nn.Module):
         dim = self.shard_dim
         if dim is not None and not (dim == 1 and param.dim() == 1):  # row-parallel bias is whole
             size = param.shape[dim]
-            loaded = loaded.narrow(dim, tp().rank * size, size)
+            loaded = loaded.narrow(dim, self.tp.rank * size, size)
         param.data.copy_(loaded)
 
 
 class ColumnParallelLinear(_ParallelLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        super().__init__(in_features, divide(out_features, tp().size, "output features"), bias, 0)
+        super().__init__(in_features, divide(out_features, building_tp().size, "output features"),
+                         bias, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -49,10 +51,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(in_features, sum(output_sizes), bias)
 
     def weight_loader(self, param, loaded, shard_id: int) -> None:
-        n = tp().size
+        n = self.tp.size
         offset = sum(self.output_sizes[:shard_id]) // n
         size = self.output_sizes[shard_id] // n
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, tp().rank * size, size))
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp.rank * size, size))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -60,7 +62,7 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
                  bias: bool = False):
-        n = tp().size
+        n = building_tp().size
         self.head_dim = head_dim
         self.num_heads = divide(num_heads, n, "num_attention_heads")
         self.num_kv_heads = divide(num_kv_heads, n, "num_key_value_heads")
@@ -69,14 +71,15 @@ class QKVParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param, loaded, shard_id: str) -> None:
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, tp().rank * size, size))
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp.rank * size, size))
 
 
 class RowParallelLinear(_ParallelLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        super().__init__(divide(in_features, tp().size, "input features"), out_features, bias, 1)
+        super().__init__(divide(in_features, building_tp().size, "input features"), out_features,
+                         bias, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is added once, after the sum, not once per rank.
-        y = all_reduce(F.linear(x, self.weight))
+        y = self.tp.all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
