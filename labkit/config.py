@@ -31,6 +31,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"     # or "priority": lower value first, ties by arrival
     enforce_eager: bool = False
     skip_tokenizer_init: bool = False
     trust_remote_code: bool = False     # accepted for vLLM compatibility; nothing remote runs
@@ -66,6 +68,8 @@ class EngineConfig:
                self.gpu_memory_utilization, "in (0, 1]")
         _check(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks",
                self.num_kv_blocks, ">= 1")
+        _check(self.scheduling_policy in ("fcfs", "priority"), "scheduling_policy",
+               self.scheduling_policy, "'fcfs' or 'priority'")
         _check(self.device in ("auto", "cpu", "cuda"), "device", self.device, "'auto', 'cpu' or 'cuda'")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -18,9 +18,8 @@ from labkit.engine.sampler import SampleResult, Sampler
 from labkit.engine.scheduler import Scheduler
 from labkit.engine.workers import WorkerGroup
 from labkit.observe.step_log import StepRecord
-from labkit.observe.timer import PhaseTimer
 from labkit.outputs import CompletionOutput, Logprob, RequestOutput
-from labkit.sampling_params import SamplingParams
+from labkit.sampling_params import RequestOutputKind, SamplingParams
 
 log = logging.getLogger("labkit")
 
@@ -54,9 +53,11 @@ class LLMEngine:
             if self.workers:
                 self.workers.shutdown()
             raise
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens, config.enable_chunked_prefill)
+                                   config.max_num_batched_tokens, config.enable_chunked_prefill,
+                                   config.scheduling_policy)
         self.eos_token_ids = _eos_ids(config, self.tokenizer)
         self.sampler = Sampler(config.seed, self.eos_token_ids)
         self.requests: dict[str, list[Request]] = {}   # parent id -> its n sequences
@@ -96,6 +97,11 @@ class LLMEngine:
         if blocks > self.block_manager.num_blocks:
             raise ValueError(f"prompt: {n} tokens need {blocks} KV blocks but the cache holds "
                              f"{self.block_manager.num_blocks}; raise the KV cache size")
+        for name, ids in (("allowed_token_ids", params.allowed_token_ids or []),
+                          ("stop_token_ids", params.stop_token_ids),
+                          ("logit_bias", list(params.logit_bias or {}))):
+            if any(not 0 <= t < vocab for t in ids):
+                raise ValueError(f"{name}: every token id must be in [0, {vocab})")
 
     def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None, priority: int = 0) -> str:
@@ -106,6 +112,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         arrival = arrival_time or time.time()
+        bad_words = self._bad_words_ids(params.bad_words or [])
         seqs = []
         for i in range(params.n):
             gen = None
@@ -113,12 +120,27 @@ class LLMEngine:
                 gen = torch.Generator().manual_seed(params.seed + i)
             req = Request(f"{request_id}-{i}" if params.n > 1 else request_id, request_id, i,
                           text, ids, params, priority, arrival, generator=gen)
+            req.bad_words_token_ids = bad_words
+            if params.prompt_logprobs is not None:
+                req.skip_prefix_cache = True   # cached positions would have no logits
+                req.prompt_logprobs = [None]
             if self.tokenizer is not None:
                 req.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
             seqs.append(req)
             self.scheduler.add(req)
         self.requests[request_id] = seqs
         return request_id
+
+    def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        if words and self.tokenizer is None:
+            raise ValueError("bad_words: needs a tokenizer (skip_tokenizer_init=True)")
+        seqs = []
+        for w in words:  # as vLLM: the word alone and after a space, which BPE tokenizes apart
+            for variant in (w, " " + w.lstrip()):
+                ids = self.tokenizer.encode(variant, add_special_tokens=False)
+                if ids and ids not in seqs:
+                    seqs.append(ids)
+        return seqs
 
     def abort_request(self, request_id: str) -> None:
         for req in self.requests.pop(request_id, []):
@@ -129,50 +151,90 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
 
+    def reset_prefix_cache(self) -> bool:
+        return self.block_manager.reset_prefix_cache()
+
     # ---- one step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        step_start, t0 = time.time(), time.perf_counter()
-        batch = self.scheduler.schedule()
-        t_sched = (time.perf_counter() - t0) * 1e3
+        step_start = time.time()
+        queries, hits = self.scheduler.prefix_queries, self.scheduler.prefix_hits
+        with self.timer.phase("schedule"):
+            batch = self.scheduler.schedule()
         if not batch.work:
+            self.timer.collect()
             self._fail_unschedulable()
             return self._outputs(self._drain_finished())
         work = [SeqWork(r.token_ids[r.num_computed_tokens:r.num_computed_tokens + n],
                         r.num_computed_tokens, list(r.block_table),
-                        r.num_computed_tokens + n == r.num_tokens) for r, n in batch.work]
+                        sample=r.num_computed_tokens + n == r.num_tokens,
+                        all_logits=r.prompt_logprobs is not None
+                        and r.num_computed_tokens < r.num_prompt_tokens)
+                for r, n in batch.work]
         if self.workers:
             self.workers.call("execute", work)
         logits = self.runner.execute(work)
-        to_sample = [r for (r, n), w in zip(batch.work, work) if w.sample]
-        result = None
-        if to_sample:
-            with self.timer.phase("sample"):
-                result = self.sampler(logits, to_sample)
-        t1 = time.perf_counter()
-        now = time.time()
-        for r, n in batch.work:
-            r.num_computed_tokens += n
-            if r.metrics.first_scheduled_time is None:
-                r.metrics.first_scheduled_time = step_start
-                r.metrics.time_in_queue = step_start - r.metrics.arrival_time
-        touched = {r.parent_id for r, _ in batch.work}
-        if result is not None:
-            self._append_tokens(to_sample, result, now)
-        finished = self._drain_finished()
-        outputs = self._outputs(touched | finished)
-        phases = self.timer.collect()
-        post_ms = (time.perf_counter() - t1) * 1e3
+        with self.timer.phase("sample"):
+            sample_logits, to_sample = self._split_logits(batch.work, work, logits)
+            result = self.sampler(sample_logits, to_sample) if to_sample else None
+        with self.timer.phase("postprocess"):
+            now = time.time()
+            for r, n in batch.work:
+                r.num_computed_tokens += n
+                self.block_manager.commit(r)
+                if r.metrics.first_scheduled_time is None:
+                    r.metrics.first_scheduled_time = step_start
+                    r.metrics.time_in_queue = step_start - r.metrics.arrival_time
+            touched = {r.parent_id for r, _ in batch.work}
+            if result is not None:
+                self._append_tokens(to_sample, result, now)
+            outputs = self._outputs(touched | self._drain_finished())
+        ms = self.timer.collect()
         self.step_records.append(StepRecord(
-            step=len(self.step_records), start_time=step_start, schedule_ms=t_sched,
-            prepare_ms=phases.get("prepare", 0.0), forward_ms=phases.get("forward", 0.0),
-            sample_ms=phases.get("sample", 0.0), postprocess_ms=post_ms,
-            total_ms=(time.perf_counter() - t0) * 1e3,
+            step=len(self.step_records), start_time=step_start,
+            schedule_ms=ms.get("schedule", 0.0), prepare_ms=ms.get("prepare", 0.0),
+            forward_ms=ms.get("forward", 0.0), sample_ms=ms.get("sample", 0.0),
+            postprocess_ms=ms.get("postprocess", 0.0), total_ms=(time.time() - step_start) * 1e3,
             num_prefill_tokens=batch.num_prefill_tokens,
             num_prefill_seqs=len(batch.work) - batch.num_decode, num_decode_seqs=batch.num_decode,
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_blocks_used=self.block_manager.num_used, kv_blocks_free=self.block_manager.num_free,
-            num_preemptions=batch.num_preempted))
+            num_preemptions=batch.num_preempted,
+            prefix_cache_queries=self.scheduler.prefix_queries - queries,
+            prefix_cache_hits=self.scheduler.prefix_hits - hits))
         return outputs
+
+    def _split_logits(self, scheduled, work: list[SeqWork], logits):
+        """Rows for the sampler, and prompt logprobs recorded from `all_logits` rows."""
+        rows, to_sample, at = [], [], 0
+        for (r, n), w in zip(scheduled, work):
+            if w.all_logits:
+                self._record_prompt_logprobs(r, w, logits[at:at + n])
+                at += n
+                if w.sample:
+                    rows.append(at - 1)
+                    to_sample.append(r)
+            elif w.sample:
+                rows.append(at)
+                to_sample.append(r)
+                at += 1
+        return (logits[rows] if to_sample else None), to_sample
+
+    def _record_prompt_logprobs(self, r: Request, w: SeqWork, logits: torch.Tensor) -> None:
+        # Row i predicts the token after it; only rows whose next token is a prompt token count.
+        nxt = r.token_ids[w.start_pos + 1:min(w.start_pos + len(w.token_ids) + 1, r.num_prompt_tokens)]
+        if not nxt:
+            return
+        lps = logits[: len(nxt)].float().log_softmax(-1).cpu()
+        k = r.params.prompt_logprobs
+        chosen = lps.gather(-1, torch.tensor(nxt)[:, None])[:, 0]
+        top = lps.topk(k) if k else None
+        for i, tok in enumerate(nxt):
+            rank = int((lps[i] > chosen[i]).sum()) + 1
+            entry = {tok: Logprob(chosen[i].item(), rank, self._token_text(tok))}
+            if top is not None:
+                for j, (tid, lp) in enumerate(zip(top.indices[i].tolist(), top.values[i].tolist()), 1):
+                    entry.setdefault(tid, Logprob(lp, j, self._token_text(tid)))
+            r.prompt_logprobs.append(entry)
 
     def _append_tokens(self, reqs: list[Request], result: SampleResult, now: float) -> None:
         for i, r in enumerate(reqs):
@@ -235,15 +297,31 @@ class LLMEngine:
             if seqs is None:
                 continue
             done = all(s.finished for s in seqs)
+            kind = seqs[0].params.output_kind
+            if kind == RequestOutputKind.FINAL_ONLY and not done:
+                continue
             outs.append(RequestOutput(
                 request_id=pid, prompt=seqs[0].prompt, prompt_token_ids=seqs[0].prompt_token_ids,
-                outputs=[CompletionOutput(s.index, s.output_text, s.output_token_ids,
-                                          s.cumulative_logprob, s.output_logprobs,
-                                          s.finish_reason, s.stop_reason) for s in seqs],
-                finished=done, metrics=seqs[0].metrics))
+                outputs=[self._completion(s, kind == RequestOutputKind.DELTA) for s in seqs],
+                finished=done, metrics=seqs[0].metrics, prompt_logprobs=seqs[0].prompt_logprobs,
+                num_cached_tokens=seqs[0].num_cached_tokens))
             if done:
                 del self.requests[pid]
         return outs
+
+    @staticmethod
+    def _completion(s: Request, delta: bool) -> CompletionOutput:
+        text, tokens, lps = s.output_text, s.output_token_ids, s.output_logprobs
+        if delta:
+            # Hold back what could still turn out to be the start of a stop string, which
+            # would be cut from the final text.
+            hold = 0 if s.finished or not s.params.stop else max(map(len, s.params.stop)) - 1
+            end = max(s.sent_text_len, len(text) - hold)
+            text, tokens = text[s.sent_text_len:end], tokens[s.sent_token_len:]
+            lps = None if lps is None else lps[s.sent_token_len:]
+            s.sent_text_len, s.sent_token_len = end, s.num_output_tokens
+        return CompletionOutput(s.index, text, tokens, s.cumulative_logprob, lps,
+                                s.finish_reason, s.stop_reason)
 
     # ---- life cycle -----------------------------------------------------------------------
     def shutdown(self) -> None:

@@ -26,7 +26,8 @@ class SeqWork:
     token_ids: list[int]
     start_pos: int
     block_table: list[int]
-    sample: bool
+    sample: bool               # the last row's logits pick the next token
+    all_logits: bool = False   # every row's logits are wanted (prompt logprobs)
 
 
 class ModelRunner:
@@ -81,7 +82,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, work: list[SeqWork]) -> torch.Tensor | None:
-        """Forward one step; returns [num sampled rows, vocab] logits on rank 0, else None."""
+        """Forward one step; returns on rank 0 the logits of the wanted rows, in order (all rows
+        of an `all_logits` item, else its last row if `sample`); None elsewhere."""
         with self.timer.phase("prepare"):
             ids, pos, seqs, sample_rows, row = [], [], [], [], 0
             for w in work:
@@ -89,9 +91,11 @@ class ModelRunner:
                 ids.extend(w.token_ids)
                 pos.extend(range(w.start_pos, w.start_pos + n))
                 seqs.append(SeqSlice(n, w.start_pos + n, w.block_table))
+                if w.all_logits:
+                    sample_rows.extend(range(row, row + n))
+                elif w.sample:
+                    sample_rows.append(row + n - 1)
                 row += n
-                if w.sample:
-                    sample_rows.append(row - 1)
             input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
             positions = torch.tensor(pos, dtype=torch.long, device=self.device)
             meta = self.backend.prepare(seqs)

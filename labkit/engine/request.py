@@ -31,6 +31,9 @@ class Request:
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks, in order
+    num_cached_tokens: int = 0           # prompt tokens found in the prefix cache
+    skip_prefix_cache: bool = False      # prompt_logprobs need every prompt position computed
     status: RequestStatus = RequestStatus.WAITING
     generator: torch.Generator | None = None
     output_text: str = ""
@@ -39,8 +42,13 @@ class Request:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    order: int = 0                       # admission counter: breaks ties in arrival time
     metrics: RequestMetrics | None = None
     detokenizer: object = None
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
+    prompt_logprobs: list | None = None   # per prompt position, filled as its chunks run
+    sent_text_len: int = 0                # for DELTA outputs: how much was returned already
+    sent_token_len: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

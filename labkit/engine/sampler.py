@@ -44,8 +44,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SampleResult:
         logits = logits.float().cpu()
-        self._suppress_stops_before_min_tokens(logits, reqs)
-        logprobs = logits.log_softmax(-1)
+        logprobs = logits.log_softmax(-1)   # raw: before any of the processing below
+        logits = self.process(logits, reqs)
         chosen = logits.argmax(-1)
         sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
         if sampled:
@@ -80,11 +80,40 @@ class Sampler:
                 tops.append([])
         return SampleResult(chosen.tolist(), token_lp.tolist(), tops, ranks)
 
-    def _suppress_stops_before_min_tokens(self, logits: torch.Tensor, reqs: list[Request]) -> None:
+    def process(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """Allowed tokens, bad words, min_tokens, logit bias and penalties, in vLLM's order.
+        Rows with default parameters are left alone (the common case costs nothing)."""
         for i, r in enumerate(reqs):
-            if r.num_output_tokens < r.params.min_tokens:
-                banned = set(r.params.stop_token_ids)
-                if not r.params.ignore_eos:
-                    banned |= self.eos_token_ids
-                if banned:
-                    logits[i, list(banned)] = float("-inf")
+            p = r.params
+            if p.allowed_token_ids is not None:
+                keep = torch.full_like(logits[i], float("-inf"))
+                keep[p.allowed_token_ids] = 0
+                logits[i] += keep
+            banned = [seq[-1] for seq in r.bad_words_token_ids
+                      if len(seq) == 1 or r.output_token_ids[-(len(seq) - 1):] == seq[:-1]]
+            if r.num_output_tokens < p.min_tokens:
+                banned += p.stop_token_ids + ([] if p.ignore_eos else list(self.eos_token_ids))
+            if banned:
+                logits[i, banned] = float("-inf")
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias))
+                logits[i, ids] += torch.tensor(list(p.logit_bias.values()))
+            if p.has_penalties:
+                apply_penalties(logits[i], r.prompt_token_ids, r.output_token_ids, p.presence_penalty,
+                                p.frequency_penalty, p.repetition_penalty)
+        return logits
+
+
+def apply_penalties(row: torch.Tensor, prompt_ids: list[int], output_ids: list[int],
+                    presence: float, frequency: float, repetition: float) -> None:
+    """vLLM's formulas, in place on one row of logits: repetition divides positive and
+    multiplies negative logits of every token seen in the prompt or the output; frequency
+    subtracts count x penalty and presence subtracts the penalty once, over output tokens."""
+    vocab = row.shape[0]
+    out_counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long), minlength=vocab)[:vocab]
+    if repetition != 1:
+        seen = out_counts > 0
+        if prompt_ids:
+            seen[torch.tensor(prompt_ids, dtype=torch.long)] = True
+        row[seen] = torch.where(row[seen] > 0, row[seen] / repetition, row[seen] * repetition)
+    row -= frequency * out_counts + presence * (out_counts > 0)

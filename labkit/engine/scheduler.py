@@ -1,20 +1,26 @@
 """Continuous batching in vLLM V1's style: no prefill and decode phases. Each step, every running
 request gets the tokens it still needs (one for a decode, a chunk of its prompt for a prefill)
 under a token budget, running requests first, then waiting ones; a long prompt is split across
-steps (chunked prefill). When KV blocks run out, the most recently admitted request is preempted
-and later recomputed from its tokens so far."""
+steps (chunked prefill). When KV blocks run out, the lowest-ranked running request is preempted
+and later recomputed from its tokens so far (its cached blocks usually survive, so the recompute
+is mostly prefix-cache hits).
+
+Rank: with policy "fcfs", arrival order; with "priority", (priority, arrival): a lower value is
+served first, and a waiting request may preempt running requests ranked below it.
+"""
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 from labkit.engine.block_manager import BlockManager
 from labkit.engine.request import Request, RequestStatus
 
+POLICIES = ("fcfs", "priority")
+
 
 @dataclass
 class ScheduledBatch:
-    work: list[tuple[Request, int]]  # (request, tokens to compute this step); decodes first
+    work: list[tuple[Request, int]]  # (request, tokens to compute this step); 1-token rows first
     num_preempted: int = 0
 
     @property
@@ -32,15 +38,24 @@ def _is_decode(req: Request, n: int) -> bool:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True):
+                 enable_chunked_prefill: bool = True, policy: str = "fcfs"):
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunked = enable_chunked_prefill
-        self.waiting: deque[Request] = deque()
+        self.policy = policy
+        self.waiting: list[Request] = []
         self.running: list[Request] = []
+        self._order = 0
+        self.prefix_queries = 0   # prompt tokens looked up in the prefix cache at admission
+        self.prefix_hits = 0      # of which were found there
+
+    def _rank(self, req: Request) -> tuple:
+        prio = req.priority if self.policy == "priority" else 0
+        return prio, req.arrival_time, req.order
 
     def add(self, req: Request) -> None:
+        req.order, self._order = self._order, self._order + 1
         self.waiting.append(req)
 
     def has_work(self) -> bool:
@@ -50,27 +65,50 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         work: list[tuple[Request, int]] = []
         preempted = 0
-        for req in list(self.running):
+
+        def preempt_lowest() -> Request:
+            nonlocal budget, preempted
+            victim = max(self.running, key=self._rank)
+            for i, (r, n) in enumerate(work):
+                if r is victim:
+                    del work[i]
+                    budget += n
+                    break
+            self._preempt(victim)
+            preempted += 1
+            return victim
+
+        for req in sorted(self.running, key=self._rank):
             if req.status != RequestStatus.RUNNING or budget == 0:
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.bm.can_allocate(req, n):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted += 1
-                if victim is req:
+                if preempt_lowest() is req:
                     break
             if req.status == RequestStatus.RUNNING:
                 self.bm.allocate(req, n)
                 work.append((req, n))
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+        self.waiting.sort(key=self._rank)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            cached = self.bm.match_prefix(req)
             remaining = req.num_tokens - req.num_computed_tokens
             n = min(remaining, budget)
-            if (n < remaining and not self.chunked) or not self.bm.can_allocate(req, n):
+            fits = self.bm.can_allocate(req, n)
+            while not fits and self.policy == "priority" and self.running \
+                    and self._rank(max(self.running, key=self._rank)) > self._rank(req):
+                preempt_lowest()
+                fits = self.bm.can_allocate(req, n)
+            if (n < remaining and not self.chunked) or not fits:
+                self._release(req)
                 break
-            self.waiting.popleft()
+            self.waiting.pop(0)
+            if self.bm.caching and not req.skip_prefix_cache:
+                self.prefix_queries += (req.num_tokens - 1) // self.bm.block_size * self.bm.block_size
+                self.prefix_hits += cached
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = cached
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             self.bm.allocate(req, n)
@@ -80,13 +118,17 @@ class Scheduler:
         work.sort(key=lambda rn: rn[1] != 1)
         return ScheduledBatch(work, preempted)
 
-    def _preempt(self, req: Request) -> None:
-        self.running.remove(req)
+    def _release(self, req: Request) -> None:
+        """Give back blocks a waiting request holds (its prefix-cache matches) and its progress."""
         self.bm.free(req)
         req.num_computed_tokens = 0
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._release(req)
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
-        self.waiting.appendleft(req)
+        self.waiting.append(req)
 
     def finish(self, req: Request) -> None:
         if req.status == RequestStatus.RUNNING:

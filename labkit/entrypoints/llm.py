@@ -2,13 +2,15 @@
 in one notebook kernel."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 
 from labkit.config import EngineConfig
 from labkit.engine.engine import LLMEngine
+from labkit.entrypoints.beam_search import BeamSearchOutput, beam_search
 from labkit.outputs import RequestOutput
-from labkit.sampling_params import SamplingParams
+from labkit.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -32,6 +34,8 @@ class LLM:
         prompts = list(prompts)
         params = sampling_params or SamplingParams()
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        # generate() returns finished outputs only: the engine need not build the others.
+        params = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params: got {len(params)} for {len(prompts)} prompts; "
                              "give one, or one per prompt")
@@ -64,6 +68,23 @@ class LLM:
             prompts.append({"prompt": text,
                             "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def beam_search(self, prompts, params: BeamSearchParams, *, use_tqdm: bool = False
+                    ) -> list[BeamSearchOutput]:
+        """Per prompt, the `beam_width` best sequences, best first (`.sequences[i].tokens`,
+        `.text`, `.cum_logprob`)."""
+        engine = self._engine()
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        tok = engine.tokenizer
+        return beam_search(lambda ps, sp: self.generate(ps, sp, use_tqdm=use_tqdm), engine.tokenize,
+                           engine.eos_token_ids,
+                           (lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok else (lambda ids: None),
+                           list(prompts), params)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget the prefix cache (False, and nothing done, while requests hold blocks)."""
+        return self._engine().reset_prefix_cache()
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self._engine()

@@ -37,15 +37,20 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+        self._step: tuple | None = None  # (positions, cos, sin) of the current step
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, Hq, D], k: [T, Hk, D]; rotated in float32 like HF, returned in their dtype."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        """q: [T, Hq, D], k: [T, Hk, D]; returned in their dtype."""
+        # Every layer shares this module and sees the same positions tensor within a step:
+        # look the tables up once per step, not once per layer.
+        if self._step is None or self._step[0] is not positions:
+            cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+            sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+            self._step = (positions, cos, sin)
+        _, cos, sin = self._step
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype))
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin

@@ -22,6 +22,8 @@ class StepRecord:
     kv_blocks_used: int
     kv_blocks_free: int
     num_preemptions: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache this step
+    prefix_cache_hits: int     # of which were found
 
 
 def to_dataframe(records: list[StepRecord]):

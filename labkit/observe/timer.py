@@ -1,5 +1,7 @@
 """Phase timers for the step log. On CUDA each phase is bracketed by CUDA events, so a phase's
-time is the device's time, not the time it took the host to launch the kernels."""
+time is the device's time, not the time it took the host to launch the kernels. Each phase is
+also a torch.profiler `record_function` range, so traces show schedule / prepare / forward /
+sample / postprocess by name."""
 from __future__ import annotations
 
 import contextlib
@@ -15,15 +17,17 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-        else:
-            start = time.perf_counter()
-            yield
-            end = time.perf_counter()
+        with torch.profiler.record_function(name):
+            if self.cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                yield
+                end.record()
+            else:
+                start = time.perf_counter()
+                yield
+                end = time.perf_counter()
         self._marks.append((name, start, end))
 
     def collect(self) -> dict[str, float]:
