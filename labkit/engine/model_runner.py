@@ -11,6 +11,7 @@ import torch
 
 from labkit.config import EngineConfig
 from labkit.distributed import TPGroup, build_with
+from labkit.engine.cuda_graphs import DecodeGraphs
 from labkit.layers.attention import ForwardContext, SeqSlice, TorchAttentionBackend, forward_context
 from labkit.models.loader import build_model
 from labkit.observe.timer import PhaseTimer
@@ -18,6 +19,15 @@ from labkit.observe.timer import PhaseTimer
 log = logging.getLogger("labkit")
 
 CPU_KV_CACHE_DEFAULT_BYTES = 2 << 30
+MAX_GRAPH_BATCH = 512
+
+
+def make_backend(block_size: int, device: torch.device):
+    """The one attention seam: Triton kernels on CUDA, the torch reference elsewhere."""
+    if device.type == "cuda":
+        from labkit.layers.attention_triton import TritonAttentionBackend
+        return TritonAttentionBackend(block_size, device)
+    return TorchAttentionBackend(block_size, device)
 
 
 @dataclass
@@ -45,27 +55,60 @@ class ModelRunner:
                                      config.load_format, config.seed)
         self.block_size = config.block_size
         self.num_kv_heads = hc.num_key_value_heads // self.tp.size
-        self.num_blocks = self._count_kv_blocks()
-        shape = (self.num_blocks * self.block_size, self.num_kv_heads, hc.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=config.torch_dtype, device=self.device),
-                           torch.zeros(shape, dtype=config.torch_dtype, device=self.device))
-                          for _ in range(hc.num_hidden_layers)]
-        self.backend = TorchAttentionBackend(self.block_size, self.device)
+        self.backend = make_backend(self.block_size, self.device)
         self.timer = PhaseTimer(self.device)
+        activation_bytes = self._profile_peak_activation() if self.device.type == "cuda" else 0
+        self.num_blocks = self._count_kv_blocks(activation_bytes)
+        self.kv_caches = self._allocate_kv(self.num_blocks)
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.graphs = DecodeGraphs(self.model, self.backend, self.kv_caches,
+                                       min(config.max_num_seqs, MAX_GRAPH_BATCH),
+                                       -(-config.max_model_len // self.block_size), self.device)
+
+    def _allocate_kv(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        hc = self.config.hf_config
+        shape = (num_blocks * self.block_size, self.num_kv_heads, hc.head_dim)
+        return [(torch.zeros(shape, dtype=self.config.torch_dtype, device=self.device),
+                 torch.zeros(shape, dtype=self.config.torch_dtype, device=self.device))
+                for _ in range(hc.num_hidden_layers)]
+
+    def _profile_peak_activation(self) -> int:
+        """Memory a full-budget prefill needs beyond the weights, measured by running one
+        (random tokens, a throwaway KV cache just large enough), as vLLM profiles before sizing."""
+        c = self.config
+        tokens = min(c.max_num_batched_tokens, c.max_model_len)
+        blocks = -(-tokens // self.block_size)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        kv = self._allocate_kv(blocks)
+        kv_bytes = torch.cuda.memory_allocated(self.device) - base
+        ids = torch.randint(0, c.hf_config.vocab_size, (tokens,), device=self.device)
+        meta = self.backend.prepare([SeqSlice(tokens, tokens, list(range(blocks)))])
+        with torch.inference_mode(), forward_context(ForwardContext(self.backend, meta, kv)):
+            hidden = self.model(ids, torch.arange(tokens, device=self.device))
+            self.model.compute_logits(hidden[-1:])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(self.device) - base - kv_bytes
+        del kv, hidden
+        torch.cuda.empty_cache()
+        return peak
 
     def _bytes_per_block(self) -> int:
         hc = self.config.hf_config
         elem = torch.empty((), dtype=self.config.torch_dtype).element_size()
         return 2 * hc.num_hidden_layers * self.block_size * self.num_kv_heads * hc.head_dim * elem
 
-    def _count_kv_blocks(self) -> int:
+    def _count_kv_blocks(self, activation_bytes: int) -> int:
         c = self.config
         per_block = self._bytes_per_block()
         if c.num_kv_blocks is not None:
             n = c.num_kv_blocks
         elif self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            reserve = 1 << 30  # activations and the sampler's working space
+            # What the profiled prefill needed, plus room for CUDA graphs and the sampler.
+            reserve = activation_bytes + (512 << 20)
             n = int((total * c.gpu_memory_utilization - (total - free) - reserve) // per_block)
         else:
             budget = c.kv_cache_memory_bytes or CPU_KV_CACHE_DEFAULT_BYTES
@@ -96,18 +139,23 @@ class ModelRunner:
                 elif w.sample:
                     sample_rows.append(row + n - 1)
                 row += n
-            input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-            positions = torch.tensor(pos, dtype=torch.long, device=self.device)
-            meta = self.backend.prepare(seqs)
             rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+            graphed = self.graphs is not None and self.graphs.can_run(seqs)
+            if not graphed:
+                input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+                positions = torch.tensor(pos, dtype=torch.long, device=self.device)
+                meta = self.backend.prepare(seqs)
         with self.timer.phase("forward"):
-            with forward_context(ForwardContext(self.backend, meta, self.kv_caches)):
-                hidden = self.model(input_ids, positions)
+            if graphed:
+                hidden = self.graphs.run(ids, pos, seqs)
+            else:
+                with forward_context(ForwardContext(self.backend, meta, self.kv_caches)):
+                    hidden = self.model(input_ids, positions)
             logits = self.model.compute_logits(hidden[rows]) if sample_rows else None
         return logits
 
     def close(self) -> None:
-        self.model = self.kv_caches = None
+        self.model = self.kv_caches = self.graphs = None
         self.tp.close()
         gc.collect()
         if self.device.type == "cuda":
