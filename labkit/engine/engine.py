@@ -6,6 +6,7 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 
 import torch
 
@@ -22,6 +23,8 @@ from labkit.outputs import CompletionOutput, Logprob, RequestOutput
 from labkit.sampling_params import RequestOutputKind, SamplingParams
 
 log = logging.getLogger("labkit")
+
+MAX_STEP_RECORDS = 200_000
 
 
 def load_tokenizer(config: EngineConfig):
@@ -61,7 +64,9 @@ class LLMEngine:
         self.eos_token_ids = _eos_ids(config, self.tokenizer)
         self.sampler = Sampler(config.seed, self.eos_token_ids)
         self.requests: dict[str, list[Request]] = {}   # parent id -> its n sequences
-        self.step_records: list[StepRecord] = []
+        # The most recent steps (a server runs for days); `num_steps` counts them all.
+        self.step_records: deque[StepRecord] = deque(maxlen=MAX_STEP_RECORDS)
+        self.num_steps = 0
         self.timer = self.runner.timer
         self._closed = False
 
@@ -190,7 +195,7 @@ class LLMEngine:
             outputs = self._outputs(touched | self._drain_finished())
         ms = self.timer.collect()
         self.step_records.append(StepRecord(
-            step=len(self.step_records), start_time=step_start,
+            step=self.num_steps, start_time=step_start,
             schedule_ms=ms.get("schedule", 0.0), prepare_ms=ms.get("prepare", 0.0),
             forward_ms=ms.get("forward", 0.0), sample_ms=ms.get("sample", 0.0),
             postprocess_ms=ms.get("postprocess", 0.0), total_ms=(time.time() - step_start) * 1e3,
@@ -201,6 +206,7 @@ class LLMEngine:
             num_preemptions=batch.num_preempted,
             prefix_cache_queries=self.scheduler.prefix_queries - queries,
             prefix_cache_hits=self.scheduler.prefix_hits - hits))
+        self.num_steps += 1
         return outputs
 
     def _split_logits(self, scheduled, work: list[SeqWork], logits):

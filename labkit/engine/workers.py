@@ -36,7 +36,10 @@ class WorkerGroup:
             parent, child = mpc.Pipe()
             proc = subprocess.Popen(
                 [sys.executable, "-m", "labkit.engine.tp_worker", str(child.fileno())],
-                pass_fds=[child.fileno()], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                pass_fds=[child.fileno()], env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                # Its own session: a Ctrl-C meant for the engine's process (a server draining
+                # its requests) must not kill the workers first; they exit when told or on EOF.
+                start_new_session=True)
             child.close()
             parent.send((config, rank, self.port))
             self.procs.append(proc)

@@ -1,8 +1,9 @@
-"""The `labkit` command. Subcommands: generate (more to come: serve, bench, sweep)."""
+"""The `labkit` command. Subcommands: generate, serve, bench, sweep."""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -24,11 +25,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256, dest="max_num_seqs")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, dest="max_num_batched_tokens")
     p.add_argument("--enforce-eager", action="store_true", dest="enforce_eager")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   dest="enable_prefix_caching")
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   dest="enable_chunked_prefill")
+    p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
+                   dest="scheduling_policy")
 
 
 ENGINE_KEYS = ("model", "tokenizer", "tensor_parallel_size", "dtype", "device", "seed", "load_format",
                "max_model_len", "block_size", "num_kv_blocks", "gpu_memory_utilization",
-               "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens", "enforce_eager")
+               "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens", "enforce_eager",
+               "enable_prefix_caching", "enable_chunked_prefill", "scheduling_policy")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -51,6 +59,53 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from labkit.config import EngineConfig
+    from labkit.default_model import DEFAULT_MODEL_NAME
+    from labkit.entrypoints.server import ServerArgs, serve
+    kwargs = engine_kwargs(args)
+    kwargs["model"] = args.model_tag or args.model
+    names = args.served_model_name or [kwargs["model"] or DEFAULT_MODEL_NAME]
+    serve(EngineConfig.from_kwargs(**kwargs),
+          ServerArgs(names, args.host, args.port, args.api_key, args.chat_template,
+                     not args.disable_log_requests, args.uvicorn_log_level))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "benchmark", "func", "bench")}
+    print(json.dumps(args.bench.run(**kwargs), indent=4))
+    return 0
+
+
+def add_bench_parser(sub) -> None:
+    """`labkit bench NAME`: one subcommand per labkit.bench module (flags from its add_args)."""
+    from labkit.bench import BENCHMARKS
+    b = sub.add_parser("bench", help=f"vLLM's benchmarks: {', '.join(BENCHMARKS)}")
+    names = b.add_subparsers(dest="benchmark", required=True)
+    for name, module in BENCHMARKS.items():
+        # "resolve": a flag both the engine flags and a benchmark define (--enable-prefix-caching)
+        # is registered once instead of failing.
+        p = names.add_parser(name, help=module.__doc__.splitlines()[0], conflict_handler="resolve")
+        module.add_args(p, add_engine_args)
+        p.set_defaults(func=cmd_bench, bench=module)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from labkit.lab import sweeps
+    return sweeps.main(args, engine_kwargs(args))
+
+
+def add_sweep_parser(sub) -> None:
+    """`labkit sweep`: labkit.sweep() over a grid; writes the DataFrame and an HTML report."""
+    from labkit.lab import sweeps
+    p = sub.add_parser("sweep", help="benchmark a grid of batch sizes and lengths (DataFrame + HTML report)",
+                       conflict_handler="resolve")
+    sweeps.add_args(p, add_engine_args)
+    p.set_defaults(func=cmd_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampling-seed", type=int, default=None, dest="sampling_seed")
     add_engine_args(g)
     g.set_defaults(func=cmd_generate)
+    s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    s.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="local checkpoint dir or .gguf (default: SmolLM2-135M-Instruct)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("LABKIT_API_KEY"), dest="api_key",
+                   help="require `Authorization: Bearer KEY` on /v1/* (default: $LABKIT_API_KEY)")
+    s.add_argument("--served-model-name", nargs="+", default=None, dest="served_model_name",
+                   help="name(s) clients use for the model (default: the MODEL argument)")
+    s.add_argument("--chat-template", default=None, dest="chat_template",
+                   help="a Jinja chat template, or a file holding one (default: the tokenizer's)")
+    s.add_argument("--disable-log-requests", action="store_true", dest="disable_log_requests")
+    s.add_argument("--uvicorn-log-level", default="info", dest="uvicorn_log_level",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    add_engine_args(s)
+    s.set_defaults(func=cmd_serve)
+    add_bench_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 

@@ -26,7 +26,7 @@ class StepRecord:
     prefix_cache_hits: int     # of which were found
 
 
-def to_dataframe(records: list[StepRecord]):
+def to_dataframe(records):
     import pandas as pd
     cols = list(StepRecord.__dataclass_fields__)
     return pd.DataFrame([asdict(r) for r in records], columns=cols)

@@ -1,0 +1,343 @@
+"""The OpenAI endpoints' logic: turn a request body into prompts and SamplingParams, submit them
+to the engine loop, and shape the updates as vLLM does (whole responses, or SSE chunks).
+
+Tokenization happens here, on the asyncio thread, with the server's own tokenizer: the engine
+thread decodes with the engine's, and HF tokenizers are not safe to share across threads.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from labkit.entrypoints.server.engine_loop import ChoiceDelta, EngineLoop, RequestHandle
+from labkit.entrypoints.server.errors import APIError
+from labkit.entrypoints.server.protocol import (ChatCompletionRequest, CompletionRequest,
+                                                DetokenizeRequest, RequestBody, SamplingRequest,
+                                                TokenizeRequest)
+from labkit.outputs import Logprob
+from labkit.sampling_params import SamplingParams
+
+log = logging.getLogger("labkit.server")
+
+
+@dataclass
+class _Choice:
+    """One choice of a non-streamed response, accumulated from the deltas."""
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    prompt_logprobs: list | None = None
+
+
+class OpenAIServing:
+    def __init__(self, engine: EngineLoop, tokenizer, model_names: list[str], model_root: str,
+                 max_model_len: int, chat_template: str | None, log_requests: bool):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_names = model_names
+        self.model_root = model_root
+        self.max_model_len = max_model_len
+        self.chat_template = chat_template
+        self.log_requests = log_requests
+        self.created = int(time.time())
+
+    # ---- small endpoints ------------------------------------------------------------------------
+    def check_model(self, body: RequestBody) -> None:
+        name = getattr(body, "model", None)
+        if name is not None and name not in self.model_names:
+            raise APIError(404, f"The model `{name}` does not exist.", "model")
+        if body.model_extra:
+            log.warning("ignoring unknown request fields: %s", ", ".join(sorted(body.model_extra)))
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": self.created, "owned_by": "labkit",
+             "root": self.model_root, "parent": None, "max_model_len": self.max_model_len}
+            for name in self.model_names]}
+
+    def tokenize(self, req: TokenizeRequest) -> dict:
+        self.check_model(req)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of `prompt` and `messages`", "prompt")
+        if req.prompt is not None:
+            special = True if req.add_special_tokens is None else req.add_special_tokens
+            ids = self.tokenizer.encode(req.prompt, add_special_tokens=special)
+        else:
+            ids = self._chat_prompt(req, add_special_tokens=bool(req.add_special_tokens))["prompt_token_ids"]
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
+
+    def detokenize(self, req: DetokenizeRequest) -> dict:
+        self.check_model(req)
+        vocab = len(self.tokenizer)
+        if not all(0 <= t < vocab for t in req.tokens):
+            raise APIError(400, f"tokens: every id must be in [0, {vocab})", "tokens")
+        return {"prompt": self.tokenizer.decode(req.tokens)}
+
+    # ---- prompts ------------------------------------------------------------------------------
+    def _completion_prompts(self, req: CompletionRequest) -> list[dict]:
+        p = req.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            p = [p]
+        if not p:
+            raise APIError(400, "prompt: the prompt is empty", "prompt")
+        return [{"prompt": x, "prompt_token_ids": self.tokenizer.encode(x, add_special_tokens=True)}
+                if isinstance(x, str) else {"prompt_token_ids": list(x)} for x in p]
+
+    def _chat_prompt(self, req: ChatCompletionRequest | TokenizeRequest,
+                     add_special_tokens: bool = False) -> dict:
+        if not req.messages:
+            raise APIError(400, "messages: give at least one message", "messages")
+        messages = [m.to_template() for m in req.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, chat_template=req.chat_template or self.chat_template,
+                add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message, **(req.chat_template_kwargs or {}))
+        except Exception as e:   # a template that raises (bad roles, no template at all, ...)
+            raise APIError(400, f"messages: the chat template failed: {e}", "messages") from None
+        # The template already holds the special tokens: don't add a BOS on top.
+        return {"prompt": text,
+                "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=add_special_tokens)}
+
+    def _check_length(self, prompts: list[dict], params: SamplingParams) -> None:
+        for p in prompts:
+            n = len(p["prompt_token_ids"])
+            if n >= self.max_model_len or (params.max_tokens is not None
+                                           and n + params.max_tokens > self.max_model_len):
+                raise APIError(400, f"This model's maximum context length is {self.max_model_len} "
+                               f"tokens. However, you requested {n + (params.max_tokens or 0)} "
+                               f"tokens ({n} in the prompt, {params.max_tokens or 0} in the "
+                               "completion). Please reduce the length of the prompt or completion.",
+                               "prompt" if n >= self.max_model_len else "max_tokens")
+
+    # ---- generation ---------------------------------------------------------------------------
+    async def completions(self, req: CompletionRequest, raw: Request) -> Response:
+        arrival = time.time()
+        self.check_model(req)
+        params = req.sampling_params()
+        prompts = self._completion_prompts(req)
+        return await self._generate(_Completions(req.logprobs), f"cmpl-{uuid.uuid4().hex}", req,
+                                    prompts, params, arrival, raw)
+
+    async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        arrival = time.time()
+        self.check_model(req)
+        params = req.sampling_params()
+        prompts = [self._chat_prompt(req)]
+        return await self._generate(_Chat((req.top_logprobs or 0) if req.logprobs else None),
+                                    f"chatcmpl-{uuid.uuid4().hex}", req, prompts, params, arrival, raw)
+
+    async def _generate(self, fmt: "_Format", request_id: str, req: SamplingRequest,
+                        prompts: list[dict], params: SamplingParams, arrival: float,
+                        raw: Request) -> Response:
+        self._check_length(prompts, params)
+        if self.log_requests:
+            log.info("request %s: %d prompt(s) of %s tokens, %s", request_id, len(prompts),
+                     [len(p["prompt_token_ids"]) for p in prompts], params)
+        try:
+            handle = await self.engine.submit(request_id, prompts, params, arrival, req.priority)
+        except ValueError as e:
+            raise APIError.bad_request(e) from None
+        head = {"id": request_id, "created": int(arrival), "model": req.model or self.model_names[0]}
+        num_prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
+        num_choices = len(prompts) * params.n
+        if req.stream:
+            chunks = self._stream(fmt, handle, head, num_choices, num_prompt_tokens, req.include_usage)
+            return _SSEResponse(chunks, handle)
+        try:
+            choices = await _unless_disconnected(raw, _collect(handle, num_choices))
+        finally:
+            handle.close()
+        if choices is None:
+            return Response(status_code=499)   # the client is gone; nobody reads this
+        completion_tokens = sum(len(c.token_ids) for c in choices)
+        body = {**head, "object": fmt.object,
+                "choices": [fmt.choice(i, c) for i, c in enumerate(choices)],
+                "usage": _usage(num_prompt_tokens, completion_tokens)}
+        if isinstance(fmt, _Chat) and params.prompt_logprobs is not None:
+            body["prompt_logprobs"] = _prompt_logprobs(choices[0].prompt_logprobs)
+        return JSONResponse(body)
+
+    async def _stream(self, fmt: "_Format", handle: RequestHandle, head: dict, num_choices: int,
+                      num_prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+        chunk_head = {**head, "object": fmt.chunk_object}
+        completion_tokens = 0
+        offsets = [0] * num_choices   # characters sent so far per choice (completions' text_offset)
+        try:
+            for i in range(num_choices):
+                first = fmt.first_chunk(i)
+                if first is not None:
+                    yield _sse({**chunk_head, "choices": [first]})
+            async for update in handle:
+                for d in update.choices:
+                    completion_tokens += len(d.token_ids)
+                    if d.text or d.finish_reason or (fmt.logprobs is not None and d.token_ids):
+                        yield _sse({**chunk_head, "choices": [fmt.chunk_choice(d, offsets[d.index])]})
+                    offsets[d.index] += len(d.text)
+            if include_usage:
+                yield _sse({**chunk_head, "choices": [],
+                            "usage": _usage(num_prompt_tokens, completion_tokens)})
+        except APIError as e:
+            yield _sse(e.body())
+        yield "data: [DONE]\n\n"
+
+
+class _SSEResponse(StreamingResponse):
+    """An SSE stream that aborts its request however the response ends: finished, failed, or
+    cancelled because the client disconnected (even before the first chunk)."""
+
+    def __init__(self, chunks: AsyncIterator[str], handle: RequestHandle):
+        super().__init__(chunks, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.handle = handle
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.handle.close()
+
+
+async def _collect(handle: RequestHandle, num_choices: int) -> list[_Choice]:
+    choices = [_Choice() for _ in range(num_choices)]
+    async for update in handle:
+        for d in update.choices:
+            c = choices[d.index]
+            c.text += d.text
+            c.token_ids += d.token_ids
+            c.logprobs += d.logprobs or []
+            c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+            c.prompt_logprobs = c.prompt_logprobs or d.prompt_logprobs
+    return choices
+
+
+async def _unless_disconnected(raw: Request, work) -> list[_Choice] | None:
+    """Await `work`, or cancel it and return None if the client disconnects first."""
+    async def disconnected() -> None:
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    return task.result() if task.done() and not task.cancelled() else None
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+# ---- response shapes ----------------------------------------------------------------------------
+class _Format(Protocol):
+    """How one endpoint shapes responses and stream chunks."""
+    object: str
+    chunk_object: str
+    logprobs: int | None     # top logprobs asked for, None when not
+
+    def choice(self, index: int, c: _Choice) -> dict: ...
+    def first_chunk(self, index: int) -> dict | None: ...
+    def chunk_choice(self, d: ChoiceDelta, offset: int) -> dict: ...
+
+
+class _Completions:
+    object = chunk_object = "text_completion"
+
+    def __init__(self, logprobs: int | None):
+        self.logprobs = logprobs
+
+    def _logprobs(self, token_ids: list[int], entries: list[dict[int, Logprob]] | None, offset: int):
+        if self.logprobs is None or entries is None:
+            return None
+        out = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
+        for tok, entry in zip(token_ids, entries):
+            chosen = entry[tok]
+            out["text_offset"].append(offset)
+            out["token_logprobs"].append(chosen.logprob)
+            out["tokens"].append(chosen.decoded_token)
+            out["top_logprobs"].append({lp.decoded_token: lp.logprob for lp in entry.values()})
+            offset += len(chosen.decoded_token or "")
+        return out
+
+    def choice(self, index: int, c: _Choice) -> dict:
+        out = {"index": index, "text": c.text, "logprobs": self._logprobs(c.token_ids, c.logprobs, 0),
+               "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+        if c.prompt_logprobs is not None:
+            out["prompt_logprobs"] = _prompt_logprobs(c.prompt_logprobs)
+        return out
+
+    def first_chunk(self, index: int) -> None:
+        return None
+
+    def chunk_choice(self, d: ChoiceDelta, offset: int) -> dict:
+        out = {"index": d.index, "text": d.text,
+               "logprobs": self._logprobs(d.token_ids, d.logprobs, offset),
+               "finish_reason": d.finish_reason, "stop_reason": d.stop_reason}
+        if d.prompt_logprobs is not None:   # on each choice's first chunk, as vLLM
+            out["prompt_logprobs"] = _prompt_logprobs(d.prompt_logprobs)
+        return out
+
+
+class _Chat:
+    object, chunk_object = "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, top_logprobs: int | None):
+        self.logprobs = top_logprobs
+
+    def _logprobs(self, token_ids: list[int], entries: list[dict[int, Logprob]] | None):
+        if self.logprobs is None or entries is None:
+            return None
+        content = []
+        for tok, entry in zip(token_ids, entries):
+            top = sorted(entry.values(), key=lambda lp: lp.rank or 0)[:self.logprobs]
+            content.append({**_chat_logprob(entry[tok]), "top_logprobs": [_chat_logprob(lp) for lp in top]})
+        return {"content": content}
+
+    def choice(self, index: int, c: _Choice) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": self._logprobs(c.token_ids, c.logprobs),
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+    def first_chunk(self, index: int) -> dict:
+        # As vLLM: every choice's stream opens with the assistant role and empty content.
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}
+
+    def chunk_choice(self, d: ChoiceDelta, offset: int) -> dict:
+        return {"index": d.index, "delta": {"content": d.text} if d.text else {},
+                "logprobs": self._logprobs(d.token_ids, d.logprobs),
+                "finish_reason": d.finish_reason, "stop_reason": d.stop_reason}
+
+
+def _prompt_logprobs(entries: list | None) -> list | None:
+    """vLLM's shape: per prompt position (None for the first) {token_id: {logprob, rank, decoded_token}}."""
+    if entries is None:
+        return None
+    return [None if e is None else {tok: {"logprob": lp.logprob, "rank": lp.rank,
+                                          "decoded_token": lp.decoded_token} for tok, lp in e.items()}
+            for e in entries]
+
+
+def _chat_logprob(lp: Logprob) -> dict:
+    token = lp.decoded_token or ""
+    return {"token": token, "logprob": lp.logprob, "bytes": list(token.encode("utf-8"))}
+
