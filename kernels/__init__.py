@@ -1,3 +1,17 @@
 """labkit's Triton kernels, installed as `labkit_kernels` (a bare `kernels` would shadow the PyPI
-distribution of that name). Each kernel will sit beside its plain-torch reference; today the
-engine's only attention implementation is the torch reference in labkit/layers/attention.py."""
+distribution of that name).
+
+One file per kernel, each exposing the Triton launcher `<name>(...)` beside its plain-torch
+reference `<name>_ref(...)`; tests/test_kernels.py compares the two on fresh random inputs (under
+TRITON_INTERPRET=1 on a CPU), benchmarks/gpu_kernels.py at real shapes on a GPU.
+
+- store_kvcache: write the step's new K/V into the paged cache by slot mapping.
+- paged_attention_decode: one query per sequence, GQA, split along the KV length (flash-decoding).
+- prefill_attention: causal variable-length chunks reading the cached prefix via the block table.
+- fused_add_rmsnorm (and rmsnorm): residual add + RMSNorm in float32, HF rounding.
+- rotary_embedding: neox "rotate half" RoPE, in place on q and k.
+- silu_and_mul: silu(gate) * up for the merged gate/up projection.
+
+labkit.layers.attention_triton builds the engine's Triton attention backend from the first three.
+Importing this package imports triton; the engine does so only on CUDA.
+"""

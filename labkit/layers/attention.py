@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,15 @@ class AttentionMetadata:
 
 def context_slots(block_table: list[int], ctx_len: int, block_size: int) -> list[int]:
     return [block_table[i // block_size] * block_size + i % block_size for i in range(ctx_len)]
+
+
+class AttentionBackend(Protocol):
+    block_size: int
+
+    def prepare(self, seqs: list[SeqSlice]) -> AttentionMetadata: ...
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor: ...
 
 
 class TorchAttentionBackend:
@@ -101,7 +111,7 @@ class TorchAttentionBackend:
 # signature stays (input_ids, positions).
 @dataclass
 class ForwardContext:
-    backend: TorchAttentionBackend
+    backend: AttentionBackend
     meta: AttentionMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
 

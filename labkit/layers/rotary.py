@@ -41,6 +41,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, Hq, D], k: [T, Hk, D]; returned in their dtype."""
+        if q.is_cuda:  # rotates q and k in place, views of the qkv output included
+            from labkit_kernels.rotary_embedding import rotary_embedding
+            return rotary_embedding(positions, q, k, self.cos, self.sin)
         # Every layer shares this module and sees the same positions tensor within a step:
         # look the tables up once per step, not once per layer.
         if self._step is None or self._step[0] is not positions:

@@ -1,0 +1,174 @@
+"""Each Triton kernel against its plain-torch reference on fresh random inputs.
+
+Without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set here before
+triton is imported), at small shapes: this is how CI runs them. On a GPU the same tests run
+compiled. The interpreter has no bfloat16 `tl.dot` (it multiplies the raw bit patterns), so the
+attention kernels' half-precision tests use float16 there; the elementwise kernels test bfloat16.
+"""
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from packaging.version import Version
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+if (os.environ.get("TRITON_INTERPRET") == "1" and Version(triton.__version__) < Version("3.7.1")
+        and Version(np.__version__) >= Version("2.4")):
+    # Its interpreter calls int() on 1-element arrays (loop bounds loaded from memory), which
+    # numpy 2.4 refuses; triton 3.7.1 fixed it.
+    pytest.skip("the Triton interpreter needs triton>=3.7.1 with numpy>=2.4",
+                allow_module_level=True)
+
+from labkit.layers.attention import SeqSlice, TorchAttentionBackend  # noqa: E402
+from labkit.layers.attention_triton import TritonAttentionBackend  # noqa: E402
+from labkit_kernels.fused_add_rmsnorm import (  # noqa: E402
+    fused_add_rmsnorm, fused_add_rmsnorm_ref, rmsnorm, rmsnorm_ref)
+from labkit_kernels.paged_attention_decode import (paged_attention_decode,  # noqa: E402
+                                                   paged_attention_decode_ref)
+from labkit_kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
+from labkit_kernels.rotary_embedding import rotary_embedding, rotary_embedding_ref  # noqa: E402
+from labkit_kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
+from labkit_kernels.store_kvcache import store_kvcache, store_kvcache_ref  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+HALF = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16  # see the module docstring
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=2e-3),
+       torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+# Elementwise kernels round once from float32 where torch rounds after each op, and the
+# interpreter truncates float32 -> bfloat16 where a GPU rounds to nearest: one bf16 ulp.
+ELEMENTWISE_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5),
+                   torch.bfloat16: dict(atol=3e-2, rtol=1.6e-2)}
+
+
+def paged_cache(ctx_lens: list[int], block_size: int, hkv: int, d: int, dtype: torch.dtype):
+    """Random caches with a few spare blocks, and a block table of shuffled (non-contiguous)
+    blocks for each sequence."""
+    need = [-(-c // block_size) for c in ctx_lens]
+    num_blocks = sum(need) + 3
+    k_cache = torch.randn(num_blocks * block_size, hkv, d, dtype=dtype, device=DEVICE)
+    v_cache = torch.randn_like(k_cache)
+    perm = torch.randperm(num_blocks).tolist()
+    table = torch.zeros(len(ctx_lens), max(need), dtype=torch.int32)
+    start = 0
+    for i, n in enumerate(need):
+        table[i, :n] = torch.tensor(perm[start:start + n])
+        start += n
+    return k_cache, v_cache, table.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kvcache(dtype):
+    t, hkv, d, slots = 7, 2, 16, 40
+    kv = torch.randn(t, 3 * hkv, d, dtype=dtype, device=DEVICE)
+    k, v = kv[:, :hkv], kv[:, hkv:2 * hkv]  # strided views, as the qkv split gives
+    mapping = torch.randperm(slots, device=DEVICE)[:t]
+    mapping[3] = -1  # padding
+    caches = [torch.randn(slots, hkv, d, dtype=dtype, device=DEVICE) for _ in range(2)]
+    refs = [c.clone() for c in caches]
+    store_kvcache(k, v, *caches, mapping.to(torch.int32))
+    store_kvcache_ref(k, v, *refs, mapping)
+    assert torch.equal(caches[0], refs[0]) and torch.equal(caches[1], refs[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, HALF])
+@pytest.mark.parametrize("block_size,num_splits", [(4, 1), (8, 3), (16, None)])
+def test_paged_attention_decode(dtype, block_size, num_splits):
+    hkv, group, d = 2, 2, 32
+    # 150 tokens: more than two 64-token tiles, so three splits get two non-empty ones.
+    ctx_lens = [random.randint(1, 40) for _ in range(2)] + [150]
+    k_cache, v_cache, table = paged_cache(ctx_lens, block_size, hkv, d, dtype)
+    q = torch.randn(len(ctx_lens), hkv * group, d, dtype=dtype, device=DEVICE)
+    lens = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
+    args = (q, k_cache, v_cache, table, lens, d ** -0.5, block_size)
+    torch.testing.assert_close(paged_attention_decode(*args, num_splits=num_splits),
+                               paged_attention_decode_ref(*args), **TOL[dtype])
+
+
+def test_paged_attention_decode_empty_context_gives_zeros():
+    k_cache, v_cache, table = paged_cache([5, 1], 4, 1, 16, torch.float32)
+    q = torch.randn(2, 2, 16, device=DEVICE)
+    lens = torch.tensor([5, 0], dtype=torch.int32, device=DEVICE)
+    args = (q, k_cache, v_cache, table, lens, 0.25, 4)
+    for splits in (1, 2):
+        out = paged_attention_decode(*args, num_splits=splits)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        torch.testing.assert_close(out, paged_attention_decode_ref(*args), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, HALF])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_prefill_attention(dtype, block_size):
+    hkv, group, d = 2, 2, 16
+    # A fresh prompt, a chunk after a cached prefix, a one-token chunk, a chunk past 64 tokens
+    # (two query tiles).
+    q_lens = [random.randint(2, 20), random.randint(2, 12), 1, 70]
+    ctx_lens = [q_lens[0], q_lens[1] + random.randint(1, 28), random.randint(2, 30), 75]
+    k_cache, v_cache, table = paged_cache(ctx_lens, block_size, hkv, d, dtype)
+    q = torch.randn(sum(q_lens), hkv * group, d, dtype=dtype, device=DEVICE)
+    cu = torch.tensor([0] + q_lens, device=DEVICE).cumsum(0).to(torch.int32)
+    lens = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
+    args = (q, k_cache, v_cache, cu, lens, table, d ** -0.5, block_size)
+    torch.testing.assert_close(prefill_attention(*args, max(q_lens)), prefill_attention_ref(*args),
+                               **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [64, 96])
+def test_fused_add_rmsnorm(dtype, hidden):
+    x = torch.randn(5, hidden, dtype=dtype, device=DEVICE)
+    residual = torch.randn_like(x)
+    weight = torch.rand(hidden, dtype=dtype, device=DEVICE) + 0.5
+    out, new_res = fused_add_rmsnorm(x, residual, weight, 1e-6)
+    ref_out, ref_res = fused_add_rmsnorm_ref(x, residual, weight, 1e-6)
+    torch.testing.assert_close(new_res, ref_res, **ELEMENTWISE_TOL[dtype])
+    torch.testing.assert_close(out, ref_out, **ELEMENTWISE_TOL[dtype])
+    torch.testing.assert_close(rmsnorm(x, weight, 1e-6), rmsnorm_ref(x, weight, 1e-6),
+                               **ELEMENTWISE_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_embedding(dtype):
+    t, hq, hk, d, max_pos = 6, 4, 2, 32, 64
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32),
+                        1.0 / 10000 ** (torch.arange(0, d, 2).float() / d))
+    emb = torch.cat([freqs, freqs], -1).to(DEVICE)
+    qkv = torch.randn(t, hq + 2 * hk, d, dtype=dtype, device=DEVICE)
+    q, k = qkv[:, :hq], qkv[:, hq:hq + hk]  # strided views, as the qkv split gives
+    positions = torch.randint(0, max_pos, (t,), device=DEVICE)
+    ref_q, ref_k = rotary_embedding_ref(positions, q, k, emb.cos(), emb.sin())
+    v_before = qkv[:, hq + hk:].clone()
+    out_q, out_k = rotary_embedding(positions, q, k, emb.cos(), emb.sin())
+    torch.testing.assert_close(out_q, ref_q, **ELEMENTWISE_TOL[dtype])
+    torch.testing.assert_close(out_k, ref_k, **ELEMENTWISE_TOL[dtype])
+    assert torch.equal(qkv[:, hq + hk:], v_before)  # v untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul(dtype):
+    x = torch.randn(5, 2 * 1100, dtype=dtype, device=DEVICE)  # two column blocks, one partial
+    torch.testing.assert_close(silu_and_mul(x), silu_and_mul_ref(x), **ELEMENTWISE_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, HALF])
+def test_triton_backend_matches_torch_backend(dtype):
+    block_size, hkv, group, d = 8, 2, 2, 16
+    # Three decodes, then a chunk of 9 after 20 cached tokens and a fresh 6-token prompt.
+    q_lens, ctx_lens = [1, 1, 1, 9, 6], [random.randint(1, 40), 17, 33, 29, 6]
+    k_cache, v_cache, table = paged_cache(ctx_lens, block_size, hkv, d, dtype)
+    seqs = [SeqSlice(ql, cl, row.tolist())
+            for ql, cl, row in zip(q_lens, ctx_lens, table.cpu())]
+    t = sum(q_lens)
+    qkv = torch.randn(t, hkv * (group + 2), d, dtype=dtype, device=DEVICE)
+    q, k, v = qkv.split([hkv * group, hkv, hkv], dim=1)  # strided views, as the model passes
+    outs, caches = [], []
+    for backend in (TorchAttentionBackend(block_size, DEVICE),
+                    TritonAttentionBackend(block_size, DEVICE)):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        outs.append(backend.forward(q, k, v, kc, vc, backend.prepare(seqs), d ** -0.5))
+        caches.append((kc, vc))
+    torch.testing.assert_close(outs[1], outs[0], **TOL[dtype])
+    assert torch.equal(caches[1][0], caches[0][0]) and torch.equal(caches[1][1], caches[0][1])
