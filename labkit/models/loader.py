@@ -92,13 +92,15 @@ def load_weights(model: nn.Module, tensors) -> None:
 
 
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    """Random weights of a realistic scale, so benchmarks do real arithmetic (never zeros)."""
-    g = torch.Generator().manual_seed(seed)
+    """Random weights of a realistic scale, so benchmarks do real arithmetic (never zeros).
+    Drawn on the parameters' own device: a 7B model on the CPU would take minutes."""
+    gens: dict[torch.device, torch.Generator] = {}
     for name, p in model.named_parameters():
         if "norm" in name:
             p.data.fill_(1.0)
         else:
-            p.data.copy_(torch.empty(p.shape).uniform_(-0.02, 0.02, generator=g))
+            g = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+            p.data.uniform_(-0.02, 0.02, generator=g)
 
 
 def build_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
