@@ -44,8 +44,7 @@ def token_space(vocab_size: int, tokenizer=None) -> np.ndarray:
 def random_requests(space: np.ndarray, num_requests: int, input_len: int, output_len: int,
                     range_ratio: float = 0.0, prefix_len: int = 0, seed: int = 0) -> list[SampleRequest]:
     """vLLM's RandomDataset: per request, input and output lengths drawn uniformly from
-    [L(1-r), L(1+r)], prompt = a shared random prefix of `prefix_len` tokens followed by the
-    consecutive run `(offset + i + arange(L))` (wrapped into `space`), offset random per request.
+    [L(1-r), L(1+r)]; the prompt is `prefix_len` + its input length tokens (random_prompts).
     Reproducible from `seed`."""
     if not 0 <= range_ratio < 1:
         raise ValueError(f"random_range_ratio={range_ratio!r} is invalid: must be in [0, 1)")
@@ -59,11 +58,18 @@ def random_requests(space: np.ndarray, num_requests: int, input_len: int, output
                               size=num_requests)
     output_lens = rng.integers(_low(output_len, range_ratio), int(output_len * (1 + range_ratio)) + 1,
                                size=num_requests)
-    offsets = rng.integers(0, len(space), size=num_requests)
+    return [SampleRequest(ids, int(out)) for ids, out in
+            zip(random_prompts(space, input_lens, prefix_len, rng), output_lens)]
+
+
+def random_prompts(space: np.ndarray, lengths, prefix_len: int, rng: np.random.Generator) -> list[list[int]]:
+    """One prompt per length: a shared random prefix of `prefix_len` ids, then
+    `space[(offset + i + arange(length)) % len(space)]` with a random offset per prompt (so
+    prompts almost surely part ways right after the prefix)."""
+    offsets = rng.integers(0, len(space), size=len(lengths))
     prefix = rng.choice(space, size=prefix_len).tolist()
-    return [SampleRequest(prefix + space[(offsets[i] + i + np.arange(input_lens[i])) % len(space)].tolist(),
-                          int(output_lens[i]))
-            for i in range(num_requests)]
+    return [prefix + space[(offsets[i] + i + np.arange(length)) % len(space)].tolist()
+            for i, length in enumerate(lengths)]
 
 
 def _low(length: int, ratio: float) -> int:

@@ -85,9 +85,7 @@ def add_bench_parser(sub) -> None:
     b = sub.add_parser("bench", help=f"vLLM's benchmarks: {', '.join(BENCHMARKS)}")
     names = b.add_subparsers(dest="benchmark", required=True)
     for name, module in BENCHMARKS.items():
-        # "resolve": a flag both the engine flags and a benchmark define (--enable-prefix-caching)
-        # is registered once instead of failing.
-        p = names.add_parser(name, help=module.__doc__.splitlines()[0], conflict_handler="resolve")
+        p = names.add_parser(name, help=module.__doc__.splitlines()[0])
         module.add_args(p, add_engine_args)
         p.set_defaults(func=cmd_bench, bench=module)
 
