@@ -193,7 +193,7 @@ def _sampler_row(params: SamplingParams, prompt, output, logits):
     from labkit.engine.request import Request
     r = Request("r", "r", 0, None, list(prompt), params)
     r.token_ids += list(output)
-    return Sampler(0, {4}).process(logits.clone()[None], [r])[0]
+    return Sampler(0, {4}, torch.device("cpu")).process(logits.clone()[None], [r])[0]
 
 
 def test_logit_bias_allowed_tokens_and_min_tokens():

@@ -62,7 +62,7 @@ class LLMEngine:
                                    config.max_num_batched_tokens, config.enable_chunked_prefill,
                                    config.scheduling_policy)
         self.eos_token_ids = _eos_ids(config, self.tokenizer)
-        self.sampler = Sampler(config.seed, self.eos_token_ids)
+        self.sampler = Sampler(config.seed, self.eos_token_ids, self.runner.device)
         self.requests: dict[str, list[Request]] = {}   # parent id -> its n sequences
         # The most recent steps (a server runs for days); `num_steps` counts them all.
         self.step_records: deque[StepRecord] = deque(maxlen=MAX_STEP_RECORDS)
@@ -122,7 +122,7 @@ class LLMEngine:
         for i in range(params.n):
             gen = None
             if params.seed is not None:
-                gen = torch.Generator().manual_seed(params.seed + i)
+                gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
             req = Request(f"{request_id}-{i}" if params.n > 1 else request_id, request_id, i,
                           text, ids, params, priority, arrival, generator=gen)
             req.bad_words_token_ids = bad_words

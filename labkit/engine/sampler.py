@@ -38,47 +38,53 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
 
 
 class Sampler:
-    def __init__(self, seed: int, eos_token_ids: set[int]):
-        self.generator = torch.Generator().manual_seed(seed)
+    """Runs where the logits are (the GPU on CUDA): only the chosen ids and their logprobs (and
+    any requested top-k) come back to the host, in one transfer."""
+
+    def __init__(self, seed: int, eos_token_ids: set[int], device: torch.device):
+        self.generator = torch.Generator(device=device).manual_seed(seed)
         self.eos_token_ids = eos_token_ids
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SampleResult:
-        logits = logits.float().cpu()
+        logits = logits.float()
+        dev = logits.device
         logprobs = logits.log_softmax(-1)   # raw: before any of the processing below
         logits = self.process(logits, reqs)
         chosen = logits.argmax(-1)
         sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
         if sampled:
-            rows = logits[sampled]
-            temp = torch.tensor([reqs[i].params.temperature for i in sampled])
-            rows = rows / temp[:, None]
+            idx = torch.tensor(sampled, device=dev)
             p = [reqs[i].params for i in sampled]
+            rows = logits[idx] / torch.tensor([x.temperature for x in p], device=dev)[:, None]
             if any(x.top_k > 0 or x.top_p < 1 or x.min_p > 0 for x in p):
-                rows = apply_top_k_top_p_min_p(rows, torch.tensor([x.top_k for x in p]),
-                                               torch.tensor([x.top_p for x in p]),
-                                               torch.tensor([x.min_p for x in p]))
+                rows = apply_top_k_top_p_min_p(rows, torch.tensor([x.top_k for x in p], device=dev),
+                                               torch.tensor([x.top_p for x in p], device=dev),
+                                               torch.tensor([x.min_p for x in p], device=dev))
             probs = rows.softmax(-1)
-            # Gumbel-style race: argmax(p / E) with E ~ Exp(1) samples from p.
-            noise = torch.empty_like(probs)
+            # Gumbel-style race: argmax(p / E) with E ~ Exp(1) samples from p. Unseeded rows
+            # draw together from the engine's generator; seeded rows from their own.
+            noise = torch.empty_like(probs).exponential_(generator=self.generator)
             for j, i in enumerate(sampled):
-                g = reqs[i].generator or self.generator
-                noise[j].exponential_(generator=g)
-            chosen[sampled] = (probs / noise).argmax(-1)
+                if reqs[i].generator is not None:
+                    noise[j].exponential_(generator=reqs[i].generator)
+            chosen[idx] = (probs / noise).argmax(-1)
         token_lp = logprobs.gather(-1, chosen[:, None])[:, 0]
-        tops, ranks = [], []
-        for i, r in enumerate(reqs):
-            k = r.params.logprobs
-            if k is None:
-                tops.append(None)
-                ranks.append(None)
-                continue
-            ranks.append(int((logprobs[i] > token_lp[i]).sum()) + 1)
+        want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        k = max((reqs[i].params.logprobs for i in want), default=0)
+        ranks = top_v = top_i = None
+        if want:
+            w = torch.tensor(want, device=dev)
+            ranks = ((logprobs[w] > token_lp[w, None]).sum(-1) + 1).tolist()
             if k:
-                v, ix = logprobs[i].topk(k)
-                tops.append(list(zip(ix.tolist(), v.tolist())))
-            else:
-                tops.append([])
-        return SampleResult(chosen.tolist(), token_lp.tolist(), tops, ranks)
+                top_v, top_i = (t.tolist() for t in logprobs[w].topk(k))
+        tokens, lps = torch.stack([chosen.double(), token_lp.double()]).tolist()
+        tops: list = [None] * len(reqs)
+        all_ranks: list = [None] * len(reqs)
+        for j, i in enumerate(want):
+            n = reqs[i].params.logprobs
+            all_ranks[i] = ranks[j]
+            tops[i] = list(zip(top_i[j][:n], top_v[j][:n])) if n else []
+        return SampleResult([int(t) for t in tokens], lps, tops, all_ranks)
 
     def process(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """Allowed tokens, bad words, min_tokens, logit bias and penalties, in vLLM's order.
@@ -87,17 +93,17 @@ class Sampler:
             p = r.params
             if p.allowed_token_ids is not None:
                 keep = torch.full_like(logits[i], float("-inf"))
-                keep[p.allowed_token_ids] = 0
+                keep[torch.tensor(p.allowed_token_ids, device=logits.device)] = 0
                 logits[i] += keep
             banned = [seq[-1] for seq in r.bad_words_token_ids
                       if len(seq) == 1 or r.output_token_ids[-(len(seq) - 1):] == seq[:-1]]
             if r.num_output_tokens < p.min_tokens:
                 banned += p.stop_token_ids + ([] if p.ignore_eos else list(self.eos_token_ids))
             if banned:
-                logits[i, banned] = float("-inf")
+                logits[i, torch.tensor(banned, device=logits.device)] = float("-inf")
             if p.logit_bias:
-                ids = torch.tensor(list(p.logit_bias))
-                logits[i, ids] += torch.tensor(list(p.logit_bias.values()))
+                ids = torch.tensor(list(p.logit_bias), device=logits.device)
+                logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
             if p.has_penalties:
                 apply_penalties(logits[i], r.prompt_token_ids, r.output_token_ids, p.presence_penalty,
                                 p.frequency_penalty, p.repetition_penalty)
@@ -109,11 +115,12 @@ def apply_penalties(row: torch.Tensor, prompt_ids: list[int], output_ids: list[i
     """vLLM's formulas, in place on one row of logits: repetition divides positive and
     multiplies negative logits of every token seen in the prompt or the output; frequency
     subtracts count x penalty and presence subtracts the penalty once, over output tokens."""
-    vocab = row.shape[0]
-    out_counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long), minlength=vocab)[:vocab]
+    vocab, dev = row.shape[0], row.device
+    out_counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long, device=dev),
+                                minlength=vocab)[:vocab]
     if repetition != 1:
         seen = out_counts > 0
         if prompt_ids:
-            seen[torch.tensor(prompt_ids, dtype=torch.long)] = True
+            seen[torch.tensor(prompt_ids, dtype=torch.long, device=dev)] = True
         row[seen] = torch.where(row[seen] > 0, row[seen] / repetition, row[seen] * repetition)
     row -= frequency * out_counts + presence * (out_counts > 0)
