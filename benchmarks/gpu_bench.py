@@ -1,0 +1,252 @@
+"""GPU benchmark for the fast path (issue 3), one call on a lent card: the card's ceilings, a
+correctness check, then labkit vs HF transformers vs the floor on the Qwen2.5-7B-Instruct shape
+with random weights in bf16.
+
+  python benchmarks/gpu_bench.py --out DIR [--tiny DIR] [--workloads a,b,c] [--skip-hf]
+
+Workloads: (a) one decode step, batch 1, context 1024; (b) the seed's latency run, batch 8,
+input 1024, output 1024; (c) throughput, 256 requests with input and output lengths uniform in
+[100, 1024] (seed 0), ignore_eos. Floors come from ceilings measured in the same run: a large
+device-to-device copy (bytes read + written per second) and a bf16 8192^3 matmul.
+Prints a table last; writes gpu_bench.json (and the step logs) under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+QWEN7B = REPO / "data" / "configs" / "Qwen2.5-7B-Instruct"
+
+
+def ceilings() -> dict:
+    from triton.testing import do_bench
+    n = 1 << 30  # 2 GiB of bf16 each way
+    a = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
+    copy_bw = 2 * a.numel() * 2 / (ms * 1e-3)
+    del a, b
+    x = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    y = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    ms = do_bench(lambda: x @ y, warmup=50, rep=300, return_mode="median")
+    flops = 2 * 8192 ** 3 / (ms * 1e-3)
+    del x, y
+    torch.cuda.empty_cache()
+    return {"copy_bytes_per_s": copy_bw, "bf16_flops_per_s": flops}
+
+
+def model_numbers(cfg: dict) -> dict:
+    h, i, l, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    d = h // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * d
+    layer = h * (h + 2 * kv) + (h + 2 * kv) + h * h + 3 * h * i + 2 * h
+    params = l * layer + v * h * (1 if cfg["tie_word_embeddings"] else 2) + h
+    return {"params": params, "weight_bytes": 2 * params, "kv_bytes_per_token": 2 * l * kv * 2,
+            "matmul_params": l * layer + v * h}  # the embedding lookup is not a matmul
+
+
+def floors(num: dict, ceil: dict) -> dict:
+    bw, fl = ceil["copy_bytes_per_s"], ceil["bf16_flops_per_s"]
+
+    def step(batch: int, ctx: int) -> float:  # a decode step reads all weights and every KV
+        return (num["weight_bytes"] + batch * ctx * num["kv_bytes_per_token"]) / bw
+
+    a = step(1, 1024)
+    prefill_b = 2 * num["matmul_params"] * 8 * 1024 / fl
+    b = prefill_b + sum(step(8, 1024 + t) for t in range(1024))
+    return {"a_s": a, "b_s": b, "step": step}
+
+
+def hf_baselines(workloads: set[str]) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.from_pretrained(QWEN7B)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    out = {}
+    with torch.inference_mode():
+        if "a" in workloads:
+            ids = torch.randint(1000, 100000, (1, 1024), device="cuda")
+            r = model(ids, use_cache=True)
+            past, nxt = r.past_key_values, r.logits[:, -1:].argmax(-1)
+            times = []
+            for _ in range(20):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                r = model(nxt, past_key_values=past, use_cache=True)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+                past, nxt = r.past_key_values, r.logits[:, -1:].argmax(-1)
+            out["a_s"] = statistics.median(times[5:])
+        if "b" in workloads:
+            ids = torch.randint(1000, 100000, (8, 1024), device="cuda")
+            kw = dict(max_new_tokens=1024, min_new_tokens=1024, do_sample=False, pad_token_id=0)
+            model.generate(ids[:, :32], **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+            torch.cuda.synchronize()
+            out["b_s"] = time.perf_counter() - t
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def labkit_runs(workloads: set[str], tp: int, out_dir: Path) -> dict:
+    from labkit import LLM, SamplingParams
+    res = {}
+    llm = LLM(str(QWEN7B), load_format="dummy", dtype="bfloat16", tensor_parallel_size=tp,
+              skip_tokenizer_init=True, max_model_len=4096, enable_prefix_caching=False)
+    g = torch.Generator().manual_seed(0)
+
+    def prompts(n: int, length: int) -> list[dict]:
+        return [{"prompt_token_ids": torch.randint(1000, 100000, (length,), generator=g).tolist()} for _ in range(n)]
+
+    def run(ps, sps) -> tuple[float, int]:
+        n0 = len(llm.step_log())
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        llm.generate(ps, sps, use_tqdm=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t, n0
+
+    run(prompts(2, 64), SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+
+    def save() -> None:  # after each workload: a run cut short still leaves its figures
+        (out_dir / f"labkit_tp{tp}.partial.json").write_text(json.dumps(res, indent=2))
+
+    if "a" in workloads:
+        _, n0 = run(prompts(1, 1024), SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+        steps = llm.step_log().iloc[n0:]
+        dec = steps[steps.num_decode_seqs == 1]
+        res["a_s"] = float(dec.total_ms.iloc[5:].median()) / 1e3
+        res["a_forward_s"] = float(dec.forward_ms.iloc[5:].median()) / 1e3
+        save()
+    if "b" in workloads:
+        res["b_s"], n0 = run(prompts(8, 1024), SamplingParams(temperature=1.0, top_p=1.0, max_tokens=1024,
+                                                              ignore_eos=True))
+        llm.step_log().iloc[n0:].to_csv(out_dir / f"steps_b_tp{tp}.csv", index=False)
+        save()
+    if "c" in workloads:
+        rng = torch.Generator().manual_seed(0)
+        lens_in = torch.randint(100, 1025, (256,), generator=rng).tolist()
+        lens_out = torch.randint(100, 1025, (256,), generator=rng).tolist()
+        ps = [{"prompt_token_ids": torch.randint(1000, 100000, (n,), generator=g).tolist()} for n in lens_in]
+        sps = [SamplingParams(temperature=1.0, max_tokens=m, ignore_eos=True) for m in lens_out]
+        res["c_s"], n0 = run(ps, sps)
+        res["c_output_tokens"] = sum(lens_out)
+        res["c_total_tokens"] = sum(lens_out) + sum(lens_in)
+        llm.step_log().iloc[n0:].to_csv(out_dir / f"steps_c_tp{tp}.csv", index=False)
+    res["kv_blocks"] = llm.engine.block_manager.num_blocks
+    llm.shutdown()
+    return res
+
+
+def check_correctness(tiny: Path | None) -> dict:
+    """Greedy tokens on CUDA (Triton backend, graphs) vs the CPU path and HF, float32 and bf16."""
+    if tiny is None:
+        return {"skipped": "no --tiny checkpoint"}
+    from transformers import AutoModelForCausalLM
+
+    from labkit import LLM, SamplingParams
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (1, 7, 33, 100, 250, 17, 64, 3)]
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+    out = {}
+    ref = {}
+    for dtype in ("float32", "bfloat16"):
+        hf = AutoModelForCausalLM.from_pretrained(tiny, dtype=getattr(torch, dtype)).cuda().eval()
+        ref[dtype] = []
+        for p in prompts:
+            r = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=16, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)
+            ref[dtype].append(r[0, len(p):].tolist())
+        del hf
+    with LLM(str(tiny), device="cpu", dtype="float32") as cpu:
+        cpu_ids = [o.outputs[0].token_ids for o in cpu.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)]
+    for dtype in ("float32", "bfloat16"):
+        for eager in (True, False):
+            with LLM(str(tiny), dtype=dtype, enforce_eager=eager, max_num_batched_tokens=128,
+                     block_size=16) as llm:
+                got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)]
+            key = f"{dtype}_{'eager' if eager else 'graphs'}"
+            out[key + "_eq_hf"] = sum(a == b for a, b in zip(got, ref[dtype])) / len(prompts)
+            out[key + "_first4_eq_hf"] = sum(a[:4] == b[:4] for a, b in zip(got, ref[dtype])) / len(prompts)
+            if dtype == "float32":
+                out[key + "_eq_cpu"] = sum(a == b for a, b in zip(got, cpu_ids)) / len(prompts)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="out")
+    ap.add_argument("--tiny", default=None)
+    ap.add_argument("--workloads", default="a,b,c")
+    ap.add_argument("--tp", default="1")
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wl = set(args.workloads.split(","))
+    result = {"card": torch.cuda.get_device_name(), "num_gpus": torch.cuda.device_count(),
+              "torch": torch.__version__, "python": platform.python_version(),
+              "command": "python benchmarks/gpu_bench.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "errors": {}}
+
+    def guarded(name, fn):
+        t = time.perf_counter()
+        try:
+            result[name] = fn()
+        except Exception:
+            result["errors"][name] = traceback.format_exc()
+            print(result["errors"][name], flush=True)
+        print(f"[{name}] {time.perf_counter() - t:.1f}s", flush=True)
+        (out_dir / "gpu_bench.json").write_text(json.dumps(result, indent=2, default=str))
+
+    guarded("ceilings", ceilings)
+    guarded("correctness", lambda: check_correctness(Path(args.tiny) if args.tiny else None))
+    if not args.skip_hf:
+        guarded("hf", lambda: hf_baselines(wl & {"a", "b"}))
+    for tp in map(int, args.tp.split(",")):
+        guarded(f"labkit_tp{tp}", lambda tp=tp: labkit_runs(wl if tp == 1 else wl & {"b"}, tp, out_dir))
+
+    cfg = json.loads((QWEN7B / "config.json").read_text())
+    num = model_numbers(cfg)
+    rows = []
+    if "ceilings" in result:
+        fl = floors(num, result["ceilings"])
+        result["floors"] = {k: v for k, v in fl.items() if k != "step"}
+        hf = result.get("hf", {})
+        for tp in map(int, args.tp.split(",")):
+            lk = result.get(f"labkit_tp{tp}", {})
+            for w in ("a", "b"):
+                if f"{w}_s" in lk:
+                    rows.append((f"({w}) tp={tp}", lk[f"{w}_s"], hf.get(f"{w}_s") if tp == 1 else None, fl[f"{w}_s"]))
+            if "c_s" in lk:
+                flops = 2 * num["matmul_params"] * lk["c_total_tokens"]
+                compute_floor_tok_s = lk["c_output_tokens"] / (flops / result["ceilings"]["bf16_flops_per_s"])
+                result["c_output_tok_s"] = lk["c_output_tokens"] / lk["c_s"]
+                result["c_fraction_of_compute_floor"] = result["c_output_tok_s"] / compute_floor_tok_s
+                rows.append((f"(c) tp={tp} out tok/s", result["c_output_tok_s"], None, compute_floor_tok_s))
+    (out_dir / "gpu_bench.json").write_text(json.dumps(result, indent=2, default=str))
+    print(json.dumps({k: v for k, v in result.items() if k != "errors"}, indent=1, default=str))
+    print(f"\ncard: {result['card']}  ceilings: {result.get('ceilings')}")
+    print(f"{'workload':<24}{'labkit':>12}{'HF':>12}{'floor':>12}{'labkit/floor':>14}{'HF/labkit':>11}")
+    for name, lk, hf, fl in rows:
+        ratio = lk / fl  # times: x the floor; tok/s: the fraction of the floor's rate reached
+        print(f"{name:<24}{lk:>12.4f}{(hf or float('nan')):>12.4f}{fl:>12.4f}{ratio:>14.2f}"
+              f"{((hf / lk) if hf else float('nan')):>11.2f}")
+    print("errors:", list(result["errors"]))
+
+
+if __name__ == "__main__":
+    main()
