@@ -65,6 +65,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.backend, self.kv_caches,
                                        min(config.max_num_seqs, MAX_GRAPH_BATCH),
                                        -(-config.max_model_len // self.block_size), self.device)
+            log.info("captured CUDA graphs for decode batch sizes %s", self.graphs.sizes)
 
     def _allocate_kv(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         hc = self.config.hf_config
