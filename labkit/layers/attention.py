@@ -28,15 +28,11 @@ class SeqSlice:
 class AttentionMetadata:
     slot_mapping: torch.Tensor                  # [T] cache slot of each new token
     num_decode: int                             # decode rows come first, one token each
-    decode_slots: torch.Tensor | None = None    # [B, L] cache slots of each decode context
-    decode_mask: torch.Tensor | None = None     # [B, 1, 1, L] True where a slot is real
-    prefills: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
-    # (first row, q_len, context slots [ctx_len]) for each sequence with q_len > 1
+    decode_blocks: torch.Tensor | None = None   # [B, W] block ids of each decode context
+    decode_mask: torch.Tensor | None = None     # [B, 1, 1, W * block_size] True where real
+    prefills: list[tuple[int, int, int, torch.Tensor]] = field(default_factory=list)
+    # (first row, q_len, ctx_len, block ids) for each sequence with q_len > 1
     extra: dict = field(default_factory=dict)   # backend-specific tensors
-
-
-def context_slots(block_table: list[int], ctx_len: int, block_size: int) -> list[int]:
-    return [block_table[i // block_size] * block_size + i % block_size for i in range(ctx_len)]
 
 
 class AttentionBackend(Protocol):
@@ -49,7 +45,8 @@ class AttentionBackend(Protocol):
 
 
 class TorchAttentionBackend:
-    """Reference backend: gathers K/V through the block table and calls SDPA."""
+    """Reference backend: gathers K/V through the block table, whole blocks at a time
+    (index_select of block_size-token rows, far cheaper than a gather per token), and calls SDPA."""
 
     def __init__(self, block_size: int, device: torch.device):
         self.block_size = block_size
@@ -57,24 +54,31 @@ class TorchAttentionBackend:
 
     def prepare(self, seqs: list[SeqSlice]) -> AttentionMetadata:
         bs = self.block_size
-        slots, decode_ctx, prefills, row = [], [], [], 0
+        slots, decode, prefills, row = [], [], [], 0
         for s in seqs:
-            ctx = context_slots(s.block_table, s.ctx_len, bs)
-            slots.extend(ctx[s.ctx_len - s.q_len:])
+            nblk = -(-s.ctx_len // bs)
+            slots.extend(s.block_table[p // bs] * bs + p % bs for p in range(s.ctx_len - s.q_len, s.ctx_len))
             if s.q_len == 1:
-                decode_ctx.append(ctx)
+                decode.append((s.block_table[:nblk], s.ctx_len))
             else:
-                prefills.append((row, s.q_len, torch.tensor(ctx, device=self.device)))
+                prefills.append((row, s.q_len, s.ctx_len,
+                                 torch.tensor(s.block_table[:nblk], device=self.device)))
             row += s.q_len
         meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long, device=self.device),
-                                 len(decode_ctx), prefills=prefills)
-        if decode_ctx:
-            width = max(map(len, decode_ctx))
-            meta.decode_slots = torch.tensor([c + [0] * (width - len(c)) for c in decode_ctx],
-                                             device=self.device)
-            lens = torch.tensor([len(c) for c in decode_ctx], device=self.device)
-            meta.decode_mask = (torch.arange(width, device=self.device) < lens[:, None])[:, None, None, :]
+                                 len(decode), prefills=prefills)
+        if decode:
+            width = max(len(b) for b, _ in decode)
+            meta.decode_blocks = torch.tensor([b + [0] * (width - len(b)) for b, _ in decode],
+                                              device=self.device)
+            lens = torch.tensor([n for _, n in decode], device=self.device)
+            meta.decode_mask = (torch.arange(width * bs, device=self.device) < lens[:, None])[:, None, None, :]
         return meta
+
+    def _gather(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """[*blocks.shape, block_size, Hkv, D] -> tokens flattened: [..., n * block_size, Hkv, D]."""
+        hkv, d = cache.shape[1:]
+        out = cache.view(-1, self.block_size, hkv, d).index_select(0, blocks.reshape(-1))
+        return out.view(*blocks.shape[:-1], -1, hkv, d)
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         """q: [T, H, D]; k, v: [T, Hkv, D]; caches: [num_blocks * block_size, Hkv, D]."""
@@ -86,15 +90,14 @@ class TorchAttentionBackend:
         if n:
             # Grouped queries as the "length" axis: one SDPA call, no K/V repeat for GQA.
             qq = q[:n].view(n, hkv, h // hkv, d)
-            kk = k_cache[meta.decode_slots].transpose(1, 2)
-            vv = v_cache[meta.decode_slots].transpose(1, 2)
+            kk = self._gather(k_cache, meta.decode_blocks).transpose(1, 2)
+            vv = self._gather(v_cache, meta.decode_blocks).transpose(1, 2)
             o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=meta.decode_mask, scale=scale)
             out[:n] = o.reshape(n, h, d)
-        for row, q_len, slots in meta.prefills:
-            ctx = slots.shape[0]
+        for row, q_len, ctx, blocks in meta.prefills:
             qq = q[row:row + q_len].transpose(0, 1).unsqueeze(0)
-            kk = k_cache[slots].transpose(0, 1).unsqueeze(0)
-            vv = v_cache[slots].transpose(0, 1).unsqueeze(0)
+            kk = self._gather(k_cache, blocks)[:ctx].transpose(0, 1).unsqueeze(0)
+            vv = self._gather(v_cache, blocks)[:ctx].transpose(0, 1).unsqueeze(0)
             if ctx == q_len:
                 o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale,
                                                    enable_gqa=True)
