@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,10 @@ class ModelRunner:
         self.device = torch.device(config.device if config.device == "cpu" else f"cuda:{rank}")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        self._prev_threads = torch.get_num_threads()
+        if self.device.type == "cpu" and config.tensor_parallel_size > 1:
+            # The ranks share the machine's cores: more threads than cores stalls OpenMP.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
         self.tp = TPGroup.create(rank, config.tensor_parallel_size, "127.0.0.1", tp_port,
                                  "nccl" if self.device.type == "cuda" else "gloo")
         torch.manual_seed(config.seed)
@@ -158,6 +163,7 @@ class ModelRunner:
     def close(self) -> None:
         self.model = self.kv_caches = self.graphs = None
         self.tp.close()
+        torch.set_num_threads(self._prev_threads)
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
