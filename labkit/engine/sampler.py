@@ -48,8 +48,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SampleResult:
         logits = logits.float()
         dev = logits.device
-        logprobs = logits.log_softmax(-1)   # raw: before any of the processing below
-        logits = self.process(logits, reqs)
+        # Logprobs are of the raw logits (before the processing below): keep them, with each
+        # row's normaliser; the full log-softmax only where top-k logprobs or ranks are asked.
+        raw, lse = logits, logits.logsumexp(-1)
+        logits = self.process(logits.clone(), reqs)
         chosen = logits.argmax(-1)
         sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
         if sampled:
@@ -68,15 +70,16 @@ class Sampler:
                 if reqs[i].generator is not None:
                     noise[j].exponential_(generator=reqs[i].generator)
             chosen[idx] = (probs / noise).argmax(-1)
-        token_lp = logprobs.gather(-1, chosen[:, None])[:, 0]
+        token_lp = raw.gather(-1, chosen[:, None])[:, 0] - lse
         want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
         k = max((reqs[i].params.logprobs for i in want), default=0)
         ranks = top_v = top_i = None
         if want:
             w = torch.tensor(want, device=dev)
-            ranks = ((logprobs[w] > token_lp[w, None]).sum(-1) + 1).tolist()
+            logprobs = raw[w] - lse[w, None]
+            ranks = ((logprobs > token_lp[w, None]).sum(-1) + 1).tolist()
             if k:
-                top_v, top_i = (t.tolist() for t in logprobs[w].topk(k))
+                top_v, top_i = (t.tolist() for t in logprobs.topk(k))
         tokens, lps = torch.stack([chosen.double(), token_lp.double()]).tolist()
         tops: list = [None] * len(reqs)
         all_ranks: list = [None] * len(reqs)
