@@ -8,4 +8,15 @@ from labkit.sampling_params import BeamSearchParams, RequestOutputKind, Sampling
 __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence",
            "RequestOutputKind", "EngineConfig", "RequestOutput", "CompletionOutput", "Logprob",
-           "RequestMetrics", "__version__"]
+           "RequestMetrics", "sweep", "load_sweep", "dashboard", "profile", "__version__"]
+
+# The lab loads on first use, so `import labkit` does not import plotly or ipywidgets.
+_LAB = {"sweep": "labkit.lab.sweeps", "load_sweep": "labkit.lab.sweeps", "dashboard": "labkit.lab.widgets",
+        "profile": "labkit.lab.profiling"}
+
+
+def __getattr__(name: str):
+    if name in _LAB:
+        import importlib
+        return getattr(importlib.import_module(_LAB[name]), name)
+    raise AttributeError(f"module 'labkit' has no attribute {name!r}")

@@ -1,0 +1,237 @@
+"""Plotly figures of sweeps and profiles, the live chart, and the offline HTML report.
+
+Every function takes the DataFrame it draws (a sweep's `df`, a profile's step log or category
+table), so a saved and reloaded result draws the same.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+TEMPLATE = "plotly_white"
+PHASES = ["schedule_ms", "prepare_ms", "forward_ms", "sample_ms", "postprocess_ms"]
+
+
+def in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return type(get_ipython()).__name__ == "ZMQInteractiveShell"
+
+
+def has_widgets() -> bool:
+    """Whether plotly's FigureWidget works here (it needs ipywidgets, and anywidget on plotly 6+)."""
+    try:
+        go.FigureWidget()
+    except ImportError:
+        return False
+    return True
+
+
+class Charts(dict):
+    """Figures by name; as a notebook cell's value it displays every one of them."""
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+        for fig in self.values():
+            display(fig)
+
+
+# ---- sweeps -------------------------------------------------------------------------------------
+def series(df: pd.DataFrame) -> pd.Series:
+    """A line's name per row: its sequence lengths, plus TP size, backend and model where the
+    sweep has more than one."""
+    label = "in=" + df.input_len.astype(str) + " out=" + df.output_len.astype(str)
+    for col, prefix in (("tensor_parallel_size", " tp="), ("backend", " "), ("model", " ")):
+        if df[col].nunique() > 1:
+            label = label + prefix + df[col].astype(str)
+    return label
+
+
+def point_labels(df: pd.DataFrame) -> pd.Series:
+    return "b=" + df.batch_size.astype(str) + " " + series(df)
+
+
+def _lines(df: pd.DataFrame, y: str, title: str, ytitle: str) -> go.Figure:
+    fig = go.Figure(layout=dict(template=TEMPLATE, title=title, xaxis_title="batch size", yaxis_title=ytitle))
+    for name, part in df.assign(series=series(df)).groupby("series", sort=False):
+        part = part.sort_values("batch_size")
+        fig.add_scatter(x=part.batch_size, y=part[y], name=name, mode="lines+markers")
+    fig.update_xaxes(type="log", tickvals=sorted(df.batch_size.unique()))
+    return fig
+
+
+def latency(df: pd.DataFrame) -> go.Figure:
+    return _lines(df, "avg_latency_s", "Latency vs batch size", "batch latency (s)")
+
+
+def throughput(df: pd.DataFrame) -> go.Figure:
+    return _lines(df, "output_tok_s", "Output throughput vs batch size", "output tokens / s")
+
+
+def heatmap(df: pd.DataFrame, metric: str = "output_tok_s") -> go.Figure:
+    """Batch size × sequence lengths (input/output); other keys that vary are averaged over."""
+    seq = df.input_len.astype(str) + "/" + df.output_len.astype(str)
+    grid = df.assign(seq=seq).pivot_table(index="seq", columns="batch_size", values=metric, aggfunc="mean",
+                                          sort=False)
+    fig = go.Figure(go.Heatmap(z=grid.values, x=[str(c) for c in grid.columns], y=list(grid.index),
+                               text=grid.map(lambda v: f"{v:.3g}").values, texttemplate="%{text}",
+                               colorbar_title=metric, colorscale="Viridis"))
+    fig.update_layout(template=TEMPLATE, title=f"{metric} by batch size and sequence length",
+                      xaxis_title="batch size", yaxis_title="input / output tokens")
+    return fig
+
+
+def ttft_tpot(df: pd.DataFrame) -> go.Figure:
+    """Each point's batch latency split into time to first token and the decode after it."""
+    x = point_labels(df)
+    decode = df.tpot_s * (df.output_len - 1)
+    fig = go.Figure(layout=dict(template=TEMPLATE, barmode="stack", title="Latency split: TTFT and decode",
+                                yaxis_title="seconds"))
+    fig.add_bar(x=x, y=df.ttft_s, name="TTFT (prefill)")
+    fig.add_bar(x=x, y=decode, name="decode", customdata=df.tpot_s * 1e3,
+                hovertemplate="%{y:.3f} s, TPOT %{customdata:.1f} ms<extra>decode</extra>")
+    return fig
+
+
+def roofline(df: pd.DataFrame, ceilings: dict | None) -> go.Figure:
+    """Achieved FLOP rate vs arithmetic intensity of each point's prefill and decode, under this
+    machine's measured ceilings. Labels: the fraction of the bandwidth ceiling a decode reached,
+    of the compute ceiling a prefill reached."""
+    fig = go.Figure(layout=dict(template=TEMPLATE, title="Roofline (measured ceilings)",
+                                xaxis_title="arithmetic intensity (FLOP / byte)", yaxis_title="GFLOP/s"))
+    decode_s = df.tpot_s * (df.output_len - 1)
+    # phase: (FLOP per byte, achieved GFLOP/s, fraction of its ceiling, which ceiling)
+    phases = {"prefill": (df.prefill_gflop / df.prefill_gb, df.prefill_gflop / df.ttft_s, df.flops_fraction,
+                          "compute"),
+              "decode": (df.decode_gflop / df.decode_gb, df.decode_gflop / decode_s, df.bw_fraction, "bandwidth")}
+    labels = point_labels(df)
+    for name, (ai, gflops, frac, ceiling) in phases.items():
+        fig.add_scatter(x=ai, y=gflops, name=name, mode="markers+text", text=frac.map(lambda f: f"{f:.0%}"),
+                        textposition="top center", customdata=list(zip(labels, frac * 100)),
+                        hovertemplate=f"%{{customdata[0]}}: %{{y:.3g}} GFLOP/s, %{{customdata[1]:.0f}}% of the "
+                                      f"{ceiling} ceiling<extra>{name}</extra>")
+    if ceilings:
+        bw, peak = ceilings["bytes_per_s"] / 1e9, ceilings["flops_per_s"] / 1e9
+        ai_all = pd.concat([v[0] for v in phases.values()]).dropna()
+        lo, hi = min(ai_all.min(), peak / bw) / 4, max(ai_all.max(), peak / bw) * 4
+        xs = [lo, peak / bw, hi]
+        fig.add_scatter(x=xs, y=[min(peak, bw * x) for x in xs], name="ceiling", mode="lines",
+                        line=dict(color="black", dash="dash"),
+                        hovertemplate=f"copy {bw:.3g} GB/s, matmul {peak:.3g} GFLOP/s<extra>ceiling</extra>")
+    fig.update_xaxes(type="log", dtick=1)   # ticks at powers of ten only
+    fig.update_yaxes(type="log", dtick=1)
+    return fig
+
+
+KINDS = {"latency": latency, "throughput": throughput, "heatmap": heatmap, "ttft_tpot": ttft_tpot,
+         "roofline": roofline}
+
+
+def sweep_charts(df: pd.DataFrame, ceilings: dict | None, kind: str | None = None):
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is invalid: must be one of {', '.join(KINDS)}")
+
+    def draw(k: str) -> go.Figure:
+        return roofline(df, ceilings) if k == "roofline" else KINDS[k](df)
+    return draw(kind) if kind is not None else Charts({k: draw(k) for k in KINDS})
+
+
+def comparison(df: pd.DataFrame, labels: tuple[str, str], metric: str) -> go.Figure:
+    """A SweepComparison's metric for both labels per point, the ratio in the hover."""
+    x = point_labels(df.assign(model="", backend=""))
+    fig = go.Figure(layout=dict(template=TEMPLATE, barmode="group", title=f"{metric}: {labels[0]} vs {labels[1]}",
+                                yaxis_title=metric))
+    for lab in labels:
+        ratio = f"{labels[1]} / {labels[0]} = %{{customdata:.2f}}x"
+        fig.add_bar(x=x, y=df[f"{metric}_{lab}"], name=lab, customdata=df[f"{metric}_ratio"],
+                    hovertemplate=f"%{{y:.4g}} ({ratio})<extra>{lab}</extra>")
+    return fig
+
+
+class LiveChart:
+    """A FigureWidget of latency vs batch size that fills in as a sweep's points finish."""
+
+    def __init__(self):
+        self.widget = go.FigureWidget(latency(_EMPTY))
+
+    def show(self) -> None:
+        from IPython.display import display
+        display(self.widget)
+
+    def update(self, df: pd.DataFrame) -> None:
+        fresh = latency(df)
+        have = {t.name: t for t in self.widget.data}
+        with self.widget.batch_update():
+            for trace in fresh.data:
+                if trace.name in have:
+                    have[trace.name].x, have[trace.name].y = trace.x, trace.y
+                else:
+                    self.widget.add_trace(trace)
+            self.widget.layout.xaxis.tickvals = fresh.layout.xaxis.tickvals
+
+
+_EMPTY = pd.DataFrame({c: pd.Series(dtype=t) for c, t in
+                       [("model", str), ("tensor_parallel_size", int), ("backend", str), ("batch_size", int),
+                        ("input_len", int), ("output_len", int), ("avg_latency_s", float)]})
+
+
+# ---- profiles -----------------------------------------------------------------------------------
+def step_timeline(steps: pd.DataFrame) -> go.Figure:
+    """Per engine step: its phases stacked (ms); below, the batch's prefill and decode sequences
+    and the KV cache in use; preempting steps marked."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35], vertical_spacing=0.06,
+                        specs=[[{}], [{"secondary_y": True}]])
+    for col in PHASES:
+        fig.add_bar(x=steps.step, y=steps[col], name=col.removesuffix("_ms"), row=1, col=1)
+    pre = steps[steps.num_preemptions > 0]
+    if len(pre):
+        fig.add_scatter(x=pre.step, y=pre.total_ms, mode="markers", name="preemption", row=1, col=1,
+                        marker=dict(symbol="x", size=11, color="red"), customdata=pre.num_preemptions,
+                        hovertemplate="step %{x}: %{customdata} preempted<extra></extra>")
+    fig.add_bar(x=steps.step, y=steps.num_prefill_seqs, name="prefill seqs", row=2, col=1,
+                marker_color="#636efa", opacity=0.6)
+    fig.add_bar(x=steps.step, y=steps.num_decode_seqs, name="decode seqs", row=2, col=1,
+                marker_color="#00cc96", opacity=0.6)
+    kv = 100 * steps.kv_blocks_used / (steps.kv_blocks_used + steps.kv_blocks_free)
+    fig.add_scatter(x=steps.step, y=kv, name="KV cache used (%)", mode="lines", line_color="black",
+                    row=2, col=1, secondary_y=True)
+    fig.update_layout(template=TEMPLATE, barmode="stack", title="Engine steps", height=560)
+    fig.update_yaxes(title_text="ms", row=1, col=1)
+    fig.update_yaxes(title_text="sequences", row=2, col=1)
+    fig.update_yaxes(title_text="KV %", row=2, col=1, secondary_y=True, rangemode="tozero")
+    fig.update_xaxes(title_text="step", row=2, col=1)
+    return fig
+
+
+def category_times(categories: pd.DataFrame) -> go.Figure:
+    """A profile's category table as stacked bars, one per phase (prefill, decode)."""
+    phases = [c for c in categories.columns if c.endswith("_ms") and c != "total_ms"]
+    fig = go.Figure(layout=dict(template=TEMPLATE, barmode="stack", title="Time by operator category",
+                                xaxis_title="ms"))
+    for cat, row in categories.iterrows():
+        fig.add_bar(y=[p.removesuffix("_ms") for p in phases], x=[row[p] for p in phases], name=str(cat),
+                    orientation="h")
+    return fig
+
+
+# ---- report -------------------------------------------------------------------------------------
+def write_report(path: str | Path, title: str, figures: dict, df: pd.DataFrame, meta: dict) -> Path:
+    """One HTML file, plotly.js inlined once, so it opens offline."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures.values())]
+    env = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                  for k, v in {**meta.get("environment", {}), **meta.get("params", {})}.items())
+    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                    "<style>body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;font-size:13px}"
+                    "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}</style></head><body>"
+                    f"<h1>{html.escape(title)}</h1><table>{env}</table>" + "".join(parts)
+                    + "<h2>Points</h2>" + df.to_html(index=False, float_format=lambda x: f"{x:.4g}")
+                    + "</body></html>")
+    return path
