@@ -9,8 +9,9 @@ must be at least 2x HF transformers' generate() measured in the same run.
 
 Prompts are seeded random token ids in [100, vocab) (no special tokens), exactly --input-len long,
 identical for both backends. Both run greedy with EOS ignored, so every row makes exactly
---output-len tokens. Each backend gets one small warm-up call, then one timed call per batch size
-(time.perf_counter around the whole call). labkit's time is also split into prefill and decode
+--output-len tokens. Each backend gets one small warm-up call (other prompts), then one timed
+call per batch size (--repeats for more), time.perf_counter around the whole generate() call;
+labkit's prefix cache is reset before each. labkit's time is also split into prefill and decode
 from its step log. The greedy tokens of the two backends are compared row by row.
 
 On a shared machine: another process using even part of a core makes torch's two OpenMP

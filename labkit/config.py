@@ -2,6 +2,7 @@
 validated once before any work starts."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 
 from labkit.models.loader import LOAD_FORMATS, resolve_model_dir
 from labkit.models.model_config import ModelConfig
+from labkit.models.registry import model_class
 
 DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16, "half": torch.float16}
@@ -74,9 +76,10 @@ class EngineConfig:
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model_dir = resolve_model_dir(self.model)
-        self.hf_config = ModelConfig.from_file(self.model_dir / "config.json")
-        from labkit.models.registry import model_class
-        model_class(self.hf_config.architecture)  # unsupported architectures fail here, early
+        raw = json.loads((self.model_dir / "config.json").read_text())
+        # Unsupported architectures fail here, before their config's fields are read.
+        model_class((raw.get("architectures") or ["(none given)"])[0])
+        self.hf_config = ModelConfig.from_dict(raw)
         hc, tp = self.hf_config, self.tensor_parallel_size
         for name, n in (("num_attention_heads", hc.num_attention_heads),
                         ("num_key_value_heads", hc.num_key_value_heads)):

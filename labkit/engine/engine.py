@@ -102,6 +102,9 @@ class LLMEngine:
         if blocks > self.block_manager.num_blocks:
             raise ValueError(f"prompt: {n} tokens need {blocks} KV blocks but the cache holds "
                              f"{self.block_manager.num_blocks}; raise the KV cache size")
+        for name, k in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+            if k is not None and k > vocab:
+                raise ValueError(f"{name}={k} is invalid: must be at most the vocabulary size ({vocab})")
         for name, ids in (("allowed_token_ids", params.allowed_token_ids or []),
                           ("stop_token_ids", params.stop_token_ids),
                           ("logit_bias", list(params.logit_bias or {}))):
@@ -255,9 +258,12 @@ class LLMEngine:
                 for rank, (tid, lp) in enumerate(result.top_logprobs[i], start=1):
                     entry.setdefault(tid, Logprob(lp, rank, self._token_text(tid)))
                 r.output_logprobs.append(entry)
-            if r.detokenizer is not None:
+            self._check_stop_token(r, tok)
+            # As vLLM V1: a stop token's (or EOS's) text stays out unless asked for.
+            if r.detokenizer is not None and (r.finish_reason is None or r.params.include_stop_str_in_output):
                 r.output_text += r.detokenizer.step(tok)
-            self._check_stop(r, tok)
+            if r.finish_reason is None:
+                self._check_stop_text(r)
             if r.finish_reason is not None:
                 r.metrics.finished_time = now
                 self.scheduler.finish(r)
@@ -265,15 +271,18 @@ class LLMEngine:
     def _token_text(self, tok: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([tok])
 
-    def _check_stop(self, r: Request, tok: int) -> None:
+    def _check_stop_token(self, r: Request, tok: int) -> None:
+        p = r.params
+        if r.num_output_tokens < p.min_tokens:
+            return
+        if tok in p.stop_token_ids:
+            r.finish_reason, r.stop_reason = "stop", tok
+        elif not p.ignore_eos and tok in self.eos_token_ids:
+            r.finish_reason = "stop"
+
+    def _check_stop_text(self, r: Request) -> None:
         p = r.params
         if r.num_output_tokens >= p.min_tokens:
-            if tok in p.stop_token_ids:
-                r.finish_reason, r.stop_reason = "stop", tok
-                return
-            if not p.ignore_eos and tok in self.eos_token_ids:
-                r.finish_reason = "stop"
-                return
             for s in p.stop:
                 at = r.output_text.find(s)
                 if at != -1:

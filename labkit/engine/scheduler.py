@@ -22,18 +22,18 @@ POLICIES = ("fcfs", "priority")
 class ScheduledBatch:
     work: list[tuple[Request, int]]  # (request, tokens to compute this step); 1-token rows first
     num_preempted: int = 0
+    # Counted when scheduled: after the step the requests have moved on.
+    num_prefill_tokens: int = 0
+    num_decode: int = 0
 
-    @property
-    def num_prefill_tokens(self) -> int:
-        return sum(n for r, n in self.work if not _is_decode(r, n))
-
-    @property
-    def num_decode(self) -> int:
-        return sum(1 for r, n in self.work if _is_decode(r, n))
-
-
-def _is_decode(req: Request, n: int) -> bool:
-    return n == 1 and req.num_computed_tokens + 1 == req.num_tokens and req.num_output_tokens > 0
+    def __post_init__(self) -> None:
+        for req, n in self.work:
+            # A decode computes the one token it sampled last step; a 1-token prompt or last
+            # prompt chunk is still prefill.
+            if n == 1 and req.num_computed_tokens + 1 == req.num_tokens and req.num_output_tokens > 0:
+                self.num_decode += 1
+            else:
+                self.num_prefill_tokens += n
 
 
 class Scheduler:
