@@ -46,6 +46,13 @@ def test_dummy_weights_from_config_json_alone(tiny_ckpts, tmp_path):
     # Dummy weights are drawn from the engine seed: the same seed, the same model.
     with LLM(str(cfg_dir), load_format="dummy", skip_tokenizer_init=True) as again:
         assert _tokens(again, prompts, 6) == first
+    # Without skip_tokenizer_init too: a directory with no tokenizer files runs without one
+    # (what `labkit bench ... --load-format dummy` on data/configs needs).
+    with LLM(str(cfg_dir), load_format="dummy") as llm:
+        assert llm.get_tokenizer() is None
+        assert _tokens(llm, prompts, 6) == first
+        with pytest.raises(ValueError, match="token ids"):
+            llm.generate("text needs a tokenizer", greedy_params(2), use_tqdm=False)
     # A tokenizer from elsewhere makes text prompts work.
     with LLM(str(cfg_dir), load_format="dummy", tokenizer=str(tiny_ckpts["llama"])) as llm:
         out = llm.generate("Hello, my name is", greedy_params(4), use_tqdm=False)[0]

@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from pathlib import Path
 
 import torch
 
@@ -27,9 +28,18 @@ log = logging.getLogger("labkit")
 MAX_STEP_RECORDS = 200_000
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(config: EngineConfig):
+    """The checkpoint's tokenizer (or `tokenizer=`). A directory with no tokenizer files, such as
+    a lone config.json for `load_format="dummy"`, runs without one: token-id prompts only."""
+    path = Path(config.tokenizer or config.model_dir)
+    if config.tokenizer is None and not any((path / f).exists() for f in TOKENIZER_FILES):
+        log.info("no tokenizer files in %s: running without a tokenizer (token-id prompts only)", path)
+        return None
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(config.tokenizer or config.model_dir))
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 def _eos_ids(config: EngineConfig, tokenizer) -> set[int]:
@@ -81,7 +91,9 @@ class LLMEngine:
                 raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("prompt: text prompts need a tokenizer (skip_tokenizer_init=True)")
+                raise ValueError("prompt: text prompts need a tokenizer and this engine has none "
+                                 "(skip_tokenizer_init=True, or no tokenizer files in the model "
+                                 "directory): pass token ids or tokenizer=<path>")
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         if isinstance(prompt, (list, tuple)):
             return None, list(prompt)
