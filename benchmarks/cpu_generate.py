@@ -38,26 +38,18 @@ from pathlib import Path
 
 import torch
 
+from labkit.lab.env import device_name
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "cpu_generate.json"
 MIN_TOKEN_ID = 100  # SmolLM2's special / control tokens sit well below this
 
 
 # ---- helpers ------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine_info() -> dict:
     import transformers
     return {
-        "cpu": cpu_model(),
+        "cpu": device_name("cpu"),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
