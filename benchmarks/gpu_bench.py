@@ -101,11 +101,25 @@ def hf_baselines(workloads: set[str]) -> dict:
     return out
 
 
-def labkit_runs(workloads: set[str], tp: int, out_dir: Path) -> dict:
+def phases(steps) -> dict:
+    """Median milliseconds per phase of the decode-only steps, and the prefill steps' totals:
+    where a workload's time goes (host phases vs the forward)."""
+    dec = steps[steps.num_prefill_tokens == 0]
+    cols = ["schedule_ms", "prepare_ms", "forward_ms", "sample_ms", "postprocess_ms", "total_ms"]
+    out = {f"decode_median_{c}": float(dec[c].median()) for c in cols if len(dec)}
+    out.update(decode_steps=len(dec), decode_total_s=float(dec.total_ms.sum()) / 1e3,
+               prefill_steps=int(len(steps) - len(dec)),
+               prefill_total_s=float(steps.total_ms.sum() - dec.total_ms.sum()) / 1e3)
+    return out
+
+
+def labkit_runs(workloads: set[str], tp: int, out_dir: Path, custom_all_reduce: bool = True) -> dict:
     from labkit import LLM, SamplingParams
     res = {}
     llm = LLM(str(QWEN7B), load_format="dummy", dtype="bfloat16", tensor_parallel_size=tp,
-              skip_tokenizer_init=True, max_model_len=4096, enable_prefix_caching=False)
+              skip_tokenizer_init=True, max_model_len=4096, enable_prefix_caching=False,
+              disable_custom_all_reduce=not custom_all_reduce)
+    tp = f"{tp}" if custom_all_reduce else f"{tp}nccl"
     g = torch.Generator().manual_seed(0)
 
     def prompts(n: int, length: int) -> list[dict]:
@@ -130,11 +144,13 @@ def labkit_runs(workloads: set[str], tp: int, out_dir: Path) -> dict:
         dec = steps[steps.num_decode_seqs == 1]
         res["a_s"] = float(dec.total_ms.iloc[5:].median()) / 1e3
         res["a_forward_s"] = float(dec.forward_ms.iloc[5:].median()) / 1e3
+        res["a_phases"] = phases(steps.iloc[5:])
         save()
     if "b" in workloads:
         res["b_s"], n0 = run(prompts(8, 1024), SamplingParams(temperature=1.0, top_p=1.0, max_tokens=1024,
                                                               ignore_eos=True))
         llm.step_log().iloc[n0:].to_csv(out_dir / f"steps_b_tp{tp}.csv", index=False)
+        res["b_phases"] = phases(llm.step_log().iloc[n0:])
         save()
     if "c" in workloads:
         rng = torch.Generator().manual_seed(0)
@@ -146,6 +162,7 @@ def labkit_runs(workloads: set[str], tp: int, out_dir: Path) -> dict:
         res["c_output_tokens"] = sum(lens_out)
         res["c_total_tokens"] = sum(lens_out) + sum(lens_in)
         llm.step_log().iloc[n0:].to_csv(out_dir / f"steps_c_tp{tp}.csv", index=False)
+        res["c_phases"] = phases(llm.step_log().iloc[n0:])
     res["kv_blocks"] = llm.engine.block_manager.num_blocks
     llm.shutdown()
     return res
@@ -220,8 +237,12 @@ def main() -> None:
     guarded("correctness", lambda: check_correctness(Path(args.tiny) if args.tiny else None))
     if not args.skip_hf:
         guarded("hf", lambda: hf_baselines(wl & {"a", "b"}))
-    for tp in map(int, args.tp.split(",")):
-        guarded(f"labkit_tp{tp}", lambda tp=tp: labkit_runs(wl if tp == 1 else wl & {"b"}, tp, out_dir))
+    # "--tp 1,2,2nccl,4": "2nccl" is tp=2 with every all-reduce through NCCL (no peer kernel)
+    tps = args.tp.split(",")
+    for spec in tps:
+        tp = int(spec.removesuffix("nccl"))
+        guarded(f"labkit_tp{spec}", lambda tp=tp, spec=spec: labkit_runs(
+            wl if tp == 1 else wl & {"b"}, tp, out_dir, custom_all_reduce=not spec.endswith("nccl")))
 
     cfg = json.loads((QWEN7B / "config.json").read_text())
     num = model_numbers(cfg)
@@ -230,11 +251,11 @@ def main() -> None:
         fl = floors(num, result["ceilings"])
         result["floors"] = {k: v for k, v in fl.items() if k != "step"}
         hf = result.get("hf", {})
-        for tp in map(int, args.tp.split(",")):
+        for tp in tps:
             lk = result.get(f"labkit_tp{tp}", {})
             for w in ("a", "b"):
                 if f"{w}_s" in lk:
-                    rows.append((f"({w}) tp={tp}", lk[f"{w}_s"], hf.get(f"{w}_s") if tp == 1 else None, fl[f"{w}_s"]))
+                    rows.append((f"({w}) tp={tp}", lk[f"{w}_s"], hf.get(f"{w}_s") if tp == "1" else None, fl[f"{w}_s"]))
             if "c_s" in lk:
                 flops = 2 * num["matmul_params"] * lk["c_total_tokens"]
                 compute_floor_tok_s = lk["c_output_tokens"] / (flops / result["ceilings"]["bf16_flops_per_s"])

@@ -23,9 +23,13 @@ import triton.language as tl
 
 BLOCK_N = 64                # context tokens per tile: a [64, 128] bf16 K tile is 16 KiB
 MIN_TOKENS_PER_SPLIT = 128  # below this a split's fixed cost (q load, partial write) dominates
+# The combine kernel is compiled for this many splits whatever the count, and the split count
+# and block-table stride are not specialised on: eager steps of changing batches must never
+# JIT-compile a new variant mid-run (each costs ~1 s; issue 3's throughput run paid 5 s of them).
+MAX_SPLITS = 32
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_kernel(q, k_cache, v_cache, block_table, context_lens, out, part_out, part_lse,
                    scale_log2, num_splits,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_cs, stride_ch, stride_bt,
@@ -84,7 +88,7 @@ def _decode_kernel(q, k_cache, v_cache, block_table, context_lens, out, part_out
         tl.store(part_lse + row, lse, mask=offs_g < GROUP)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _combine_kernel(part_out, part_lse, out, num_splits, stride_ob, stride_oh,
                     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0)
@@ -116,7 +120,7 @@ def default_num_splits(batch: int, num_kv_heads: int, max_context_len: int,
     """Enough (batch, KV head, split) programs for about two waves over the SMs, but no split
     shorter than MIN_TOKENS_PER_SPLIT tokens."""
     want = math.ceil(2 * _num_sms(device) / (batch * num_kv_heads))
-    return max(1, min(want, math.ceil(max_context_len / MIN_TOKENS_PER_SPLIT)))
+    return max(1, min(want, MAX_SPLITS, math.ceil(max_context_len / MIN_TOKENS_PER_SPLIT)))
 
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -138,6 +142,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
     if num_splits is None:
         num_splits = default_num_splits(b, hkv, block_table.shape[1] * block_size, q.device)
+    assert 1 <= num_splits <= MAX_SPLITS
     group = h // hkv
     block_d = triton.next_power_of_2(d)
     if num_splits > 1:
@@ -145,8 +150,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_lse = torch.empty((b, h, num_splits), dtype=torch.float32, device=q.device)
     else:  # written straight into out; these are never touched
         part_out = part_lse = out
-    # num_splits is a runtime argument (the combine kernel compiles in only its power-of-two
-    # ceiling): an eager step's split count follows its block table's width; no recompiles.
+    # An eager step's split count follows its block table's width: runtime arguments only.
     _decode_kernel[(b, hkv, num_splits)](
         q, k_cache, v_cache, block_table, context_lens, out, part_out, part_lse,
         scale * math.log2(math.e), num_splits,
@@ -161,7 +165,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_splits > 1:
         _combine_kernel[(b, h)](part_out, part_lse, out, num_splits, out.stride(0),
                                 out.stride(1), HEAD_DIM=d,
-                                BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+                                BLOCK_S=MAX_SPLITS, BLOCK_D=block_d,
                                 num_warps=4)
     return out
 

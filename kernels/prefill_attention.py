@@ -22,7 +22,8 @@ BLOCK_M = 64
 BLOCK_N = 64
 
 
-@triton.jit
+# The block table's width changes from step to step: not specialised on (no mid-run compiles).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens, out,
                     scale_log2,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cs, stride_ch, stride_bt,

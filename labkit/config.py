@@ -36,6 +36,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"     # or "priority": lower value first, ties by arrival
     enforce_eager: bool = False
+    disable_custom_all_reduce: bool = False  # True: NCCL for every TP all-reduce (CUDA)
     skip_tokenizer_init: bool = False
     trust_remote_code: bool = False     # accepted for vLLM compatibility; nothing remote runs
 

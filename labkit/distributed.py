@@ -4,16 +4,20 @@ one process, as notebook users expect when they compare models.
 
 TP=1 is TP with one rank: every collective is the identity then, so the layers have one code
 path. Ranks > 1 talk over a private torch.distributed process group (gloo on the CPU, NCCL on
-CUDA), not the global default group.
+CUDA), not the global default group. On CUDA, small all-reduces (decode) go through
+PeerAllReduce, a one-shot kernel over NVLink peer memory, and the rest through NCCL.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("labkit")
 
 TIMEOUT = datetime.timedelta(seconds=600)
 
@@ -24,20 +28,29 @@ class TPGroup:
     size: int = 1
     pg: object = None      # the process group, None for a single rank
     store: object = None   # keeps the rendezvous store alive as long as the group
+    peer: object = None    # PeerAllReduce for small CUDA messages, if set up
 
     @classmethod
-    def create(cls, rank: int, size: int, host: str, port: int, backend: str) -> "TPGroup":
+    def create(cls, rank: int, size: int, host: str, port: int, device: torch.device,
+               custom_all_reduce: bool = True) -> "TPGroup":
         if size == 1:
             return cls()
         store = dist.TCPStore(host, port, size, rank == 0, timeout=TIMEOUT)
-        if backend == "nccl":
-            pg = dist.ProcessGroupNCCL(store, rank, size)
-        else:
-            pg = dist.ProcessGroupGloo(store, rank, size, TIMEOUT)
-        return cls(rank, size, pg, store)
+        if device.type != "cuda":
+            return cls(rank, size, dist.ProcessGroupGloo(store, rank, size, TIMEOUT), store)
+        group = cls(rank, size, dist.ProcessGroupNCCL(store, rank, size), store)
+        if custom_all_reduce:
+            from labkit.custom_all_reduce import PeerAllReduce
+            if PeerAllReduce.supported(size):
+                group.peer = PeerAllReduce(rank, size, store, device)
+            elif rank == 0:
+                log.info("GPUs without peer access: all-reduces go through NCCL only")
+        return group
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
+            if self.peer is not None and self.peer.can_run(x):
+                return self.peer(x)
             self.pg.allreduce([x]).wait()
         return x
 
@@ -53,6 +66,9 @@ class TPGroup:
         return torch.cat(parts, dim=-1) if self.rank == 0 else None
 
     def close(self) -> None:
+        if self.peer is not None:
+            self.peer.close()
+            self.peer = None
         if self.pg is not None and hasattr(self.pg, "shutdown"):
             self.pg.shutdown()
         self.pg = self.store = None

@@ -25,6 +25,8 @@ if (os.environ.get("TRITON_INTERPRET") == "1" and Version(triton.__version__) < 
 
 from labkit.layers.attention import SeqSlice, TorchAttentionBackend  # noqa: E402
 from labkit.layers.attention_triton import TritonAttentionBackend  # noqa: E402
+from labkit_kernels.one_shot_all_reduce import (MAX_PROGRAMS, BLOCK,  # noqa: E402
+                                                 one_shot_all_reduce, one_shot_all_reduce_ref)
 from labkit_kernels.fused_add_rmsnorm import (  # noqa: E402
     fused_add_rmsnorm, fused_add_rmsnorm_ref, rmsnorm, rmsnorm_ref)
 from labkit_kernels.paged_attention_decode import (paged_attention_decode,  # noqa: E402
@@ -172,3 +174,43 @@ def test_triton_backend_matches_torch_backend(dtype):
         caches.append((kc, vc))
     torch.testing.assert_close(outs[1], outs[0], **TOL[dtype])
     assert torch.equal(caches[1][0], caches[0][0]) and torch.equal(caches[1][1], caches[0][1])
+
+
+def _all_reduce_rank(rank, world, xs, outs, buf_ptrs, sig_ptrs):
+    for it in range(xs.shape[0]):
+        x = xs[it, rank].clone()
+        one_shot_all_reduce(x, buf_ptrs, sig_ptrs, rank, world)
+        outs[it, rank] = x
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="ranks as CPU processes; on GPUs see "
+                    "benchmarks/gpu_allreduce.py (several cards, CUDA IPC)")
+@pytest.mark.parametrize("world,numel", [(2, 300), (3, BLOCK * (MAX_PROGRAMS + 1) + 5)])
+def test_one_shot_all_reduce(world, numel):
+    """Ranks are forked processes over shared CPU memory (the interpreter runs each launch's
+    programs one after another, as a GPU may): every rank gets the rank-order sum, bit for bit,
+    call after call (the larger case has programs that handle two chunks), and the signal pads
+    are back to zero after each call."""
+    import multiprocessing as mp
+    iters = 2
+    bufs = [torch.zeros(numel).share_memory_() for _ in range(world)]
+    sigs = [torch.zeros(MAX_PROGRAMS * world, dtype=torch.int32).share_memory_() for _ in range(world)]
+    xs = torch.randn(iters, world, numel).share_memory_()
+    outs = torch.zeros(iters, world, numel).share_memory_()
+    buf_ptrs = torch.tensor([b.data_ptr() for b in bufs])
+    sig_ptrs = torch.tensor([s.data_ptr() for s in sigs])
+    procs = [mp.get_context("fork").Process(target=_all_reduce_rank,
+                                            args=(r, world, xs, outs, buf_ptrs, sig_ptrs))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung and all(p.exitcode == 0 for p in procs)
+    for it in range(iters):
+        ref = one_shot_all_reduce_ref(list(xs[it]))
+        assert all(torch.equal(outs[it, r], ref) for r in range(world))
+    assert all(int(s.abs().sum()) == 0 for s in sigs)

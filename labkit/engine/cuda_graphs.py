@@ -5,9 +5,11 @@ input buffers; a step copies its inputs into the buffers, pads to the next captu
 replays. Padding rows write no KV (slot -1) and attend to nothing (context length 0)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from labkit.layers.attention import AttentionMetadata, ForwardContext, SeqSlice, forward_context
+from labkit.layers.attention import (AttentionMetadata, ForwardContext, SeqSlice, forward_context,
+                                     padded_block_table)
 
 
 def batch_ladder(max_bs: int) -> list[int]:
@@ -60,18 +62,23 @@ class DecodeGraphs:
     def run(self, input_ids: list[int], positions: list[int], seqs: list[SeqSlice]) -> torch.Tensor:
         n = len(seqs)
         bs = next(b for b in self.sizes if b >= n)
-        width = self.block_table.shape[1]
-        slots = [s.block_table[(s.ctx_len - 1) // self.block_size] * self.block_size
-                 + (s.ctx_len - 1) % self.block_size for s in seqs]
-        table = [s.block_table[:width] + [0] * (width - min(width, len(s.block_table))) for s in seqs]
-        # One host tensor per dtype, one copy each: [ids, positions] and [slots, ctx, table].
+        # Only as wide as this batch's longest table: the kernel never reads past a context's
+        # blocks, so stale entries further right are harmless.
+        table = padded_block_table([s.block_table for s in seqs])
+        ctx = np.fromiter((s.ctx_len for s in seqs), np.int64, n)
+        last = ctx - 1
+        slots = table[np.arange(n), last // self.block_size].astype(np.int64) * self.block_size \
+            + last % self.block_size
+        # One host tensor per dtype: [ids, positions] and [slots, context lengths], padded.
         longs = torch.tensor([input_ids, positions], dtype=torch.long)
-        ints = torch.tensor([slots + [-1] * (bs - n), [s.ctx_len for s in seqs] + [0] * (bs - n)],
-                            dtype=torch.int32)
+        ints = np.zeros((2, bs), np.int32)
+        ints[0, n:] = -1
+        ints[0, :n], ints[1, :n] = slots, ctx
         self.input_ids[:n].copy_(longs[0], non_blocking=True)
         self.positions[:n].copy_(longs[1], non_blocking=True)
+        ints = torch.from_numpy(ints)
         self.slots[:bs].copy_(ints[0], non_blocking=True)
         self.context_lens[:bs].copy_(ints[1], non_blocking=True)
-        self.block_table[:n].copy_(torch.tensor(table, dtype=torch.int32), non_blocking=True)
+        self.block_table[:n, :table.shape[1]].copy_(torch.from_numpy(table), non_blocking=True)
         self.graphs[bs].replay()
         return self.hidden[:n]

@@ -16,7 +16,7 @@ from labkit.engine.block_manager import BlockManager
 from labkit.engine.detokenizer import IncrementalDetokenizer
 from labkit.engine.model_runner import ModelRunner, SeqWork
 from labkit.engine.request import Request
-from labkit.engine.sampler import SampleResult, Sampler
+from labkit.engine.sampler import SampleResult, Sampler, to_device
 from labkit.engine.scheduler import Scheduler
 from labkit.engine.workers import WorkerGroup
 from labkit.observe.step_log import StepRecord
@@ -238,7 +238,11 @@ class LLMEngine:
                 rows.append(at)
                 to_sample.append(r)
                 at += 1
-        return (logits[rows] if to_sample else None), to_sample
+        if not to_sample:
+            return None, to_sample
+        if rows == list(range(logits.shape[0])):   # the usual case: every row, in order
+            return logits, to_sample
+        return logits[to_device(rows, torch.long, logits.device)], to_sample
 
     def _record_prompt_logprobs(self, r: Request, w: SeqWork, logits: torch.Tensor) -> None:
         # Row i predicts the token after it; only rows whose next token is a prompt token count.

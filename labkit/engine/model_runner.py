@@ -52,7 +52,7 @@ class ModelRunner:
             # The ranks share the machine's cores: more threads than cores stalls OpenMP.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
         self.tp = TPGroup.create(rank, config.tensor_parallel_size, "127.0.0.1", tp_port,
-                                 "nccl" if self.device.type == "cuda" else "gloo")
+                                 self.device, not config.disable_custom_all_reduce)
         torch.manual_seed(config.seed)
         hc = config.hf_config
         with build_with(self.tp):

@@ -37,9 +37,18 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
     return torch.empty_like(logits).scatter_(-1, idx, sorted_logits)
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on `device` without a host sync: through pinned memory, copied
+    asynchronously. (`torch.tensor(values, device="cuda")` waits for the GPU to finish all the
+    work queued before it, which would expose every later launch of the step.)"""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
 class Sampler:
-    """Runs where the logits are (the GPU on CUDA): only the chosen ids and their logprobs (and
-    any requested top-k) come back to the host, in one transfer."""
+    """Runs where the logits are (the GPU on CUDA). Nothing in it waits for the GPU until the
+    chosen ids and their logprobs (and any requested top-k) come back, in one transfer, so its
+    launches queue up behind the forward pass while the GPU is still busy with it."""
 
     def __init__(self, seed: int, eos_token_ids: set[int], device: torch.device):
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -51,17 +60,21 @@ class Sampler:
         # Logprobs are of the raw logits (before the processing below): keep them, with each
         # row's normaliser; the full log-softmax only where top-k logprobs or ranks are asked.
         raw, lse = logits, logits.logsumexp(-1)
-        logits = self.process(logits.clone(), reqs)
-        chosen = logits.argmax(-1)
+        if any(self._needs_processing(r) for r in reqs):
+            logits = self.process(logits.clone(), reqs)
         sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
-        if sampled:
-            idx = torch.tensor(sampled, device=dev)
+        if not sampled:
+            chosen = logits.argmax(-1)
+        else:
             p = [reqs[i].params for i in sampled]
-            rows = logits[idx] / torch.tensor([x.temperature for x in p], device=dev)[:, None]
+            every = len(sampled) == len(reqs)
+            idx = None if every else to_device(sampled, torch.long, dev)
+            rows = logits if every else logits[idx]
+            rows = rows / to_device([x.temperature for x in p], torch.float32, dev)[:, None]
             if any(x.top_k > 0 or x.top_p < 1 or x.min_p > 0 for x in p):
-                rows = apply_top_k_top_p_min_p(rows, torch.tensor([x.top_k for x in p], device=dev),
-                                               torch.tensor([x.top_p for x in p], device=dev),
-                                               torch.tensor([x.min_p for x in p], device=dev))
+                rows = apply_top_k_top_p_min_p(rows, to_device([x.top_k for x in p], torch.long, dev),
+                                               to_device([x.top_p for x in p], torch.float32, dev),
+                                               to_device([x.min_p for x in p], torch.float32, dev))
             probs = rows.softmax(-1)
             # Gumbel-style race: argmax(p / E) with E ~ Exp(1) samples from p. Unseeded rows
             # draw together from the engine's generator; seeded rows from their own.
@@ -69,13 +82,18 @@ class Sampler:
             for j, i in enumerate(sampled):
                 if reqs[i].generator is not None:
                     noise[j].exponential_(generator=reqs[i].generator)
-            chosen[idx] = (probs / noise).argmax(-1)
+            picks = (probs / noise).argmax(-1)
+            if every:
+                chosen = picks
+            else:
+                chosen = logits.argmax(-1)
+                chosen[idx] = picks
         token_lp = raw.gather(-1, chosen[:, None])[:, 0] - lse
         want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
         k = max((reqs[i].params.logprobs for i in want), default=0)
         ranks = top_v = top_i = None
         if want:
-            w = torch.tensor(want, device=dev)
+            w = to_device(want, torch.long, dev)
             logprobs = raw[w] - lse[w, None]
             ranks = ((logprobs > token_lp[w, None]).sum(-1) + 1).tolist()
             if k:
@@ -88,6 +106,11 @@ class Sampler:
             all_ranks[i] = ranks[j]
             tops[i] = list(zip(top_i[j][:n], top_v[j][:n])) if n else []
         return SampleResult([int(t) for t in tokens], lps, tops, all_ranks)
+
+    def _needs_processing(self, r: Request) -> bool:
+        p = r.params
+        return bool(p.allowed_token_ids is not None or r.bad_words_token_ids or p.logit_bias
+                    or p.has_penalties or r.num_output_tokens < p.min_tokens)
 
     def process(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """Allowed tokens, bad words, min_tokens, logit bias and penalties, in vLLM's order.

@@ -25,6 +25,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256, dest="max_num_seqs")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, dest="max_num_batched_tokens")
     p.add_argument("--enforce-eager", action="store_true", dest="enforce_eager")
+    p.add_argument("--disable-custom-all-reduce", action="store_true",
+                   dest="disable_custom_all_reduce")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    dest="enable_prefix_caching")
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
@@ -36,6 +38,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 ENGINE_KEYS = ("model", "tokenizer", "tensor_parallel_size", "dtype", "device", "seed", "load_format",
                "max_model_len", "block_size", "num_kv_blocks", "gpu_memory_utilization",
                "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens", "enforce_eager",
+               "disable_custom_all_reduce",
                "enable_prefix_caching", "enable_chunked_prefill", "scheduling_policy")
 
 

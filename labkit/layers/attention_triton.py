@@ -2,7 +2,7 @@
 
 `prepare` builds the step's int32 tensors (slot mapping; decode block table and context lengths;
 prefill cu_seqlens, context lengths and block table) in ONE host buffer and copies it to the
-device in one transfer; the tensors are views into it. `forward` stores the new K/V, then runs the
+device in one transfer; the tensors are 16-byte-aligned views into it. `forward` stores the new K/V, then runs the
 decode kernel on the leading single-token rows and the prefill kernel on the rest.
 """
 from __future__ import annotations
@@ -10,10 +10,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from labkit.layers.attention import AttentionMetadata, SeqSlice
+from labkit.layers.attention import AttentionMetadata, SeqSlice, padded_block_table
 from labkit_kernels.paged_attention_decode import paged_attention_decode
 from labkit_kernels.prefill_attention import prefill_attention
 from labkit_kernels.store_kvcache import store_kvcache
+
+
+ALIGN = 4  # int32 elements: 16 bytes
 
 
 class TritonAttentionBackend:
@@ -24,12 +27,7 @@ class TritonAttentionBackend:
     def _block_table(self, seqs: list[SeqSlice]) -> np.ndarray:
         """[len(seqs), widest] int32, each row the blocks its context uses, zero-padded."""
         bs = self.block_size
-        width = max(-(-s.ctx_len // bs) for s in seqs)
-        table = np.zeros((len(seqs), width), dtype=np.int32)
-        for i, s in enumerate(seqs):
-            n = -(-s.ctx_len // bs)
-            table[i, :n] = s.block_table[:n]
-        return table
+        return padded_block_table([s.block_table[:-(-s.ctx_len // bs)] for s in seqs])
 
     def prepare(self, seqs: list[SeqSlice]) -> AttentionMetadata:
         bs = self.block_size
@@ -50,12 +48,15 @@ class TritonAttentionBackend:
             parts["prefill_cu_seqlens_q"] = np.cumsum([0] + [s.q_len for s in pre])
             parts["prefill_context_lens"] = np.array([s.ctx_len for s in pre])
             parts["prefill_block_table"] = self._block_table(pre)
-        flat = np.concatenate([a.ravel() for a in parts.values()]).astype(np.int32)
+        # Each part starts 16-byte aligned: Triton specialises pointer arguments on their
+        # alignment, and a misaligned view would compile a new kernel variant mid-run (~1 s).
+        starts = np.cumsum([0] + [-(-a.size // ALIGN) * ALIGN for a in parts.values()])
+        flat = np.zeros(starts[-1], np.int32)
+        for start, a in zip(starts, parts.values()):
+            flat[start:start + a.size] = a.ravel()
         buf = torch.from_numpy(flat).to(self.device)
-        views, start = {}, 0
-        for name, a in parts.items():
-            views[name] = buf[start:start + a.size].view(a.shape)
-            start += a.size
+        views = {name: buf[start:start + a.size].view(a.shape)
+                 for start, (name, a) in zip(starts, parts.items())}
         meta = AttentionMetadata(views.pop("slot_mapping"), n_dec, extra=views)
         if pre:
             meta.extra["prefill_max_q_len"] = max(s.q_len for s in pre)
