@@ -17,7 +17,9 @@ from labkit.cuda_ipc import CudaRT
 
 log = logging.getLogger("labkit")
 
-MAX_BYTES = 2 << 20   # one-shot wins below ~2 MiB (a decode step's activations at batch <= 256)
+# One-shot beats NCCL (in a CUDA graph, 2 x H200) up to ~512 KiB: 9.5 vs 21 us at 56 KiB, 20.8 vs
+# 24.0 us at 448 KiB, but 57.7 vs 41.6 us at 1.8 MiB (benchmarks/results/gpu.md).
+MAX_BYTES = 512 << 10
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
