@@ -77,6 +77,7 @@ class LLMEngine:
         # The most recent steps (a server runs for days); `num_steps` counts them all.
         self.step_records: deque[StepRecord] = deque(maxlen=MAX_STEP_RECORDS)
         self.num_steps = 0
+        self._finished_parents: set[str] = set()
         self.timer = self.runner.timer
         self._closed = False
 
@@ -184,8 +185,10 @@ class LLMEngine:
             self.timer.collect()
             self._fail_unschedulable()
             return self._outputs(self._drain_finished())
+        # The block tables are read (or pickled to the TP workers) within this step, before the
+        # scheduler touches them again: no copies.
         work = [SeqWork(r.token_ids[r.num_computed_tokens:r.num_computed_tokens + n],
-                        r.num_computed_tokens, list(r.block_table),
+                        r.num_computed_tokens, r.block_table,
                         sample=r.num_computed_tokens + n == r.num_tokens,
                         all_logits=r.prompt_logprobs is not None
                         and r.num_computed_tokens < r.num_prompt_tokens)
@@ -282,7 +285,7 @@ class LLMEngine:
                 self._check_stop_text(r)
             if r.finish_reason is not None:
                 r.metrics.finished_time = now
-                self.scheduler.finish(r)
+                self._finish(r)
 
     def _token_text(self, tok: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([tok])
@@ -316,10 +319,19 @@ class LLMEngine:
             r = self.scheduler.waiting[0]
             r.finish_reason = "length"
             r.metrics.finished_time = time.time()
-            self.scheduler.finish(r)
+            self._finish(r)
+
+    def _finish(self, r: Request) -> None:
+        self.scheduler.finish(r)
+        self._finished_parents.add(r.parent_id)
 
     def _drain_finished(self) -> set[str]:
-        return {pid for pid, seqs in self.requests.items() if all(s.finished for s in seqs)}
+        """Parents whose every sequence has finished since the last call (only those that just
+        finished are looked at: a scan of all requests costs O(batch) every step)."""
+        done = {pid for pid in self._finished_parents
+                if pid in self.requests and all(s.finished for s in self.requests[pid])}
+        self._finished_parents.clear()
+        return done
 
     def _outputs(self, parent_ids) -> list[RequestOutput]:
         outs = []

@@ -43,15 +43,19 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     order: int = 0                       # admission counter: breaks ties in arrival time
+    sched_key: tuple = ()                # (priority, arrival, order): the scheduler's rank
     metrics: RequestMetrics | None = None
     detokenizer: object = None
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     prompt_logprobs: list | None = None   # per prompt position, filled as its chunks run
     sent_text_len: int = 0                # for DELTA outputs: how much was returned already
     sent_token_len: int = 0
+    num_prompt_tokens: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        # Read several times per request per step: a plain attribute, not a len() each time.
+        self.num_prompt_tokens = len(self.prompt_token_ids)
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)
         if self.params.logprobs is not None:
             self.output_logprobs = []
@@ -59,10 +63,6 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -10,6 +10,7 @@ served first, and a waiting request may preempt running requests ranked below it
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 from labkit.engine.block_manager import BlockManager
@@ -50,12 +51,14 @@ class Scheduler:
         self.prefix_queries = 0   # prompt tokens looked up in the prefix cache at admission
         self.prefix_hits = 0      # of which were found there
 
-    def _rank(self, req: Request) -> tuple:
-        prio = req.priority if self.policy == "priority" else 0
-        return prio, req.arrival_time, req.order
+    # A request's rank never changes once added: kept on it, read by a C-level key function (the
+    # running batch is sorted every step; a Python key costs ~1 us a request).
+    _rank = staticmethod(operator.attrgetter("sched_key"))
 
     def add(self, req: Request) -> None:
         req.order, self._order = self._order, self._order + 1
+        prio = req.priority if self.policy == "priority" else 0
+        req.sched_key = (prio, req.arrival_time, req.order)
         self.waiting.append(req)
 
     def has_work(self) -> bool:
