@@ -9,13 +9,9 @@ NCCL for everything.
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from labkit.cuda_ipc import CudaRT
-
-log = logging.getLogger("labkit")
 
 # One-shot beats NCCL (in a CUDA graph, 2 x H200) up to ~512 KiB: 9.5 vs 21 us at 56 KiB, 20.8 vs
 # 24.0 us at 448 KiB, but 57.7 vs 41.6 us at 1.8 MiB (benchmarks/results/gpu.md).
