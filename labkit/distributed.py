@@ -42,7 +42,7 @@ class TPGroup:
         if custom_all_reduce:
             from labkit.custom_all_reduce import PeerAllReduce
             if PeerAllReduce.supported(size):
-                group.peer = PeerAllReduce(rank, size, store, device)
+                group.peer = PeerAllReduce.setup(rank, size, store, device)
             elif rank == 0:
                 log.info("GPUs without peer access: all-reduces go through NCCL only")
         return group
