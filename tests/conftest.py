@@ -27,6 +27,12 @@ if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
 
+# Without a GPU the Triton kernels run under Triton's interpreter. Triton reads the switch when it
+# is first imported, so it is set here, before any test module (or what it imports) imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def pytest_collection_modifyitems(items):
     # The marker's meaning (pyproject): loads the default model or spawns worker processes.
     for item in items:

@@ -1,7 +1,7 @@
 """Each Triton kernel against its plain-torch reference on fresh random inputs.
 
-Without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set here before
-triton is imported), at small shapes: this is how CI runs them. On a GPU the same tests run
+Without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py
+before anything imports triton), at small shapes: this is how CI runs them. On a GPU the same tests run
 compiled. The interpreter has no bfloat16 `tl.dot` (it multiplies the raw bit patterns), so the
 attention kernels' half-precision tests use float16 there; the elementwise kernels test bfloat16.
 """
@@ -13,8 +13,6 @@ import pytest
 import torch
 from packaging.version import Version
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 if (os.environ.get("TRITON_INTERPRET") == "1" and Version(triton.__version__) < Version("3.7.1")
         and Version(np.__version__) >= Version("2.4")):
