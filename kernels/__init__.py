@@ -11,6 +11,8 @@ TRITON_INTERPRET=1 on a CPU), benchmarks/gpu_kernels.py at real shapes on a GPU.
 - fused_add_rmsnorm (and rmsnorm): residual add + RMSNorm in float32, HF rounding.
 - rotary_embedding: neox "rotate half" RoPE, in place on q and k.
 - silu_and_mul: silu(gate) * up for the merged gate/up projection.
+- attention_tile: no kernel, the K/V-tile loop body (paged gather, online softmax) that
+  paged_attention_decode and prefill_attention both inline.
 
 labkit.layers.attention_triton builds the engine's Triton attention backend from the first three.
 Importing this package imports triton; the engine does so only on CUDA.

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_tile import attend_kv_tile
+
 BLOCK_N = 64                # context tokens per tile: a [64, 128] bf16 K tile is 16 KiB
 MIN_TOKENS_PER_SPLIT = 128  # below this a split's fixed cost (q load, partial write) dominates
 # The combine kernel is compiled for this many splits whatever the count, and the split count
@@ -60,21 +62,10 @@ def _decode_kernel(q, k_cache, v_cache, block_table, context_lens, out, part_out
     for n0 in range(start, end, BLOCK_N):
         n = n0 + offs_n
         n_mask = n < end
-        page = tl.load(block_table + b * stride_bt + n // PAGE_SIZE, mask=n_mask, other=0)
-        slot = page.to(tl.int64) * PAGE_SIZE + n % PAGE_SIZE
-        kv_off = slot[:, None] * stride_cs + kvh * stride_ch + offs_d[None, :]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache + kv_off, mask=kv_mask, other=0.0)
-        # scale * log2(e) folded in: the softmax runs in base 2 (exp2 is the native instruction).
-        s = tl.dot(q_tile, tl.trans(k), input_precision=PRECISION) * scale_log2
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache + kv_off, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = attend_kv_tile(q_tile, m_i, l_i, acc, n, n_mask, None,
+                                       block_table + b * stride_bt, k_cache, v_cache, kvh,
+                                       stride_cs, stride_ch, offs_d, d_mask, scale_log2,
+                                       PAGE_SIZE, PRECISION)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split (or context) gives zeros
     if DIRECT:  # one split: this is the final output

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_tile import attend_kv_tile
+
 # Hopper, head_dim 128, bf16: 64x64 tiles with 4 warps; two stages of K/V tiles (32 KiB each) in
 # shared memory overlap the next tile's gather with this tile's two dots.
 BLOCK_M = 64
@@ -60,20 +62,10 @@ def _prefill_kernel(q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens
     for n0 in range(0, kv_end, BLOCK_N):
         n = n0 + offs_n
         n_mask = n < kv_end
-        page = tl.load(block_table + b * stride_bt + n // PAGE_SIZE, mask=n_mask, other=0)
-        slot = page.to(tl.int64) * PAGE_SIZE + n % PAGE_SIZE
-        kv_off = slot[:, None] * stride_cs + kvh * stride_ch + offs_d[None, :]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache + kv_off, mask=kv_mask, other=0.0)
-        s = tl.dot(q_tile, tl.trans(k), input_precision=PRECISION) * scale_log2
-        s = tl.where((n[None, :] <= last_key[:, None]) & n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache + kv_off, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = attend_kv_tile(q_tile, m_i, l_i, acc, n, n_mask, last_key,
+                                       block_table + b * stride_bt, k_cache, v_cache, kvh,
+                                       stride_cs, stride_ch, offs_d, d_mask, scale_log2,
+                                       PAGE_SIZE, PRECISION)
 
     o = acc / l_i[:, None]
     tl.store(out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
