@@ -113,13 +113,16 @@ def phases(steps) -> dict:
     return out
 
 
-def labkit_runs(workloads: set[str], tp: int, out_dir: Path, custom_all_reduce: bool = True) -> dict:
+def labkit_runs(workloads: set[str], spec: str, out_dir: Path) -> dict:
+    """One engine configuration, `spec` as in --tp: the TP size, then "nccl" for every
+    all-reduce through NCCL and/or "sync" for async scheduling off (e.g. "2nccl", "1sync")."""
     from labkit import LLM, SamplingParams
     res = {}
-    llm = LLM(str(QWEN7B), load_format="dummy", dtype="bfloat16", tensor_parallel_size=tp,
+    llm = LLM(str(QWEN7B), load_format="dummy", dtype="bfloat16",
+              tensor_parallel_size=int(spec.replace("nccl", "").replace("sync", "")),
               skip_tokenizer_init=True, max_model_len=4096, enable_prefix_caching=False,
-              disable_custom_all_reduce=not custom_all_reduce)
-    tp = f"{tp}" if custom_all_reduce else f"{tp}nccl"
+              disable_custom_all_reduce="nccl" in spec, async_scheduling="sync" not in spec)
+    tp = spec
     g = torch.Generator().manual_seed(0)
 
     def prompts(n: int, length: int) -> list[dict]:
@@ -191,11 +194,11 @@ def check_correctness(tiny: Path | None) -> dict:
     with LLM(str(tiny), device="cpu", dtype="float32") as cpu:
         cpu_ids = [o.outputs[0].token_ids for o in cpu.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)]
     for dtype in ("float32", "bfloat16"):
-        for eager in (True, False):
+        for eager, asy in ((True, True), (False, True), (False, False)):
             with LLM(str(tiny), dtype=dtype, enforce_eager=eager, max_num_batched_tokens=128,
-                     block_size=16) as llm:
+                     block_size=16, async_scheduling=asy) as llm:
                 got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)]
-            key = f"{dtype}_{'eager' if eager else 'graphs'}"
+            key = f"{dtype}_{'eager' if eager else 'graphs'}{'' if asy else '_sync'}"
             out[key + "_eq_hf"] = sum(a == b for a, b in zip(got, ref[dtype])) / len(prompts)
             out[key + "_first4_eq_hf"] = sum(a[:4] == b[:4] for a, b in zip(got, ref[dtype])) / len(prompts)
             if dtype == "float32":
@@ -237,12 +240,12 @@ def main() -> None:
     guarded("correctness", lambda: check_correctness(Path(args.tiny) if args.tiny else None))
     if not args.skip_hf:
         guarded("hf", lambda: hf_baselines(wl & {"a", "b"}))
-    # "--tp 1,2,2nccl,4": "2nccl" is tp=2 with every all-reduce through NCCL (no peer kernel)
+    # "--tp 1,1sync,2,2nccl,4": "2nccl" is tp=2 with every all-reduce through NCCL (no peer
+    # kernel), "1sync" tp=1 with async scheduling off
     tps = args.tp.split(",")
     for spec in tps:
-        tp = int(spec.removesuffix("nccl"))
-        guarded(f"labkit_tp{spec}", lambda tp=tp, spec=spec: labkit_runs(
-            wl if tp == 1 else wl & {"b"}, tp, out_dir, custom_all_reduce=not spec.endswith("nccl")))
+        guarded(f"labkit_tp{spec}", lambda spec=spec: labkit_runs(
+            wl if spec.startswith("1") else wl & {"b"}, spec, out_dir))
 
     cfg = json.loads((QWEN7B / "config.json").read_text())
     num = model_numbers(cfg)
@@ -255,13 +258,14 @@ def main() -> None:
             lk = result.get(f"labkit_tp{tp}", {})
             for w in ("a", "b"):
                 if f"{w}_s" in lk:
-                    rows.append((f"({w}) tp={tp}", lk[f"{w}_s"], hf.get(f"{w}_s") if tp == "1" else None, fl[f"{w}_s"]))
+                    rows.append((f"({w}) tp={tp}", lk[f"{w}_s"], hf.get(f"{w}_s") if tp.startswith("1") else None, fl[f"{w}_s"]))
             if "c_s" in lk:
                 flops = 2 * num["matmul_params"] * lk["c_total_tokens"]
                 compute_floor_tok_s = lk["c_output_tokens"] / (flops / result["ceilings"]["bf16_flops_per_s"])
-                result["c_output_tok_s"] = lk["c_output_tokens"] / lk["c_s"]
-                result["c_fraction_of_compute_floor"] = result["c_output_tok_s"] / compute_floor_tok_s
-                rows.append((f"(c) tp={tp} out tok/s", result["c_output_tok_s"], None, compute_floor_tok_s))
+                tok_s = lk["c_output_tokens"] / lk["c_s"]
+                result[f"c_output_tok_s_tp{tp}"] = tok_s
+                result[f"c_fraction_of_compute_floor_tp{tp}"] = tok_s / compute_floor_tok_s
+                rows.append((f"(c) tp={tp} out tok/s", tok_s, None, compute_floor_tok_s))
     (out_dir / "gpu_bench.json").write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps({k: v for k, v in result.items() if k != "errors"}, indent=1, default=str))
     print(f"\ncard: {result['card']}  ceilings: {result.get('ceilings')}")

@@ -41,7 +41,7 @@ def main() -> None:
               max_num_seqs=256, enable_prefix_caching=False, skip_tokenizer_init=True)
     logits = torch.randn(512, VOCAB)
     # Every sampled row gets the same constant logits: the forward's cost is left out.
-    llm.engine.runner.execute = lambda work: logits[:sum(
+    llm.engine.runner.execute = lambda work, sampled=None: logits[:sum(
         len(w.token_ids) if w.all_logits else 1 for w in work if w.sample or w.all_logits)]
     random.seed(0)
     cols = ["schedule_ms", "prepare_ms", "sample_ms", "postprocess_ms", "total_ms"]

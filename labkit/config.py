@@ -37,6 +37,9 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"     # or "priority": lower value first, ties by arrival
     enforce_eager: bool = False
     disable_custom_all_reduce: bool = False  # True: NCCL for every TP all-reduce (CUDA)
+    # Schedule step n+1 while step n runs on the device (vLLM >= 0.14's default on GPUs; as
+    # there, off on the CPU, where the host is the device). None: on for CUDA, off for CPU.
+    async_scheduling: bool | None = None
     skip_tokenizer_init: bool = False
     trust_remote_code: bool = False     # accepted for vLLM compatibility; nothing remote runs
 
@@ -76,6 +79,8 @@ class EngineConfig:
         _check(self.device in ("auto", "cpu", "cuda"), "device", self.device, "'auto', 'cpu' or 'cuda'")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.async_scheduling is None:
+            self.async_scheduling = self.device == "cuda"
         self.model_dir = resolve_model_dir(self.model)
         raw = json.loads((self.model_dir / "config.json").read_text())
         # Unsupported architectures fail here, before their config's fields are read.

@@ -54,6 +54,14 @@ class TPGroup:
             self.pg.allreduce([x]).wait()
         return x
 
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `x` on every rank (in place)."""
+        if self.size > 1:
+            opts = dist.BroadcastOptions()
+            opts.rootRank = 0
+            self.pg.broadcast([x], opts).wait()
+        return x
+
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor | None:
         """Concatenate every rank's shard along the last dim on rank 0; other ranks get None."""
         if self.size == 1:

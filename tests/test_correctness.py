@@ -64,6 +64,11 @@ TINY_CONFIGS = {
     "preempt": dict(num_kv_blocks=preemption_blocks(TINY_LENGTHS, TINY_MAX_TOKENS, 16)),
     "block7_chunked_preempt": dict(block_size=7, max_num_batched_tokens=64,
                                    num_kv_blocks=preemption_blocks(TINY_LENGTHS, TINY_MAX_TOKENS, 7)),
+    # Async scheduling (step n+1 scheduled while step n runs; inputs taken from the device):
+    # the same tokens, also when chunks, odd blocks and preemption meet tokens in flight.
+    "async": dict(async_scheduling=True),
+    "async_block7_chunked_preempt": dict(async_scheduling=True, block_size=7, max_num_batched_tokens=64,
+                                         num_kv_blocks=preemption_blocks(TINY_LENGTHS, TINY_MAX_TOKENS, 7)),
     # With prefix caching a preempted request mostly finds its own blocks again; without it,
     # preemption means a true recompute of prompt and output so far.
     "preempt_no_prefix_cache": dict(enable_prefix_caching=False,

@@ -92,7 +92,8 @@ class BlockManager:
         if not self.caching or req.skip_prefix_cache:
             return
         bs = self.block_size
-        for i in range(len(req.block_hashes), req.num_computed_tokens // bs):
+        # Under async scheduling the last computed token's id may not have reached the host yet.
+        for i in range(len(req.block_hashes), min(req.num_computed_tokens, req.num_tokens) // bs):
             parent = req.block_hashes[-1] if req.block_hashes else None
             h = chain_hash(parent, req.token_ids[i * bs:(i + 1) * bs])
             req.block_hashes.append(h)

@@ -59,7 +59,9 @@ class DecodeGraphs:
     def can_run(self, seqs: list[SeqSlice]) -> bool:
         return len(seqs) <= self.sizes[-1] and all(s.q_len == 1 for s in seqs)
 
-    def run(self, input_ids: list[int], positions: list[int], seqs: list[SeqSlice]) -> torch.Tensor:
+    def run(self, input_ids: list[int], positions: list[int], seqs: list[SeqSlice],
+            pending: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`pending`: (rows, ids) of input tokens that are already on the device."""
         n = len(seqs)
         bs = next(b for b in self.sizes if b >= n)
         # Only as wide as this batch's longest table: the kernel never reads past a context's
@@ -69,16 +71,20 @@ class DecodeGraphs:
         last = ctx - 1
         slots = table[np.arange(n), last // self.block_size].astype(np.int64) * self.block_size \
             + last % self.block_size
-        # One host tensor per dtype: [ids, positions] and [slots, context lengths], padded.
-        longs = torch.tensor([input_ids, positions], dtype=torch.long)
+        # One pinned host tensor per dtype ([ids, positions]; [slots, context lengths], padded;
+        # the block table): copies from pageable memory would wait for the queued steps.
+        longs = torch.tensor([input_ids, positions], dtype=torch.long).pin_memory()
         ints = np.zeros((2, bs), np.int32)
         ints[0, n:] = -1
         ints[0, :n], ints[1, :n] = slots, ctx
         self.input_ids[:n].copy_(longs[0], non_blocking=True)
         self.positions[:n].copy_(longs[1], non_blocking=True)
-        ints = torch.from_numpy(ints)
+        if pending is not None:
+            self.input_ids[pending[0]] = pending[1]
+        ints = torch.from_numpy(ints).pin_memory()
         self.slots[:bs].copy_(ints[0], non_blocking=True)
         self.context_lens[:bs].copy_(ints[1], non_blocking=True)
-        self.block_table[:n, :table.shape[1]].copy_(torch.from_numpy(table), non_blocking=True)
+        self.block_table[:n, :table.shape[1]].copy_(torch.from_numpy(table).pin_memory(),
+                                                    non_blocking=True)
         self.graphs[bs].replay()
         return self.hidden[:n]

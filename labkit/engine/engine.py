@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,12 +17,14 @@ from labkit.engine.block_manager import BlockManager
 from labkit.engine.detokenizer import IncrementalDetokenizer
 from labkit.engine.model_runner import ModelRunner, SeqWork
 from labkit.engine.request import Request
-from labkit.engine.sampler import SampleResult, Sampler, to_device
-from labkit.engine.scheduler import Scheduler
+from labkit.engine.sampler import PendingSample, SampleResult, Sampler
+from labkit.engine.scheduler import ScheduledBatch, Scheduler
 from labkit.engine.workers import WorkerGroup
 from labkit.observe.step_log import StepRecord
+from labkit.observe.timer import Marks
 from labkit.outputs import CompletionOutput, Logprob, RequestOutput
 from labkit.sampling_params import RequestOutputKind, SamplingParams
+from labkit.transfer import to_device
 
 log = logging.getLogger("labkit")
 
@@ -53,6 +56,21 @@ def _eos_ids(config: EngineConfig, tokenizer) -> set[int]:
     return ids
 
 
+@dataclass(eq=False)
+class _Step:
+    """A launched engine step: its forward is queued (or done), its sampling maybe in flight."""
+    batch: ScheduledBatch
+    work: list[SeqWork]
+    start: float                               # time.time() when the launching call began
+    logits: torch.Tensor | None
+    to_sample: list[Request] = field(default_factory=list)
+    sample: PendingSample | None = None
+    marks: Marks = field(default_factory=list)
+    call_ms: float | None = None               # wall time of the launching step() call
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -70,7 +88,7 @@ class LLMEngine:
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, config.enable_chunked_prefill,
-                                   config.scheduling_policy)
+                                   config.scheduling_policy, config.max_model_len)
         self.eos_token_ids = _eos_ids(config, self.tokenizer)
         self.sampler = Sampler(config.seed, self.eos_token_ids, self.runner.device)
         self.requests: dict[str, list[Request]] = {}   # parent id -> its n sequences
@@ -78,6 +96,7 @@ class LLMEngine:
         self.step_records: deque[StepRecord] = deque(maxlen=MAX_STEP_RECORDS)
         self.num_steps = 0
         self._finished_parents: set[str] = set()
+        self._inflight: _Step | None = None   # async scheduling: launched, not yet completed
         self.timer = self.runner.timer
         self._closed = False
 
@@ -170,62 +189,118 @@ class LLMEngine:
                 self.scheduler.finish(req)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     def reset_prefix_cache(self) -> bool:
         return self.block_manager.reset_prefix_cache()
 
     # ---- one step -------------------------------------------------------------------------
+    # A step is launched (scheduled, its forward queued on the device, then sampled) and later
+    # completed (its sampled tokens appended, stop checks, outputs, its step record). Without
+    # async scheduling both happen in one `step()` call. With it, call n launches step n and then
+    # completes step n-1, whose results the device has produced meanwhile: the host's work for
+    # both runs while the device computes step n, and step n's inputs that step n-1 sampled are
+    # taken from the device (`SeqWork.pending_row`). Sampling waits until step n-1 is
+    # completed, so it sees every token so far (penalties, stop checks, finished requests).
     def step(self) -> list[RequestOutput]:
-        step_start = time.time()
+        call_start = time.time()
+        prev, self._inflight = self._inflight, None
         queries, hits = self.scheduler.prefix_queries, self.scheduler.prefix_hits
-        with self.timer.phase("schedule"):
+        with self.timer.phase("schedule", host=True):
             batch = self.scheduler.schedule()
-        if not batch.work:
-            self.timer.collect()
+        if not batch.work and prev is None:
+            self.timer.take()
             self._fail_unschedulable()
             return self._outputs(self._drain_finished())
-        # The block tables are read (or pickled to the TP workers) within this step, before the
+        launched = None
+        if batch.work:
+            launched = self._launch(batch, call_start, prev)
+            launched.prefix_queries = self.scheduler.prefix_queries - queries
+            launched.prefix_hits = self.scheduler.prefix_hits - hits
+        front = self.timer.take()
+        touched = self._complete(prev) if prev is not None else set()
+        if launched is not None:
+            with self.timer.phase("sample"):
+                self._sample(launched)
+            launched.marks = front + self.timer.take()
+            if self.config.async_scheduling and self.scheduler.has_work():
+                self._inflight = launched
+            else:
+                touched |= self._complete(launched)
+        outputs = self._outputs(touched | self._drain_finished())
+        if self._inflight is not None:
+            self._inflight.call_ms = (time.time() - call_start) * 1e3
+        return outputs
+
+    def _launch(self, batch: ScheduledBatch, call_start: float, prev: "_Step | None") -> "_Step":
+        """Build the step's work, advance the requests' computed counts (the next schedule may
+        run before this step completes) and queue the forward pass."""
+        # The block tables are read (or pickled to the TP workers) within this call, before the
         # scheduler touches them again: no copies.
-        work = [SeqWork(r.token_ids[r.num_computed_tokens:r.num_computed_tokens + n],
-                        r.num_computed_tokens, r.block_table,
-                        sample=r.num_computed_tokens + n == r.num_tokens,
-                        all_logits=r.prompt_logprobs is not None
-                        and r.num_computed_tokens < r.num_prompt_tokens)
-                for r, n in batch.work]
+        work = []
+        for r, n in batch.work:
+            c = r.num_computed_tokens
+            ids = r.token_ids[c:c + n]
+            pending_row = -1
+            if len(ids) < n:   # the last input token was sampled last step: still on the device
+                ids.append(0)
+                pending_row = r.pending_row
+            work.append(SeqWork(ids, c, r.block_table, sample=c + n == r.num_tokens + r.num_pending,
+                                all_logits=r.prompt_logprobs is not None and c < r.num_prompt_tokens,
+                                pending_row=pending_row))
+            r.num_computed_tokens = c + n
+            if r.metrics.first_scheduled_time is None:
+                r.metrics.first_scheduled_time = call_start
+                r.metrics.time_in_queue = call_start - r.metrics.arrival_time
         if self.workers:
             self.workers.call("execute", work)
-        logits = self.runner.execute(work)
-        with self.timer.phase("sample"):
-            sample_logits, to_sample = self._split_logits(batch.work, work, logits)
-            result = self.sampler(sample_logits, to_sample) if to_sample else None
-        with self.timer.phase("postprocess"):
+        sampled = prev.sample.token_ids if prev is not None and prev.sample is not None else None
+        logits = self.runner.execute(work, sampled)
+        return _Step(batch, work, call_start, logits)
+
+    def _sample(self, step: "_Step") -> None:
+        """Queue sampling for the step's rows whose requests are still live (a request that
+        finished or was aborted after the step was launched gets nothing)."""
+        rows, to_sample = self._split_logits(step.batch.work, step.work, step.logits)
+        step.logits = None
+        live = [i for i, r in enumerate(to_sample) if not r.finished]
+        if len(live) < len(to_sample):
+            to_sample = [to_sample[i] for i in live]
+            rows = rows[to_device(live, torch.long, rows.device)] if live else None
+        if not to_sample:
+            return
+        step.to_sample = to_sample
+        step.sample = self.sampler(rows, to_sample)
+        for j, r in enumerate(to_sample):
+            r.num_pending, r.pending_row = 1, j
+
+    def _complete(self, step: "_Step") -> set[str]:
+        """Take the step's sampled tokens, run the stop checks, and record the step. Returns
+        the parent ids whose requests it touched."""
+        with self.timer.phase("postprocess", host=True):
+            result = step.sample.result() if step.sample is not None else None
             now = time.time()
-            for r, n in batch.work:
-                r.num_computed_tokens += n
-                self.block_manager.commit(r)
-                if r.metrics.first_scheduled_time is None:
-                    r.metrics.first_scheduled_time = step_start
-                    r.metrics.time_in_queue = step_start - r.metrics.arrival_time
-            touched = {r.parent_id for r, _ in batch.work}
+            for r, _ in step.batch.work:
+                if not r.finished:
+                    self.block_manager.commit(r)
             if result is not None:
-                self._append_tokens(to_sample, result, now)
-            outputs = self._outputs(touched | self._drain_finished())
-        ms = self.timer.collect()
+                self._append_tokens(step.to_sample, result, now)
+        ms = self.timer.resolve(step.marks + self.timer.take())
+        batch = step.batch
+        total = step.call_ms if step.call_ms is not None else (time.time() - step.start) * 1e3
         self.step_records.append(StepRecord(
-            step=self.num_steps, start_time=step_start,
+            step=self.num_steps, start_time=step.start,
             schedule_ms=ms.get("schedule", 0.0), prepare_ms=ms.get("prepare", 0.0),
             forward_ms=ms.get("forward", 0.0), sample_ms=ms.get("sample", 0.0),
-            postprocess_ms=ms.get("postprocess", 0.0), total_ms=(time.time() - step_start) * 1e3,
+            postprocess_ms=ms.get("postprocess", 0.0), total_ms=total,
             num_prefill_tokens=batch.num_prefill_tokens,
             num_prefill_seqs=len(batch.work) - batch.num_decode, num_decode_seqs=batch.num_decode,
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_blocks_used=self.block_manager.num_used, kv_blocks_free=self.block_manager.num_free,
             num_preemptions=batch.num_preempted,
-            prefix_cache_queries=self.scheduler.prefix_queries - queries,
-            prefix_cache_hits=self.scheduler.prefix_hits - hits))
+            prefix_cache_queries=step.prefix_queries, prefix_cache_hits=step.prefix_hits))
         self.num_steps += 1
-        return outputs
+        return {r.parent_id for r, _ in batch.work}
 
     def _split_logits(self, scheduled, work: list[SeqWork], logits):
         """Rows for the sampler, and prompt logprobs recorded from `all_logits` rows."""
@@ -266,6 +341,9 @@ class LLMEngine:
 
     def _append_tokens(self, reqs: list[Request], result: SampleResult, now: float) -> None:
         for i, r in enumerate(reqs):
+            r.num_pending = 0
+            if r.finished:   # aborted while its step was in flight
+                continue
             tok = result.token_ids[i]
             r.token_ids.append(tok)
             r.cumulative_logprob += result.logprobs[i]

@@ -16,6 +16,7 @@ from labkit.engine.cuda_graphs import DecodeGraphs
 from labkit.layers.attention import ForwardContext, SeqSlice, TorchAttentionBackend, forward_context
 from labkit.models.loader import build_model
 from labkit.observe.timer import PhaseTimer
+from labkit.transfer import array_to_device, to_device
 
 log = logging.getLogger("labkit")
 
@@ -39,6 +40,9 @@ class SeqWork:
     block_table: list[int]
     sample: bool               # the last row's logits pick the next token
     all_logits: bool = False   # every row's logits are wanted (prompt logprobs)
+    # Async scheduling: the last token was sampled last step and is still on the device; it is
+    # row `pending_row` of that step's sampled ids (`token_ids` holds a 0 in its place).
+    pending_row: int = -1
 
 
 class ModelRunner:
@@ -130,11 +134,13 @@ class ModelRunner:
         return n
 
     @torch.inference_mode()
-    def execute(self, work: list[SeqWork]) -> torch.Tensor | None:
+    def execute(self, work: list[SeqWork], sampled: torch.Tensor | None = None) -> torch.Tensor | None:
         """Forward one step; returns on rank 0 the logits of the wanted rows, in order (all rows
-        of an `all_logits` item, else its last row if `sample`); None elsewhere."""
+        of an `all_logits` item, else its last row if `sample`); None elsewhere. `sampled`
+        (rank 0): the previous step's sampled ids, where `pending_row`s point."""
         with self.timer.phase("prepare"):
             ids, pos, seqs, sample_rows, row = [], [], [], [], 0
+            pending_dst, pending_src = [], []
             for w in work:
                 n = len(w.token_ids)
                 ids.extend(w.token_ids)
@@ -145,20 +151,35 @@ class ModelRunner:
                 elif w.sample:
                     sample_rows.append(row + n - 1)
                 row += n
-            rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+                if w.pending_row >= 0:
+                    pending_dst.append(row - 1)
+                    pending_src.append(w.pending_row)
+            pending = self._pending_inputs(pending_dst, pending_src, sampled) if pending_dst else None
+            rows = to_device(sample_rows, torch.long, self.device)
             graphed = self.graphs is not None and self.graphs.can_run(seqs)
             if not graphed:
-                input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-                positions = torch.tensor(pos, dtype=torch.long, device=self.device)
+                input_ids = to_device(ids, torch.long, self.device)
+                positions = to_device(pos, torch.long, self.device)
+                if pending is not None:
+                    input_ids[pending[0]] = pending[1]
                 meta = self.backend.prepare(seqs)
         with self.timer.phase("forward"):
             if graphed:
-                hidden = self.graphs.run(ids, pos, seqs)
+                hidden = self.graphs.run(ids, pos, seqs, pending)
             else:
                 with forward_context(ForwardContext(self.backend, meta, self.kv_caches)):
                     hidden = self.model(input_ids, positions)
             logits = self.model.compute_logits(hidden[rows]) if sample_rows else None
         return logits
+
+    def _pending_inputs(self, dst: list[int], src: list[int], sampled: torch.Tensor | None):
+        """(rows, ids) of the input tokens still on the device: rank 0 picks them from its
+        sampler's output and broadcasts them, so every rank feeds the same ids."""
+        if self.tp.rank == 0:
+            vals = sampled[to_device(src, torch.long, self.device)]
+        else:
+            vals = torch.empty(len(src), dtype=torch.long, device=self.device)
+        return to_device(dst, torch.long, self.device), self.tp.broadcast(vals)
 
     def close(self) -> None:
         self.model = self.kv_caches = self.graphs = None

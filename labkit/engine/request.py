@@ -51,6 +51,10 @@ class Request:
     sent_text_len: int = 0                # for DELTA outputs: how much was returned already
     sent_token_len: int = 0
     num_prompt_tokens: int = field(init=False, default=0)
+    # Async scheduling: a token sampled on the device whose id the host has not seen yet (0 or
+    # 1), and its row in that sampling step's output (the next step's input is taken from there).
+    num_pending: int = 0
+    pending_row: int = -1
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from labkit.engine.request import Request
+from labkit.transfer import to_device
 
 
 @dataclass
@@ -37,24 +38,52 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
     return torch.empty_like(logits).scatter_(-1, idx, sorted_logits)
 
 
-def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list on `device` without a host sync: through pinned memory, copied
-    asynchronously. (`torch.tensor(values, device="cuda")` waits for the GPU to finish all the
-    work queued before it, which would expose every later launch of the step.)"""
-    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
-    return host.to(device, non_blocking=True)
+class PendingSample:
+    """A sampling step's results on their way to the host: the chosen ids stay on the device
+    (`token_ids`: the next step's inputs under async scheduling); everything the host needs is
+    copied back in the background. `result()` waits for that copy only, not for later work."""
+
+    def __init__(self, token_ids: torch.Tensor, token_lp: torch.Tensor, ranks, top_v, top_i,
+                 want: list[int], top_counts: list[int]):
+        self.token_ids = token_ids
+        self._want, self._top_counts = want, top_counts
+        self._host = [_to_host(t) for t in (torch.stack([token_ids.double(), token_lp.double()]),
+                                             ranks, top_v, top_i)]
+        self._event = None
+        if token_ids.is_cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> SampleResult:
+        if self._event is not None:
+            self._event.synchronize()
+        pair, ranks, top_v, top_i = (None if t is None else t.tolist() for t in self._host)
+        tokens, lps = pair
+        n = len(tokens)
+        tops: list = [None] * n
+        all_ranks: list = [None] * n
+        for j, (i, k) in enumerate(zip(self._want, self._top_counts)):
+            all_ranks[i] = ranks[j]
+            tops[i] = list(zip(top_i[j][:k], top_v[j][:k])) if k else []
+        return SampleResult([int(t) for t in tokens], lps, tops, all_ranks)
+
+
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or not t.is_cuda:
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
 
 class Sampler:
-    """Runs where the logits are (the GPU on CUDA). Nothing in it waits for the GPU until the
-    chosen ids and their logprobs (and any requested top-k) come back, in one transfer, so its
-    launches queue up behind the forward pass while the GPU is still busy with it."""
+    """Runs where the logits are (the GPU on CUDA). Nothing in it waits for the GPU: its
+    launches queue up behind the forward pass, and the chosen ids and logprobs (and any requested
+    top-k and ranks) come back through a `PendingSample`."""
 
     def __init__(self, seed: int, eos_token_ids: set[int], device: torch.device):
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.eos_token_ids = eos_token_ids
 
-    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SampleResult:
+    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> PendingSample:
         logits = logits.float()
         dev = logits.device
         # Logprobs are of the raw logits (before the processing below): keep them, with each
@@ -90,22 +119,15 @@ class Sampler:
                 chosen[idx] = picks
         token_lp = raw.gather(-1, chosen[:, None])[:, 0] - lse
         want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
-        k = max((reqs[i].params.logprobs for i in want), default=0)
+        counts = [reqs[i].params.logprobs for i in want]
         ranks = top_v = top_i = None
         if want:
             w = to_device(want, torch.long, dev)
             logprobs = raw[w] - lse[w, None]
-            ranks = ((logprobs > token_lp[w, None]).sum(-1) + 1).tolist()
-            if k:
-                top_v, top_i = (t.tolist() for t in logprobs.topk(k))
-        tokens, lps = torch.stack([chosen.double(), token_lp.double()]).tolist()
-        tops: list = [None] * len(reqs)
-        all_ranks: list = [None] * len(reqs)
-        for j, i in enumerate(want):
-            n = reqs[i].params.logprobs
-            all_ranks[i] = ranks[j]
-            tops[i] = list(zip(top_i[j][:n], top_v[j][:n])) if n else []
-        return SampleResult([int(t) for t in tokens], lps, tops, all_ranks)
+            ranks = (logprobs > token_lp[w, None]).sum(-1) + 1
+            if max(counts):
+                top_v, top_i = logprobs.topk(max(counts))
+        return PendingSample(chosen, token_lp, ranks, top_v, top_i, want, counts)
 
     def _needs_processing(self, r: Request) -> bool:
         p = r.params
@@ -119,17 +141,17 @@ class Sampler:
             p = r.params
             if p.allowed_token_ids is not None:
                 keep = torch.full_like(logits[i], float("-inf"))
-                keep[torch.tensor(p.allowed_token_ids, device=logits.device)] = 0
+                keep[to_device(p.allowed_token_ids, torch.long, logits.device)] = 0
                 logits[i] += keep
             banned = [seq[-1] for seq in r.bad_words_token_ids
                       if len(seq) == 1 or r.output_token_ids[-(len(seq) - 1):] == seq[:-1]]
             if r.num_output_tokens < p.min_tokens:
                 banned += p.stop_token_ids + ([] if p.ignore_eos else list(self.eos_token_ids))
             if banned:
-                logits[i, torch.tensor(banned, device=logits.device)] = float("-inf")
+                logits[i, to_device(banned, torch.long, logits.device)] = float("-inf")
             if p.logit_bias:
-                ids = torch.tensor(list(p.logit_bias), device=logits.device)
-                logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+                ids = to_device(list(p.logit_bias), torch.long, logits.device)
+                logits[i, ids] += to_device(list(p.logit_bias.values()), logits.dtype, logits.device)
             if p.has_penalties:
                 apply_penalties(logits[i], r.prompt_token_ids, r.output_token_ids, p.presence_penalty,
                                 p.frequency_penalty, p.repetition_penalty)
@@ -142,11 +164,11 @@ def apply_penalties(row: torch.Tensor, prompt_ids: list[int], output_ids: list[i
     multiplies negative logits of every token seen in the prompt or the output; frequency
     subtracts count x penalty and presence subtracts the penalty once, over output tokens."""
     vocab, dev = row.shape[0], row.device
-    out_counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long, device=dev),
+    out_counts = torch.bincount(to_device(output_ids, torch.long, dev),
                                 minlength=vocab)[:vocab]
     if repetition != 1:
         seen = out_counts > 0
         if prompt_ids:
-            seen[torch.tensor(prompt_ids, dtype=torch.long, device=dev)] = True
+            seen[to_device(prompt_ids, torch.long, dev)] = True
         row[seen] = torch.where(row[seen] > 0, row[seen] / repetition, row[seen] * repetition)
     row -= frequency * out_counts + presence * (out_counts > 0)

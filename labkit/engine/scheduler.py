@@ -5,6 +5,11 @@ steps (chunked prefill). When KV blocks run out, the lowest-ranked running reque
 and later recomputed from its tokens so far (its cached blocks usually survive, so the recompute
 is mostly prefix-cache hits).
 
+Async scheduling: a running request may have one token sampled on the device that the host has
+not seen yet (`num_pending`). It counts as a token to compute, so the request decodes again at
+once; a request that this token will end by length is not scheduled again; and a preempted
+request waits until its token lands before it is readmitted.
+
 Rank: with policy "fcfs", arrival order; with "priority", (priority, arrival): a lower value is
 served first, and a waiting request may preempt running requests ranked below it.
 """
@@ -31,7 +36,8 @@ class ScheduledBatch:
         for req, n in self.work:
             # A decode computes the one token it sampled last step; a 1-token prompt or last
             # prompt chunk is still prefill.
-            if n == 1 and req.num_computed_tokens + 1 == req.num_tokens and req.num_output_tokens > 0:
+            total = req.num_tokens + req.num_pending
+            if n == 1 and req.num_computed_tokens + 1 == total and total > req.num_prompt_tokens:
                 self.num_decode += 1
             else:
                 self.num_prefill_tokens += n
@@ -39,8 +45,10 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True, policy: str = "fcfs"):
+                 enable_chunked_prefill: bool = True, policy: str = "fcfs",
+                 max_model_len: int | None = None):
         self.bm = block_manager
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunked = enable_chunked_prefill
@@ -82,9 +90,9 @@ class Scheduler:
             return victim
 
         for req in sorted(self.running, key=self._rank):
-            if req.status != RequestStatus.RUNNING or budget == 0:
+            if req.status != RequestStatus.RUNNING or budget == 0 or self._ends_on_pending(req):
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
             while not self.bm.can_allocate(req, n):
                 if preempt_lowest() is req:
                     break
@@ -95,6 +103,8 @@ class Scheduler:
         self.waiting.sort(key=self._rank)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if req.num_pending:   # preempted with a token in flight: readmitted once it lands
+                break
             cached = self.bm.match_prefix(req)
             remaining = req.num_tokens - req.num_computed_tokens
             n = min(remaining, budget)
@@ -120,6 +130,15 @@ class Scheduler:
         # Single-token rows first: the attention backend batches them as decodes.
         work.sort(key=lambda rn: rn[1] != 1)
         return ScheduledBatch(work, preempted)
+
+    def _ends_on_pending(self, req: Request) -> bool:
+        """The token in flight will finish the request by length: nothing more to compute."""
+        if not req.num_pending:
+            return False
+        total = req.num_tokens + req.num_pending
+        max_tokens = req.params.max_tokens
+        return (self.max_model_len is not None and total >= self.max_model_len) or \
+            (max_tokens is not None and total - req.num_prompt_tokens >= max_tokens)
 
     def _release(self, req: Request) -> None:
         """Give back blocks a waiting request holds (its prefix-cache matches) and its progress."""

@@ -27,6 +27,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", dest="enforce_eager")
     p.add_argument("--disable-custom-all-reduce", action="store_true",
                    dest="disable_custom_all_reduce")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   dest="async_scheduling")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    dest="enable_prefix_caching")
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
@@ -38,7 +40,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 ENGINE_KEYS = ("model", "tokenizer", "tensor_parallel_size", "dtype", "device", "seed", "load_format",
                "max_model_len", "block_size", "num_kv_blocks", "gpu_memory_utilization",
                "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens", "enforce_eager",
-               "disable_custom_all_reduce",
+               "disable_custom_all_reduce", "async_scheduling",
                "enable_prefix_caching", "enable_chunked_prefill", "scheduling_policy")
 
 

@@ -2,7 +2,7 @@
 
 `prepare` builds the step's int32 tensors (slot mapping; decode block table and context lengths;
 prefill cu_seqlens, context lengths and block table) in ONE host buffer and copies it to the
-device in one transfer; the tensors are 16-byte-aligned views into it. `forward` stores the new K/V, then runs the
+device in one transfer (from pinned memory: it never waits for queued work); the tensors are 16-byte-aligned views into it. `forward` stores the new K/V, then runs the
 decode kernel on the leading single-token rows and the prefill kernel on the rest.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from labkit.layers.attention import AttentionMetadata, SeqSlice, padded_block_table
+from labkit.transfer import array_to_device
 from labkit_kernels.paged_attention_decode import paged_attention_decode
 from labkit_kernels.prefill_attention import prefill_attention
 from labkit_kernels.store_kvcache import store_kvcache
@@ -54,7 +55,7 @@ class TritonAttentionBackend:
         flat = np.zeros(starts[-1], np.int32)
         for start, a in zip(starts, parts.values()):
             flat[start:start + a.size] = a.ravel()
-        buf = torch.from_numpy(flat).to(self.device)
+        buf = array_to_device(flat, self.device)
         views = {name: buf[start:start + a.size].view(a.shape)
                  for start, (name, a) in zip(starts, parts.items())}
         meta = AttentionMetadata(views.pop("slot_mapping"), n_dec, extra=views)

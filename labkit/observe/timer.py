@@ -1,7 +1,9 @@
-"""Phase timers for the step log. On CUDA each phase is bracketed by CUDA events, so a phase's
-time is the device's time, not the time it took the host to launch the kernels. Each phase is
-also a torch.profiler `record_function` range, so traces show schedule / prepare / forward /
-sample / postprocess by name."""
+"""Phase timers for the step log. On CUDA, phases that launch device work (prepare, forward,
+sample) are bracketed by CUDA events, so their time is the device's time, not the time it took
+the host to launch the kernels. Host-only phases (schedule, postprocess) use the host clock:
+they launch nothing, and with async scheduling they run while the device is busy with the
+previous step, where events would time the device's queue instead. Each phase is also a
+torch.profiler `record_function` range, so traces show the phases by name."""
 from __future__ import annotations
 
 import contextlib
@@ -9,16 +11,18 @@ import time
 
 import torch
 
+Marks = list[tuple[str, object, object]]
+
 
 class PhaseTimer:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self._marks: list[tuple[str, object, object]] = []
+        self._marks: Marks = []
 
     @contextlib.contextmanager
-    def phase(self, name: str):
+    def phase(self, name: str, host: bool = False):
         with torch.profiler.record_function(name):
-            if self.cuda:
+            if self.cuda and not host:
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -30,13 +34,23 @@ class PhaseTimer:
                 end = time.perf_counter()
         self._marks.append((name, start, end))
 
-    def collect(self) -> dict[str, float]:
-        """Milliseconds per phase since the last collect (synchronizes on CUDA)."""
-        if self.cuda and self._marks:
-            self._marks[-1][2].synchronize()
+    def take(self) -> Marks:
+        """The marks since the last take, without waiting for the device."""
+        marks, self._marks = self._marks, []
+        return marks
+
+    @staticmethod
+    def resolve(marks: Marks) -> dict[str, float]:
+        """Milliseconds per phase (waits for the last device event among `marks`)."""
+        events = [end for _, _, end in marks if not isinstance(end, float)]
+        if events:
+            events[-1].synchronize()
         out: dict[str, float] = {}
-        for name, start, end in self._marks:
-            ms = start.elapsed_time(end) if self.cuda else (end - start) * 1e3
+        for name, start, end in marks:
+            ms = (end - start) * 1e3 if isinstance(end, float) else start.elapsed_time(end)
             out[name] = out.get(name, 0.0) + ms
-        self._marks.clear()
         return out
+
+    def collect(self) -> dict[str, float]:
+        """Milliseconds per phase since the last collect (waits for the device's last event)."""
+        return self.resolve(self.take())
