@@ -277,8 +277,9 @@ class LLMEngine:
     def _complete(self, step: "_Step") -> set[str]:
         """Take the step's sampled tokens, run the stop checks, and record the step. Returns
         the parent ids whose requests it touched."""
+        # Waiting for the device's sampled ids is not postprocessing: outside the phase.
+        result = step.sample.result() if step.sample is not None else None
         with self.timer.phase("postprocess", host=True):
-            result = step.sample.result() if step.sample is not None else None
             now = time.time()
             for r, _ in step.batch.work:
                 if not r.finished:
