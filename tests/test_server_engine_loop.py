@@ -15,9 +15,12 @@ from labkit.entrypoints.server.metrics import ServerMetrics
 from labkit.sampling_params import RequestOutputKind, SamplingParams
 
 
-@pytest.fixture
-def engine_loop(tiny_ckpts):
-    engine = LLMEngine(EngineConfig.from_kwargs(model=str(tiny_ckpts["llama"]), num_kv_blocks=64))
+@pytest.fixture(params=[False, True], ids=["sync", "async_scheduling"])
+def engine_loop(tiny_ckpts, request):
+    # With async scheduling a step is always in flight while requests run: failures, drains and
+    # refusals must still leave nothing behind.
+    engine = LLMEngine(EngineConfig.from_kwargs(model=str(tiny_ckpts["llama"]), num_kv_blocks=64,
+                                                async_scheduling=request.param))
     loop = EngineLoop(engine, ServerMetrics("tiny"))
     loop.start()
     yield loop
