@@ -51,6 +51,13 @@ class RotaryEmbedding(nn.Module):
             sin = self.sin[positions].unsqueeze(1).to(q.dtype)
             self._step = (positions, cos, sin)
         _, cos, sin = self._step
+        hq = q.shape[1]
+        if k.stride() == q.stride() and k.storage_offset() == q.storage_offset() + hq * q.shape[2] \
+                and k.untyped_storage().data_ptr() == q.untyped_storage().data_ptr():
+            # k's heads follow q's in the same rows (both views of the qkv output): rotate them
+            # as one tensor, half the ops of two calls (per-op overhead dominates at decode).
+            qk = _rotate(q.as_strided((q.shape[0], hq + k.shape[1], q.shape[2]), q.stride()), cos, sin)
+            return qk[:, :hq], qk[:, hq:]
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
