@@ -243,7 +243,10 @@ def profile_attention(llm, meta, batch: int) -> dict:
     qq = q.view(n, hkv, h // hkv, d)
     res = {"batch": batch, "context_len": L}
     with torch.inference_mode():
-        res["backend_forward"] = bench(lambda: runner.backend.forward(q, k, v, k_cache, v_cache, meta, scale))
+        rotary = runner.model.model.layers[0].self_attn.attn.rotary
+        positions = torch.full((n,), L - 1)
+        res["backend_forward"] = bench(lambda: runner.backend.forward(positions, q, k, v, rotary,
+                                                                      k_cache, v_cache, meta, scale))
         res["index_copy_kv"] = bench(lambda: (k_cache.index_copy_(0, meta.slot_mapping, k),
                                               v_cache.index_copy_(0, meta.slot_mapping, v)))
         res["gather_kv_advanced_index"] = bench(lambda: (k_cache[slots], v_cache[slots]))

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
+import re
 import statistics
 import time
 import traceback
@@ -115,11 +117,15 @@ def phases(steps) -> dict:
 
 def labkit_runs(workloads: set[str], spec: str, out_dir: Path) -> dict:
     """One engine configuration, `spec` as in --tp: the TP size, then "nccl" for every
-    all-reduce through NCCL and/or "sync" for async scheduling off (e.g. "2nccl", "1sync")."""
+    all-reduce through NCCL, "sync" for async scheduling off and/or "nopdl" for kernels launched
+    without programmatic dependent launch (e.g. "2nccl", "1sync", "1nopdl")."""
     from labkit import LLM, SamplingParams
+    from labkit_kernels.pdl import pdl_enabled
+    os.environ["LABKIT_PDL"] = "0" if "nopdl" in spec else "1"  # TP workers inherit it
+    pdl_enabled.cache_clear()
     res = {}
     llm = LLM(str(QWEN7B), load_format="dummy", dtype="bfloat16",
-              tensor_parallel_size=int(spec.replace("nccl", "").replace("sync", "")),
+              tensor_parallel_size=int(re.match(r"\d+", spec).group()),
               skip_tokenizer_init=True, max_model_len=4096, enable_prefix_caching=False,
               disable_custom_all_reduce="nccl" in spec, async_scheduling="sync" not in spec)
     tp = spec
@@ -241,8 +247,8 @@ def main() -> None:
     guarded("correctness", lambda: check_correctness(Path(args.tiny) if args.tiny else None))
     if not args.skip_hf:
         guarded("hf", lambda: hf_baselines(wl & {"a", "b"}))
-    # "--tp 1,1sync,2,2nccl,4": "2nccl" is tp=2 with every all-reduce through NCCL (no peer
-    # kernel), "1sync" tp=1 with async scheduling off
+    # "--tp 1,1sync,1nopdl,2,2nccl,4": "2nccl" is tp=2 with every all-reduce through NCCL (no
+    # peer kernel), "1sync" tp=1 with async scheduling off, "1nopdl" tp=1 without PDL
     tps = args.tp.split(",")
     for spec in tps:
         guarded(f"labkit_tp{spec}", lambda spec=spec: labkit_runs(

@@ -40,9 +40,9 @@ from labkit_kernels.paged_attention_decode import (default_num_splits,  # noqa: 
                                                    paged_attention_decode,
                                                    paged_attention_decode_ref)
 from labkit_kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
-from labkit_kernels.rotary_embedding import rotary_embedding, rotary_embedding_ref  # noqa: E402
+from labkit_kernels.rotary_store_kvcache import (rotary_store_kvcache,  # noqa: E402
+                                                 rotary_store_kvcache_ref)
 from labkit_kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
-from labkit_kernels.store_kvcache import store_kvcache, store_kvcache_ref  # noqa: E402
 
 H, HKV, D, HIDDEN, INTER = 28, 4, 128, 3584, 18944
 DTYPE = torch.bfloat16
@@ -145,21 +145,33 @@ def prefill_section() -> None:
                     tflops=4 * D * H * pairs / ms / 1e9)
 
 
-def store_section() -> None:
-    for t in TOKENS[1:]:
+def rope_tables(max_pos: int = 32768) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / 1e6 ** (torch.arange(0, D, 2, device=DEV).float() / D)
+    freqs = torch.outer(torch.arange(max_pos, device=DEV, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], -1)
+    return emb.cos(), emb.sin()
+
+
+def rotary_store_section() -> None:
+    cos, sin = rope_tables()
+    for t in TOKENS:
         k_cache = torch.zeros(16384 * 16, HKV, D, dtype=DTYPE, device=DEV)
         v_cache = torch.zeros_like(k_cache)
         qkv = torch.randn(t, (H + 2 * HKV) * D, dtype=DTYPE, device=DEV).view(t, H + 2 * HKV, D)
-        k, v = qkv[:, H:H + HKV], qkv[:, H + HKV:]
+        ref_qkv = qkv.clone()
+        pos = torch.randint(0, cos.shape[0], (t,), device=DEV)
         slots = torch.randperm(k_cache.shape[0], device=DEV)[:t]
-        store_kvcache(k, v, k_cache, v_cache, slots)
         ref_k, ref_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
-        store_kvcache_ref(k, v, ref_k, ref_v, slots)
-        ms = bench(lambda: store_kvcache(k, v, k_cache, v_cache, slots))
-        torch_ms = bench(lambda: store_kvcache_ref(k, v, ref_k, ref_v, slots))
-        add_row("store_kvcache", f"T={t}", None, torch.cat([k_cache, v_cache]),
-                torch.cat([ref_k, ref_v]), ms, gbs=2 * 2 * t * HKV * D * 2 / ms / 1e6,
-                torch_ms=torch_ms, tol=dict(atol=0, rtol=0))
+        rotary_store_kvcache_ref(pos, *ref_qkv.split([H, HKV, HKV], 1), cos, sin, ref_k, ref_v, slots)
+        args = (pos, *qkv.split([H, HKV, HKV], 1), cos, sin, k_cache, v_cache, slots)
+        rotary_store_kvcache(*args)
+        out = torch.cat([qkv[:, :H].flatten(), k_cache.flatten(), v_cache.flatten()])
+        ref = torch.cat([ref_qkv[:, :H].flatten(), ref_k.flatten(), ref_v.flatten()])
+        ms = bench(lambda: rotary_store_kvcache(*args))  # q rotating again and again
+        ref_args = (pos, *ref_qkv.split([H, HKV, HKV], 1), cos, sin, ref_k, ref_v, slots)
+        add_row("rotary_store_kvcache", f"T={t}", None, out, ref, ms,
+                gbs=t * (2 * H + 4 * HKV) * D * 2 / ms / 1e6,
+                torch_ms=bench(lambda: rotary_store_kvcache_ref(*ref_args)), tol=ELEM_TOL)
 
 
 def elementwise_section() -> None:
@@ -179,22 +191,6 @@ def elementwise_section() -> None:
                 gbs=2 * x.numel() * 2 / ms / 1e6,
                 torch_ms=bench(lambda: rmsnorm_ref(x, w, 1e-6)), tol=ELEM_TOL)
 
-    max_pos = 32768
-    inv_freq = 1.0 / 1e6 ** (torch.arange(0, D, 2, device=DEV).float() / D)
-    freqs = torch.outer(torch.arange(max_pos, device=DEV, dtype=torch.float32), inv_freq)
-    emb = torch.cat([freqs, freqs], -1)
-    cos, sin = emb.cos(), emb.sin()
-    for t in TOKENS[1:]:
-        qkv = torch.randn(t, H + 2 * HKV, D, dtype=DTYPE, device=DEV)
-        q, k = qkv[:, :H], qkv[:, H:H + HKV]
-        pos = torch.randint(0, max_pos, (t,), device=DEV)
-        ref_q, ref_k = rotary_embedding_ref(pos, q, k, cos, sin)
-        out = torch.cat(rotary_embedding(pos, q, k, cos, sin), 1)  # a copy: q, k rotate in place
-        ms = bench(lambda: rotary_embedding(pos, q, k, cos, sin))  # rotating again and again
-        add_row("rotary_embedding", f"T={t}", None, out, torch.cat([ref_q, ref_k], 1), ms,
-                gbs=2 * t * (H + HKV) * D * 2 / ms / 1e6,
-                torch_ms=bench(lambda: rotary_embedding_ref(pos, q, k, cos, sin)), tol=ELEM_TOL)
-
     for t in TOKENS:
         x = torch.randn(t, 2 * INTER, dtype=DTYPE, device=DEV)
         ms = bench(lambda: silu_and_mul(x))
@@ -204,14 +200,17 @@ def elementwise_section() -> None:
 
 
 def backend_section() -> None:
-    """One decode step's attention through each backend (store + attend), KV block size 16."""
+    """One decode step's attention through each backend (rotary + store + attend), KV block
+    size 16."""
     try:
         from labkit.layers.attention import SeqSlice, TorchAttentionBackend
         from labkit.layers.attention_triton import TritonAttentionBackend
+        from labkit.layers.rotary import RotaryEmbedding
     except ImportError as e:  # labkit's own dependencies missing on this machine
         print(f"backends skipped: {e}")
         return
     page = 16
+    rotary = RotaryEmbedding(D, max(CONTEXTS), 1e6).to(DEV)
     for ctx in CONTEXTS:
         for b in BATCHES:
             num_blocks = b * -(-ctx // page)
@@ -222,14 +221,16 @@ def backend_section() -> None:
             q = torch.randn(b, H, D, dtype=DTYPE, device=DEV)
             k = torch.randn(b, HKV, D, dtype=DTYPE, device=DEV)
             v = torch.randn_like(k)
+            pos = torch.full((b,), ctx - 1, device=DEV)
             torch_be = TorchAttentionBackend(page, DEV)
             triton_be = TritonAttentionBackend(page, DEV)
             m_torch, m_triton = torch_be.prepare(seqs), triton_be.prepare(seqs)
             caches, scale = (k_cache, v_cache), D ** -0.5
-            ref = torch_be.forward(q, k, v, *caches, m_torch, scale)
-            out = triton_be.forward(q, k, v, *caches, m_triton, scale)
-            ms = bench(lambda: triton_be.forward(q, k, v, *caches, m_triton, scale))
-            torch_ms = bench(lambda: torch_be.forward(q, k, v, *caches, m_torch, scale))
+            ref = torch_be.forward(pos, q, k, v, rotary, *caches, m_torch, scale)
+            out = triton_be.forward(pos, q.clone(), k, v, rotary, *caches, m_triton, scale)
+            # (q rotates in place again on every timed call: the same work)
+            ms = bench(lambda: triton_be.forward(pos, q, k, v, rotary, *caches, m_triton, scale))
+            torch_ms = bench(lambda: torch_be.forward(pos, q, k, v, rotary, *caches, m_torch, scale))
             nbytes = 2 * b * ctx * HKV * D * 2 + 2 * b * H * D * 2
             add_row("TritonAttentionBackend", f"decode B={b} ctx={ctx}", page, out, ref, ms,
                     gbs=nbytes / ms / 1e6, torch_ms=torch_ms)
@@ -274,7 +275,7 @@ def main() -> None:
     print(f"device copy bandwidth: {copy_gbs:.0f} GB/s (read + written)", flush=True)
     decode_section()
     prefill_section()
-    store_section()
+    rotary_store_section()
     elementwise_section()
     backend_section()
 

@@ -11,11 +11,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_launch_args
+
 
 @triton.jit
 def _rmsnorm_kernel(x, residual, weight, out, new_residual, eps,
                     stride_x, stride_r, stride_o, stride_nr,
-                    N: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                    N: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                    USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -48,7 +53,8 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
                                         x2.stride(0), r2.stride(0), out.stride(0),
                                         new_res.stride(0), N=n, BLOCK=block,
                                         HAS_RESIDUAL=residual is not None,
-                                        num_warps=min(16, max(1, block // 512)))
+                                        num_warps=min(16, max(1, block // 512)),
+                                        **pdl_launch_args())
     return out.view(x.shape), new_res.view(x.shape)
 
 

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_launch_args
+
 BLOCK = 2048
 MAX_PROGRAMS = 32     # flags per rank in a signal pad: MAX_PROGRAMS * world
 
@@ -49,7 +51,10 @@ def _wait_all(sig_ptrs, pid, RANK: tl.constexpr, WORLD: tl.constexpr, SEM: tl.co
 
 @triton.jit(do_not_specialize=["N"])
 def _one_shot_all_reduce_kernel(x, buf_ptrs, sig_ptrs, N, RANK: tl.constexpr,
-                                WORLD: tl.constexpr, BLOCK: tl.constexpr):
+                                WORLD: tl.constexpr, BLOCK: tl.constexpr,
+                                USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     own = tl.load(buf_ptrs + RANK).to(tl.pointer_type(x.dtype.element_ty))
@@ -82,7 +87,7 @@ def one_shot_all_reduce(x: torch.Tensor, buf_ptrs: torch.Tensor, sig_ptrs: torch
     n = x.numel()
     grid = (max(1, min(triton.cdiv(n, BLOCK), MAX_PROGRAMS)),)
     _one_shot_all_reduce_kernel[grid](x, buf_ptrs, sig_ptrs, n, RANK=rank, WORLD=world,
-                                      BLOCK=BLOCK, num_warps=8)
+                                      BLOCK=BLOCK, num_warps=8, **pdl_launch_args())
     return x
 
 

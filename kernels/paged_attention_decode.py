@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .attention_tile import attend_kv_tile
+from .pdl import pdl_launch_args
 
 BLOCK_N = 64                # context tokens per tile: a [64, 128] bf16 K tile is 16 KiB
 MIN_TOKENS_PER_SPLIT = 128  # below this a split's fixed cost (q load, partial write) dominates
@@ -37,7 +38,9 @@ def _decode_kernel(q, k_cache, v_cache, block_table, context_lens, out, part_out
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_cs, stride_ch, stride_bt,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    DIRECT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -81,7 +84,10 @@ def _decode_kernel(q, k_cache, v_cache, block_table, context_lens, out, part_out
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _combine_kernel(part_out, part_lse, out, num_splits, stride_ob, stride_oh,
-                    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                    USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -117,11 +123,14 @@ def default_num_splits(batch: int, num_kv_heads: int, max_context_len: int,
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_table: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            block_size: int, num_splits: int | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, *, block_n: int = BLOCK_N,
+                           num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """q: [B, H, D]; caches: [num_blocks * block_size, Hkv, D]; block_table: [B, max_blocks]
     int32; context_lens: [B] int32 (tokens to attend, the current one included). Returns
     [B, H, D] in q's dtype (written into `out` if given). `num_splits` defaults to
-    `default_num_splits` with the block table's width as the longest context."""
+    `default_num_splits` with the block table's width as the longest context. block_n (context
+    tokens per tile), num_warps and num_stages are the launch's tuning knobs (the defaults were
+    chosen with benchmarks/gpu_decode_sweep.py)."""
     b, h, d = q.shape
     hkv = k_cache.shape[1]
     assert h % hkv == 0 and k_cache.shape[2] == d and q.stride(-1) == 1
@@ -149,15 +158,15 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_cache.stride(1), block_table.stride(0),
         GROUP=group, HEAD_DIM=d, PAGE_SIZE=block_size, DIRECT=num_splits == 1,
         # tl.dot needs at least 16 rows: the G query heads are padded up to 16.
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=BLOCK_N,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         # fp32 caches (exact-token tests on CUDA) must not be rounded to TF32; ignored for bf16.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2)
+        num_warps=num_warps, num_stages=num_stages, **pdl_launch_args())
     if num_splits > 1:
         _combine_kernel[(b, h)](part_out, part_lse, out, num_splits, out.stride(0),
                                 out.stride(1), HEAD_DIM=d,
                                 BLOCK_S=MAX_SPLITS, BLOCK_D=block_d,
-                                num_warps=4)
+                                num_warps=4, **pdl_launch_args())
     return out
 
 

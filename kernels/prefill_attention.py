@@ -2,7 +2,7 @@
 the block table: variable-length sequences in one launch.
 
 The new tokens of all sequences are concatenated ([T, H, D], `cu_seqlens_q` marks where each
-starts); their K/V are already in the cache (store_kvcache runs first), so a fresh prompt and a
+starts); their K/V are already in the cache (rotary_store_kvcache runs first), so a fresh prompt and a
 chunk after a cached prefix are the same case: a sequence's new tokens are the last q_len of its
 ctx_len tokens, and new token i sees keys 0 .. ctx_len - q_len + i. The grid is
 (query tile, sequence, head) sized by the longest chunk; tiles past a shorter chunk's end exit at
@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .attention_tile import attend_kv_tile
+from .pdl import pdl_launch_args
 
 # Hopper, head_dim 128, bf16: 64x64 tiles with 4 warps; two stages of K/V tiles (32 KiB each) in
 # shared memory overlap the next tile's gather with this tile's two dots.
@@ -31,7 +32,9 @@ def _prefill_kernel(q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cs, stride_ch, stride_bt,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     tile = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -99,7 +102,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         BLOCK_D=triton.next_power_of_2(d),
         # fp32 caches (exact-token tests on CUDA) must not be rounded to TF32; ignored for bf16.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2)
+        num_warps=4, num_stages=2, **pdl_launch_args())
     return out
 
 

@@ -10,11 +10,16 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .pdl import pdl_launch_args
+
 BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x, out, stride_x, stride_o, INTER: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x, out, stride_x, stride_o, INTER: tl.constexpr, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < INTER
@@ -32,7 +37,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((t, i), dtype=x.dtype, device=x.device)
     if t:
         _silu_and_mul_kernel[(t, triton.cdiv(i, BLOCK))](x, out, x.stride(0), out.stride(0),
-                                                          INTER=i, BLOCK=BLOCK, num_warps=4)
+                                                          INTER=i, BLOCK=BLOCK, num_warps=4,
+                                                          **pdl_launch_args())
     return out
 
 

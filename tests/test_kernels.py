@@ -30,9 +30,11 @@ from labkit_kernels.fused_add_rmsnorm import (  # noqa: E402
 from labkit_kernels.paged_attention_decode import (paged_attention_decode,  # noqa: E402
                                                    paged_attention_decode_ref)
 from labkit_kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
-from labkit_kernels.rotary_embedding import rotary_embedding, rotary_embedding_ref  # noqa: E402
+from labkit_kernels.rotary_store_kvcache import (rotary_store_kvcache,  # noqa: E402
+                                                 rotary_store_kvcache_ref)
+from labkit.layers.rotary import RotaryEmbedding  # noqa: E402
 from labkit_kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
-from labkit_kernels.store_kvcache import store_kvcache, store_kvcache_ref  # noqa: E402
+from labkit_kernels.skinny_gemm import SkinnyConfig, skinny_gemm, skinny_gemm_ref  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HALF = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16  # see the module docstring
@@ -61,17 +63,30 @@ def paged_cache(ctx_lens: list[int], block_size: int, hkv: int, d: int, dtype: t
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_store_kvcache(dtype):
-    t, hkv, d, slots = 7, 2, 16, 40
-    kv = torch.randn(t, 3 * hkv, d, dtype=dtype, device=DEVICE)
-    k, v = kv[:, :hkv], kv[:, hkv:2 * hkv]  # strided views, as the qkv split gives
+def test_rotary_store_kvcache(dtype):
+    """q rotated in place, rotated k and v written by slot mapping (a -1 slot skipped), k and v
+    themselves untouched, every other cache slot untouched."""
+    t, hq, hkv, d, slots = 7, 6, 2, 32, 40
+    rotary = RotaryEmbedding(d, 64, 10000.0).to(DEVICE)
+    qkv = torch.randn(t, hq + 2 * hkv, d, dtype=dtype, device=DEVICE)
+    positions = torch.randint(0, 64, (t,), device=DEVICE)
     mapping = torch.randperm(slots, device=DEVICE)[:t]
     mapping[3] = -1  # padding
     caches = [torch.randn(slots, hkv, d, dtype=dtype, device=DEVICE) for _ in range(2)]
     refs = [c.clone() for c in caches]
-    store_kvcache(k, v, *caches, mapping.to(torch.int32))
-    store_kvcache_ref(k, v, *refs, mapping)
-    assert torch.equal(caches[0], refs[0]) and torch.equal(caches[1], refs[1])
+    ref_qkv = qkv.clone()
+    q, k, v = qkv.split([hq, hkv, hkv], dim=1)  # strided views, as the qkv split gives
+    rq, rk, rv = ref_qkv.split([hq, hkv, hkv], dim=1)
+    rotary_store_kvcache(positions, q, k, v, rotary.cos, rotary.sin, *caches,
+                         mapping.to(torch.int32))
+    rotary_store_kvcache_ref(positions, rq, rk, rv, rotary.cos, rotary.sin, *refs, mapping)
+    torch.testing.assert_close(q, rq, **ELEMENTWISE_TOL[dtype])
+    assert torch.equal(qkv[:, hq:], ref_qkv[:, hq:])  # k and v untouched
+    torch.testing.assert_close(caches[0], refs[0], **ELEMENTWISE_TOL[dtype])
+    assert torch.equal(caches[1], refs[1])
+    untouched = torch.ones(slots, dtype=torch.bool, device=DEVICE)
+    untouched[mapping[mapping >= 0]] = False
+    assert torch.equal(caches[0][untouched], refs[0][untouched])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, HALF])
@@ -131,23 +146,6 @@ def test_fused_add_rmsnorm(dtype, hidden):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_embedding(dtype):
-    t, hq, hk, d, max_pos = 6, 4, 2, 32, 64
-    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32),
-                        1.0 / 10000 ** (torch.arange(0, d, 2).float() / d))
-    emb = torch.cat([freqs, freqs], -1).to(DEVICE)
-    qkv = torch.randn(t, hq + 2 * hk, d, dtype=dtype, device=DEVICE)
-    q, k = qkv[:, :hq], qkv[:, hq:hq + hk]  # strided views, as the qkv split gives
-    positions = torch.randint(0, max_pos, (t,), device=DEVICE)
-    ref_q, ref_k = rotary_embedding_ref(positions, q, k, emb.cos(), emb.sin())
-    v_before = qkv[:, hq + hk:].clone()
-    out_q, out_k = rotary_embedding(positions, q, k, emb.cos(), emb.sin())
-    torch.testing.assert_close(out_q, ref_q, **ELEMENTWISE_TOL[dtype])
-    torch.testing.assert_close(out_k, ref_k, **ELEMENTWISE_TOL[dtype])
-    assert torch.equal(qkv[:, hq + hk:], v_before)  # v untouched
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_silu_and_mul(dtype):
     x = torch.randn(5, 2 * 1100, dtype=dtype, device=DEVICE)  # two column blocks, one partial
     torch.testing.assert_close(silu_and_mul(x), silu_and_mul_ref(x), **ELEMENTWISE_TOL[dtype])
@@ -162,16 +160,22 @@ def test_triton_backend_matches_torch_backend(dtype):
     seqs = [SeqSlice(ql, cl, row.tolist())
             for ql, cl, row in zip(q_lens, ctx_lens, table.cpu())]
     t = sum(q_lens)
+    rotary = RotaryEmbedding(d, 64, 10000.0).to(DEVICE)
+    positions = torch.cat([torch.arange(c - ql, c) for ql, c in zip(q_lens, ctx_lens)]).to(DEVICE)
     qkv = torch.randn(t, hkv * (group + 2), d, dtype=dtype, device=DEVICE)
-    q, k, v = qkv.split([hkv * group, hkv, hkv], dim=1)  # strided views, as the model passes
     outs, caches = [], []
     for backend in (TorchAttentionBackend(block_size, DEVICE),
                     TritonAttentionBackend(block_size, DEVICE)):
         kc, vc = k_cache.clone(), v_cache.clone()
-        outs.append(backend.forward(q, k, v, kc, vc, backend.prepare(seqs), d ** -0.5))
+        # strided views, as the model passes (the Triton backend rotates q in place: a copy each)
+        q, k, v = qkv.clone().split([hkv * group, hkv, hkv], dim=1)
+        outs.append(backend.forward(positions, q, k, v, rotary, kc, vc, backend.prepare(seqs),
+                                    d ** -0.5))
         caches.append((kc, vc))
     torch.testing.assert_close(outs[1], outs[0], **TOL[dtype])
-    assert torch.equal(caches[1][0], caches[0][0]) and torch.equal(caches[1][1], caches[0][1])
+    # Rotary rounds once in the kernel, after each op in torch: k's cache rows within an ulp.
+    torch.testing.assert_close(caches[1][0], caches[0][0], **ELEMENTWISE_TOL.get(dtype, TOL[dtype]))
+    assert torch.equal(caches[1][1], caches[0][1])
 
 
 def _all_reduce_rank(rank, world, xs, outs, buf_ptrs, sig_ptrs):
@@ -231,3 +235,20 @@ def test_padded_block_table():
     table = padded_block_table([[3, 1, 4], [1], [], [5, 9]])
     assert table.dtype == np.int32
     assert table.tolist() == [[3, 1, 4], [1, 0, 0], [0, 0, 0], [5, 9, 0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, HALF])
+@pytest.mark.parametrize("m,bias,cfg", [(1, False, dict(block_n=16, block_k=32, splits=1)),
+                                        (5, True, dict(block_n=32, block_k=32, splits=3)),
+                                        (16, True, dict(block_n=16, block_k=64, splits=3))])
+def test_skinny_gemm(dtype, m, bias, cfg):
+    """Against the float32 product, with and without split-K; N not a multiple of the tile; a
+    second call right after (the split counters must be back at 0)."""
+    n, k = 40, 192
+    w = torch.randn(n, k, dtype=dtype, device=DEVICE) / k ** 0.5
+    b = torch.randn(n, dtype=dtype, device=DEVICE) if bias else None
+    config = SkinnyConfig(**cfg)
+    for _ in range(2):
+        x = torch.randn(m, k, dtype=dtype, device=DEVICE)
+        torch.testing.assert_close(skinny_gemm(x, w, b, config), skinny_gemm_ref(x, w, b),
+                                   **TOL[dtype])

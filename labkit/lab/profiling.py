@@ -7,7 +7,9 @@ label the model's layers (`labkit::attention`, `labkit::matmul`, `labkit::norm/r
 
   attention             the attention layers: KV-cache writes and gathers, SDPA
   matmul                linear layers and the LM head
-  norm/rope/activation  RMSNorm (with its residual add), rotary embedding, SiLU-and-mul
+  norm/rope/activation  RMSNorm (with its residual add), rotary embedding, SiLU-and-mul (on
+                        CUDA rotary is fused into the attention layer's KV-cache write, and
+                        counts as attention)
   sampling              everything in the engine's sample phase
   communication         the TP group's collectives (all-reduce, all-gather), wherever they run
   engine                the schedule, prepare and postprocess phases (Python and their ops)

@@ -1,8 +1,10 @@
 """Paged attention: one seam between the model and the attention implementation.
 
 The model runner describes a step's batch as `SeqSlice`s; the backend's `prepare` turns them into
-metadata once per step (shared by every layer), and `forward` writes the new K/V into the paged
-cache by slot mapping and attends through each sequence's block table. The torch reference runs
+metadata once per step (shared by every layer), and `forward` applies the rotary embedding,
+writes the new K/V into the paged cache by slot mapping and attends through each sequence's block
+table. Rotary sits behind the seam because a backend may fuse it with the cache write (the Triton
+one does: one kernel per layer instead of two). The torch reference runs
 everywhere; the Triton backend (CUDA) plugs in behind the same two methods.
 """
 from __future__ import annotations
@@ -16,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from labkit.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -52,8 +56,9 @@ class AttentionBackend(Protocol):
 
     def prepare(self, seqs: list[SeqSlice]) -> AttentionMetadata: ...
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor: ...
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                rotary: RotaryEmbedding, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor: ...
 
 
 class TorchAttentionBackend:
@@ -92,8 +97,11 @@ class TorchAttentionBackend:
         out = cache.view(-1, self.block_size, hkv, d).index_select(0, blocks.reshape(-1))
         return out.view(*blocks.shape[:-1], -1, hkv, d)
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        """q: [T, H, D]; k, v: [T, Hkv, D]; caches: [num_blocks * block_size, Hkv, D]."""
+    def forward(self, positions, q, k, v, rotary: RotaryEmbedding, k_cache, v_cache,
+                meta: AttentionMetadata, scale: float):
+        """positions: [T]; q: [T, H, D]; k, v: [T, Hkv, D] (before rotary); caches:
+        [num_blocks * block_size, Hkv, D]."""
+        q, k = rotary(positions, q, k)
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
@@ -145,13 +153,18 @@ def forward_context(ctx: ForwardContext):
 
 
 class Attention(nn.Module):
-    def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 rotary: RotaryEmbedding):
         super().__init__()
         self.layer_idx = layer_idx
+        self.rotary = rotary
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> torch.Tensor:
+        """q: [T, H, D], k and v: [T, Hkv, D], before rotary."""
         ctx = _ctx
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        return ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.meta, self.scale)
+        return ctx.backend.forward(positions, q, k, v, self.rotary, k_cache, v_cache, ctx.meta,
+                                   self.scale)

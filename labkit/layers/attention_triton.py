@@ -2,8 +2,9 @@
 
 `prepare` builds the step's int32 tensors (slot mapping; decode block table and context lengths;
 prefill cu_seqlens, context lengths and block table) in ONE host buffer and copies it to the
-device in one transfer (from pinned memory: it never waits for queued work); the tensors are 16-byte-aligned views into it. `forward` stores the new K/V, then runs the
-decode kernel on the leading single-token rows and the prefill kernel on the rest.
+device in one transfer (from pinned memory: it never waits for queued work); the tensors are
+16-byte-aligned views into it. `forward` rotates q and stores the rotated K and V in one kernel,
+then runs the decode kernel on the leading single-token rows and the prefill kernel on the rest.
 """
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import numpy as np
 import torch
 
 from labkit.layers.attention import AttentionMetadata, SeqSlice, padded_block_table
+from labkit.layers.rotary import RotaryEmbedding
 from labkit.transfer import array_to_device
 from labkit_kernels.paged_attention_decode import paged_attention_decode
 from labkit_kernels.prefill_attention import prefill_attention
-from labkit_kernels.store_kvcache import store_kvcache
+from labkit_kernels.rotary_store_kvcache import rotary_store_kvcache
 
 
 ALIGN = 4  # int32 elements: 16 bytes
@@ -63,9 +65,12 @@ class TritonAttentionBackend:
             meta.extra["prefill_max_q_len"] = max(s.q_len for s in pre)
         return meta
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        """q: [T, H, D]; k, v: [T, Hkv, D]; caches: [num_blocks * block_size, Hkv, D]."""
-        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+    def forward(self, positions, q, k, v, rotary: RotaryEmbedding, k_cache, v_cache,
+                meta: AttentionMetadata, scale: float):
+        """positions: [T]; q: [T, H, D]; k, v: [T, Hkv, D] (before rotary); caches:
+        [num_blocks * block_size, Hkv, D]. q is rotated in place."""
+        rotary_store_kvcache(positions, q, k, v, rotary.cos, rotary.sin, k_cache, v_cache,
+                             meta.slot_mapping)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         n, x = meta.num_decode, meta.extra
         if n:

@@ -40,10 +40,8 @@ class RotaryEmbedding(nn.Module):
         self._step: tuple | None = None  # (positions, cos, sin) of the current step
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, Hq, D], k: [T, Hk, D]; returned in their dtype."""
-        if q.is_cuda:  # rotates q and k in place, views of the qkv output included
-            from labkit_kernels.rotary_embedding import rotary_embedding
-            return rotary_embedding(positions, q, k, self.cos, self.sin)
+        """q: [T, Hq, D], k: [T, Hk, D]; returned in their dtype. The torch path: the Triton
+        attention backend rotates inside its cache-write kernel, from the same tables."""
         # Every layer shares this module and sees the same positions tensor within a step:
         # look the tables up once per step, not once per layer.
         if self._step is None or self._step[0] is not positions:

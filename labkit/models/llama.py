@@ -25,14 +25,12 @@ class LlamaAttention(nn.Module):
         h, hkv, d = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = h * d, hkv * d
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size)
-        self.rotary = rotary
-        self.attn = Attention(layer_idx, h, hkv, d)
+        self.attn = Attention(layer_idx, h, hkv, d, rotary)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         t, d = x.shape[0], self.attn.head_dim
-        q, k = self.rotary(positions, q.view(t, -1, d), k.view(t, -1, d))
-        o = self.attn(q, k, v.view(t, -1, d))
+        o = self.attn(positions, q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d))
         return self.o_proj(o.reshape(t, -1))
 
 
