@@ -1,38 +1,30 @@
-"""The decode step's GEMMs on a lent GPU: cuBLAS (F.linear, as the model calls it) against
-labkit_kernels.skinny_gemm's launch configurations, at the few rows of a decode step.
+"""The decode step's GEMMs on a lent GPU, in the two orientations cuBLAS can be asked for:
+F.linear (y = x W^T, as the model calls it) and torch.mm(W, x^T) (y^T, the weight as the left
+operand: on the CPU that orientation read the LM head 1.4-2.9x faster, PERF_NOTES).
 
   python benchmarks/gpu_gemm.py [--out DIR]
 
-Qwen2.5-7B's shapes (weights [N, K] bf16) at M = 1 and 8 rows, each timed in a CUDA graph of 20
-calls (so launch gaps and cuBLAS's split-K reduce kernels count). Prints, per shape and M, the
-cuBLAS time and the best skinny configurations; writes gpu_gemm.json under --out. (A first run
-also compared torch.backends.cuda.preferred_blas_library "cublas" with "cublaslt": the same
-nvjet kernels, times within 1 % except down_proj at M = 64; PERF_NOTES.)
+Qwen2.5-7B's shapes (weights [N, K] bf16) at M = 1, 8 and 64 rows, each timed in a CUDA graph of
+20 calls (so launch gaps and cuBLAS's split-K reduce kernels count). Prints one table; writes
+gpu_gemm.json under --out.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from labkit_kernels.skinny_gemm import SkinnyConfig, skinny_gemm
-
-SHAPES = {"qkv_proj (bias)": (4608, 3584, True), "o_proj": (3584, 3584, False),
-          "down_proj": (3584, 18944, False), "gate_up_proj": (37888, 3584, False)}
-ROWS = (1, 8)
+SHAPES = {"qkv_proj": (4608, 3584), "o_proj": (3584, 3584), "gate_up_proj": (37888, 3584),
+          "down_proj": (3584, 18944), "lm_head": (152064, 3584)}
+ROWS = (1, 8, 64)
 CALLS = 20
-BLOCK_NS = (16, 32, 64)
-BLOCK_KS = (128, 256)
-SPLITS = (1, 2, 4, 8)
-STAGES = (3, 5)
 
 
 def graph_time_us(fn) -> float:
+    """Median microseconds per call of `fn`, replayed 20 times in a row from one CUDA graph."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -62,35 +54,25 @@ def main() -> None:
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), flush=True)
     rows = []
-    for name, (n, k, has_bias) in SHAPES.items():
+    for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
-        b = torch.randn(n, dtype=torch.bfloat16, device="cuda") if has_bias else None
         for m in ROWS:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-            ref = F.linear(x, w, b)
+            assert torch.allclose(torch.mm(w, x.t()).t().float(), F.linear(x, w).float(), atol=2e-2, rtol=2e-2)
             row = {"gemm": name, "n": n, "k": k, "m": m,
-                   "cublas_us": graph_time_us(lambda: F.linear(x, w, b)), "skinny": []}
-            for bn, bk, sp, st in itertools.product(BLOCK_NS, BLOCK_KS, SPLITS, STAGES):
-                if k % (bk * sp):
-                    continue
-                cfg = SkinnyConfig(block_n=bn, block_k=bk, splits=sp, num_stages=st)
-                try:
-                    ok = torch.allclose(skinny_gemm(x, w, b, cfg).float(), ref.float(), atol=2e-2, rtol=2e-2)
-                    us = graph_time_us(lambda: skinny_gemm(x, w, b, cfg))
-                except Exception as e:  # e.g. shared memory for many stages of a large tile
-                    print(f"{name} M={m} {cfg}: {type(e).__name__}", file=sys.stderr)
-                    continue
-                row["skinny"].append(dict(cfg.__dict__, us=us, ok=ok))
-            row["skinny"].sort(key=lambda r: r["us"])
+                   "x_wt_us": graph_time_us(lambda: F.linear(x, w)),
+                   "w_xt_us": graph_time_us(lambda: torch.mm(w, x.t())),
+                   "w_xt_contiguous_us": graph_time_us(lambda: torch.mm(w, x.t()).t().contiguous())}
             rows.append(row)
-            best = row["skinny"][0]
-            print(f"{name} M={m}: cuBLAS {row['cublas_us']:.2f} us ({n * k * 2 / row['cublas_us'] / 1e6:.2f} TB/s)"
-                  f"  best skinny {best['us']:.2f} us ({n * k * 2 / best['us'] / 1e6:.2f} TB/s)", flush=True)
-            for r in row["skinny"][:4]:
-                print(f"   {r}", flush=True)
+            print(row, flush=True)
         del w
-    bad = sum(not r["ok"] for row in rows for r in row["skinny"])
-    print(f"{bad} skinny configurations off the reference")
+    print("\n| GEMM [N x K] | M | x W^T us (TB/s) | W x^T us (TB/s) | W x^T + copy us |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        gb = r["n"] * r["k"] * 2 / 1e6
+        print(f"| {r['gemm']} [{r['n']} x {r['k']}] | {r['m']} | {r['x_wt_us']:.1f} "
+              f"({gb / r['x_wt_us']:.2f}) | {r['w_xt_us']:.1f} ({gb / r['w_xt_us']:.2f}) | "
+              f"{r['w_xt_contiguous_us']:.1f} |")
     if args.out:
         Path(args.out, "gpu_gemm.json").write_text(json.dumps(
             {"card": torch.cuda.get_device_name(), "rows": rows}, indent=1))

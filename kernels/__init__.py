@@ -5,14 +5,16 @@ One file per kernel, each exposing the Triton launcher `<name>(...)` beside its 
 reference `<name>_ref(...)`; tests/test_kernels.py compares the two on fresh random inputs (under
 TRITON_INTERPRET=1 on a CPU), benchmarks/gpu_kernels.py at real shapes on a GPU.
 
-- store_kvcache: write the step's new K/V into the paged cache by slot mapping.
+- rotary_store_kvcache: rotary embedding (neox "rotate half") on q in place and on k on its way
+  into the paged cache, v copied there too, by slot mapping: one kernel per layer.
 - paged_attention_decode: one query per sequence, GQA, split along the KV length (flash-decoding).
 - prefill_attention: causal variable-length chunks reading the cached prefix via the block table.
 - fused_add_rmsnorm (and rmsnorm): residual add + RMSNorm in float32, HF rounding.
-- rotary_embedding: neox "rotate half" RoPE, in place on q and k.
 - silu_and_mul: silu(gate) * up for the merged gate/up projection.
 - attention_tile: no kernel, the K/V-tile loop body (paged gather, online softmax) that
   paged_attention_decode and prefill_attention both inline.
+
+- pdl: programmatic dependent launch (Hopper+) for all of the above; LABKIT_PDL=0 turns it off.
 
 labkit.layers.attention_triton builds the engine's Triton attention backend from the first three.
 Importing this package imports triton; the engine does so only on CUDA.

@@ -114,9 +114,11 @@ def _num_sms(device: torch.device) -> int:
 
 def default_num_splits(batch: int, num_kv_heads: int, max_context_len: int,
                        device: torch.device) -> int:
-    """Enough (batch, KV head, split) programs for about two waves over the SMs, but no split
-    shorter than MIN_TOKENS_PER_SPLIT tokens."""
-    want = math.ceil(2 * _num_sms(device) / (batch * num_kv_heads))
+    """Enough (batch, KV head, split) programs for about four waves over the SMs (rounded down to
+    a power of two), but no split shorter than MIN_TOKENS_PER_SPLIT tokens. Four, not two: on an
+    H200 at batch 8 (32 batch x KV-head pairs) 16 splits beat 8 or 9 by 0.6-1.5 us per call for
+    contexts of 1024-2048 (benchmarks/gpu_decode_sweep.py; results/gpu_decode_sweep_h200.log)."""
+    want = 1 << max(0, (4 * _num_sms(device) // (batch * num_kv_heads)).bit_length() - 1)
     return max(1, min(want, MAX_SPLITS, math.ceil(max_context_len / MIN_TOKENS_PER_SPLIT)))
 
 

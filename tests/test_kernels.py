@@ -34,7 +34,6 @@ from labkit_kernels.rotary_store_kvcache import (rotary_store_kvcache,  # noqa: 
                                                  rotary_store_kvcache_ref)
 from labkit.layers.rotary import RotaryEmbedding  # noqa: E402
 from labkit_kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
-from labkit_kernels.skinny_gemm import SkinnyConfig, skinny_gemm, skinny_gemm_ref  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HALF = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16  # see the module docstring
@@ -235,20 +234,3 @@ def test_padded_block_table():
     table = padded_block_table([[3, 1, 4], [1], [], [5, 9]])
     assert table.dtype == np.int32
     assert table.tolist() == [[3, 1, 4], [1, 0, 0], [0, 0, 0], [5, 9, 0]]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, HALF])
-@pytest.mark.parametrize("m,bias,cfg", [(1, False, dict(block_n=16, block_k=32, splits=1)),
-                                        (5, True, dict(block_n=32, block_k=32, splits=3)),
-                                        (16, True, dict(block_n=16, block_k=64, splits=3))])
-def test_skinny_gemm(dtype, m, bias, cfg):
-    """Against the float32 product, with and without split-K; N not a multiple of the tile; a
-    second call right after (the split counters must be back at 0)."""
-    n, k = 40, 192
-    w = torch.randn(n, k, dtype=dtype, device=DEVICE) / k ** 0.5
-    b = torch.randn(n, dtype=dtype, device=DEVICE) if bias else None
-    config = SkinnyConfig(**cfg)
-    for _ in range(2):
-        x = torch.randn(m, k, dtype=dtype, device=DEVICE)
-        torch.testing.assert_close(skinny_gemm(x, w, b, config), skinny_gemm_ref(x, w, b),
-                                   **TOL[dtype])
