@@ -233,7 +233,8 @@ def profile_attention(llm, meta, batch: int) -> dict:
     q = torch.randn(n, h, d)
     k = torch.randn(n, hkv, d)
     v = torch.randn(n, hkv, d)
-    slots = meta.decode_slots
+    bs = runner.backend.block_size  # per-token slots of each context, from its block ids
+    slots = (meta.decode_blocks[:, :, None] * bs + torch.arange(bs)).reshape(n, -1)
     mask = meta.decode_mask
     scale = d ** -0.5
     L = slots.shape[1]
@@ -250,6 +251,9 @@ def profile_attention(llm, meta, batch: int) -> dict:
         res["index_copy_kv"] = bench(lambda: (k_cache.index_copy_(0, meta.slot_mapping, k),
                                               v_cache.index_copy_(0, meta.slot_mapping, v)))
         res["gather_kv_advanced_index"] = bench(lambda: (k_cache[slots], v_cache[slots]))
+        res["gather_kv_by_blocks (the backend's)"] = bench(
+            lambda: (runner.backend._gather(k_cache, meta.decode_blocks),
+                     runner.backend._gather(v_cache, meta.decode_blocks)))
         res["gather_kv_index_select"] = bench(lambda: (k_cache.index_select(0, flat).view(n, L, hkv, d),
                                                        v_cache.index_select(0, flat).view(n, L, hkv, d)))
         res["sdpa_masked"] = bench(lambda: F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale))

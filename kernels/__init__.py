@@ -13,7 +13,6 @@ TRITON_INTERPRET=1 on a CPU), benchmarks/gpu_kernels.py at real shapes on a GPU.
 - silu_and_mul: silu(gate) * up for the merged gate/up projection.
 - attention_tile: no kernel, the K/V-tile loop body (paged gather, online softmax) that
   paged_attention_decode and prefill_attention both inline.
-
 - pdl: programmatic dependent launch (Hopper+) for all of the above; LABKIT_PDL=0 turns it off.
 
 labkit.layers.attention_triton builds the engine's Triton attention backend from the first three.
