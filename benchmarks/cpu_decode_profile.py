@@ -338,13 +338,18 @@ def profile_lm_head(W: torch.Tensor, batches, reps: int) -> dict:
     return out
 
 
+def dense(w: torch.Tensor) -> torch.Tensor:
+    """A layer's weight as a plain tensor (the engine keeps CPU weights in oneDNN's layout)."""
+    return w.detach().to_dense() if w.is_mkldnn else w.detach()
+
+
 def profile_layer_matmuls(model, batches, reps: int) -> dict:
     """Each projection kind over all 30 layers' weights in turn (as one decode step sees them)."""
     layers = model.model.layers
-    kinds = {"qkv_proj": [l.self_attn.qkv_proj.weight for l in layers],
-             "o_proj": [l.self_attn.o_proj.weight for l in layers],
-             "gate_up_proj": [l.mlp.gate_up_proj.weight for l in layers],
-             "down_proj": [l.mlp.down_proj.weight for l in layers]}
+    kinds = {"qkv_proj": [dense(l.self_attn.qkv_proj.weight) for l in layers],
+             "o_proj": [dense(l.self_attn.o_proj.weight) for l in layers],
+             "gate_up_proj": [dense(l.mlp.gate_up_proj.weight) for l in layers],
+             "down_proj": [dense(l.mlp.down_proj.weight) for l in layers]}
     out = {}
     for b in batches:
         res = {}
@@ -488,8 +493,8 @@ def main(argv=None) -> int:
         report["layer_matmuls"] = profile_layer_matmuls(model, batches, args.reps)
         print("== prefill-size matmuls (ms, one layer's weight)", flush=True)
         pre = {}
-        for kind, w in (("gate_up_proj", model.model.layers[0].mlp.gate_up_proj.weight.data),
-                        ("down_proj", model.model.layers[0].mlp.down_proj.weight.data)):
+        for kind, w in (("gate_up_proj", dense(model.model.layers[0].mlp.gate_up_proj.weight)),
+                        ("down_proj", dense(model.model.layers[0].mlp.down_proj.weight))):
             for tokens in (1024, 4096):
                 x = torch.randn(tokens, w.shape[1])
                 row = {}

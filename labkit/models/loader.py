@@ -117,4 +117,8 @@ def build_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: t
         init_dummy_weights(model, seed)
     else:
         load_weights(model, _checkpoint_tensors(model_dir, load_format))
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    for module in model.modules():
+        if hasattr(module, "process_weights_after_loading"):
+            module.process_weights_after_loading()
+    return model
