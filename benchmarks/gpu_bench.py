@@ -117,12 +117,17 @@ def phases(steps) -> dict:
 
 def labkit_runs(workloads: set[str], spec: str, out_dir: Path) -> dict:
     """One engine configuration, `spec` as in --tp: the TP size, then "nccl" for every
-    all-reduce through NCCL, "sync" for async scheduling off and/or "nopdl" for kernels launched
-    without programmatic dependent launch (e.g. "2nccl", "1sync", "1nopdl")."""
+    all-reduce through NCCL, "sync" for async scheduling off, "nopdl" for kernels launched
+    without programmatic dependent launch, "pdlwait" for PDL without the early trigger, and/or
+    "nogemv" for every matmul through cuBLAS (e.g. "2nccl", "1sync", "1nopdl", "1nogemv")."""
     from labkit import LLM, SamplingParams
-    from labkit_kernels.pdl import pdl_enabled
-    os.environ["LABKIT_PDL"] = "0" if "nopdl" in spec else "1"  # TP workers inherit it
-    pdl_enabled.cache_clear()
+    from labkit.layers.linear import _gemv_enabled
+    from labkit_kernels.pdl import pdl_mode
+    # TP workers inherit these
+    os.environ["LABKIT_PDL"] = "0" if "nopdl" in spec else "wait" if "pdlwait" in spec else "1"
+    os.environ["LABKIT_GEMV"] = "0" if "nogemv" in spec else "1"
+    pdl_mode.cache_clear()
+    _gemv_enabled.cache_clear()
     res = {}
     llm = LLM(str(QWEN7B), load_format="dummy", dtype="bfloat16",
               tensor_parallel_size=int(re.match(r"\d+", spec).group()),
@@ -181,6 +186,9 @@ def check_correctness(tiny: Path | None) -> dict:
     """Greedy tokens on CUDA (Triton backend, graphs) vs the CPU path and HF, float32 and bf16."""
     if tiny is None:
         return {"skipped": "no --tiny checkpoint"}
+    if "," in str(tiny):  # several checkpoints: one set of keys each, prefixed by its name
+        return {f"{Path(t).name}/{k}": v for t in str(tiny).split(",")
+                for k, v in check_correctness(Path(t)).items()}
     from transformers import AutoModelForCausalLM
 
     from labkit import LLM, SamplingParams
@@ -189,6 +197,11 @@ def check_correctness(tiny: Path | None) -> dict:
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
     out = {}
     ref = {}
+    t0 = time.perf_counter()
+
+    def progress(what: str) -> None:  # where a long check spends its time
+        print(f"  [correctness {tiny.name}] {what} at {time.perf_counter() - t0:.0f}s", flush=True)
+
     for dtype in ("float32", "bfloat16"):
         hf = AutoModelForCausalLM.from_pretrained(tiny, dtype=getattr(torch, dtype)).cuda().eval()
         ref[dtype] = []
@@ -197,14 +210,18 @@ def check_correctness(tiny: Path | None) -> dict:
                             eos_token_id=None, pad_token_id=0)
             ref[dtype].append(r[0, len(p):].tolist())
         del hf
+    progress("HF references")
     with LLM(str(tiny), device="cpu", dtype="float32") as cpu:
         cpu_ids = [o.outputs[0].token_ids for o in cpu.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)]
+    progress("CPU engine")
     for dtype in ("float32", "bfloat16"):
         for eager, asy in ((True, True), (False, True), (False, False)):
+            # max_num_seqs 16: the 8 prompts fit, and few graphs are captured (one call, many LLMs)
             with LLM(str(tiny), dtype=dtype, enforce_eager=eager, max_num_batched_tokens=128,
-                     block_size=16, async_scheduling=asy) as llm:
+                     block_size=16, async_scheduling=asy, max_num_seqs=16) as llm:
                 got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)]
             key = f"{dtype}_{'eager' if eager else 'graphs'}{'' if asy else '_sync'}"
+            progress(key)
             out[key + "_eq_hf"] = sum(a == b for a, b in zip(got, ref[dtype])) / len(prompts)
             out[key + "_first4_eq_hf"] = sum(a[:4] == b[:4] for a, b in zip(got, ref[dtype])) / len(prompts)
             if dtype == "float32":
@@ -220,7 +237,7 @@ def check_correctness(tiny: Path | None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out")
-    ap.add_argument("--tiny", default=None)
+    ap.add_argument("--tiny", default=None, help="tiny checkpoint dir(s), comma-separated")
     ap.add_argument("--workloads", default="a,b,c")
     ap.add_argument("--tp", default="1")
     ap.add_argument("--skip-hf", action="store_true")
@@ -244,15 +261,16 @@ def main() -> None:
         (out_dir / "gpu_bench.json").write_text(json.dumps(result, indent=2, default=str))
 
     guarded("ceilings", ceilings)
-    guarded("correctness", lambda: check_correctness(Path(args.tiny) if args.tiny else None))
     if not args.skip_hf:
         guarded("hf", lambda: hf_baselines(wl & {"a", "b"}))
-    # "--tp 1,1sync,1nopdl,2,2nccl,4": "2nccl" is tp=2 with every all-reduce through NCCL (no
-    # peer kernel), "1sync" tp=1 with async scheduling off, "1nopdl" tp=1 without PDL
-    tps = args.tp.split(",")
+    # "--tp 1,1sync,1nopdl,1pdlwait,1nogemv,2,2nccl,4": see labkit_runs
+    tps = [t for t in args.tp.split(",") if t]  # --tp "": no labkit runs (a correctness-only call)
     for spec in tps:
         guarded(f"labkit_tp{spec}", lambda spec=spec: labkit_runs(
             wl if spec.startswith("1") else wl & {"b"}, spec, out_dir))
+
+    # Last, so that a call cut short by its time limit still has the timings.
+    guarded("correctness", lambda: check_correctness(Path(args.tiny) if args.tiny else None))
 
     cfg = json.loads((QWEN7B / "config.json").read_text())
     num = model_numbers(cfg)

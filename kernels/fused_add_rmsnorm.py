@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import pdl_launch_args
+from .pdl import pdl_launch_args, pdl_wait
 
 
 @triton.jit
@@ -19,8 +19,7 @@ def _rmsnorm_kernel(x, residual, weight, out, new_residual, eps,
                     stride_x, stride_r, stride_o, stride_nr,
                     N: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                     USE_PDL: tl.constexpr):
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N

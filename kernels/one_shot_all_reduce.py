@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import pdl_launch_args
+from .pdl import pdl_launch_args, pdl_wait
 
 BLOCK = 2048
 MAX_PROGRAMS = 32     # flags per rank in a signal pad: MAX_PROGRAMS * world
@@ -53,8 +53,7 @@ def _wait_all(sig_ptrs, pid, RANK: tl.constexpr, WORLD: tl.constexpr, SEM: tl.co
 def _one_shot_all_reduce_kernel(x, buf_ptrs, sig_ptrs, N, RANK: tl.constexpr,
                                 WORLD: tl.constexpr, BLOCK: tl.constexpr,
                                 USE_PDL: tl.constexpr):
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
+    pdl_wait(USE_PDL)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     own = tl.load(buf_ptrs + RANK).to(tl.pointer_type(x.dtype.element_ty))

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .attention_tile import attend_kv_tile
-from .pdl import pdl_launch_args
+from .pdl import pdl_launch_args, pdl_wait
 
 BLOCK_N = 64                # context tokens per tile: a [64, 128] bf16 K tile is 16 KiB
 MIN_TOKENS_PER_SPLIT = 128  # below this a split's fixed cost (q load, partial write) dominates
@@ -39,8 +39,7 @@ def _decode_kernel(q, k_cache, v_cache, block_table, context_lens, out, part_out
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    DIRECT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
+    pdl_wait(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -86,8 +85,7 @@ def _decode_kernel(q, k_cache, v_cache, block_table, context_lens, out, part_out
 def _combine_kernel(part_out, part_lse, out, num_splits, stride_ob, stride_oh,
                     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                     USE_PDL: tl.constexpr):
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
+    pdl_wait(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .attention_tile import attend_kv_tile
-from .pdl import pdl_launch_args
+from .pdl import pdl_launch_args, pdl_wait
 
 # Hopper, head_dim 128, bf16: 64x64 tiles with 4 warps; two stages of K/V tiles (32 KiB each) in
 # shared memory overlap the next tile's gather with this tile's two dots.
@@ -33,8 +33,7 @@ def _prefill_kernel(q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
+    pdl_wait(USE_PDL)
     tile = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import pdl_launch_args
+from .pdl import pdl_launch_args, pdl_wait
 
 
 @triton.jit
@@ -42,8 +42,7 @@ def _rotary_store_kernel(positions, slot_mapping, q, k, v, k_cache, v_cache, cos
                          NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_QH: tl.constexpr,
                          BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
+    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions + t)
     half = tl.arange(0, BLOCK_D // 2)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .pdl import pdl_launch_args
+from .pdl import pdl_launch_args, pdl_wait
 
 BLOCK = 1024
 
@@ -18,8 +18,7 @@ BLOCK = 1024
 @triton.jit
 def _silu_and_mul_kernel(x, out, stride_x, stride_o, INTER: tl.constexpr, BLOCK: tl.constexpr,
                          USE_PDL: tl.constexpr):
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
+    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < INTER

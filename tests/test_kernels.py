@@ -25,6 +25,7 @@ from labkit.layers.attention import SeqSlice, TorchAttentionBackend  # noqa: E40
 from labkit.layers.attention_triton import TritonAttentionBackend  # noqa: E402
 from labkit_kernels.one_shot_all_reduce import (MAX_PROGRAMS, BLOCK,  # noqa: E402
                                                  one_shot_all_reduce, one_shot_all_reduce_ref)
+from labkit_kernels.gemv import GemvConfig, gemv, gemv_ref  # noqa: E402
 from labkit_kernels.fused_add_rmsnorm import (  # noqa: E402
     fused_add_rmsnorm, fused_add_rmsnorm_ref, rmsnorm, rmsnorm_ref)
 from labkit_kernels.paged_attention_decode import (paged_attention_decode,  # noqa: E402
@@ -148,6 +149,29 @@ def test_fused_add_rmsnorm(dtype, hidden):
 def test_silu_and_mul(dtype):
     x = torch.randn(5, 2 * 1100, dtype=dtype, device=DEVICE)  # two column blocks, one partial
     torch.testing.assert_close(silu_and_mul(x), silu_and_mul_ref(x), **ELEMENTWISE_TOL[dtype])
+
+
+# (rows, config): FMAs up to 2 rows, tensor cores up to 16. K = 200 is no multiple of the tiles;
+# split-K over 3 programs of 96 columns (the last one partial) and over 3 of 128 (the last one
+# empty); N = 37 fills the last row block only in part.
+GEMV_CASES = [(1, GemvConfig(4, 64, 2, False)), (2, GemvConfig(8, 32, 1, False, split_k=3)),
+              (5, GemvConfig(16, 64, 4, True)), (16, GemvConfig(16, 128, 4, True, split_k=3))]
+
+
+@pytest.mark.parametrize("rows,config", GEMV_CASES, ids=lambda c: str(c))
+@pytest.mark.parametrize("gated,bias", [(False, True), (True, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, HALF])
+def test_gemv(rows, config, gated, bias, dtype):
+    """y = x w^T (+ bias), gated: silu(gate) * up of x first; x a strided view (as the o_proj
+    input is); every output element checked against the float32 reference."""
+    n, k = 37, 200
+    x = torch.randn(rows, 3 * k, dtype=dtype, device=DEVICE)[:, : (2 * k if gated else k)]
+    w = torch.randn(n, k, dtype=dtype, device=DEVICE) / k ** 0.5
+    b = torch.randn(n, dtype=dtype, device=DEVICE) if bias else None
+    ref = gemv_ref(x, w, b, gated=gated)
+    # Twice: split-K's arrival counts must be back at zero after a call.
+    for _ in range(2):
+        torch.testing.assert_close(gemv(x, w, b, gated=gated, config=config), ref, **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, HALF])

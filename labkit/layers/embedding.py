@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit.distributed import building_tp
+from labkit.layers.linear import linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -44,6 +45,6 @@ class ParallelLMHead(VocabParallelEmbedding):
             # the output's rows at 4-64 rows (a decode step's batch; PERF_NOTES.md, CPU).
             local = torch.mm(self.weight, hidden.t()).t().contiguous()  # the sampler reads rows
         else:
-            local = F.linear(hidden, self.weight)
+            local = linear(hidden, self.weight)
         logits = self.tp.gather_last_dim(local)
         return None if logits is None else logits[..., : self.vocab_size]

@@ -4,15 +4,42 @@ Column-parallel layers split their output features; row-parallel layers split th
 features and all-reduce the partial sums. Each parameter carries a `weight_loader` that takes the
 full checkpoint tensor and keeps this rank's slice, so loading is the same for any TP size.
 After loading, `process_weights_after_loading` (vLLM's name for the step) lays a CPU float32
-weight out once for oneDNN; the forward then multiplies with it directly.
+weight out once for oneDNN; the forward then multiplies with it directly. On CUDA a decode step's
+few rows go through labkit_kernels.gemv where its table (or, up to 2 rows, its heuristic) says
+so, cuBLAS otherwise; `LABKIT_GEMV=0` turns the kernel off (to measure what it gives).
 """
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from labkit.distributed import building_tp, divide
+from labkit.layers.activation import SiluAndMul
+
+
+@functools.cache
+def _gemv_enabled() -> bool:
+    return os.environ.get("LABKIT_GEMV", "1") != "0"
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           act: SiluAndMul | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) by the fastest path for x's rows. `act`: the MLP's SiLU-and-mul, to
+    apply to x first (x is then the merged gate/up output); the decode kernel fuses it."""
+    if x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and _gemv_enabled():
+        from labkit_kernels.gemv import choose_config, gemv
+        cfg = choose_config(x.shape[0], weight.shape[0], weight.shape[1], x.device)
+        if cfg is not None:
+            return gemv(x, weight, bias, gated=act is not None, config=cfg)
+    if act is not None:
+        x = act(x)
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 class _ParallelLinear(nn.Module):
@@ -46,10 +73,6 @@ class _ParallelLinear(nn.Module):
             self.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(w.detach(), 8),
                                        requires_grad=False)
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.weight.is_mkldnn:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, "none", [], "")
-        return F.linear(x, self.weight, bias)
 
 
 class ColumnParallelLinear(_ParallelLinear):
@@ -58,7 +81,7 @@ class ColumnParallelLinear(_ParallelLinear):
                          bias, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -97,7 +120,8 @@ class RowParallelLinear(_ParallelLinear):
         super().__init__(divide(in_features, building_tp().size, "input features"), out_features,
                          bias, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, act: SiluAndMul | None = None) -> torch.Tensor:
+        """act: the MLP's SiLU-and-mul, applied to x (the merged gate/up output) first."""
         # The bias is added once, after the sum, not once per rank.
-        y = self.tp.all_reduce(self.matmul(x, None))
+        y = self.tp.all_reduce(linear(x, self.weight, None, act))
         return y if self.bias is None else y + self.bias
