@@ -1,7 +1,7 @@
 """A decode step's matmuls on a lent GPU: cuBLAS (F.linear) against labkit_kernels.gemv's launch
 configurations at a decode step's row counts; writes the card's configuration table.
 
-  python benchmarks/gpu_gemv.py --out DIR [--install]
+  python benchmarks/gpu_gemv.py --out DIR [--install] [--shapes down_proj,...]
 
 Shapes: Qwen2.5-7B-Instruct's (qkv with its bias, o, gate/up, down with the SiLU-and-mul fused,
 the LM head), bf16, at 1, 2, 4, 8 and 16 rows. Each timing is a CUDA graph of back-to-back calls
@@ -16,12 +16,13 @@ floor at the copy bandwidth measured here.
 
 Writes DIR/gemv_sweep.json (every timing) and DIR/gemv_<card>.json (the table: per row bucket
 and shape the fastest configuration, or null where cuBLAS is faster); --install copies the table
-into kernels/configs/, where the engine looks it up.
+into kernels/configs/, where the engine looks it up. --shapes sweeps only those and updates their
+entries in the installed table (no layer chains then).
 """
 from __future__ import annotations
 
 import argparse
-import itertools
+import dataclasses
 import json
 import shutil
 import sys
@@ -91,6 +92,13 @@ def cublas_call(x, w, b, gated):
     return (lambda: F.linear(silu_and_mul(x), w, b)) if gated else (lambda: F.linear(x, w, b))
 
 
+def call(x, w, b, gated, cfg):
+    """One gemv call as labkit.layers.linear makes it (the activation first if not fused)."""
+    if gated and not cfg.fuse_act:
+        return lambda: gemv(silu_and_mul(x), w, b, config=cfg)
+    return lambda: gemv(x, w, b, gated=gated, config=cfg)
+
+
 def sweep_shape(name, n, k, has_bias, gated, copy_bw) -> list[dict]:
     copies = max(2, -(-L2_BYTES // (n * k * 2)))
     ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies)]
@@ -102,11 +110,14 @@ def sweep_shape(name, n, k, has_bias, gated, copy_bw) -> list[dict]:
         row = {"shape": name, "n": n, "k": k, "m": m, "gated": gated,
                "floor_us": n * k * 2 / copy_bw * 1e6,
                "cublas_us": graph_us([cublas_call(x, w, b, gated) for w in ws] * 2), "gemv": []}
-        for cfg in (FMA if m <= FMA_MAX_ROWS else []) + DOT:
+        cfgs = (FMA if m <= FMA_MAX_ROWS else []) + DOT
+        if gated:  # also each with silu_and_mul in front instead of fused
+            cfgs += [dataclasses.replace(c, fuse_act=False) for c in cfgs]
+        for cfg in cfgs:
             try:
-                got = gemv(x, ws[0], b, gated=gated, config=cfg).float()
+                got = call(x, ws[0], b, gated, cfg)().float()
                 err = ((got - ref).norm() / ref.norm()).item()
-                us = graph_us([lambda w=w: gemv(x, w, b, gated=gated, config=cfg) for w in ws] * 2)
+                us = graph_us([call(x, w, b, gated, cfg) for w in ws] * 2)
             except Exception as e:  # e.g. out of registers / shared memory
                 print(f"  {name} M={m} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                 continue
@@ -129,7 +140,7 @@ def table_from(rows: list[dict]) -> dict:
         best = r["best"]
         win = best is not None and best["us"] < r["cublas_us"]
         out[f"{row_bucket(r['m'])},{r['n']},{r['k']}"] = (
-            {f: best[f] for f in ("block_n", "block_k", "num_warps", "dot", "split_k")}
+            {f: best[f] for f in ("block_n", "block_k", "num_warps", "dot", "split_k", "fuse_act")}
             if win else None)
     return out
 
@@ -149,8 +160,8 @@ def layer_chain(shapes, table, m, copy_bw, layers=28) -> dict:
     def mm(inp, w, b=None, gated=False, use_table=True):
         cfg = table.get(f"{row_bucket(m)},{w.shape[0]},{w.shape[1]}") if use_table else None
         if cfg:
-            return gemv(inp, w, b, gated=gated, config=GemvConfig(**cfg))
-        return F.linear(silu_and_mul(inp) if gated else inp, w, b)
+            return call(inp, w, b, gated, GemvConfig(**cfg))()
+        return cublas_call(inp, w, b, gated)()
 
     def layer(i, use_table):
         h, _ = fused_add_rmsnorm(x, res, norm_w, 1e-6)
@@ -173,6 +184,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out")
     ap.add_argument("--install", action="store_true")
+    ap.add_argument("--shapes", default=None, help="comma-separated names (default: all)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,18 +196,22 @@ def main() -> None:
                                         return_mode="median") * 1e-3)
     del a, bb
     shapes = qwen7b_shapes()
+    swept = args.shapes.split(",") if args.shapes else list(shapes)
     result = {"card": card, "copy_bytes_per_s": copy_bw, "command": " ".join(sys.argv), "rows": []}
-    for name, (n, k, has_bias, gated) in shapes.items():
-        result["rows"] += sweep_shape(name, n, k, has_bias, gated, copy_bw)
+    for name in swept:
+        result["rows"] += sweep_shape(name, *shapes[name], copy_bw)
         (out / "gemv_sweep.json").write_text(json.dumps(result, indent=1))
-    table = table_from(result["rows"])
+    table = {}
+    if args.shapes and config_path(card).exists():  # keep the other shapes' entries
+        table = json.loads(config_path(card).read_text())["configs"]
+    table.update(table_from(result["rows"]))
     path = out / config_path(card).name
     path.write_text(json.dumps({"card": card, "source": "benchmarks/gpu_gemv.py",
                                 "configs": table}, indent=1))
     if args.install:
         config_path(card).parent.mkdir(exist_ok=True)
         shutil.copy(path, config_path(card))
-    result["chains"] = [layer_chain(shapes, table, m, copy_bw) for m in (1, 8)]
+    result["chains"] = [] if args.shapes else [layer_chain(shapes, table, m, copy_bw) for m in (1, 8)]
     (out / "gemv_sweep.json").write_text(json.dumps(result, indent=1))
     print(f"\ncard {card}, copy {copy_bw / 1e12:.2f} TB/s")
     print(f"{'shape':>13} {'M':>3} {'floor us':>9} {'cuBLAS':>8} {'gemv':>8}  best")
@@ -203,7 +219,7 @@ def main() -> None:
         best = r["best"] or {}
         print(f"{r['shape']:>13} {r['m']:>3} {r['floor_us']:9.1f} {r['cublas_us']:8.1f} "
               f"{best.get('us', float('nan')):8.1f}  "
-              f"{'' if not best else (best['block_n'], best['block_k'], best['num_warps'], 'dot' if best['dot'] else 'fma', best['split_k'])}")
+              f"{'' if not best else (best['block_n'], best['block_k'], best['num_warps'], 'dot' if best['dot'] else 'fma', best['split_k'], 'fused' if best['fuse_act'] else 'silu first')}")
     for c in result["chains"]:
         print(f"28-layer chain M={c['m']}: floor {c['floor_us']:.0f} us, cuBLAS {c['cublas_us']:.0f}"
               f" us, table {c['table_us']:.0f} us")

@@ -10,7 +10,8 @@ row, each a few microseconds long. Three things here that cuBLAS's kernels do no
    tail. `pdl_wait` then lets the kernel after this one be scheduled, so it can do the same.
 2. The MLP's activation fused into the input: with `gated=True`, x is the merged gate/up
    projection's output [M, 2K] and the kernel multiplies by silu(gate) * up (rounded to x's
-   dtype, as silu_and_mul rounds it) as it reads; the SiLU-and-mul kernel disappears.
+   dtype, as silu_and_mul rounds it) as it reads; the SiLU-and-mul kernel disappears (where the
+   configuration's `fuse_act` says that is faster: callers check it).
 3. Split-K with the reduction in the same kernel: a weight with few rows (o_proj, down_proj:
    3584) gives too few programs to keep enough bytes in flight, so K is split over `split_k`
    programs per row block. Each writes its float32 partial sums and counts itself in; the last
@@ -49,6 +50,9 @@ class GemvConfig:
     num_warps: int
     dot: bool         # tensor cores (rows padded to 16) instead of FMAs
     split_k: int = 1  # programs per row block, each over a slice of K
+    # For a gated input: silu(gate) * up inside this kernel, or by silu_and_mul first. Fused, it
+    # is recomputed by every row block: cheap for a wide weight, not for down_proj's 3584 rows.
+    fuse_act: bool = True
 
 
 @triton.jit

@@ -34,6 +34,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         from labkit_kernels.gemv import choose_config, gemv
         cfg = choose_config(x.shape[0], weight.shape[0], weight.shape[1], x.device)
         if cfg is not None:
+            if act is not None and not cfg.fuse_act:
+                x, act = act(x), None
             return gemv(x, weight, bias, gated=act is not None, config=cfg)
     if act is not None:
         x = act(x)
