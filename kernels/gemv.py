@@ -69,12 +69,15 @@ def _x_tile(x, m, kk, M, K, stride_xm, GATED: tl.constexpr):
 
 
 @triton.jit
-def _weight_tile(w_ptr, k0, k_end, K, row_ok, cols):
-    # The tile at k0 if it starts before k_end (this program's slice), else zeros and no loads.
-    # Masked per element against K, but K is a multiple of 16 in every real model (Triton
-    # specialises on it), so the mask is uniform over each 16-byte vector: the loads stay wide.
-    in_slice = (k0 + cols < K) & (cols * 0 + k0 < k_end)  # (a vector: the interpreter's & mistypes scalars)
-    return tl.load(w_ptr + k0, mask=row_ok[:, None] & in_slice[None, :], other=0.0)
+def _weight_tile(w_ptr, k0, k_end, K, row_ok, cols, SPLIT: tl.constexpr):
+    """The weight tile at k0 (zeros past K). SPLIT: only if k0 is still inside this program's
+    slice of K (which ends at k_end), else zeros and no loads."""
+    # Masked per element, but K is a multiple of 16 in every real model (Triton specialises on
+    # it), so the mask is uniform over each 16-byte vector: the loads stay wide.
+    in_k = k0 + cols < K
+    if SPLIT:  # (a vector compare: the interpreter's & mistypes scalars)
+        in_k = in_k & (cols * 0 + k0 < k_end)
+    return tl.load(w_ptr + k0, mask=row_ok[:, None] & in_k[None, :], other=0.0)
 
 
 @triton.jit
@@ -85,11 +88,15 @@ def _prologue(w, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
     row_ok = rows < N
-    per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # whole tiles per split
-    k_start = tl.program_id(1) * per_split
-    k_end = tl.minimum(k_start + per_split, K)
+    if SPLIT_K > 1:
+        per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # whole tiles per split
+        k_start = tl.program_id(1) * per_split
+        k_end = tl.minimum(k_start + per_split, K)
+    else:  # plain bounds: the loop compiles as it would without split-K (fewer instructions)
+        k_start = 0
+        k_end = K
     w_ptr = w + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
-    first = _weight_tile(w_ptr, k_start, k_end, K, row_ok, cols)
+    first = _weight_tile(w_ptr, k_start, k_end, K, row_ok, cols, SPLIT_K > 1)
     pdl_wait(USE_PDL)
     return rows, cols, row_ok, w_ptr, first, k_start, k_end
 
@@ -133,7 +140,7 @@ def _gemv_fma_kernel(x, w, bias, y, ws, counters, M, N, K, stride_xm, stride_wn,
     acc0 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     acc1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        w_next = _weight_tile(w_ptr, k0 + BLOCK_K, k_end, K, row_ok, cols)
+        w_next = _weight_tile(w_ptr, k0 + BLOCK_K, k_end, K, row_ok, cols, SPLIT_K > 1)
         wf = w_cur.to(tl.float32)
         kk = (k0 + cols)[None, :]
         acc0 += wf * _x_tile(x, 0, kk, M, K, stride_xm, GATED)
@@ -155,7 +162,7 @@ def _gemv_dot_kernel(x, w, bias, y, ws, counters, M, N, K, stride_xm, stride_wn,
     ms = tl.arange(0, 16)
     acc = tl.zeros([BLOCK_N, 16], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        w_next = _weight_tile(w_ptr, k0 + BLOCK_K, k_end, K, row_ok, cols)
+        w_next = _weight_tile(w_ptr, k0 + BLOCK_K, k_end, K, row_ok, cols, SPLIT_K > 1)
         xt = _x_tile(x, ms[None, :], (k0 + cols)[:, None], M, K, stride_xm, GATED)
         acc = tl.dot(w_cur, xt.to(w.dtype.element_ty), acc, input_precision=PRECISION)
         w_cur = w_next
