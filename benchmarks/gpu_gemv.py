@@ -211,15 +211,19 @@ def main() -> None:
     if args.install:
         config_path(card).parent.mkdir(exist_ok=True)
         shutil.copy(path, config_path(card))
-    result["chains"] = [] if args.shapes else [layer_chain(shapes, table, m, copy_bw) for m in (1, 8)]
+    result["chains"] = [] if args.shapes else [layer_chain(shapes, table, m, copy_bw)
+                                                for m in (1, 8)]
     (out / "gemv_sweep.json").write_text(json.dumps(result, indent=1))
     print(f"\ncard {card}, copy {copy_bw / 1e12:.2f} TB/s")
     print(f"{'shape':>13} {'M':>3} {'floor us':>9} {'cuBLAS':>8} {'gemv':>8}  best")
     for r in result["rows"]:
         best = r["best"] or {}
+        how = "" if not best else (
+            f"{'dot' if best['dot'] else 'fma'} {best['block_n']}x{best['block_k']} "
+            f"w{best['num_warps']} split-K {best['split_k']}"
+            + ("" if best["fuse_act"] or not r["gated"] else ", silu first"))
         print(f"{r['shape']:>13} {r['m']:>3} {r['floor_us']:9.1f} {r['cublas_us']:8.1f} "
-              f"{best.get('us', float('nan')):8.1f}  "
-              f"{'' if not best else (best['block_n'], best['block_k'], best['num_warps'], 'dot' if best['dot'] else 'fma', best['split_k'], 'fused' if best['fuse_act'] else 'silu first')}")
+              f"{best.get('us', float('nan')):8.1f}  {how}")
     for c in result["chains"]:
         print(f"28-layer chain M={c['m']}: floor {c['floor_us']:.0f} us, cuBLAS {c['cublas_us']:.0f}"
               f" us, table {c['table_us']:.0f} us")

@@ -5,6 +5,7 @@ before anything imports triton), at small shapes: this is how CI runs them. On a
 compiled. The interpreter has no bfloat16 `tl.dot` (it multiplies the raw bit patterns), so the
 attention kernels' half-precision tests use float16 there; the elementwise kernels test bfloat16.
 """
+import json
 import os
 import random
 
@@ -172,6 +173,31 @@ def test_gemv(rows, config, gated, bias, dtype):
     # Twice: split-K's arrival counts must be back at zero after a call.
     for _ in range(2):
         torch.testing.assert_close(gemv(x, w, b, gated=gated, config=config), ref, **TOL[dtype])
+
+
+def test_gemv_tables_and_dispatch(monkeypatch):
+    """Every committed per-card table parses into launchable configurations; on the H200, tuned
+    shapes get their entry (None: cuBLAS), untuned ones the kernel at 1-2 rows, cuBLAS above."""
+    from labkit_kernels import gemv as G
+    for path in G.CONFIG_DIR.glob("gemv_*.json"):
+        for key, entry in json.loads(path.read_text())["configs"].items():
+            bucket, n, k = map(int, key.split(","))
+            if entry is not None:
+                cfg = G.GemvConfig(**entry)
+                assert cfg.dot or bucket <= G.FMA_MAX_ROWS, (path.name, key)
+                assert cfg.block_n & (cfg.block_n - 1) == 0 and cfg.split_k >= 1
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    G._table.cache_clear()
+    try:
+        dev = torch.device("cuda", 0)  # only its name (above) is read
+        assert G.choose_config(1, 3584, 18944, dev) == G.GemvConfig(64, 128, 4, True, 8, False)
+        assert G.choose_config(16, 3584, 18944, dev) is None
+        assert G.choose_config(1, 4608, 3584, dev) == G.GemvConfig(2, 1024, 4, False)
+        assert G.choose_config(2, 4608, 3584, dev) is None
+        assert G.choose_config(2, 64, 96, dev) == G.heuristic_config(2, 96)
+        assert G.choose_config(8, 64, 96, dev) is None and G.choose_config(17, 3584, 3584, dev) is None
+    finally:
+        G._table.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, HALF])
