@@ -29,7 +29,8 @@ def _gemv_enabled() -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            act: SiluAndMul | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias) by the fastest path for x's rows. `act`: the MLP's SiLU-and-mul, to
-    apply to x first (x is then the merged gate/up output); the decode kernel fuses it."""
+    apply to x first (x is then the merged gate/up output); the decode kernel fuses it where its
+    configuration says so (`fuse_act`), else it runs first."""
     if x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and _gemv_enabled():
         from labkit_kernels.gemv import choose_config, gemv
         cfg = choose_config(x.shape[0], weight.shape[0], weight.shape[1], x.device)
