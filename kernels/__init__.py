@@ -1,4 +1,4 @@
-"""labkit's Triton kernels, installed as `labkit_kernels` (a bare `kernels` would shadow the PyPI
+"""labkit's Triton kernels, installed as `labkit.kernels` (a bare `kernels` would shadow the PyPI
 distribution of that name).
 
 One file per kernel, each exposing the Triton launcher `<name>(...)` beside its plain-torch

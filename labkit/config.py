@@ -1,118 +1,138 @@
-"""EngineConfig: every engine option in one dataclass, with vLLM's names and defaults,
-validated once before any work starts."""
+"""EngineConfig: every engine option in one dataclass, with vLLM's names, defaults and help text.
+
+This is the one place an engine option is defined: `LLM(**kwargs)`, the `labkit` command's flags
+(generated from these fields by `add_engine_args`), `labkit.sweep()` and the benchmarks all read
+it. It holds the options as the user gave them, checked field by field when built (no file or
+device is looked at here); `labkit.engine.resolved_config.resolve` settles "auto" and None
+against the machine and the checkpoint.
+"""
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, fields
-from pathlib import Path
+import argparse
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from labkit.utils import check_field
 
-import torch
-
-from labkit.models.loader import LOAD_FORMATS, resolve_model_dir
-from labkit.models.model_config import ModelConfig
-from labkit.models.registry import model_class
-
-DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-          "float16": torch.float16, "half": torch.float16}
+DTYPES = ("float32", "float", "bfloat16", "float16", "half")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "pt")
 
 
-@dataclass
+def option(default, help: str, *, flags: tuple[str, ...] = (), choices: tuple | None = None):
+    """A field of EngineConfig: its default, its --help text, extra flag spellings and choices."""
+    return field(default=default, metadata={"help": help, "flags": flags, "choices": choices})
+
+
+@dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None            # None: the embedded default model (SmolLM2-135M-Instruct)
-    tokenizer: str | None = None
-    tensor_parallel_size: int = 1
-    dtype: str = "auto"
-    seed: int = 0
-    device: str = "auto"                # "auto": CUDA when there is a GPU, else CPU
-    load_format: str = "auto"
-    max_model_len: int | None = None
-    block_size: int = 16
-    num_kv_blocks: int | None = None    # vLLM's num_gpu_blocks_override
-    gpu_memory_utilization: float = 0.9
-    kv_cache_memory_bytes: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    enable_chunked_prefill: bool = True
-    enable_prefix_caching: bool = True
-    scheduling_policy: str = "fcfs"     # or "priority": lower value first, ties by arrival
-    enforce_eager: bool = False
-    disable_custom_all_reduce: bool = False  # True: NCCL for every TP all-reduce (CUDA)
-    # Schedule step n+1 while step n runs on the device (vLLM >= 0.14's default on GPUs; as
-    # there, off on the CPU, where the host is the device). None: on for CUDA, off for CPU.
-    async_scheduling: bool | None = None
-    skip_tokenizer_init: bool = False
-    trust_remote_code: bool = False     # accepted for vLLM compatibility; nothing remote runs
+    model: str | None = option(
+        None, "a local checkpoint directory or .gguf file (default: the embedded "
+        "SmolLM2-135M-Instruct)")
+    tokenizer: str | None = option(None, "tokenizer directory (default: the model's)")
+    tensor_parallel_size: int = option(
+        1, "number of tensor-parallel ranks (one process each)",
+        flags=("--tensor_parallel_size", "-tp"))
+    dtype: str = option("auto", "weights and activations; 'auto': float32 on the CPU, the "
+                        "checkpoint's dtype on CUDA (float32 checkpoints run in bfloat16)",
+                        choices=("auto",) + DTYPES)
+    seed: int = option(0, "random seed of the engine (dummy weights, unseeded sampling)")
+    device: str = option("auto", "'auto': CUDA when there is a GPU, else the CPU",
+                         choices=("auto", "cpu", "cuda"))
+    load_format: str = option("auto", "checkpoint format; 'dummy': random weights from "
+                              "config.json; 'pt': allow pickled *.bin", choices=LOAD_FORMATS)
+    max_model_len: int | None = option(
+        None, "longest sequence (prompt + output) in tokens (default: the model's "
+        "max_position_embeddings)")
+    block_size: int = option(16, "tokens per KV-cache block")
+    num_kv_blocks: int | None = option(
+        None, "KV-cache blocks to allocate, overriding the memory-based size (vLLM's "
+        "num_gpu_blocks_override)")
+    gpu_memory_utilization: float = option(
+        0.9, "fraction of the GPU's memory for weights, activations and the KV cache")
+    kv_cache_memory_bytes: int | None = option(
+        None, "KV-cache size in bytes (CPU default: 2 GiB, capped at what max_num_seqs "
+        "sequences of max_model_len tokens can use)")
+    max_num_seqs: int = option(256, "most sequences in one engine step")
+    max_num_batched_tokens: int | None = option(
+        None, "most tokens in one engine step (default: 16384 on CUDA, 8192 on the CPU)")
+    enable_chunked_prefill: bool = option(
+        True, "prefill prompts longer than the step's token budget in chunks")
+    enable_prefix_caching: bool = option(True, "reuse the KV blocks of shared prompt prefixes")
+    scheduling_policy: str = option(
+        "fcfs", "'fcfs', or 'priority': lower value first, ties by arrival",
+        choices=("fcfs", "priority"))
+    enforce_eager: bool = option(False, "never capture CUDA graphs")
+    disable_custom_all_reduce: bool = option(
+        False, "NCCL for every tensor-parallel all-reduce (no NVLink peer all-reduce)")
+    # vLLM >= 0.14's default on GPUs; as there, off on the CPU, where the host is the device.
+    async_scheduling: bool | None = option(
+        None, "schedule step n+1 while step n runs on the device (default: on for CUDA, off "
+        "on the CPU)")
+    skip_tokenizer_init: bool = option(False, "run without a tokenizer (token-id prompts only)")
+    trust_remote_code: bool = option(
+        False, "accepted for vLLM compatibility; labkit runs no code from checkpoints")
 
-    # Filled in by resolve(), not by users.
-    model_dir: Path | None = None
-    hf_config: ModelConfig | None = None
-    torch_dtype: torch.dtype | None = None
+    def __post_init__(self) -> None:
+        check_field(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size,
+               ">= 1")
+        check_field(self.block_size >= 1, "block_size", self.block_size, ">= 1")
+        check_field(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
+        check_field(self.load_format in LOAD_FORMATS, "load_format", self.load_format,
+               f"one of {', '.join(LOAD_FORMATS)}")
+        check_field(self.dtype == "auto" or self.dtype in DTYPES, "dtype", self.dtype,
+               f"'auto' or one of {', '.join(DTYPES)}")
+        check_field(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
+               self.gpu_memory_utilization, "in (0, 1]")
+        check_field(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks",
+               self.num_kv_blocks, ">= 1")
+        check_field(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes >= 1,
+               "kv_cache_memory_bytes", self.kv_cache_memory_bytes, ">= 1")
+        check_field(self.max_model_len is None or self.max_model_len >= 1, "max_model_len",
+               self.max_model_len, ">= 1")
+        check_field(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+               "max_num_batched_tokens", self.max_num_batched_tokens, ">= 1")
+        check_field(self.scheduling_policy in ("fcfs", "priority"), "scheduling_policy",
+               self.scheduling_policy, "'fcfs' or 'priority'")
+        check_field(self.device in ("auto", "cpu", "cuda"), "device", self.device,
+               "'auto', 'cpu' or 'cuda'")
 
     @classmethod
-    def from_kwargs(cls, **kwargs) -> "EngineConfig":
-        known = {f.name for f in fields(cls) if f.name not in ("model_dir", "hf_config", "torch_dtype")}
+    def from_kwargs(cls, **kwargs) -> EngineConfig:
+        """As the constructor, with an unknown keyword named together with the known ones."""
+        known = set(engine_option_names())
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}; "
                             f"known: {', '.join(sorted(known))}")
-        cfg = cls(**kwargs)
-        cfg.resolve()
-        return cfg
-
-    def resolve(self) -> None:
-        if self.model is None:
-            from labkit.default_model import default_model_path
-            self.model = str(default_model_path())
-        _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, ">= 1")
-        _check(self.block_size >= 1, "block_size", self.block_size, ">= 1")
-        _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
-        _check(self.load_format in LOAD_FORMATS, "load_format", self.load_format,
-               f"one of {', '.join(LOAD_FORMATS)}")
-        _check(self.dtype == "auto" or self.dtype in DTYPES, "dtype", self.dtype,
-               f"'auto' or one of {', '.join(DTYPES)}")
-        _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
-               self.gpu_memory_utilization, "in (0, 1]")
-        _check(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks",
-               self.num_kv_blocks, ">= 1")
-        _check(self.scheduling_policy in ("fcfs", "priority"), "scheduling_policy",
-               self.scheduling_policy, "'fcfs' or 'priority'")
-        _check(self.device in ("auto", "cpu", "cuda"), "device", self.device, "'auto', 'cpu' or 'cuda'")
-        if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.async_scheduling is None:
-            self.async_scheduling = self.device == "cuda"
-        self.model_dir = resolve_model_dir(self.model)
-        raw = json.loads((self.model_dir / "config.json").read_text())
-        # Unsupported architectures fail here, before their config's fields are read.
-        model_class((raw.get("architectures") or ["(none given)"])[0])
-        self.hf_config = ModelConfig.from_dict(raw)
-        hc, tp = self.hf_config, self.tensor_parallel_size
-        for name, n in (("num_attention_heads", hc.num_attention_heads),
-                        ("num_key_value_heads", hc.num_key_value_heads)):
-            _check(n % tp == 0, "tensor_parallel_size", tp,
-                   f"a divisor of the model's {name} ({n}); valid sizes: "
-                   f"{[d for d in range(1, hc.num_key_value_heads + 1) if hc.num_attention_heads % d == 0 and hc.num_key_value_heads % d == 0]}")
-        if self.max_model_len is None:
-            self.max_model_len = hc.max_position_embeddings
-        _check(1 <= self.max_model_len <= hc.max_position_embeddings, "max_model_len",
-               self.max_model_len, f"in [1, {hc.max_position_embeddings}] (the model's max_position_embeddings)")
-        if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = 16384 if self.device == "cuda" else 8192
-        if not self.enable_chunked_prefill:
-            self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_model_len)
-        _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", self.max_num_batched_tokens, ">= 1")
-        self.torch_dtype = self._pick_dtype()
-
-    def _pick_dtype(self) -> torch.dtype:
-        if self.dtype != "auto":
-            return DTYPES[self.dtype]
-        if self.device == "cpu":
-            return torch.float32  # CPU matmuls are fastest and exact in float32
-        ckpt = DTYPES.get(self.hf_config.torch_dtype, torch.float32)
-        # As vLLM: float32 checkpoints run in half precision on GPUs (bf16 where supported).
-        return torch.bfloat16 if ckpt == torch.float32 else ckpt
+        return cls(**kwargs)
 
 
-def _check(ok: bool, field: str, value, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{field}={value!r} is invalid: must be {allowed}")
+def engine_option_names() -> list[str]:
+    return [f.name for f in fields(EngineConfig)]
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field, spelt as vLLM spells it (`--max-model-len`), with the
+    field's default and help text; booleans that default to on (or to 'auto') take --no-X too."""
+    hints = typing.get_type_hints(EngineConfig)
+    for f in fields(EngineConfig):
+        meta = f.metadata
+        names = ["--" + f.name.replace("_", "-"), *meta["flags"]]
+        kind = hints[f.name]
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        default = None if f.default is MISSING else f.default
+        kwargs = {"dest": f.name, "default": default, "help": meta["help"]}
+        if base is bool:
+            if default is False:
+                kwargs["action"] = "store_true"
+            else:
+                kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = base
+            if meta["choices"]:
+                kwargs["choices"] = meta["choices"]
+        parser.add_argument(*names, **kwargs)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields of parsed command-line arguments."""
+    return {name: getattr(args, name) for name in engine_option_names()}

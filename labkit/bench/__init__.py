@@ -1,6 +1,6 @@
 """vLLM's benchmark suite, as `labkit bench NAME` and as Python functions.
 
-Each module is one benchmark with `add_args(parser, add_engine_args)` for its CLI flags (vLLM's
+Each module is one benchmark with `add_args(parser)` for its CLI flags (vLLM's
 names) and `run(**kwargs) -> dict` returning the result JSON; the offline ones take `llm=` to
 reuse a loaded engine, or engine kwargs to build (and close) their own:
 

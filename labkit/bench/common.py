@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from labkit.bench import datasets
+from labkit.config import add_engine_args
 
 log = logging.getLogger("labkit.bench")
 
@@ -23,10 +24,8 @@ DEFAULT_PROFILE_DIR = "labkit_profile"
 
 
 # ---- flags ----------------------------------------------------------------------------------
-def add_offline_args(p: argparse.ArgumentParser,
-                     add_engine_args: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Engine flags (the CLI's own, passed in so this package does not import the CLI) and the
-    output, profiling and progress flags every offline benchmark takes."""
+def add_offline_args(p: argparse.ArgumentParser) -> None:
+    """Engine flags and the output, profiling and progress flags every offline benchmark takes."""
     add_engine_args(p)
     p.add_argument("--output-json", default=None, dest="output_json",
                    help="write the result here (and the timed region's engine steps to <stem>.steps.csv)")
@@ -56,11 +55,11 @@ def engine(llm, seed: int, engine_kwargs: dict) -> Iterator:
 
 
 def token_space(llm):
-    return datasets.token_space(llm.config.hf_config.vocab_size, llm.get_tokenizer())
+    return datasets.token_space(llm.config.model_config.vocab_size, llm.get_tokenizer())
 
 
 def load_workload(llm, dataset_name: str, **kwargs) -> list[datasets.SampleRequest]:
-    return datasets.load(dataset_name, vocab_size=llm.config.hf_config.vocab_size,
+    return datasets.load(dataset_name, vocab_size=llm.config.model_config.vocab_size,
                          tokenizer=llm.get_tokenizer(), **kwargs)
 
 

@@ -16,7 +16,7 @@ from labkit.bench import common
 PERCENTILES = (10, 25, 50, 75, 90, 99)
 
 
-def add_args(p: argparse.ArgumentParser, add_engine_args) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=32, dest="input_len")
     p.add_argument("--output-len", type=int, default=128, dest="output_len")
     p.add_argument("--batch-size", type=int, default=8, dest="batch_size")
@@ -24,7 +24,7 @@ def add_args(p: argparse.ArgumentParser, add_engine_args) -> None:
     p.add_argument("--use-beam-search", action="store_true", dest="use_beam_search")
     p.add_argument("--num-iters-warmup", type=int, default=10, dest="num_iters_warmup")
     p.add_argument("--num-iters", type=int, default=30, dest="num_iters")
-    common.add_offline_args(p, add_engine_args)
+    common.add_offline_args(p)
 
 
 def run(*, input_len: int = 32, output_len: int = 128, batch_size: int = 8, n: int = 1,

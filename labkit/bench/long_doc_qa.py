@@ -16,14 +16,14 @@ from labkit.bench import common, datasets
 REPEAT_MODES = ("random", "tile", "interleave")
 
 
-def add_args(p: argparse.ArgumentParser, add_engine_args) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--document-length", type=int, default=20000, dest="document_length",
                    help="tokens per document")
     p.add_argument("--num-documents", type=int, default=8, dest="num_documents")
     p.add_argument("--output-len", type=int, default=10, dest="output_len")
     p.add_argument("--repeat-count", type=int, default=2, dest="repeat_count")
     p.add_argument("--repeat-mode", choices=REPEAT_MODES, default="random", dest="repeat_mode")
-    common.add_offline_args(p, add_engine_args)
+    common.add_offline_args(p)
 
 
 def run(*, document_length: int = 20000, num_documents: int = 8, output_len: int = 10,

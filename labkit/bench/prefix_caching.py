@@ -14,7 +14,7 @@ import numpy as np
 from labkit.bench import common, datasets
 
 
-def add_args(p: argparse.ArgumentParser, add_engine_args) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-length-range", default="128:256", dest="input_length_range",
                    help="MIN:MAX prompt tokens, prefix included")
     p.add_argument("--num-prompts", type=int, default=1, dest="num_prompts", help="distinct prompts")
@@ -22,7 +22,7 @@ def add_args(p: argparse.ArgumentParser, add_engine_args) -> None:
     p.add_argument("--output-len", type=int, default=10, dest="output_len")
     p.add_argument("--prefix-len", type=int, default=0, dest="prefix_len")
     p.add_argument("--sort", action="store_true", help="sort prompts by length instead of shuffling")
-    common.add_offline_args(p, add_engine_args)
+    common.add_offline_args(p)
 
 
 def run(*, input_length_range: str = "128:256", num_prompts: int = 1, repeat_count: int = 100,

@@ -14,9 +14,9 @@ from labkit.bench import common, throughput
 HIGH_PRIORITY_SHARE = 0.6   # vLLM's split between priority 0 and 1
 
 
-def add_args(p: argparse.ArgumentParser, add_engine_args) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     throughput.add_workload_args(p, num_prompts=200)
-    common.add_offline_args(p, add_engine_args)
+    common.add_offline_args(p)
     p.set_defaults(scheduling_policy="priority")
 
 

@@ -41,8 +41,8 @@ METRICS = ("ttft", "tpot", "itl", "e2el")
 GOODPUT_METRICS = ("ttft", "tpot", "e2el")
 
 
-def add_args(p: argparse.ArgumentParser, add_engine_args) -> None:
-    """A client: no engine flags (`add_engine_args` is unused), vLLM's serving flags."""
+def add_args(p: argparse.ArgumentParser) -> None:
+    """A client: no engine flags, vLLM's serving flags."""
     p.add_argument("--backend", choices=BACKENDS, default="openai")
     p.add_argument("--base-url", default=None, dest="base_url",
                    help="e.g. http://127.0.0.1:8000 (overrides --host/--port)")

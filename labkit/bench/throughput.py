@@ -37,12 +37,12 @@ def add_workload_args(p: argparse.ArgumentParser, num_prompts: int) -> None:
                    help="random tokens shared by every random prompt, before its own input-len")
 
 
-def add_args(p: argparse.ArgumentParser, add_engine_args) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="labkit")
     add_workload_args(p, num_prompts=1000)
     p.add_argument("--hf-max-batch-size", type=int, default=None, dest="hf_max_batch_size",
                    help="prompts per transformers generate() call (default: --max-num-seqs)")
-    common.add_offline_args(p, add_engine_args)
+    common.add_offline_args(p)
 
 
 def run(*, backend: str = "labkit", dataset_name: str = "random", dataset_path: str | None = None,
@@ -90,13 +90,14 @@ def _run_hf(workload: dict, n: int, max_batch_size: int | None, seed: int, engin
     from transformers import AutoTokenizer
 
     from labkit import EngineConfig
+    from labkit.engine.resolved_config import resolve
     # The engine's own resolution: the same checkpoint directory (a GGUF file's converted one),
     # dtype and device labkit would use.
-    cfg = EngineConfig.from_kwargs(**engine_kwargs, seed=seed)
+    cfg = resolve(EngineConfig.from_kwargs(**engine_kwargs, seed=seed))
     if cfg.tensor_parallel_size != 1:
         raise ValueError("tensor_parallel_size: the hf backend runs in one process; use 1")
     tokenizer = AutoTokenizer.from_pretrained(str(cfg.tokenizer or cfg.model_dir))
-    requests = datasets.load(vocab_size=cfg.hf_config.vocab_size, tokenizer=tokenizer, **workload)
+    requests = datasets.load(vocab_size=cfg.model_config.vocab_size, tokenizer=tokenizer, **workload)
     model = _load_hf_model(cfg)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = max_batch_size or cfg.max_num_seqs
@@ -118,7 +119,7 @@ def _load_hf_model(cfg):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(cfg.model_dir)))
     else:
         model = AutoModelForCausalLM.from_pretrained(str(cfg.model_dir))
-    return model.to(device=cfg.device, dtype=cfg.torch_dtype).eval()
+    return model.to(device=cfg.device, dtype=cfg.dtype).eval()
 
 
 def _hf_generate(model, batch: list[datasets.SampleRequest], n: int, pad: int, device: str) -> None:

@@ -46,7 +46,7 @@ def load_tokenizer(config: EngineConfig):
 
 
 def _eos_ids(config: EngineConfig, tokenizer) -> set[int]:
-    ids = set(config.hf_config.eos_token_id)
+    ids = set(config.model_config.eos_token_id)
     gen = config.model_dir / "generation_config.json"
     if gen.exists():
         eos = json.loads(gen.read_text()).get("eos_token_id")
@@ -121,7 +121,7 @@ class LLMEngine:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         n = len(prompt_token_ids)
-        vocab = self.config.hf_config.vocab_size
+        vocab = self.config.model_config.vocab_size
         if n == 0:
             raise ValueError("prompt: the prompt is empty; give at least one token")
         if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_token_ids):

@@ -58,9 +58,9 @@ class ModelRunner:
         self.tp = TPGroup.create(rank, config.tensor_parallel_size, "127.0.0.1", tp_port,
                                  self.device, not config.disable_custom_all_reduce)
         torch.manual_seed(config.seed)
-        hc = config.hf_config
+        hc = config.model_config
         with build_with(self.tp):
-            self.model = build_model(config.model_dir, hc, config.torch_dtype, self.device,
+            self.model = build_model(config.model_dir, hc, config.dtype, self.device,
                                      config.load_format, config.seed)
         self.block_size = config.block_size
         self.num_kv_heads = hc.num_key_value_heads // self.tp.size
@@ -77,10 +77,10 @@ class ModelRunner:
             log.info("captured CUDA graphs for decode batch sizes %s", self.graphs.sizes)
 
     def _allocate_kv(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        hc = self.config.hf_config
+        hc = self.config.model_config
         shape = (num_blocks * self.block_size, self.num_kv_heads, hc.head_dim)
-        return [(torch.zeros(shape, dtype=self.config.torch_dtype, device=self.device),
-                 torch.zeros(shape, dtype=self.config.torch_dtype, device=self.device))
+        return [(torch.zeros(shape, dtype=self.config.dtype, device=self.device),
+                 torch.zeros(shape, dtype=self.config.dtype, device=self.device))
                 for _ in range(hc.num_hidden_layers)]
 
     def _profile_peak_activation(self) -> int:
@@ -94,7 +94,7 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         kv = self._allocate_kv(blocks)
         kv_bytes = torch.cuda.memory_allocated(self.device) - base
-        ids = torch.randint(0, c.hf_config.vocab_size, (tokens,), device=self.device)
+        ids = torch.randint(0, c.model_config.vocab_size, (tokens,), device=self.device)
         meta = self.backend.prepare([SeqSlice(tokens, tokens, list(range(blocks)))])
         with torch.inference_mode(), forward_context(ForwardContext(self.backend, meta, kv)):
             hidden = self.model(ids, torch.arange(tokens, device=self.device))
@@ -106,8 +106,8 @@ class ModelRunner:
         return peak
 
     def _bytes_per_block(self) -> int:
-        hc = self.config.hf_config
-        elem = torch.empty((), dtype=self.config.torch_dtype).element_size()
+        hc = self.config.model_config
+        elem = torch.empty((), dtype=self.config.dtype).element_size()
         return 2 * hc.num_hidden_layers * self.block_size * self.num_kv_heads * hc.head_dim * elem
 
     def _count_kv_blocks(self, activation_bytes: int) -> int:

@@ -11,20 +11,14 @@ from __future__ import annotations
 
 import multiprocessing.connection as mpc
 import os
-import socket
 import subprocess
 import sys
 import time
 
 from labkit.config import EngineConfig
+from labkit.utils import free_port
 
 STARTUP_TIMEOUT_S = 600
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class WorkerGroup:

@@ -7,6 +7,7 @@ import gc
 import itertools
 
 from labkit.config import EngineConfig
+from labkit.engine.resolved_config import resolve
 from labkit.engine.engine import LLMEngine
 from labkit.entrypoints.beam_search import BeamSearchOutput, beam_search
 from labkit.outputs import RequestOutput
@@ -20,7 +21,7 @@ class LLM:
     _ids = itertools.count()
 
     def __init__(self, model: str | None = None, **kwargs):
-        self.config = EngineConfig.from_kwargs(model=model, **kwargs)
+        self.config = resolve(EngineConfig.from_kwargs(model=model, **kwargs))
         self.engine: LLMEngine | None = None
         self.engine = LLMEngine(self.config)
 

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from labkit.lab.env import device_name
-from labkit.models.gguf_convert import cache_root
+from labkit.utils import cache_root
 
 
 @dataclass(frozen=True)
@@ -108,11 +108,11 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
-        """From an EngineConfig (after resolve: hf_config and torch_dtype filled in)."""
-        hc = config.hf_config
+        """From an EngineConfig (after resolve: model_config and dtype filled in)."""
+        hc = config.model_config
         return cls(hc.num_hidden_layers, hc.hidden_size, hc.num_attention_heads, hc.num_key_value_heads,
                    hc.head_dim, hc.intermediate_size, hc.vocab_size,
-                   torch.empty((), dtype=config.torch_dtype).element_size())
+                   torch.empty((), dtype=config.dtype).element_size())
 
     @property
     def body_params(self) -> int:

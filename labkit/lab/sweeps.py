@@ -34,6 +34,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from labkit.bench import common, latency, throughput
+from labkit.config import add_engine_args
 from labkit.lab import env, roofline
 
 log = logging.getLogger("labkit.lab")
@@ -46,6 +47,23 @@ METRIC_COLUMNS = ["avg_latency_s", "p50_latency_s", "p90_latency_s", "p99_latenc
                   "prefill_gflops", "decode_gbps", "flops_fraction", "bw_fraction",
                   "floor_latency_s", "floor_fraction"]
 FILE_FORMAT = "labkit-sweep/1"
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """A sweep's points and how each is measured: the defaults of sweep(), `labkit sweep` and
+    the dashboard alike."""
+    batch_sizes: tuple[int, ...] = (1, 4)
+    input_lens: tuple[int, ...] = (32, 128)
+    output_lens: tuple[int, ...] = (16,)
+    tensor_parallel_sizes: tuple[int, ...] = (1,)
+    mode: str = "latency"
+    backend: str = "labkit"
+    num_iters: int = 3
+    num_iters_warmup: int = 1
+
+
+DEFAULTS = SweepGrid()
 
 
 @dataclass
@@ -136,9 +154,10 @@ def _frame(table: dict) -> pd.DataFrame:
 
 
 # ---- running a sweep --------------------------------------------------------------------------
-def sweep(model: str | None = None, batch_sizes=(1, 4), input_lens=(32, 128), output_lens=(16,),
-          tensor_parallel_sizes=(1,), mode: str = "latency", backend: str = "labkit", num_iters: int = 3,
-          num_iters_warmup: int = 1, seed: int = 0, label: str | None = None, progress: bool = True,
+def sweep(model: str | None = None, batch_sizes=DEFAULTS.batch_sizes, input_lens=DEFAULTS.input_lens,
+          output_lens=DEFAULTS.output_lens, tensor_parallel_sizes=DEFAULTS.tensor_parallel_sizes,
+          mode: str = DEFAULTS.mode, backend: str = DEFAULTS.backend, num_iters: int = DEFAULTS.num_iters,
+          num_iters_warmup: int = DEFAULTS.num_iters_warmup, seed: int = 0, label: str | None = None, progress: bool = True,
           live: bool | None = None, on_point: Callable[[pd.DataFrame], None] | None = None,
           **engine_args) -> SweepResult:
     """Every combination of the lists, one row each. mode="latency" runs
@@ -218,14 +237,15 @@ class _Point:
     def __init__(self, model, tp: int, backend: str, mode: str, num_iters: int, warmup: int, seed: int,
                  engine_args: dict):
         from labkit import EngineConfig
+        from labkit.engine.resolved_config import resolve
         self.engine_kwargs = dict(engine_args, model=model, tensor_parallel_size=tp)
         # Resolved as the benchmarks' engine will be (common.engine): the same config, dtype, device.
-        self.config = EngineConfig.from_kwargs(**self.engine_kwargs, seed=seed)
+        self.config = resolve(EngineConfig.from_kwargs(**self.engine_kwargs, seed=seed))
         self.model_name = _model_name(model)
         self.tp, self.backend, self.mode = tp, backend, mode
         self.num_iters, self.warmup, self.seed = num_iters, warmup, seed
         self.shape = roofline.ModelShape.from_config(self.config)
-        self.device_ceilings = roofline.ceilings(self.config.device, self.config.torch_dtype)
+        self.device_ceilings = roofline.ceilings(self.config.device, self.config.dtype)
         # Ranks on separate GPUs add up; ranks on one CPU share its cores and memory.
         cuda = self.config.device.startswith("cuda")
         self.ceilings = self.device_ceilings.scaled(tp) if cuda else self.device_ceilings
@@ -326,19 +346,19 @@ def batch_times(steps: pd.DataFrame) -> tuple[float, float, float]:
 
 
 # ---- `labkit sweep` -----------------------------------------------------------------------------
-def add_args(p: argparse.ArgumentParser, add_engine_args) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
     # As sweep(): the prefix cache off unless asked for (--enable-prefix-caching).
     p.set_defaults(enable_prefix_caching=False)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4], dest="batch_sizes")
-    p.add_argument("--input-lens", type=int, nargs="+", default=[32, 128], dest="input_lens")
-    p.add_argument("--output-lens", type=int, nargs="+", default=[16], dest="output_lens")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=list(DEFAULTS.batch_sizes), dest="batch_sizes")
+    p.add_argument("--input-lens", type=int, nargs="+", default=list(DEFAULTS.input_lens), dest="input_lens")
+    p.add_argument("--output-lens", type=int, nargs="+", default=list(DEFAULTS.output_lens), dest="output_lens")
     p.add_argument("--tensor-parallel-sizes", type=int, nargs="+", default=None, dest="tensor_parallel_sizes",
                    help="TP sizes to sweep (default: --tensor-parallel-size)")
-    p.add_argument("--mode", choices=MODES, default="latency")
-    p.add_argument("--backend", choices=throughput.BACKENDS, default="labkit")
-    p.add_argument("--num-iters", type=int, default=3, dest="num_iters")
-    p.add_argument("--num-iters-warmup", type=int, default=1, dest="num_iters_warmup")
+    p.add_argument("--mode", choices=MODES, default=DEFAULTS.mode)
+    p.add_argument("--backend", choices=throughput.BACKENDS, default=DEFAULTS.backend)
+    p.add_argument("--num-iters", type=int, default=DEFAULTS.num_iters, dest="num_iters")
+    p.add_argument("--num-iters-warmup", type=int, default=DEFAULTS.num_iters_warmup, dest="num_iters_warmup")
     p.add_argument("--label", default=None)
     p.add_argument("--output-dir", default="labkit_sweep", dest="output_dir",
                    help="where sweep.json, sweep.csv and sweep.html (the report) go")

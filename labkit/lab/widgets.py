@@ -25,9 +25,11 @@ class Dashboard:
     """`.widget` is the ipywidgets box (what a notebook shows), `.result` the last SweepResult;
     `.run()` does what the Run button does."""
 
-    def __init__(self, model: str | None = None, batch_sizes=(1, 2, 4), input_lens=(32, 128), output_lens=(16,),
-                 tensor_parallel_sizes=(1,), backend: str = "labkit", mode: str = "latency", num_iters: int = 1,
-                 export_dir: str | Path = ".", **engine_args):
+    def __init__(self, model: str | None = None, batch_sizes=sweeps.DEFAULTS.batch_sizes,
+                 input_lens=sweeps.DEFAULTS.input_lens, output_lens=sweeps.DEFAULTS.output_lens,
+                 tensor_parallel_sizes=sweeps.DEFAULTS.tensor_parallel_sizes,
+                 backend: str = sweeps.DEFAULTS.backend, mode: str = sweeps.DEFAULTS.mode,
+                 num_iters: int = sweeps.DEFAULTS.num_iters, export_dir: str | Path = ".", **engine_args):
         self.engine_args, self.export_dir = engine_args, Path(export_dir)
         self.result: sweeps.SweepResult | None = None
         self.model = w.Text(model or "", description="model", placeholder="default (SmolLM2-135M-Instruct)")

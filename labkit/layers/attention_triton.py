@@ -1,4 +1,4 @@
-"""Triton attention backend: the same two methods as TorchAttentionBackend, on labkit_kernels.
+"""Triton attention backend: the same two methods as TorchAttentionBackend, on labkit.kernels.
 
 `prepare` builds the step's int32 tensors (slot mapping; decode block table and context lengths;
 prefill cu_seqlens, context lengths and block table) in ONE host buffer and copies it to the
@@ -14,9 +14,9 @@ import torch
 from labkit.layers.attention import AttentionMetadata, SeqSlice, padded_block_table
 from labkit.layers.rotary import RotaryEmbedding
 from labkit.transfer import array_to_device
-from labkit_kernels.paged_attention_decode import paged_attention_decode
-from labkit_kernels.prefill_attention import prefill_attention
-from labkit_kernels.rotary_store_kvcache import rotary_store_kvcache
+from labkit.kernels.paged_attention_decode import paged_attention_decode
+from labkit.kernels.prefill_attention import prefill_attention
+from labkit.kernels.rotary_store_kvcache import rotary_store_kvcache
 
 
 ALIGN = 4  # int32 elements: 16 bytes

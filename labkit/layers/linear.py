@@ -5,7 +5,7 @@ features and all-reduce the partial sums. Each parameter carries a `weight_loade
 full checkpoint tensor and keeps this rank's slice, so loading is the same for any TP size.
 After loading, `process_weights_after_loading` (vLLM's name for the step) lays a CPU float32
 weight out once for oneDNN; the forward then multiplies with it directly. On CUDA a decode step's
-few rows go through labkit_kernels.gemv where its table (or, up to 2 rows, its heuristic) says
+few rows go through labkit.kernels.gemv where its table (or, up to 2 rows, its heuristic) says
 so, cuBLAS otherwise; `LABKIT_GEMV=0` turns the kernel off (to measure what it gives).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     apply to x first (x is then the merged gate/up output); the decode kernel fuses it where its
     configuration says so (`fuse_act`), else it runs first."""
     if x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and _gemv_enabled():
-        from labkit_kernels.gemv import choose_config, gemv
+        from labkit.kernels.gemv import choose_config, gemv
         cfg = choose_config(x.shape[0], weight.shape[0], weight.shape[1], x.device)
         if cfg is not None:
             if act is not None and not cfg.fuse_act:

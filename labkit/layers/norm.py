@@ -15,7 +15,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if x.is_cuda:  # one fused Triton kernel instead of ~8 elementwise launches
-            from labkit_kernels.fused_add_rmsnorm import fused_add_rmsnorm, rmsnorm
+            from labkit.kernels.fused_add_rmsnorm import fused_add_rmsnorm, rmsnorm
             if residual is None:
                 return rmsnorm(x, self.weight, self.eps)
             return fused_add_rmsnorm(x, residual, self.weight, self.eps)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from labkit.utils import cache_root
+
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -22,10 +24,6 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LABKIT_CACHE", Path.home() / ".cache" / "labkit"))
 
 
 def _hf_name(name: str) -> str:

@@ -88,7 +88,7 @@ def serve(config: EngineConfig, args: ServerArgs) -> None:
     try:
         engine_loop.start()
         serving = OpenAIServing(engine_loop, load_tokenizer(config), args.served_model_names,
-                                str(config.model), config.max_model_len, chat_template,
+                                config.model or str(config.model_dir), config.max_model_len, chat_template,
                                 args.log_requests)
         app = build_app(serving, engine_loop.metrics, args.api_key)
         server = _Server(uvicorn.Config(app, host=args.host, port=args.port, lifespan="off",

@@ -45,9 +45,10 @@ def test_generate_reports_a_bad_model_path_without_a_traceback(tmp_path):
 
 def test_async_scheduling_flags_reach_the_engine_config():
     from labkit.config import EngineConfig
-    from labkit.entrypoints.cli import build_parser, engine_kwargs
+    from labkit.engine.resolved_config import resolve
+    from labkit.cli import build_parser, engine_kwargs
     for flag, want in (([], False), (["--async-scheduling"], True), (["--no-async-scheduling"], False)):
         kw = engine_kwargs(build_parser().parse_args(["generate", *flag, "x"]))
         # Unset, the config picks vLLM's default for the device: on for CUDA, off for the CPU.
         assert kw["async_scheduling"] == (want if flag else None)
-        assert EngineConfig.from_kwargs(**{**kw, "device": "cpu"}).async_scheduling is want
+        assert resolve(EngineConfig.from_kwargs(**{**kw, "device": "cpu"})).async_scheduling is want

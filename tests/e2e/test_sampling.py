@@ -168,7 +168,7 @@ def test_prompt_forms_are_equivalent(tiny_llms):
 
 def test_max_tokens_none_runs_to_max_model_len(tiny_ckpts):
     with LLM(str(tiny_ckpts["qwen2"]), max_model_len=40) as llm:
-        prompt = random_prompts(llm.config.hf_config.vocab_size, [11], seed=12)[0]
+        prompt = random_prompts(llm.config.model_config.vocab_size, [11], seed=12)[0]
         c = llm.generate(prompt, greedy(max_tokens=None, ignore_eos=True), use_tqdm=False)[0].outputs[0]
         assert c.finish_reason == "length"
         assert len(prompt) + len(c.token_ids) == 40

@@ -40,7 +40,7 @@ class TPGroup:
             return cls(rank, size, dist.ProcessGroupGloo(store, rank, size, TIMEOUT), store)
         group = cls(rank, size, dist.ProcessGroupNCCL(store, rank, size), store)
         if custom_all_reduce:
-            from labkit.custom_all_reduce import PeerAllReduce
+            from labkit.distributed.custom_all_reduce import PeerAllReduce
             if PeerAllReduce.supported(size):
                 group.peer = PeerAllReduce.setup(rank, size, store, device)
             elif rank == 0:

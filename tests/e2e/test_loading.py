@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from helpers import greedy_params, random_prompts
 from labkit import LLM, EngineConfig
+from labkit.engine.resolved_config import resolve
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 
 
@@ -61,10 +62,11 @@ def test_dummy_weights_from_config_json_alone(tiny_ckpts, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "data" / "configs").iterdir()))
 def test_shipped_benchmark_configs_resolve(name):
-    cfg = EngineConfig.from_kwargs(model=str(REPO / "data" / "configs" / name), load_format="dummy",
-                                   skip_tokenizer_init=True, device="cpu")
-    assert cfg.hf_config.architecture in SUPPORTED
-    assert cfg.max_model_len == cfg.hf_config.max_position_embeddings
+    cfg = resolve(EngineConfig.from_kwargs(model=str(REPO / "data" / "configs" / name),
+                                           load_format="dummy", skip_tokenizer_init=True,
+                                           device="cpu"))
+    assert cfg.model_config.architecture in SUPPORTED
+    assert cfg.max_model_len == cfg.model_config.max_position_embeddings
 
 
 def test_pickled_bin_checkpoint_needs_load_format_pt(tiny_ckpts, tiny_llms, tmp_path):
@@ -73,7 +75,7 @@ def test_pickled_bin_checkpoint_needs_load_format_pt(tiny_ckpts, tiny_llms, tmp_
     torch.save(load_file(str(src / "model.safetensors")), bin_dir / "pytorch_model.bin")
     with pytest.raises(ValueError, match="load_format"):
         LLM(str(bin_dir))
-    prompts = random_prompts(tiny_llms("llama").config.hf_config.vocab_size, [5, 40], seed=31)
+    prompts = random_prompts(tiny_llms("llama").config.model_config.vocab_size, [5, 40], seed=31)
     with LLM(str(bin_dir), load_format="pt") as llm:
         assert _tokens(llm, prompts) == _tokens(tiny_llms("llama"), prompts)
 
@@ -86,15 +88,15 @@ def test_sharded_safetensors_with_index(tiny_ckpts, tiny_llms, hf_models, tmp_pa
     for f in tiny_ckpts["qwen2"].iterdir():  # tokenizer files
         if not (sharded / f.name).exists() and not f.name.endswith(".safetensors"):
             shutil.copy(f, sharded / f.name)
-    prompts = random_prompts(tiny_llms("qwen2").config.hf_config.vocab_size, [5, 40], seed=32)
+    prompts = random_prompts(tiny_llms("qwen2").config.model_config.vocab_size, [5, 40], seed=32)
     with LLM(str(sharded)) as llm:
         assert _tokens(llm, prompts) == _tokens(tiny_llms("qwen2"), prompts)
 
 
 def test_gguf_file_or_its_directory_resolve_like_the_default(default_gguf):
-    default = EngineConfig.from_kwargs().model_dir
-    assert EngineConfig.from_kwargs(model=str(default_gguf)).model_dir == default
-    assert EngineConfig.from_kwargs(model=str(default_gguf.parent)).model_dir == default
+    default = resolve(EngineConfig.from_kwargs()).model_dir
+    assert resolve(EngineConfig.from_kwargs(model=str(default_gguf))).model_dir == default
+    assert resolve(EngineConfig.from_kwargs(model=str(default_gguf.parent))).model_dir == default
     assert (default / "config.json").exists()
 
 

@@ -17,7 +17,7 @@ import time
 import openai
 import pytest
 
-from test_server_support import Server, sse_events, start_server
+from server_support import Server, sse_events, start_server
 
 KEY = "sk-test-key"
 MAX_MODEL_LEN = 512

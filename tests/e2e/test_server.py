@@ -9,7 +9,7 @@ import subprocess
 import openai
 import pytest
 
-from test_server_support import start_server
+from server_support import start_server
 
 MODEL = "SmolLM2-135M-Instruct"   # the served name of the default model
 

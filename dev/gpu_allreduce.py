@@ -53,7 +53,7 @@ def time_us(fn, device, iters: int = 200, graph: bool = False) -> float:
 
 def rank_main(rank: int, world: int, port: int, out: str) -> None:
     from labkit.distributed import TPGroup
-    from labkit_kernels.one_shot_all_reduce import one_shot_all_reduce_ref
+    from labkit.kernels.one_shot_all_reduce import one_shot_all_reduce_ref
     device = torch.device(f"cuda:{rank}")
     torch.cuda.set_device(device)
     group = TPGroup.create(rank, world, "127.0.0.1", port, device)
@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--world", default="2")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
-    from labkit.engine.workers import free_port
+    from labkit.utils import free_port
     summary = []
     for world in (int(w) for w in args.world.split(",")):
         if world > torch.cuda.device_count():

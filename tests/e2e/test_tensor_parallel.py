@@ -40,7 +40,7 @@ def _assert_same(tp1, tp2):
 
 
 def test_tp2_matches_tp1_llama(tp2_llama, tiny_llms):
-    vocab = tp2_llama.config.hf_config.vocab_size
+    vocab = tp2_llama.config.model_config.vocab_size
     prompts = QUICKSTART_PROMPTS + random_prompts(vocab, [1, 9, 40, 150], seed=4)
     _assert_same(_tokens_and_logprobs(tiny_llms("llama"), prompts, 10),
                  _tokens_and_logprobs(tp2_llama, prompts, 10))
@@ -52,7 +52,7 @@ def test_tp2_matches_tp1_qwen2_with_chunks_and_odd_blocks(tiny_ckpts):
     kwargs = dict(dtype="float32", block_size=7, max_num_batched_tokens=48)
     path = str(tiny_ckpts["qwen2"])
     with LLM(path, **kwargs) as tp1:
-        prompts = QUICKSTART_PROMPTS + random_prompts(tp1.config.hf_config.vocab_size,
+        prompts = QUICKSTART_PROMPTS + random_prompts(tp1.config.model_config.vocab_size,
                                                       [1, 9, 40, 150], seed=5)
         ref = _tokens_and_logprobs(tp1, prompts, 10)
     with LLM(path, tensor_parallel_size=2, **kwargs) as tp2:

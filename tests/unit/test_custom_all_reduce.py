@@ -1,6 +1,6 @@
 """PeerAllReduce's set-up protocol, on the CPU with a fake CUDA runtime: the ranks use the peer
 kernel only if every one of them could share and map the buffers, and a rank that fails never
-leaves the others waiting. (The kernel itself: tests/test_kernels.py; on GPUs:
+leaves the others waiting. (The kernel itself: tests/unit/test_kernels.py; on GPUs:
 benchmarks/gpu_allreduce.py.)"""
 import itertools
 import threading
@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 pytest.importorskip("triton")
-import labkit.custom_all_reduce as car  # noqa: E402
+import labkit.distributed.custom_all_reduce as car  # noqa: E402
 
 _addresses = itertools.count(0x1000, 0x1000)
 

@@ -1,4 +1,5 @@
-"""The `labkit` command. Subcommands: generate, serve, bench, sweep."""
+"""The `labkit` command: generate, serve, bench, sweep. The top of the house: it may import any
+part of labkit, and nothing imports it. Engine flags come from EngineConfig's fields."""
 from __future__ import annotations
 
 import argparse
@@ -6,46 +7,7 @@ import logging
 import os
 import sys
 
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Engine flags with vLLM's names; the seed's `--tensor_parallel_size` spelling works too."""
-    p.add_argument("--model", default=None, help="local checkpoint dir or .gguf (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--tokenizer", default=None)
-    p.add_argument("--tensor-parallel-size", "--tensor_parallel_size", "-tp", type=int, default=1,
-                   dest="tensor_parallel_size")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--load-format", default="auto", dest="load_format")
-    p.add_argument("--max-model-len", type=int, default=None, dest="max_model_len")
-    p.add_argument("--block-size", type=int, default=16, dest="block_size")
-    p.add_argument("--num-kv-blocks", type=int, default=None, dest="num_kv_blocks")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, dest="gpu_memory_utilization")
-    p.add_argument("--kv-cache-memory-bytes", type=int, default=None, dest="kv_cache_memory_bytes")
-    p.add_argument("--max-num-seqs", type=int, default=256, dest="max_num_seqs")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None, dest="max_num_batched_tokens")
-    p.add_argument("--enforce-eager", action="store_true", dest="enforce_eager")
-    p.add_argument("--disable-custom-all-reduce", action="store_true",
-                   dest="disable_custom_all_reduce")
-    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   dest="async_scheduling")
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   dest="enable_prefix_caching")
-    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
-                   dest="enable_chunked_prefill")
-    p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
-                   dest="scheduling_policy")
-
-
-ENGINE_KEYS = ("model", "tokenizer", "tensor_parallel_size", "dtype", "device", "seed", "load_format",
-               "max_model_len", "block_size", "num_kv_blocks", "gpu_memory_utilization",
-               "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens", "enforce_eager",
-               "disable_custom_all_reduce", "async_scheduling",
-               "enable_prefix_caching", "enable_chunked_prefill", "scheduling_policy")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return {k: getattr(args, k) for k in ENGINE_KEYS}
+from labkit.config import EngineConfig, add_engine_args, engine_kwargs
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -65,13 +27,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from labkit.config import EngineConfig
     from labkit.default_model import DEFAULT_MODEL_NAME
+    from labkit.engine.resolved_config import resolve
     from labkit.entrypoints.server import ServerArgs, serve
     kwargs = engine_kwargs(args)
     kwargs["model"] = args.model_tag or args.model
     names = args.served_model_name or [kwargs["model"] or DEFAULT_MODEL_NAME]
-    serve(EngineConfig.from_kwargs(**kwargs),
+    serve(resolve(EngineConfig(**kwargs)),
           ServerArgs(names, args.host, args.port, args.api_key, args.chat_template,
                      not args.disable_log_requests, args.uvicorn_log_level))
     return 0
@@ -91,7 +53,7 @@ def add_bench_parser(sub) -> None:
     names = b.add_subparsers(dest="benchmark", required=True)
     for name, module in BENCHMARKS.items():
         p = names.add_parser(name, help=module.__doc__.splitlines()[0])
-        module.add_args(p, add_engine_args)
+        module.add_args(p)
         p.set_defaults(func=cmd_bench, bench=module)
 
 
@@ -105,7 +67,7 @@ def add_sweep_parser(sub) -> None:
     from labkit.lab import sweeps
     p = sub.add_parser("sweep", help="benchmark a grid of batch sizes and lengths (DataFrame + HTML report)",
                        conflict_handler="resolve")
-    sweeps.add_args(p, add_engine_args)
+    sweeps.add_args(p)
     p.set_defaults(func=cmd_sweep)
 
 

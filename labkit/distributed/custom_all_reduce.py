@@ -3,7 +3,7 @@ all-reduce), with NCCL left to the large ones.
 
 Each rank allocates a staging buffer and a signal pad, publishes their CUDA IPC handles through
 the group's rendezvous store, and maps every peer's; the one-shot kernel
-(labkit_kernels.one_shot_all_reduce) then sums straight out of the peers' buffers. Set up only
+(labkit.kernels.one_shot_all_reduce) then sums straight out of the peers' buffers. Set up only
 when every pair of GPUs can access each other's memory and every rank managed to (a container
 may refuse CUDA IPC); otherwise, or with `disable_custom_all_reduce=True`, NCCL does everything.
 """
@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from labkit.cuda_ipc import CudaRT
+from labkit.distributed.cuda_ipc import CudaRT
 
 log = logging.getLogger("labkit")
 
@@ -45,7 +45,7 @@ class PeerAllReduce:
         return None
 
     def __init__(self, rank: int, world: int, store, device: torch.device):
-        from labkit_kernels.one_shot_all_reduce import MAX_PROGRAMS
+        from labkit.kernels.one_shot_all_reduce import MAX_PROGRAMS
         self.rank, self.world, self.device = rank, world, device
         self.own: list[int] = []
         self.opened: list[int] = []
@@ -93,7 +93,7 @@ class PeerAllReduce:
                 and x.numel() * x.element_size() <= MAX_BYTES)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from labkit_kernels.one_shot_all_reduce import one_shot_all_reduce
+        from labkit.kernels.one_shot_all_reduce import one_shot_all_reduce
         return one_shot_all_reduce(x, self.buf_ptrs, self.sig_ptrs, self.rank, self.world)
 
     def close(self) -> None:

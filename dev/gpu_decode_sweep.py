@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_gemm import graph_time_us  # noqa: E402  (same timing as the GEMMs)
-from labkit_kernels.paged_attention_decode import (BLOCK_N, default_num_splits,  # noqa: E402
+from labkit.kernels.paged_attention_decode import (BLOCK_N, default_num_splits,  # noqa: E402
                                                    paged_attention_decode,
                                                    paged_attention_decode_ref)
 

@@ -15,13 +15,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from labkit.utils import free_port
+
 STARTUP_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -95,7 +91,7 @@ class Server:
 def start_server(log_dir: Path, model: str | None, *args: str, api_key: str | None = None) -> Server:
     """`labkit serve [model] args...` on a free port; returns once /health answers 200."""
     port = free_port()
-    cmd = [sys.executable, "-m", "labkit.entrypoints.cli", "serve", *([model] if model else []),
+    cmd = [sys.executable, "-m", "labkit.cli", "serve", *([model] if model else []),
            "--port", str(port), *args]
     if api_key:
         cmd += ["--api-key", api_key]

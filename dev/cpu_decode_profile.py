@@ -149,7 +149,7 @@ def profile_engine(llm, batch: int, input_len: int, steps: int, prof_steps: int,
     from labkit import SamplingParams
 
     engine = llm.engine
-    vocab = llm.config.hf_config.vocab_size
+    vocab = llm.config.model_config.vocab_size
     if hasattr(llm, "reset_prefix_cache"):
         llm.reset_prefix_cache()
     total_decode = 3 + steps + prof_steps + 2
@@ -227,7 +227,7 @@ def profile_engine(llm, batch: int, input_len: int, steps: int, prof_steps: int,
 def profile_attention(llm, meta, batch: int) -> dict:
     runner = llm.engine.runner
     k_cache, v_cache = runner.kv_caches[0]
-    hc = llm.config.hf_config
+    hc = llm.config.model_config
     h, hkv, d = hc.num_attention_heads, hc.num_key_value_heads, hc.head_dim
     n = meta.num_decode
     q = torch.randn(n, h, d)

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from labkit import EngineConfig
 from labkit.bench import datasets, latency, long_doc_qa, prefix_caching, prioritization, serve, throughput
-from labkit.entrypoints import cli
+from labkit import cli
 
 LATENCY_KEYS = {"avg_latency", "latencies", "percentiles"}
 THROUGHPUT_KEYS = {"elapsed_time", "num_requests", "total_num_tokens", "requests_per_second",
@@ -120,7 +120,7 @@ def test_latency_beam_search(llm):
 def test_throughput_random(llm):
     r = throughput.run(llm=llm, input_len=12, output_len=4, num_prompts=6, n=2, random_range_ratio=0.5,
                        prefix_len=3, seed=5, **QUIET)
-    reqs = datasets.load("random", vocab_size=llm.config.hf_config.vocab_size, tokenizer=llm.get_tokenizer(),
+    reqs = datasets.load("random", vocab_size=llm.config.model_config.vocab_size, tokenizer=llm.get_tokenizer(),
                          num_prompts=6, input_len=12, output_len=4, range_ratio=0.5, prefix_len=3, seed=5)
     assert set(r) == THROUGHPUT_KEYS
     check_throughput(r, 6, sum(q.prompt_len for q in reqs), 2 * sum(q.expected_output_len for q in reqs))
@@ -223,7 +223,7 @@ def test_hf_backend_runs_the_same_workload(tiny, tmp_path, capsys):
 
 # ---- serving --------------------------------------------------------------------------------
 def test_serve_against_a_down_server(tiny, capsys):
-    from test_server_support import free_port  # nothing listens there
+    from labkit.utils import free_port  # nothing listens there
     r = run_cli(capsys, "serve", "--port", str(free_port()), "--tokenizer", tiny, "--num-prompts", "5",
                 "--random-input-len", "8", "--random-output-len", "4", "--percentile-metrics", "ttft,e2el")
     assert set(r) == SERVE_KEYS | serve_metric_keys(["ttft", "e2el"], ["99"])
@@ -233,7 +233,7 @@ def test_serve_against_a_down_server(tiny, capsys):
 def test_serve_against_labkit_server(tiny, tmp_path_factory):
     if not hasattr(cli, "cmd_serve"):
         pytest.skip("`labkit serve` does not exist yet")
-    from test_server_support import start_server
+    from server_support import start_server
     server = start_server(tmp_path_factory.mktemp("bench-serve"), tiny, "--disable-log-requests")
     out = tmp_path_factory.mktemp("bench-serve-result")
     try:

@@ -24,18 +24,18 @@ if (os.environ.get("TRITON_INTERPRET") == "1" and Version(triton.__version__) < 
 
 from labkit.layers.attention import SeqSlice, TorchAttentionBackend  # noqa: E402
 from labkit.layers.attention_triton import TritonAttentionBackend  # noqa: E402
-from labkit_kernels.one_shot_all_reduce import (MAX_PROGRAMS, BLOCK,  # noqa: E402
+from labkit.kernels.one_shot_all_reduce import (MAX_PROGRAMS, BLOCK,  # noqa: E402
                                                  one_shot_all_reduce, one_shot_all_reduce_ref)
-from labkit_kernels.gemv import GemvConfig, gemv, gemv_ref  # noqa: E402
-from labkit_kernels.fused_add_rmsnorm import (  # noqa: E402
+from labkit.kernels.gemv import GemvConfig, gemv, gemv_ref  # noqa: E402
+from labkit.kernels.fused_add_rmsnorm import (  # noqa: E402
     fused_add_rmsnorm, fused_add_rmsnorm_ref, rmsnorm, rmsnorm_ref)
-from labkit_kernels.paged_attention_decode import (paged_attention_decode,  # noqa: E402
+from labkit.kernels.paged_attention_decode import (paged_attention_decode,  # noqa: E402
                                                    paged_attention_decode_ref)
-from labkit_kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
-from labkit_kernels.rotary_store_kvcache import (rotary_store_kvcache,  # noqa: E402
+from labkit.kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
+from labkit.kernels.rotary_store_kvcache import (rotary_store_kvcache,  # noqa: E402
                                                  rotary_store_kvcache_ref)
 from labkit.layers.rotary import RotaryEmbedding  # noqa: E402
-from labkit_kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
+from labkit.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HALF = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16  # see the module docstring
@@ -178,7 +178,7 @@ def test_gemv(rows, config, gated, bias, dtype):
 def test_gemv_tables_and_dispatch(monkeypatch):
     """Every committed per-card table parses into launchable configurations; on the H200, tuned
     shapes get their entry (None: cuBLAS), untuned ones the kernel at 1-2 rows, cuBLAS above."""
-    from labkit_kernels import gemv as G
+    from labkit.kernels import gemv as G
     for path in G.CONFIG_DIR.glob("gemv_*.json"):
         for key, entry in json.loads(path.read_text())["configs"].items():
             bucket, n, k = map(int, key.split(","))

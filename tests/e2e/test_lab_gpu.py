@@ -12,7 +12,7 @@ import labkit
 from labkit import LLM, SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-MODEL = str(Path(__file__).resolve().parents[1] / "data" / "configs" / "Qwen2.5-0.5B-Instruct")
+MODEL = str(Path(__file__).resolve().parents[2] / "data" / "configs" / "Qwen2.5-0.5B-Instruct")
 DUMMY = dict(load_format="dummy", skip_tokenizer_init=True, max_model_len=2048)
 
 

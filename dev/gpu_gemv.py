@@ -1,4 +1,4 @@
-"""A decode step's matmuls on a lent GPU: cuBLAS (F.linear) against labkit_kernels.gemv's launch
+"""A decode step's matmuls on a lent GPU: cuBLAS (F.linear) against labkit.kernels.gemv's launch
 configurations at a decode step's row counts; writes the card's configuration table.
 
   python benchmarks/gpu_gemv.py --out DIR [--install] [--shapes down_proj,...]
@@ -34,10 +34,10 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from labkit_kernels.fused_add_rmsnorm import fused_add_rmsnorm  # noqa: E402
-from labkit_kernels.gemv import (FMA_MAX_ROWS, GemvConfig, config_path, gemv,  # noqa: E402
+from labkit.kernels.fused_add_rmsnorm import fused_add_rmsnorm  # noqa: E402
+from labkit.kernels.gemv import (FMA_MAX_ROWS, GemvConfig, config_path, gemv,  # noqa: E402
                                  gemv_ref, row_bucket)
-from labkit_kernels.silu_and_mul import silu_and_mul  # noqa: E402
+from labkit.kernels.silu_and_mul import silu_and_mul  # noqa: E402
 
 ROWS = (1, 2, 4, 8, 16)
 # From a first sweep on an H200 (PERF_NOTES, v6): FMAs only win at 1-2 rows, tensor cores want

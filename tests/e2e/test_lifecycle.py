@@ -81,7 +81,7 @@ def test_tp2_build_use_close_five_times_leaks_no_processes_or_memory(tiny_ckpts)
 def test_every_block_is_free_after_generate_and_aborts(tiny_llms):
     llm = tiny_llms("llama")
     eng = llm.engine
-    vocab = llm.config.hf_config.vocab_size
+    vocab = llm.config.model_config.vocab_size
     long_run = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     prompts = random_prompts(vocab, [3, 20, 37, 70], seed=6)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], long_run, use_tqdm=False)
@@ -113,7 +113,7 @@ def test_every_block_is_free_after_generate_and_aborts(tiny_llms):
 
 def test_interrupted_generate_frees_blocks_and_engine_still_works(tiny_llms, monkeypatch):
     llm = tiny_llms("qwen2")
-    prompts = random_prompts(llm.config.hf_config.vocab_size, [5, 30, 61], seed=7)
+    prompts = random_prompts(llm.config.model_config.vocab_size, [5, 30, 61], seed=7)
     params = greedy_params(20)
     ref = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     real_step, calls = llm.engine.step, []
@@ -134,7 +134,7 @@ def test_interrupted_generate_frees_blocks_and_engine_still_works(tiny_llms, mon
 
 def test_request_metrics_are_ordered(tiny_llms):
     llm = tiny_llms("llama")
-    prompts = random_prompts(llm.config.hf_config.vocab_size, [4, 50, 200], seed=8)
+    prompts = random_prompts(llm.config.model_config.vocab_size, [4, 50, 200], seed=8)
     outs = llm.generate(prompts, greedy_params(5), use_tqdm=False)
     for o in outs:
         m = o.metrics
@@ -149,7 +149,7 @@ def test_step_log_columns_and_prefill_token_accounting(tiny_ckpts, lengths):
     # budget, are prefills (they yield a request's first token), not decodes.
     max_tokens = 4
     with LLM(str(tiny_ckpts["llama"]), max_num_batched_tokens=64) as llm:
-        prompts = random_prompts(llm.config.hf_config.vocab_size, lengths, seed=9)
+        prompts = random_prompts(llm.config.model_config.vocab_size, lengths, seed=9)
         outs = llm.generate(prompts, greedy_params(max_tokens), use_tqdm=False)
         log = llm.step_log()
         num_blocks = llm.engine.block_manager.num_blocks

@@ -17,7 +17,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from labkit.utils import free_port
+
+REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # What a sandboxed CI box allows: no GPU, no sandbox, nothing fetched from the network.
@@ -38,12 +40,6 @@ def test_every_notebook_is_committed_without_outputs():
         assert len(tagged) == 1, f"{path.name}: needs one cell tagged 'parameters'"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _with_parameters(src: Path, dst: Path, **params) -> None:
     """papermill's way: a cell after the 'parameters' cell overrides its values."""
     nb = nbformat.read(src, as_version=4)
@@ -58,7 +54,7 @@ def _with_parameters(src: Path, dst: Path, **params) -> None:
 def jupyterlab(tmp_path):
     """A JupyterLab server on loopback with token auth, its own settings and workspace dirs;
     yields (base URL, token, root dir)."""
-    root, token, port = tmp_path / "root", secrets.token_hex(16), _free_port()
+    root, token, port = tmp_path / "root", secrets.token_hex(16), free_port()
     root.mkdir()
     # Every cell in the DOM (no windowing), so the test sees every output; no news pop-up.
     for plugin, values in {"notebook-extension/tracker": {"windowingMode": "none"},

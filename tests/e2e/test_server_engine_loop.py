@@ -9,6 +9,7 @@ import pytest
 
 from labkit.config import EngineConfig
 from labkit.engine.engine import LLMEngine
+from labkit.engine.resolved_config import resolve
 from labkit.entrypoints.server.engine_loop import EngineLoop
 from labkit.entrypoints.server.errors import APIError
 from labkit.entrypoints.server.metrics import ServerMetrics
@@ -19,8 +20,8 @@ from labkit.sampling_params import RequestOutputKind, SamplingParams
 def engine_loop(tiny_ckpts, request):
     # With async scheduling a step is always in flight while requests run: failures, drains and
     # refusals must still leave nothing behind.
-    engine = LLMEngine(EngineConfig.from_kwargs(model=str(tiny_ckpts["llama"]), num_kv_blocks=64,
-                                                async_scheduling=request.param))
+    engine = LLMEngine(resolve(EngineConfig(model=str(tiny_ckpts["llama"]), num_kv_blocks=64,
+                                            async_scheduling=request.param)))
     loop = EngineLoop(engine, ServerMetrics("tiny"))
     loop.start()
     yield loop

@@ -122,7 +122,7 @@ def labkit_runs(workloads: set[str], spec: str, out_dir: Path) -> dict:
     "nogemv" for every matmul through cuBLAS (e.g. "2nccl", "1sync", "1nopdl", "1nogemv")."""
     from labkit import LLM, SamplingParams
     from labkit.layers.linear import _gemv_enabled
-    from labkit_kernels.pdl import pdl_mode
+    from labkit.kernels.pdl import pdl_mode
     # TP workers inherit these
     os.environ["LABKIT_PDL"] = "0" if "nopdl" in spec else "wait" if "pdlwait" in spec else "1"
     os.environ["LABKIT_GEMV"] = "0" if "nogemv" in spec else "1"

@@ -38,7 +38,7 @@ def short_llm(tiny_ckpts):
 
 
 def _valid_batch(llm: LLM):
-    prompts = random_prompts(llm.config.hf_config.vocab_size, [3, 17, 40], seed=20)
+    prompts = random_prompts(llm.config.model_config.vocab_size, [3, 17, 40], seed=20)
     return [o.outputs[0].token_ids for o in llm.generate(prompts, greedy_params(6), use_tqdm=False)]
 
 
@@ -57,7 +57,7 @@ def test_bad_prompt_fails_generate_and_leaves_engine_clean(short_llm, prompt, fi
     ref = _valid_batch(short_llm)
     n_steps = len(short_llm.engine.step_records)
     # The bad prompt comes last: the good ones before it must not have been queued either.
-    good = random_prompts(short_llm.config.hf_config.vocab_size, [4, 9], seed=21)
+    good = random_prompts(short_llm.config.model_config.vocab_size, [4, 9], seed=21)
     with pytest.raises(ValueError, match=_names(field)):
         short_llm.generate(good + [prompt], greedy_params(4), use_tqdm=False)
     assert_engine_idle(short_llm)
@@ -68,7 +68,7 @@ def test_bad_prompt_fails_generate_and_leaves_engine_clean(short_llm, prompt, fi
 @pytest.mark.parametrize("field", ["logprobs", "prompt_logprobs"])
 def test_logprobs_beyond_vocab_fail_at_generate(short_llm, field):
     ref = _valid_batch(short_llm)
-    vocab = short_llm.config.hf_config.vocab_size
+    vocab = short_llm.config.model_config.vocab_size
     with pytest.raises(ValueError, match=_names(field)):
         short_llm.generate("Hello, my name is", SamplingParams(max_tokens=2, **{field: vocab + 1}),
                            use_tqdm=False)
@@ -80,7 +80,7 @@ def test_logprobs_beyond_vocab_fail_at_add_request(short_llm):
     # The engine API (what a server drives) must refuse the request up front: accepted, it
     # would make every later step() fail while it sits in the batch.
     eng = short_llm.engine
-    vocab = short_llm.config.hf_config.vocab_size
+    vocab = short_llm.config.model_config.vocab_size
     try:
         with pytest.raises(ValueError, match=_names("logprobs")):
             eng.add_request("too-many-logprobs", "Hello", SamplingParams(max_tokens=2, logprobs=vocab + 1))

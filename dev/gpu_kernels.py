@@ -1,4 +1,4 @@
-"""labkit_kernels on a GPU at Qwen2.5-7B shapes: each kernel against its torch reference, and timed.
+"""labkit.kernels on a GPU at Qwen2.5-7B shapes: each kernel against its torch reference, and timed.
 
     python benchmarks/gpu_kernels.py        # one H100/H200 call, about a minute or two
 
@@ -26,23 +26,23 @@ from triton.testing import do_bench
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-if importlib.util.find_spec("labkit_kernels") is None:
-    # A bare checkout (labkit not pip-installed): map kernels/ to labkit_kernels as pyproject does.
+if importlib.util.find_spec("labkit.kernels") is None:
+    # A bare checkout (labkit not pip-installed): map kernels/ to labkit.kernels as pyproject does.
     spec = importlib.util.spec_from_file_location(
-        "labkit_kernels", REPO / "kernels" / "__init__.py",
+        "labkit.kernels", REPO / "kernels" / "__init__.py",
         submodule_search_locations=[str(REPO / "kernels")])
-    sys.modules["labkit_kernels"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sys.modules["labkit_kernels"])
+    sys.modules["labkit.kernels"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules["labkit.kernels"])
 
-from labkit_kernels.fused_add_rmsnorm import (  # noqa: E402
+from labkit.kernels.fused_add_rmsnorm import (  # noqa: E402
     fused_add_rmsnorm, fused_add_rmsnorm_ref, rmsnorm, rmsnorm_ref)
-from labkit_kernels.paged_attention_decode import (default_num_splits,  # noqa: E402
+from labkit.kernels.paged_attention_decode import (default_num_splits,  # noqa: E402
                                                    paged_attention_decode,
                                                    paged_attention_decode_ref)
-from labkit_kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
-from labkit_kernels.rotary_store_kvcache import (rotary_store_kvcache,  # noqa: E402
+from labkit.kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
+from labkit.kernels.rotary_store_kvcache import (rotary_store_kvcache,  # noqa: E402
                                                  rotary_store_kvcache_ref)
-from labkit_kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
+from labkit.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
 
 H, HKV, D, HIDDEN, INTER = 28, 4, 128, 3584, 18944
 DTYPE = torch.bfloat16

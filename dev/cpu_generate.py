@@ -118,7 +118,7 @@ class LabkitBackend:
         t0 = time.perf_counter()
         self.llm = LLM(dtype="float32")
         self.load_s = time.perf_counter() - t0
-        self.vocab = self.llm.config.hf_config.vocab_size
+        self.vocab = self.llm.config.model_config.vocab_size
         self.output_len = output_len
         self.params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
 
@@ -324,7 +324,8 @@ def main(argv=None) -> int:
     cpu_clock = torch.get_num_threads() == 1  # thread CPU time covers all the work only then
 
     from labkit.config import EngineConfig
-    vocab = EngineConfig.from_kwargs(dtype="float32").hf_config.vocab_size
+    from labkit.engine.resolved_config import resolve
+    vocab = resolve(EngineConfig.from_kwargs(dtype="float32")).model_config.vocab_size
     prompt_sets = {b: make_prompts(b, args.input_len, vocab, args.seed) for b in args.batch_sizes}
 
     report = {

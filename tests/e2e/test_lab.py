@@ -153,7 +153,7 @@ def test_dashboard_runs_and_exports(tiny_ckpts, tmp_path):
 
 
 def test_cli_sweep_writes_dataframe_and_offline_report(tiny_ckpts, tmp_path):
-    from labkit.entrypoints.cli import main
+    from labkit.cli import main
     out = tmp_path / "out"
     assert main(["sweep", "--model", str(tiny_ckpts["llama"]), "--batch-sizes", "1", "2", "--input-lens", "8",
                  "--output-lens", "4", "--num-iters", "1", "--output-dir", str(out)]) == 0
