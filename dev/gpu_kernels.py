@@ -26,13 +26,6 @@ from triton.testing import do_bench
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-if importlib.util.find_spec("labkit.kernels") is None:
-    # A bare checkout (labkit not pip-installed): map kernels/ to labkit.kernels as pyproject does.
-    spec = importlib.util.spec_from_file_location(
-        "labkit.kernels", REPO / "kernels" / "__init__.py",
-        submodule_search_locations=[str(REPO / "kernels")])
-    sys.modules["labkit.kernels"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sys.modules["labkit.kernels"])
 
 from labkit.kernels.fused_add_rmsnorm import (  # noqa: E402
     fused_add_rmsnorm, fused_add_rmsnorm_ref, rmsnorm, rmsnorm_ref)

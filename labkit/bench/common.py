@@ -17,10 +17,10 @@ import torch
 
 from labkit.bench import datasets
 from labkit.config import add_engine_args
+from labkit.observe.trace import DEFAULT_PROFILE_DIR, trace_region
 
 log = logging.getLogger("labkit.bench")
 
-DEFAULT_PROFILE_DIR = "labkit_profile"
 
 
 # ---- flags ----------------------------------------------------------------------------------
@@ -64,31 +64,6 @@ def load_workload(llm, dataset_name: str, **kwargs) -> list[datasets.SampleReque
 
 
 # ---- the timed region -----------------------------------------------------------------------
-@contextlib.contextmanager
-def profiled(name: str, enabled: bool, profile_dir: str | None) -> Iterator[None]:
-    """With `enabled`, a torch.profiler trace of the block, where the engine's
-    record_function ranges (schedule, prepare, forward, sample, postprocess) label each step,
-    written as gzipped Chrome/Perfetto JSON, plus the top operators as a text table (printed
-    too). Only this process is traced: with tensor parallelism, rank 0."""
-    if not enabled:
-        yield
-        return
-    from torch.profiler import ProfilerActivity, profile
-    cuda = torch.cuda.is_available()
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        yield
-    out = Path(profile_dir or DEFAULT_PROFILE_DIR)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{name}-{datetime.now():%Y%m%d-%H%M%S-%f}"
-    trace, table_path = Path(f"{stem}.trace.json.gz"), Path(f"{stem}.ops.txt")
-    prof.export_chrome_trace(str(trace))
-    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                      row_limit=25)
-    table_path.write_text(table)
-    print(table)
-    log.info("profile: trace %s (open in ui.perfetto.dev), operator table %s", trace, table_path)
-
-
 def num_steps(llm) -> int:
     """The number the engine's next step gets: where a timed region starts in the step log."""
     return llm.engine.num_steps
@@ -102,7 +77,7 @@ def generate_benchmark(llm, name: str, prompts: list, params, *, priority: list[
     with `profile`), its generated_result (plus "num_cached_tokens", the prompt tokens served
     from the prefix cache, with count_cached_tokens) and its files."""
     first_step = num_steps(llm)
-    with profiled(name, profile, profile_dir):
+    with trace_region(name, profile, profile_dir):
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=not disable_tqdm, priority=priority)
         elapsed = time.perf_counter() - start

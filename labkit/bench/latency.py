@@ -12,6 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from labkit.bench import common
+from labkit.observe.trace import trace_region
 
 PERCENTILES = (10, 25, 50, 75, 90, 99)
 
@@ -43,7 +44,7 @@ def run(*, input_len: int = 32, output_len: int = 128, batch_size: int = 8, n: i
             generate()
         first_step = common.num_steps(llm)
         latencies = []
-        with common.profiled("latency", profile, profile_dir):
+        with trace_region("latency", profile, profile_dir):
             for _ in tqdm(range(num_iters), desc="Timed iterations", disable=disable_tqdm):
                 start = time.perf_counter()
                 generate()

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from labkit.bench import common, datasets
+from labkit.observe.trace import trace_region
 
 BACKENDS = ("labkit", "hf")
 
@@ -102,7 +103,7 @@ def _run_hf(workload: dict, n: int, max_batch_size: int | None, seed: int, engin
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = max_batch_size or cfg.max_num_seqs
     torch.manual_seed(seed)
-    with common.profiled("throughput-hf", profile, profile_dir):
+    with trace_region("throughput-hf", profile, profile_dir):
         start = time.perf_counter()
         for i in tqdm(range(0, len(requests), batch), desc="hf batches", disable=disable_tqdm):
             _hf_generate(model, requests[i:i + batch], n, pad, cfg.device)

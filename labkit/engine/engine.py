@@ -20,6 +20,7 @@ from labkit.engine.request import Request
 from labkit.engine.sampler import PendingSample, SampleResult, Sampler
 from labkit.engine.scheduler import ScheduledBatch, Scheduler
 from labkit.engine.workers import WorkerGroup
+from labkit.observe.labels import label_layers
 from labkit.observe.step_log import StepRecord
 from labkit.observe.timer import Marks
 from labkit.outputs import CompletionOutput, Logprob, RequestOutput
@@ -193,6 +194,11 @@ class LLMEngine:
 
     def reset_prefix_cache(self) -> bool:
         return self.block_manager.reset_prefix_cache()
+
+    def profile_labels(self):
+        """A context in which this process's model layers label their calls for
+        torch.profiler (labkit.observe.labels)."""
+        return label_layers(self.runner.model)
 
     # ---- one step -------------------------------------------------------------------------
     # A step is launched (scheduled, its forward queued on the device, then sampled) and later

@@ -37,7 +37,7 @@ from typing import Iterator
 import pandas as pd
 import torch
 
-from labkit.bench.common import DEFAULT_PROFILE_DIR
+from labkit.observe.trace import DEFAULT_PROFILE_DIR
 
 CATEGORIES = ("attention", "matmul", "norm/rope/activation", "sampling", "communication", "engine", "other")
 PHASE_CATEGORY = {"schedule": "engine", "prepare": "engine", "postprocess": "engine", "sample": "sampling",

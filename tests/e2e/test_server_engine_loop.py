@@ -12,7 +12,7 @@ from labkit.engine.engine import LLMEngine
 from labkit.engine.resolved_config import resolve
 from labkit.entrypoints.server.engine_loop import EngineLoop
 from labkit.entrypoints.server.errors import APIError
-from labkit.entrypoints.server.metrics import ServerMetrics
+from labkit.observe.metrics import ServerMetrics
 from labkit.sampling_params import RequestOutputKind, SamplingParams
 
 

@@ -19,7 +19,7 @@ from labkit.config import EngineConfig
 from labkit.engine.engine import LLMEngine, load_tokenizer
 from labkit.entrypoints.server.app import build_app
 from labkit.entrypoints.server.engine_loop import EngineLoop
-from labkit.entrypoints.server.metrics import ServerMetrics
+from labkit.observe.metrics import ServerMetrics
 from labkit.entrypoints.server.serving import OpenAIServing
 
 log = logging.getLogger("labkit.server")

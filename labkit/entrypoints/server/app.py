@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from labkit import __version__
 from labkit.entrypoints.server.errors import APIError, error_body
-from labkit.entrypoints.server.metrics import CONTENT_TYPE, ServerMetrics
+from labkit.observe.metrics import CONTENT_TYPE, ServerMetrics
 from labkit.entrypoints.server.protocol import (ChatCompletionRequest, CompletionRequest,
                                                 DetokenizeRequest, RequestBody, TokenizeRequest)
 from labkit.entrypoints.server.serving import OpenAIServing

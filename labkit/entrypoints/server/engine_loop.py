@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from labkit.engine.engine import LLMEngine
 from labkit.entrypoints.server.errors import APIError
-from labkit.entrypoints.server.metrics import ServerMetrics
+from labkit.observe.metrics import ServerMetrics
 from labkit.outputs import Logprob, RequestOutput
 from labkit.sampling_params import SamplingParams
 
