@@ -4,8 +4,8 @@ from labkit.entrypoints.llm import LLM
 from labkit.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from labkit.entrypoints.beam_search import BeamSearchOutput, BeamSearchSequence
 from labkit.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
+from labkit.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence",
            "RequestOutputKind", "EngineConfig", "RequestOutput", "CompletionOutput", "Logprob",
            "RequestMetrics", "sweep", "load_sweep", "dashboard", "profile", "__version__"]

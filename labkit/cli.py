@@ -8,6 +8,7 @@ import os
 import sys
 
 from labkit.config import EngineConfig, add_engine_args, engine_kwargs
+from labkit.version import __version__
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -72,7 +73,8 @@ def add_sweep_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="labkit", description=__doc__)
+    parser = argparse.ArgumentParser(prog="labkit", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"labkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate completions for prompts")
     g.add_argument("prompts", nargs="+")

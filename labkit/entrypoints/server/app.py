@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from labkit import __version__
+from labkit.version import __version__
 from labkit.entrypoints.server.errors import APIError, error_body
 from labkit.observe.metrics import CONTENT_TYPE, ServerMetrics
 from labkit.entrypoints.server.protocol import (ChatCompletionRequest, CompletionRequest,
