@@ -36,7 +36,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     names = args.served_model_name or [kwargs["model"] or DEFAULT_MODEL_NAME]
     serve(resolve(EngineConfig(**kwargs)),
           ServerArgs(names, args.host, args.port, args.api_key, args.chat_template,
-                     not args.disable_log_requests, args.uvicorn_log_level))
+                     not args.disable_log_requests, args.uvicorn_log_level,
+                     args.trust_request_chat_template))
     return 0
 
 
@@ -98,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="name(s) clients use for the model (default: the MODEL argument)")
     s.add_argument("--chat-template", default=None, dest="chat_template",
                    help="a Jinja chat template, or a file holding one (default: the tokenizer's)")
+    s.add_argument("--trust-request-chat-template", action="store_true",
+                   dest="trust_request_chat_template",
+                   help="accept `chat_template` in request bodies (refused by default: a template "
+                        "is code the server runs)")
     s.add_argument("--disable-log-requests", action="store_true", dest="disable_log_requests")
     s.add_argument("--uvicorn-log-level", default="info", dest="uvicorn_log_level",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])

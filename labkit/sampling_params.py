@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
+
 from labkit.utils import check_field
+
+# Seeds as torch's generators take them; with n > 1, sequence i uses seed + i.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 class RequestOutputKind(enum.Enum):
@@ -42,40 +47,51 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        check_field(isinstance(self.n, int) and self.n >= 1, "n", self.n, "an integer >= 1")
-        check_field(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 means greedy)")
-        check_field(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
-        check_field(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", self.top_k,
-               "an integer >= -1 (0 or -1 turn it off)")
-        check_field(0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
-        check_field(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-               "max_tokens", self.max_tokens, "an integer >= 1 (or None: up to max_model_len)")
-        check_field(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens",
-               self.min_tokens, "an integer >= 0")
+        check_field(_is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
+        check_field(_finite(self.temperature) and self.temperature >= 0, "temperature",
+                    self.temperature, "a finite number >= 0 (0 means greedy)")
+        check_field(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        check_field(_is_int(self.top_k) and self.top_k >= -1, "top_k", self.top_k,
+                    "an integer >= -1 (0 or -1 turn it off)")
+        check_field(_finite(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
+        check_field(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+                    "max_tokens", self.max_tokens, "an integer >= 1 (or None: up to max_model_len)")
+        check_field(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens",
+                    self.min_tokens, "an integer >= 0")
         check_field(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
-               self.min_tokens, f"<= max_tokens ({self.max_tokens})")
-        check_field(self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
-               "logprobs", self.logprobs, "None or an integer >= 0")
+                    self.min_tokens, f"<= max_tokens ({self.max_tokens})")
+        check_field(self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
+                    "logprobs", self.logprobs, "None or an integer >= 0")
         check_field(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
-               "a non-empty string or a list of them")
-        check_field(all(isinstance(t, int) for t in self.stop_token_ids), "stop_token_ids",
-               self.stop_token_ids, "a list of integers")
-        check_field(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "None or an integer")
-        check_field(-2 <= self.presence_penalty <= 2, "presence_penalty", self.presence_penalty, "in [-2, 2]")
-        check_field(-2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "in [-2, 2]")
-        check_field(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "> 0")
-        check_field(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and self.prompt_logprobs >= 0),
-               "prompt_logprobs", self.prompt_logprobs, "None or an integer >= 0")
+                    "a non-empty string or a list of them")
+        check_field(all(_is_int(t) for t in self.stop_token_ids), "stop_token_ids",
+                    self.stop_token_ids, "a list of integers")
+        check_field(self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
+                    "seed", self.seed, f"None or an integer in [{SEED_MIN}, {SEED_MAX}]")
+        check_field(_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+                    "presence_penalty", self.presence_penalty, "in [-2, 2]")
+        check_field(_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+                    "frequency_penalty", self.frequency_penalty, "in [-2, 2]")
+        check_field(_finite(self.repetition_penalty) and self.repetition_penalty > 0,
+                    "repetition_penalty", self.repetition_penalty, "a finite number > 0")
+        check_field(self.prompt_logprobs is None
+                    or (_is_int(self.prompt_logprobs) and self.prompt_logprobs >= 0),
+                    "prompt_logprobs", self.prompt_logprobs, "None or an integer >= 0")
         if self.logit_bias is not None:
             try:
-                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+                bias = {_token_id(k): float(v) for k, v in self.logit_bias.items()}
             except (AttributeError, TypeError, ValueError):
-                check_field(False, "logit_bias", self.logit_bias, "a dict of token id -> bias")
+                bias = None
+            check_field(bias is not None and all(-100 <= v <= 100 for v in bias.values()),
+                        "logit_bias", self.logit_bias,
+                        "a dict of token id -> bias, each bias a number in [-100, 100]")
+            self.logit_bias = bias
         if self.allowed_token_ids is not None:
-            check_field(len(self.allowed_token_ids) > 0 and all(isinstance(t, int) for t in self.allowed_token_ids),
-                   "allowed_token_ids", self.allowed_token_ids, "a non-empty list of token ids")
+            check_field(len(self.allowed_token_ids) > 0
+                        and all(_is_int(t) for t in self.allowed_token_ids),
+                        "allowed_token_ids", self.allowed_token_ids, "a non-empty list of token ids")
         check_field(self.bad_words is None or all(isinstance(w, str) and w for w in self.bad_words),
-               "bad_words", self.bad_words, "a list of non-empty strings")
+                    "bad_words", self.bad_words, "a list of non-empty strings")
 
     @property
     def has_penalties(self) -> bool:
@@ -97,8 +113,24 @@ class BeamSearchParams:
     include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
-        check_field(isinstance(self.beam_width, int) and self.beam_width >= 1, "beam_width",
-               self.beam_width, "an integer >= 1")
-        check_field(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens",
-               self.max_tokens, "an integer >= 1")
-        check_field(self.temperature >= 0, "temperature", self.temperature, ">= 0")
+        check_field(_is_int(self.beam_width) and self.beam_width >= 1, "beam_width",
+                    self.beam_width, "an integer >= 1")
+        check_field(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
+                    self.max_tokens, "an integer >= 1")
+        check_field(_finite(self.temperature) and self.temperature >= 0, "temperature",
+                    self.temperature, "a finite number >= 0")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)   # True is an int to Python
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _token_id(key) -> int:
+    """A logit_bias key: an int, or a string of one (JSON object keys are strings)."""
+    if isinstance(key, bool) or not isinstance(key, (int, str)):
+        raise TypeError(key)
+    return int(key)

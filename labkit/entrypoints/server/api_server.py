@@ -15,12 +15,12 @@ from pathlib import Path
 
 import uvicorn
 
-from labkit.config import EngineConfig
+from labkit.engine.resolved_config import ResolvedConfig
 from labkit.engine.engine import LLMEngine, load_tokenizer
 from labkit.entrypoints.server.app import build_app
 from labkit.entrypoints.server.engine_loop import EngineLoop
 from labkit.observe.metrics import ServerMetrics
-from labkit.entrypoints.server.serving import OpenAIServing
+from labkit.entrypoints.server.serving import OpenAIServing, ServingOptions
 
 log = logging.getLogger("labkit.server")
 
@@ -36,6 +36,7 @@ class ServerArgs:
     chat_template: str | None = None    # a file, or the template itself
     log_requests: bool = True
     uvicorn_log_level: str = "info"
+    trust_request_chat_template: bool = False   # allow `chat_template` in request bodies
 
 
 def load_chat_template(value: str | None) -> str | None:
@@ -82,14 +83,17 @@ class _Server(uvicorn.Server):
                 signal.signal(s, handler)
 
 
-def serve(config: EngineConfig, args: ServerArgs) -> None:
+def serve(config: ResolvedConfig, args: ServerArgs) -> None:
     chat_template = load_chat_template(args.chat_template)
     engine_loop = EngineLoop(LLMEngine(config), ServerMetrics(args.served_model_names[0]))
+    serving = None
     try:
         engine_loop.start()
-        serving = OpenAIServing(engine_loop, load_tokenizer(config), args.served_model_names,
-                                config.model or str(config.model_dir), config.max_model_len, chat_template,
-                                args.log_requests)
+        serving = OpenAIServing(engine_loop, load_tokenizer(config), ServingOptions(
+            args.served_model_names, str(config.model_dir), config.max_model_len, chat_template,
+            args.log_requests, args.trust_request_chat_template))
+        log.info("serving %s; its tokenizer loads from %s (the models' `root`)",
+                 ", ".join(args.served_model_names), config.model_dir)
         app = build_app(serving, engine_loop.metrics, args.api_key)
         server = _Server(uvicorn.Config(app, host=args.host, port=args.port, lifespan="off",
                                         log_level=args.uvicorn_log_level,
@@ -98,4 +102,6 @@ def serve(config: EngineConfig, args: ServerArgs) -> None:
         server.run()
     finally:
         engine_loop.stop()
+        if serving is not None:
+            serving.close()
         log.info("labkit server stopped")

@@ -115,15 +115,19 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics, api_key: str | Non
     async def models() -> dict:
         return serving.models()
 
+    @v1.get("/models/{model_id:path}")   # names may hold a slash: org/name
+    async def model(model_id: str) -> dict:
+        return serving.model(model_id)
+
     app.include_router(v1)
 
     @app.post("/tokenize")
     async def tokenize(raw: Request) -> dict:
-        return serving.tokenize(await parse_body(raw, TokenizeRequest))
+        return await serving.tokenize(await parse_body(raw, TokenizeRequest))
 
     @app.post("/detokenize")
     async def detokenize(raw: Request) -> dict:
-        return serving.detokenize(await parse_body(raw, DetokenizeRequest))
+        return await serving.detokenize(await parse_body(raw, DetokenizeRequest))
 
     @app.get("/health")
     async def health() -> Response:

@@ -7,7 +7,7 @@ than silently ignored.
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StrictInt
 
 from labkit.entrypoints.server.errors import APIError
 from labkit.sampling_params import RequestOutputKind, SamplingParams
@@ -40,10 +40,10 @@ class SamplingRequest(RequestBody):
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
     min_tokens: int | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[StrictInt] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
-    allowed_token_ids: list[int] | None = None
+    allowed_token_ids: list[StrictInt] | None = None
     bad_words: list[str] | None = None
     prompt_logprobs: int | None = None
     priority: int = 0
@@ -60,6 +60,9 @@ class SamplingRequest(RequestBody):
         for name, used in self._unsupported():
             if used:
                 raise APIError(400, f"`{name}` is not supported by labkit", name)
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options: only allowed when stream is true",
+                           "stream_options")
         given = {k: getattr(self, k) for k in _SAMPLING_FIELDS}
         kwargs = {k: v for k, v in given.items() if v is not None}
         try:
@@ -78,7 +81,8 @@ _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "stop
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    # StrictInt: JSON's true/false are no token ids.
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool | None = False
@@ -158,4 +162,4 @@ class TokenizeRequest(_ChatTemplateFields):
 
 class DetokenizeRequest(RequestBody):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[StrictInt]

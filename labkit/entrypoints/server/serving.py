@@ -1,17 +1,21 @@
 """The OpenAI endpoints' logic: turn a request body into prompts and SamplingParams, submit them
 to the engine loop, and shape the updates as vLLM does (whole responses, or SSE chunks).
 
-Tokenization happens here, on the asyncio thread, with the server's own tokenizer: the engine
-thread decodes with the engine's, and HF tokenizers are not safe to share across threads.
+Tokenization and chat-template rendering happen here, with the server's own tokenizer (the
+engine thread decodes with the engine's: HF tokenizers are not safe to share across threads), on
+one worker thread of their own, never on the event loop: a 4 MB prompt or a slow template must
+not stall /health or other clients. A request waits at most TOKENIZE_TIMEOUT_S for that work.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,6 +32,8 @@ from labkit.sampling_params import SamplingParams
 
 log = logging.getLogger("labkit.server")
 
+TOKENIZE_TIMEOUT_S = 60.0
+
 
 @dataclass
 class _Choice:
@@ -40,17 +46,39 @@ class _Choice:
     prompt_logprobs: list | None = None
 
 
+@dataclass(frozen=True)
+class ServingOptions:
+    model_names: list[str]
+    model_root: str                 # a directory AutoTokenizer.from_pretrained can load
+    max_model_len: int
+    chat_template: str | None       # the server's (--chat-template), else the tokenizer's
+    log_requests: bool = True
+    trust_request_chat_template: bool = False   # vLLM's --trust-request-chat-template
+
+
 class OpenAIServing:
-    def __init__(self, engine: EngineLoop, tokenizer, model_names: list[str], model_root: str,
-                 max_model_len: int, chat_template: str | None, log_requests: bool):
+    def __init__(self, engine: EngineLoop, tokenizer, options: ServingOptions):
         self.engine = engine
         self.tokenizer = tokenizer
-        self.model_names = model_names
-        self.model_root = model_root
-        self.max_model_len = max_model_len
-        self.chat_template = chat_template
-        self.log_requests = log_requests
+        self.options = options
+        self.model_names = options.model_names
+        self.max_model_len = options.max_model_len
         self.created = int(time.time())
+        # One thread: the tokenizer is used by one thread at a time.
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="labkit-tokenize")
+
+    def close(self) -> None:
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+
+    async def _off_loop(self, fn: Callable, *args, **kwargs):
+        """`fn(*args, **kwargs)` on the tokenizer's thread, bounded in time."""
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(self._tokenizer_thread, functools.partial(fn, *args, **kwargs))
+        try:
+            return await asyncio.wait_for(work, TOKENIZE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise APIError(400, f"preparing the prompt took longer than {TOKENIZE_TIMEOUT_S:.0f} s "
+                           "(tokenizing or rendering the chat template)") from None
 
     # ---- small endpoints ------------------------------------------------------------------------
     def check_model(self, body: RequestBody) -> None:
@@ -60,29 +88,40 @@ class OpenAIServing:
         if body.model_extra:
             log.warning("ignoring unknown request fields: %s", ", ".join(sorted(body.model_extra)))
 
-    def models(self) -> dict:
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": self.created, "owned_by": "labkit",
-             "root": self.model_root, "parent": None, "max_model_len": self.max_model_len}
-            for name in self.model_names]}
+    def _model_card(self, name: str) -> dict:
+        # `root` is a directory with the served tokenizer's files, so that clients which count
+        # tokens (vLLM's benchmark client: --tokenizer) can load it.
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "labkit",
+                "root": self.options.model_root, "parent": None,
+                "max_model_len": self.max_model_len}
 
-    def tokenize(self, req: TokenizeRequest) -> dict:
+    def models(self) -> dict:
+        return {"object": "list", "data": [self._model_card(name) for name in self.model_names]}
+
+    def model(self, name: str) -> dict:
+        if name not in self.model_names:
+            raise APIError(404, f"The model `{name}` does not exist.", "model")
+        return self._model_card(name)
+
+    async def tokenize(self, req: TokenizeRequest) -> dict:
         self.check_model(req)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of `prompt` and `messages`", "prompt")
         if req.prompt is not None:
             special = True if req.add_special_tokens is None else req.add_special_tokens
-            ids = self.tokenizer.encode(req.prompt, add_special_tokens=special)
+            ids = await self._off_loop(self.tokenizer.encode, req.prompt,
+                                       add_special_tokens=special)
         else:
-            ids = self._chat_prompt(req, add_special_tokens=bool(req.add_special_tokens))["prompt_token_ids"]
+            prompt = await self._off_loop(self._chat_prompt, req, bool(req.add_special_tokens))
+            ids = prompt["prompt_token_ids"]
         return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
 
-    def detokenize(self, req: DetokenizeRequest) -> dict:
+    async def detokenize(self, req: DetokenizeRequest) -> dict:
         self.check_model(req)
         vocab = len(self.tokenizer)
         if not all(0 <= t < vocab for t in req.tokens):
             raise APIError(400, f"tokens: every id must be in [0, {vocab})", "tokens")
-        return {"prompt": self.tokenizer.decode(req.tokens)}
+        return {"prompt": await self._off_loop(self.tokenizer.decode, req.tokens)}
 
     # ---- prompts ------------------------------------------------------------------------------
     def _completion_prompts(self, req: CompletionRequest) -> list[dict]:
@@ -98,10 +137,16 @@ class OpenAIServing:
                      add_special_tokens: bool = False) -> dict:
         if not req.messages:
             raise APIError(400, "messages: give at least one message", "messages")
+        if req.chat_template is not None and not self.options.trust_request_chat_template:
+            raise APIError(400, "chat_template: templates sent in a request are refused; start "
+                           "the server with --trust-request-chat-template to allow them",
+                           "chat_template")
         messages = [m.to_template() for m in req.messages]
         try:
+            # transformers renders in Jinja's immutable sandbox.
             text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, chat_template=req.chat_template or self.chat_template,
+                messages, tokenize=False,
+                chat_template=req.chat_template or self.options.chat_template,
                 add_generation_prompt=req.add_generation_prompt,
                 continue_final_message=req.continue_final_message, **(req.chat_template_kwargs or {}))
         except Exception as e:   # a template that raises (bad roles, no template at all, ...)
@@ -126,7 +171,7 @@ class OpenAIServing:
         arrival = time.time()
         self.check_model(req)
         params = req.sampling_params()
-        prompts = self._completion_prompts(req)
+        prompts = await self._off_loop(self._completion_prompts, req)
         return await self._generate(_Completions(req.logprobs), f"cmpl-{uuid.uuid4().hex}", req,
                                     prompts, params, arrival, raw)
 
@@ -134,7 +179,7 @@ class OpenAIServing:
         arrival = time.time()
         self.check_model(req)
         params = req.sampling_params()
-        prompts = [self._chat_prompt(req)]
+        prompts = [await self._off_loop(self._chat_prompt, req)]
         return await self._generate(_Chat((req.top_logprobs or 0) if req.logprobs else None),
                                     f"chatcmpl-{uuid.uuid4().hex}", req, prompts, params, arrival, raw)
 
@@ -142,7 +187,7 @@ class OpenAIServing:
                         prompts: list[dict], params: SamplingParams, arrival: float,
                         raw: Request) -> Response:
         self._check_length(prompts, params)
-        if self.log_requests:
+        if self.options.log_requests:
             log.info("request %s: %d prompt(s) of %s tokens, %s", request_id, len(prompts),
                      [len(p["prompt_token_ids"]) for p in prompts], params)
         try:
@@ -174,16 +219,17 @@ class OpenAIServing:
         chunk_head = {**head, "object": fmt.chunk_object}
         completion_tokens = 0
         offsets = [0] * num_choices   # characters sent so far per choice (completions' text_offset)
+        started = [False] * num_choices
         try:
-            for i in range(num_choices):
-                first = fmt.first_chunk(i)
-                if first is not None:
-                    yield _sse({**chunk_head, "choices": [first]})
             async for update in handle:
                 for d in update.choices:
                     completion_tokens += len(d.token_ids)
                     if d.text or d.finish_reason or (fmt.logprobs is not None and d.token_ids):
-                        yield _sse({**chunk_head, "choices": [fmt.chunk_choice(d, offsets[d.index])]})
+                        # A choice's first chunk goes out with its first token (chat: with the
+                        # role), so a client's time to first token is the engine's.
+                        choice = fmt.chunk_choice(d, offsets[d.index], first=not started[d.index])
+                        started[d.index] = True
+                        yield _sse({**chunk_head, "choices": [choice]})
                     offsets[d.index] += len(d.text)
             if include_usage:
                 yield _sse({**chunk_head, "choices": [],
@@ -255,8 +301,7 @@ class _Format(Protocol):
     logprobs: int | None     # top logprobs asked for, None when not
 
     def choice(self, index: int, c: _Choice) -> dict: ...
-    def first_chunk(self, index: int) -> dict | None: ...
-    def chunk_choice(self, d: ChoiceDelta, offset: int) -> dict: ...
+    def chunk_choice(self, d: ChoiceDelta, offset: int, first: bool) -> dict: ...
 
 
 class _Completions:
@@ -285,10 +330,7 @@ class _Completions:
             out["prompt_logprobs"] = _prompt_logprobs(c.prompt_logprobs)
         return out
 
-    def first_chunk(self, index: int) -> None:
-        return None
-
-    def chunk_choice(self, d: ChoiceDelta, offset: int) -> dict:
+    def chunk_choice(self, d: ChoiceDelta, offset: int, first: bool) -> dict:
         out = {"index": d.index, "text": d.text,
                "logprobs": self._logprobs(d.token_ids, d.logprobs, offset),
                "finish_reason": d.finish_reason, "stop_reason": d.stop_reason}
@@ -317,13 +359,10 @@ class _Chat:
                 "logprobs": self._logprobs(c.token_ids, c.logprobs),
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
-    def first_chunk(self, index: int) -> dict:
-        # As vLLM: every choice's stream opens with the assistant role and empty content.
-        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                "finish_reason": None}
-
-    def chunk_choice(self, d: ChoiceDelta, offset: int) -> dict:
-        return {"index": d.index, "delta": {"content": d.text} if d.text else {},
+    def chunk_choice(self, d: ChoiceDelta, offset: int, first: bool) -> dict:
+        delta = {"role": "assistant", "content": d.text} if first else \
+            ({"content": d.text} if d.text else {})
+        return {"index": d.index, "delta": delta,
                 "logprobs": self._logprobs(d.token_ids, d.logprobs),
                 "finish_reason": d.finish_reason, "stop_reason": d.stop_reason}
 
