@@ -1,7 +1,7 @@
 """Where labkit's CPU time goes, per decode step (and per prefill), for the default model.
 
-    python benchmarks/cpu_decode_profile.py                 # batches 8 and 32
-    python benchmarks/cpu_decode_profile.py --batch-sizes 8 --skip-matmul
+    python dev/cpu_decode_profile.py                 # batches 8 and 32
+    python dev/cpu_decode_profile.py --batch-sizes 8 --skip-matmul
 
 Four parts:
 1. Engine breakdown: B prompts of --input-len random tokens go through the real engine. The
@@ -16,7 +16,7 @@ Four parts:
    batch 1/8/32 and at prefill size.
 4. Small-op costs (norm, rotary, silu) and the machine's memory bandwidth (the decode floor).
 
-Writes benchmarks/results/cpu_decode_profile.json (and prints everything).
+Writes dev/results/cpu_decode_profile.json (and prints everything).
 """
 from __future__ import annotations
 
@@ -439,7 +439,7 @@ def main(argv=None) -> int:
                     help="torch threads; with 1, times are the thread's CPU time (robust to other "
                          "processes on a shared machine)")
     ap.add_argument("--output-json", type=Path,
-                    default=REPO / "benchmarks" / "results" / "cpu_decode_profile.json")
+                    default=REPO / "dev" / "results" / "cpu_decode_profile.json")
     args = ap.parse_args(argv)
     global CLOCK
     if args.threads:

@@ -4,8 +4,8 @@ The issue's CPU target: on a 2-core machine, default model (SmolLM2-135M-Instruc
 batches of 8 and of 32 prompts of 128 tokens each generating 64 tokens, labkit's output tokens/s
 must be at least 2x HF transformers' generate() measured in the same run.
 
-    python benchmarks/cpu_generate.py                      # batches 8 and 32, both backends
-    python benchmarks/cpu_generate.py --batch-sizes 8 --skip-hf
+    python dev/cpu_generate.py                      # batches 8 and 32, both backends
+    python dev/cpu_generate.py --batch-sizes 8 --skip-hf
 
 Prompts are seeded random token ids in [100, vocab) (no special tokens), exactly --input-len long,
 identical for both backends. Both run greedy with EOS ignored, so every row makes exactly
@@ -41,7 +41,7 @@ import torch
 from labkit.lab.env import device_name
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_JSON = REPO / "benchmarks" / "results" / "cpu_generate.json"
+DEFAULT_JSON = REPO / "dev" / "results" / "cpu_generate.json"
 MIN_TOKEN_ID = 100  # SmolLM2's special / control tokens sit well below this
 
 

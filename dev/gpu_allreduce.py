@@ -5,7 +5,7 @@ Checks the kernel's result bit for bit against the float32 rank-order sum (also 
 in a row with changing sizes, to catch a race between calls), then times both, eager and
 replayed from a CUDA graph. Run on the device (NCCL_NVLS_ENABLE=0):
 
-  python benchmarks/gpu_allreduce.py --world 2,4 --out $OUT
+  python dev/gpu_allreduce.py --world 2,4 --out $OUT
 """
 from __future__ import annotations
 

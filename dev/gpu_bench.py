@@ -2,7 +2,7 @@
 correctness check, then labkit vs HF transformers vs the floor on the Qwen2.5-7B-Instruct shape
 with random weights in bf16.
 
-  python benchmarks/gpu_bench.py --out DIR [--tiny DIR] [--workloads a,b,c] [--skip-hf]
+  python dev/gpu_bench.py --out DIR [--tiny DIR] [--workloads a,b,c] [--skip-hf]
 
 Workloads: (a) one decode step, batch 1, context 1024; (b) the seed's latency run, batch 8,
 input 1024, output 1024; (c) throughput, 256 requests with input and output lengths uniform in
@@ -247,7 +247,7 @@ def main() -> None:
     wl = set(args.workloads.split(","))
     result = {"card": torch.cuda.get_device_name(), "num_gpus": torch.cuda.device_count(),
               "torch": torch.__version__, "python": platform.python_version(),
-              "command": "python benchmarks/gpu_bench.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
+              "command": "python dev/gpu_bench.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "errors": {}}
 
     def guarded(name, fn):

@@ -1,7 +1,7 @@
 """Decode attention's launch knobs on a lent GPU: split count x tokens per tile x warps x
 pipeline stages, for the contexts of issue 3's workloads (a) and (b).
 
-  python benchmarks/gpu_decode_sweep.py [--out DIR]
+  python dev/gpu_decode_sweep.py [--out DIR]
 
 Qwen2.5-7B's attention (28 query heads, 4 KV heads, head_dim 128), bf16, KV block size 16, block
 tables of shuffled blocks. Each configuration is timed as the engine runs it: 28 layers' calls

@@ -2,7 +2,7 @@
 F.linear (y = x W^T, as the model calls it) and torch.mm(W, x^T) (y^T, the weight as the left
 operand: on the CPU that orientation read the LM head 1.4-2.9x faster, PERF_NOTES).
 
-  python benchmarks/gpu_gemm.py [--out DIR]
+  python dev/gpu_gemm.py [--out DIR]
 
 Qwen2.5-7B's shapes (weights [N, K] bf16) at M = 1, 8 and 64 rows, each timed in a CUDA graph of
 20 calls (so launch gaps and cuBLAS's split-K reduce kernels count). Prints one table; writes

@@ -1,7 +1,7 @@
 """A decode step's matmuls on a lent GPU: cuBLAS (F.linear) against labkit.kernels.gemv's launch
 configurations at a decode step's row counts; writes the card's configuration table.
 
-  python benchmarks/gpu_gemv.py --out DIR [--install] [--shapes down_proj,...]
+  python dev/gpu_gemv.py --out DIR [--install] [--shapes down_proj,...]
 
 Shapes: Qwen2.5-7B-Instruct's (qkv with its bias, o, gate/up, down with the SiLU-and-mul fused,
 the LM head), bf16, at 1, 2, 4, 8 and 16 rows. Each timing is a CUDA graph of back-to-back calls
@@ -206,7 +206,7 @@ def main() -> None:
         table = json.loads(config_path(card).read_text())["configs"]
     table.update(table_from(result["rows"]))
     path = out / config_path(card).name
-    path.write_text(json.dumps({"card": card, "source": "benchmarks/gpu_gemv.py",
+    path.write_text(json.dumps({"card": card, "source": "dev/gpu_gemv.py",
                                 "configs": table}, indent=1))
     if args.install:
         config_path(card).parent.mkdir(exist_ok=True)

@@ -1,6 +1,6 @@
 """labkit.kernels on a GPU at Qwen2.5-7B shapes: each kernel against its torch reference, and timed.
 
-    python benchmarks/gpu_kernels.py        # one H100/H200 call, about a minute or two
+    python dev/gpu_kernels.py        # one H100/H200 call, about a minute or two
 
 Shapes: 28 query heads, 4 KV heads, head_dim 128, hidden 3584, intermediate 18944, bf16. For
 each kernel: the max abs error against the reference on fresh random inputs, and the median time

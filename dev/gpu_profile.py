@@ -1,7 +1,7 @@
 """Where a decode step's GPU time goes, kernel by kernel (torch.profiler with CUDA activity;
 kernels replayed from CUDA graphs are traced one by one). Qwen2.5-7B shape, dummy weights, bf16.
 
-  python benchmarks/gpu_profile.py --batch 8 --context 1024 --tp 1 --out DIR
+  python dev/gpu_profile.py --batch 8 --context 1024 --tp 1 --out DIR
 
 Prints the kernels by total GPU time over the profiled steps (per step: count and
 microseconds), the GPU-busy time per step against the wall time per step, and writes the table

@@ -2,7 +2,7 @@
 processing), with the model's forward replaced by a constant logits tensor: what a step costs
 the CPU whatever the device, the part a GPU waits for unless it is hidden.
 
-  python benchmarks/host_overhead.py [--model DIR] [--batch 1,8,256]
+  python dev/host_overhead.py [--model DIR] [--batch 1,8,256]
 
 Runs on the CPU with a tiny checkpoint (default: builds tiny-llama with
 data/make_tiny_checkpoints.py in a temporary folder). Prints the median phase times of the last

@@ -22,7 +22,7 @@ Two inner loops. Up to FMA_MAX_ROWS rows, plain FMAs: each thread keeps a float3
 per weight element it owns and reduces once at the end. Up to MAX_ROWS rows, tensor cores:
 acc[BLOCK_N, 16] = w_tile @ x_tile^T, x's rows padded to 16 (free: the kernel waits on memory).
 Both keep the next weight tile's load in flight while the current one is multiplied. Launch
-configurations per card and shape come from benchmarks/gpu_gemv.py (configs/), which also
+configurations per card and shape come from dev/gpu_gemv.py (configs/), which also
 records where cuBLAS is faster: there `choose_config` returns None and the caller uses F.linear.
 """
 from __future__ import annotations
@@ -251,7 +251,7 @@ def config_path(device_name: str) -> Path:
 @functools.cache
 def _table(device: torch.device) -> dict[str, GemvConfig | None]:
     """This card's tuned entries, "bucket,n,k" -> config, or None where cuBLAS is faster, from
-    configs/gemv_<card name>.json as benchmarks/gpu_gemv.py writes it."""
+    configs/gemv_<card name>.json as dev/gpu_gemv.py writes it."""
     path = config_path(torch.cuda.get_device_name(device))
     if not path.exists():
         return {}

@@ -115,7 +115,7 @@ def default_num_splits(batch: int, num_kv_heads: int, max_context_len: int,
     """Enough (batch, KV head, split) programs for about four waves over the SMs (rounded down to
     a power of two), but no split shorter than MIN_TOKENS_PER_SPLIT tokens. Four, not two: on an
     H200 at batch 8 (32 batch x KV-head pairs) 16 splits beat 8 or 9 by 0.6-1.5 us per call for
-    contexts of 1024-2048 (benchmarks/gpu_decode_sweep.py; results/gpu_decode_sweep_h200.log)."""
+    contexts of 1024-2048 (dev/gpu_decode_sweep.py; the H200 sweep in dev/PERF_NOTES.md)."""
     want = 1 << max(0, (4 * _num_sms(device) // (batch * num_kv_heads)).bit_length() - 1)
     return max(1, min(want, MAX_SPLITS, math.ceil(max_context_len / MIN_TOKENS_PER_SPLIT)))
 
@@ -130,7 +130,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     [B, H, D] in q's dtype (written into `out` if given). `num_splits` defaults to
     `default_num_splits` with the block table's width as the longest context. block_n (context
     tokens per tile), num_warps and num_stages are the launch's tuning knobs (the defaults were
-    chosen with benchmarks/gpu_decode_sweep.py)."""
+    chosen with dev/gpu_decode_sweep.py)."""
     b, h, d = q.shape
     hkv = k_cache.shape[1]
     assert h % hkv == 0 and k_cache.shape[2] == d and q.stride(-1) == 1

@@ -18,7 +18,7 @@ from labkit.distributed.cuda_ipc import CudaRT
 log = logging.getLogger("labkit")
 
 # One-shot beats NCCL (in a CUDA graph, 2 x H200) up to ~512 KiB: 9.5 vs 21 us at 56 KiB, 20.8 vs
-# 24.0 us at 448 KiB, but 57.7 vs 41.6 us at 1.8 MiB (benchmarks/results/gpu.md).
+# 24.0 us at 448 KiB, but 57.7 vs 41.6 us at 1.8 MiB (dev/results/H200.md).
 MAX_BYTES = 512 << 10
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 

@@ -23,7 +23,7 @@ def device_name(device: str) -> str:
 
 
 def checkout_root() -> Path | None:
-    """The source checkout labkit runs from (where data/ and benchmarks/ are), None when labkit
+    """The source checkout labkit runs from (where data/ and dev/ are), None when labkit
     is installed from a wheel."""
     root = Path(__file__).resolve().parents[2]
     return root if (root / "pyproject.toml").exists() else None

@@ -1,7 +1,7 @@
 """PeerAllReduce's set-up protocol, on the CPU with a fake CUDA runtime: the ranks use the peer
 kernel only if every one of them could share and map the buffers, and a rank that fails never
 leaves the others waiting. (The kernel itself: tests/unit/test_kernels.py; on GPUs:
-benchmarks/gpu_allreduce.py.)"""
+dev/gpu_allreduce.py.)"""
 import itertools
 import threading
 

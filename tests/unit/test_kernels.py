@@ -235,7 +235,7 @@ def _all_reduce_rank(rank, world, xs, outs, buf_ptrs, sig_ptrs):
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="ranks as CPU processes; on GPUs see "
-                    "benchmarks/gpu_allreduce.py (several cards, CUDA IPC)")
+                    "dev/gpu_allreduce.py (several cards, CUDA IPC)")
 @pytest.mark.parametrize("world,numel", [(2, 300), (3, BLOCK * (MAX_PROGRAMS + 1) + 5)])
 def test_one_shot_all_reduce(world, numel):
     """Ranks are forked processes over shared CPU memory (the interpreter runs each launch's
