@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     s.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
-                   help="local checkpoint dir or .gguf (default: SmolLM2-135M-Instruct)")
+                   help="a Hugging Face repo id or a local checkpoint dir or .gguf (default: "
+                        "SmolLM2-135M-Instruct)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=os.environ.get("LABKIT_API_KEY"), dest="api_key",

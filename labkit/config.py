@@ -25,9 +25,15 @@ def option(default, help: str, *, flags: tuple[str, ...] = (), choices: tuple | 
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = option(
-        None, "a local checkpoint directory or .gguf file (default: the embedded "
-        "SmolLM2-135M-Instruct)")
-    tokenizer: str | None = option(None, "tokenizer directory (default: the model's)")
+        None, "a Hugging Face repo id (Qwen/Qwen2.5-1.5B-Instruct), or a local checkpoint "
+        "directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    tokenizer: str | None = option(None, "a repo id or tokenizer directory (default: the "
+                                   "model's)")
+    revision: str | None = option(None, "the model's Hub revision: a branch, tag or commit "
+                                  "(default: main)")
+    tokenizer_revision: str | None = option(None, "the tokenizer's Hub revision (default: main)")
+    download_dir: str | None = option(None, "the Hugging Face cache to read and download "
+                                      "into (default: $HF_HUB_CACHE, ~/.cache/huggingface/hub)")
     tensor_parallel_size: int = option(
         1, "number of tensor-parallel ranks (one process each)",
         flags=("--tensor_parallel_size", "-tp"))

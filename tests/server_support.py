@@ -88,7 +88,8 @@ class Server:
         return self.proc.returncode
 
 
-def start_server(log_dir: Path, model: str | None, *args: str, api_key: str | None = None) -> Server:
+def start_server(log_dir: Path, model: str | None, *args: str, api_key: str | None = None,
+                 env: dict[str, str] | None = None) -> Server:
     """`labkit serve [model] args...` on a free port; returns once /health answers 200."""
     port = free_port()
     cmd = [sys.executable, "-m", "labkit.cli", "serve", *([model] if model else []),
@@ -98,7 +99,7 @@ def start_server(log_dir: Path, model: str | None, *args: str, api_key: str | No
     log_path = log_dir / f"server-{port}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     server = Server(proc, port, log_path, api_key)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while True:

@@ -287,11 +287,23 @@ def _parse_goodput(items: list[str] | None) -> dict[str, float]:
 # ---- files ----------------------------------------------------------------------------------
 def _load_tokenizer(tokenizer: str | None, model: str | None):
     """The tokenizer that builds the prompts and counts generated tokens, and its id for the
-    result: --tokenizer, else --model when that is a local path, else the default model's."""
+    result: --tokenizer (a path or Hub repo id), else --model when that is a local path or a
+    Hub repo id (cached or downloadable), else the default model's."""
     from transformers import AutoTokenizer
 
+    from labkit.models import hub
     from labkit.models.loader import resolve_model_dir
-    source = tokenizer or (model if model and Path(model).expanduser().exists() else None)
+    source = tokenizer or model
+    if source is not None and hub.is_hub_name(source):
+        try:
+            path = hub.snapshot(source, revision=None, download_dir=None,
+                                allow_patterns=hub.patterns("auto", tokenizer_only=True),
+                                what="tokenizer")
+            return AutoTokenizer.from_pretrained(str(path)), source
+        except ValueError:
+            if tokenizer is not None:
+                raise
+            source = None   # a served name that is no repo: fall back to the default model
     if source is None:
         from labkit.default_model import DEFAULT_MODEL_NAME, default_model_path
         return AutoTokenizer.from_pretrained(str(resolve_model_dir(str(default_model_path())))), DEFAULT_MODEL_NAME

@@ -97,7 +97,7 @@ def _run_hf(workload: dict, n: int, max_batch_size: int | None, seed: int, engin
     cfg = resolve(EngineConfig.from_kwargs(**engine_kwargs, seed=seed))
     if cfg.tensor_parallel_size != 1:
         raise ValueError("tensor_parallel_size: the hf backend runs in one process; use 1")
-    tokenizer = AutoTokenizer.from_pretrained(str(cfg.tokenizer or cfg.model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(cfg.tokenizer_dir))
     requests = datasets.load(vocab_size=cfg.model_config.vocab_size, tokenizer=tokenizer, **workload)
     model = _load_hf_model(cfg)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,7 +1,8 @@
 """ResolvedConfig: the engine's options with every "auto" and None settled.
 
-`resolve(options)` looks at this machine (is there a GPU?) and at the checkpoint (finding it, and
-converting a GGUF file once), reads its config.json into labkit's own `ModelConfig`, checks the
+`resolve(options)` looks at this machine (is there a GPU?) and at the checkpoint (finding it:
+a path, or a Hub repo id looked up in the local Hub cache and downloaded if missing; converting
+a GGUF file once), reads its config.json into labkit's own `ModelConfig`, checks the
 options that depend on the model (tensor-parallel size against the heads, max_model_len against
 the positions) and fills in the defaults that depend on the device. The user's EngineConfig is
 kept unchanged as `options`; the engine, the model runner of every rank, the benchmarks and the
@@ -17,6 +18,7 @@ import torch
 
 from labkit.config import EngineConfig
 from labkit.default_model import default_model_path
+from labkit.models import hub
 from labkit.models.loader import resolve_model_dir
 from labkit.models.model_config import ModelConfig
 from labkit.models.registry import model_class
@@ -30,6 +32,7 @@ TORCH_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": to
 class ResolvedConfig:
     options: EngineConfig        # as the user gave them
     model_dir: Path              # an HF-style checkpoint directory
+    tokenizer_dir: Path          # where the tokenizer's files are (model_dir unless `tokenizer`)
     model_config: ModelConfig    # its config.json
     device: str                  # "cuda" or "cpu"
     dtype: torch.dtype
@@ -50,7 +53,10 @@ def resolve(options: EngineConfig) -> ResolvedConfig:
     device = options.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model_dir = resolve_model_dir(options.model or str(default_model_path()))
+    model_dir = resolve_model_dir(_local(options.model or str(default_model_path()), "model",
+                                         options.revision, options))
+    tokenizer_dir = model_dir if options.tokenizer is None else \
+        Path(_local(options.tokenizer, "tokenizer", options.tokenizer_revision, options))
     raw = json.loads((model_dir / "config.json").read_text())
     # Unsupported architectures fail here, before their config's fields are read.
     model_class((raw.get("architectures") or ["(none given)"])[0])
@@ -70,8 +76,17 @@ def resolve(options: EngineConfig) -> ResolvedConfig:
         batched = max(batched, max_model_len)
     async_scheduling = (device == "cuda" if options.async_scheduling is None
                         else options.async_scheduling)
-    return ResolvedConfig(options, model_dir, mc, device, _dtype(options.dtype, device, mc),
+    return ResolvedConfig(options, model_dir, tokenizer_dir, mc, device, _dtype(options.dtype, device, mc),
                           max_model_len, batched, async_scheduling)
+
+
+def _local(name: str, what: str, revision: str | None, options: EngineConfig) -> str:
+    """`name` itself if it is a path here, else its Hub snapshot's directory."""
+    if not hub.is_hub_name(name):
+        return name
+    files = hub.patterns(options.load_format, tokenizer_only=what == "tokenizer")
+    return str(hub.snapshot(name, revision=revision, download_dir=options.download_dir,
+                            allow_patterns=files, what=what))
 
 
 def _dtype(name: str, device: str, mc: ModelConfig) -> torch.dtype:
