@@ -103,7 +103,8 @@ class Pieces:
 def install_wrappers(pieces: Pieces, engine) -> None:
     from labkit.engine.model_runner import ModelRunner
     from labkit.layers.activation import SiluAndMul
-    from labkit.layers.attention import Attention, TorchAttentionBackend
+    from labkit.layers.attention import Attention
+    from labkit.layers.attention.torch_backend import TorchAttentionBackend
     from labkit.layers.embedding import ParallelLMHead, VocabParallelEmbedding
     from labkit.layers.linear import ColumnParallelLinear, RowParallelLinear
     from labkit.layers.norm import RMSNorm

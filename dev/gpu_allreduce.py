@@ -53,10 +53,12 @@ def time_us(fn, device, iters: int = 200, graph: bool = False) -> float:
 
 def rank_main(rank: int, world: int, port: int, out: str) -> None:
     from labkit.distributed import TPGroup
+    from labkit.layers.switches import KernelSwitches
     from labkit.kernels.one_shot_all_reduce import one_shot_all_reduce_ref
     device = torch.device(f"cuda:{rank}")
     torch.cuda.set_device(device)
-    group = TPGroup.create(rank, world, "127.0.0.1", port, device)
+    group = TPGroup.create(rank, world, "127.0.0.1", port, device,
+                           pdl=KernelSwitches.from_env(device).pdl)
     result = {"world": world, "peer_all_reduce": group.peer is not None, "sizes": []}
     assert group.peer is not None, "peer access not available"
     # Correctness: every size once, then a long run of calls with changing sizes.

@@ -121,13 +121,9 @@ def labkit_runs(workloads: set[str], spec: str, out_dir: Path) -> dict:
     without programmatic dependent launch, "pdlwait" for PDL without the early trigger, and/or
     "nogemv" for every matmul through cuBLAS (e.g. "2nccl", "1sync", "1nopdl", "1nogemv")."""
     from labkit import LLM, SamplingParams
-    from labkit.layers.linear import _gemv_enabled
-    from labkit.kernels.pdl import pdl_mode
-    # TP workers inherit these
+    # Each engine reads these when it starts (its TP workers inherit them)
     os.environ["LABKIT_PDL"] = "0" if "nopdl" in spec else "wait" if "pdlwait" in spec else "1"
     os.environ["LABKIT_GEMV"] = "0" if "nogemv" in spec else "1"
-    pdl_mode.cache_clear()
-    _gemv_enabled.cache_clear()
     res = {}
     llm = LLM(str(QWEN7B), load_format="dummy", dtype="bfloat16",
               tensor_parallel_size=int(re.match(r"\d+", spec).group()),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -35,8 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from labkit.kernels.fused_add_rmsnorm import fused_add_rmsnorm  # noqa: E402
-from labkit.kernels.gemv import (FMA_MAX_ROWS, GemvConfig, config_path, gemv,  # noqa: E402
-                                 gemv_ref, row_bucket)
+from labkit.kernels.gemv import (FMA_MAX_ROWS, GemvConfig, GemvWorkspace,  # noqa: E402
+                                 config_path, gemv, gemv_ref, row_bucket)
+from labkit.kernels.pdl import pdl_mode  # noqa: E402
 from labkit.kernels.silu_and_mul import silu_and_mul  # noqa: E402
 
 ROWS = (1, 2, 4, 8, 16)
@@ -88,15 +90,31 @@ def graph_us(fns: list, reps: int = 15) -> float:
     return sorted(times)[len(times) // 2]
 
 
+_workspace: GemvWorkspace | None = None
+
+
+def kernel_args() -> dict:
+    """The launch arguments an engine's layers pass: one split-K workspace, LABKIT_PDL's mode."""
+    global _workspace
+    dev = torch.device("cuda", torch.cuda.current_device())
+    if _workspace is None:
+        _workspace = GemvWorkspace(dev)
+    return {"workspace": _workspace, "pdl": pdl_mode(os.environ.get("LABKIT_PDL", "1"), dev)}
+
+
 def cublas_call(x, w, b, gated):
-    return (lambda: F.linear(silu_and_mul(x), w, b)) if gated else (lambda: F.linear(x, w, b))
+    pdl = kernel_args()["pdl"]
+    if gated:
+        return lambda: F.linear(silu_and_mul(x, pdl), w, b)
+    return lambda: F.linear(x, w, b)
 
 
 def call(x, w, b, gated, cfg):
     """One gemv call as labkit.layers.linear makes it (the activation first if not fused)."""
+    kw = kernel_args()
     if gated and not cfg.fuse_act:
-        return lambda: gemv(silu_and_mul(x), w, b, config=cfg)
-    return lambda: gemv(x, w, b, gated=gated, config=cfg)
+        return lambda: gemv(silu_and_mul(x, kw["pdl"]), w, b, config=cfg, **kw)
+    return lambda: gemv(x, w, b, gated=gated, config=cfg, **kw)
 
 
 def sweep_shape(name, n, k, has_bias, gated, copy_bw) -> list[dict]:
@@ -164,10 +182,10 @@ def layer_chain(shapes, table, m, copy_bw, layers=28) -> dict:
         return cublas_call(inp, w, b, gated)()
 
     def layer(i, use_table):
-        h, _ = fused_add_rmsnorm(x, res, norm_w, 1e-6)
+        h, _ = fused_add_rmsnorm(x, res, norm_w, 1e-6, kernel_args()["pdl"])
         qkv = mm(h, ws["qkv_proj"][i], bias, use_table=use_table)
         o = mm(qkv[:, :hidden], ws["o_proj"][i], use_table=use_table)  # stands in for attention's output
-        h, _ = fused_add_rmsnorm(o, res, norm_w, 1e-6)
+        h, _ = fused_add_rmsnorm(o, res, norm_w, 1e-6, kernel_args()["pdl"])
         gate_up = mm(h, ws["gate_up_proj"][i], use_table=use_table)
         mm(gate_up, ws["down_proj"][i], gated=True, use_table=use_table)
 

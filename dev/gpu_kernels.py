@@ -35,6 +35,7 @@ from labkit.kernels.paged_attention_decode import (default_num_splits,  # noqa: 
 from labkit.kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
 from labkit.kernels.rotary_store_kvcache import (rotary_store_kvcache,  # noqa: E402
                                                  rotary_store_kvcache_ref)
+from labkit.kernels.pdl import pdl_mode  # noqa: E402
 from labkit.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
 
 H, HKV, D, HIDDEN, INTER = 28, 4, 128, 3584, 18944
@@ -49,6 +50,8 @@ PREFILL_CASES = {"1x1024 fresh": ([1024], [1024]), "8x1024 fresh": ([1024] * 8, 
 ATTN_TOL = dict(atol=2e-2, rtol=2e-2)
 ELEM_TOL = dict(atol=3e-2, rtol=1.6e-2)  # one bf16 ulp: kernels round once, torch per op
 DEV = torch.device("cuda")
+# Launched as the engine launches them (LABKIT_PDL as it would read it).
+PDL = pdl_mode(os.environ.get("LABKIT_PDL", "1"), DEV)
 ROWS: list[dict] = []
 
 
@@ -95,8 +98,8 @@ def decode_section() -> None:
                 lens = torch.full((b,), ctx, dtype=torch.int32, device=DEV)
                 q = torch.randn(b, H, D, dtype=DTYPE, device=DEV)
                 args = (q, k_cache, v_cache, table, lens, D ** -0.5, page)
-                out = paged_attention_decode(*args)
-                ms = bench(lambda: paged_attention_decode(*args))
+                out = paged_attention_decode(*args, pdl=PDL)
+                ms = bench(lambda: paged_attention_decode(*args, pdl=PDL))
                 nbytes = 2 * b * ctx * HKV * D * 2 + 2 * b * H * D * 2
                 splits = default_num_splits(b, HKV, table.shape[1] * page, DEV)
                 add_row("paged_attention_decode", f"B={b} ctx={ctx} splits={splits}", page, out,
@@ -110,8 +113,8 @@ def decode_section() -> None:
                 args = (q, k_cache, v_cache, table, lens, D ** -0.5, page)
                 ref = paged_attention_decode_ref(*args)
                 for splits in (1, 4, 16, 32, 64):
-                    out = paged_attention_decode(*args, num_splits=splits)
-                    ms = bench(lambda: paged_attention_decode(*args, num_splits=splits))
+                    out = paged_attention_decode(*args, num_splits=splits, pdl=PDL)
+                    ms = bench(lambda: paged_attention_decode(*args, num_splits=splits, pdl=PDL))
                     nbytes = 2 * b * ctx * HKV * D * 2 + 2 * b * H * D * 2
                     add_row("decode split sweep", f"B={b} ctx={ctx} splits={splits}", page, out,
                             ref, ms, gbs=nbytes / ms / 1e6)
@@ -130,8 +133,8 @@ def prefill_section() -> None:
             cu = torch.tensor([0] + q_lens, device=DEV).cumsum(0).to(torch.int32)
             lens = torch.tensor(ctx_lens, dtype=torch.int32, device=DEV)
             args = (q, k_cache, v_cache, cu, lens, table, D ** -0.5, page)
-            out = prefill_attention(*args, max(q_lens))
-            ms = bench(lambda: prefill_attention(*args, max(q_lens)))
+            out = prefill_attention(*args, max(q_lens), pdl=PDL)
+            ms = bench(lambda: prefill_attention(*args, max(q_lens), pdl=PDL))
             # QK^T and PV over the visible (causal) keys: 4 * D flops per query-key pair per head.
             pairs = sum(ql * (c - ql) + ql * (ql + 1) // 2 for ql, c in zip(q_lens, ctx_lens))
             add_row("prefill_attention", name, page, out, prefill_attention_ref(*args), ms,
@@ -157,10 +160,10 @@ def rotary_store_section() -> None:
         ref_k, ref_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
         rotary_store_kvcache_ref(pos, *ref_qkv.split([H, HKV, HKV], 1), cos, sin, ref_k, ref_v, slots)
         args = (pos, *qkv.split([H, HKV, HKV], 1), cos, sin, k_cache, v_cache, slots)
-        rotary_store_kvcache(*args)
+        rotary_store_kvcache(*args, pdl=PDL)
         out = torch.cat([qkv[:, :H].flatten(), k_cache.flatten(), v_cache.flatten()])
         ref = torch.cat([ref_qkv[:, :H].flatten(), ref_k.flatten(), ref_v.flatten()])
-        ms = bench(lambda: rotary_store_kvcache(*args))  # q rotating again and again
+        ms = bench(lambda: rotary_store_kvcache(*args, pdl=PDL))  # q rotating again and again
         ref_args = (pos, *ref_qkv.split([H, HKV, HKV], 1), cos, sin, ref_k, ref_v, slots)
         add_row("rotary_store_kvcache", f"T={t}", None, out, ref, ms,
                 gbs=t * (2 * H + 4 * HKV) * D * 2 / ms / 1e6,
@@ -172,21 +175,21 @@ def elementwise_section() -> None:
         x = torch.randn(t, HIDDEN, dtype=DTYPE, device=DEV)
         res = torch.randn_like(x)
         w = torch.rand(HIDDEN, dtype=DTYPE, device=DEV) + 0.5
-        out, new_res = fused_add_rmsnorm(x, res, w, 1e-6)
+        out, new_res = fused_add_rmsnorm(x, res, w, 1e-6, PDL)
         ref, ref_res = fused_add_rmsnorm_ref(x, res, w, 1e-6)
         if not torch.equal(new_res, ref_res):
             print(f"fused_add_rmsnorm T={t}: residual sum differs from torch's (should be exact)")
-        ms = bench(lambda: fused_add_rmsnorm(x, res, w, 1e-6))
+        ms = bench(lambda: fused_add_rmsnorm(x, res, w, 1e-6, PDL))
         add_row("fused_add_rmsnorm", f"T={t}", None, out, ref, ms, gbs=4 * x.numel() * 2 / ms / 1e6,
                 torch_ms=bench(lambda: fused_add_rmsnorm_ref(x, res, w, 1e-6)), tol=ELEM_TOL)
-        ms = bench(lambda: rmsnorm(x, w, 1e-6))
+        ms = bench(lambda: rmsnorm(x, w, 1e-6, PDL))
         add_row("rmsnorm", f"T={t}", None, rmsnorm(x, w, 1e-6), rmsnorm_ref(x, w, 1e-6), ms,
                 gbs=2 * x.numel() * 2 / ms / 1e6,
                 torch_ms=bench(lambda: rmsnorm_ref(x, w, 1e-6)), tol=ELEM_TOL)
 
     for t in TOKENS:
         x = torch.randn(t, 2 * INTER, dtype=DTYPE, device=DEV)
-        ms = bench(lambda: silu_and_mul(x))
+        ms = bench(lambda: silu_and_mul(x, PDL))
         add_row("silu_and_mul", f"T={t}", None, silu_and_mul(x), silu_and_mul_ref(x), ms,
                 gbs=3 * t * INTER * 2 / ms / 1e6, torch_ms=bench(lambda: silu_and_mul_ref(x)),
                 tol=ELEM_TOL)
@@ -196,8 +199,10 @@ def backend_section() -> None:
     """One decode step's attention through each backend (rotary + store + attend), KV block
     size 16."""
     try:
-        from labkit.layers.attention import SeqSlice, TorchAttentionBackend
-        from labkit.layers.attention_triton import TritonAttentionBackend
+        from labkit.layers.attention import SeqSlice
+        from labkit.layers.attention.torch_backend import TorchAttentionBackend
+        from labkit.layers.attention.triton_backend import TritonAttentionBackend
+        from labkit.layers.switches import KernelSwitches
         from labkit.layers.rotary import RotaryEmbedding
     except ImportError as e:  # labkit's own dependencies missing on this machine
         print(f"backends skipped: {e}")
@@ -216,7 +221,7 @@ def backend_section() -> None:
             v = torch.randn_like(k)
             pos = torch.full((b,), ctx - 1, device=DEV)
             torch_be = TorchAttentionBackend(page, DEV)
-            triton_be = TritonAttentionBackend(page, DEV)
+            triton_be = TritonAttentionBackend(page, DEV, KernelSwitches(pdl=PDL))
             m_torch, m_triton = torch_be.prepare(seqs), triton_be.prepare(seqs)
             caches, scale = (k_cache, v_cache), D ** -0.5
             ref = torch_be.forward(pos, q, k, v, rotary, *caches, m_torch, scale)

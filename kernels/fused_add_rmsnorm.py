@@ -35,7 +35,8 @@ def _rmsnorm_kernel(x, residual, weight, out, new_residual, eps,
     tl.store(out + row * stride_o + offs, y.to(out.dtype.element_ty), mask=mask)
 
 
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+            pdl: int):
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     assert x2.stride(-1) == 1 and weight.is_contiguous() and weight.shape == (n,)
@@ -53,19 +54,20 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
                                         new_res.stride(0), N=n, BLOCK=block,
                                         HAS_RESIDUAL=residual is not None,
                                         num_warps=min(16, max(1, block // 512)),
-                                        **pdl_launch_args())
+                                        **pdl_launch_args(pdl))
     return out.view(x.shape), new_res.view(x.shape)
 
 
 def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (weight * rmsnorm(x + residual), x + residual), both in x's dtype."""
-    return _launch(x, residual, weight, eps)
+                      eps: float, pdl: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (weight * rmsnorm(x + residual), x + residual), both in x's dtype. pdl: the
+    launch mode (kernels/pdl.py)."""
+    return _launch(x, residual, weight, eps, pdl)
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, pdl: int = 0) -> torch.Tensor:
     """The no-residual variant (a model's first norm and its final norm)."""
-    return _launch(x, None, weight, eps)[0]
+    return _launch(x, None, weight, eps, pdl)[0]
 
 
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -169,36 +169,41 @@ def _gemv_dot_kernel(x, w, bias, y, ws, counters, M, N, K, stride_xm, stride_wn,
     _epilogue(y, bias, ws, counters, acc, rows, row_ok, ms, M, N, stride_ym, HAS_BIAS, SPLIT_K)
 
 
-class _SplitKBuffers:
+class GemvWorkspace:
     """The split-K partials (float32 [split_k, MAX_ROWS, N]) and per-row-block arrival counts
-    (int32 zeros; every call leaves them zero), one pair per device, shared by every call: the
-    calls run one after another on the stream. They only grow; a grown-out buffer is kept alive,
-    since a captured CUDA graph may still point at it."""
+    (int32 zeros; every call leaves them zero) of one engine's calls on one device, shared by all
+    of them: the calls run one after another on the stream. Sized by the largest call so far; a
+    grown-out pair is kept until `close`, since a captured CUDA graph may still point at it."""
 
-    def __init__(self):
-        self.buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.current: tuple[torch.Tensor, torch.Tensor] | None = None
         self.retired: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def get(self, device: torch.device, partial_elems: int, blocks: int):
-        cur = self.buffers.get(device)
+    def get(self, partial_elems: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cur = self.current
         if cur is None or cur[0].numel() < partial_elems or cur[1].numel() < blocks:
             if cur is not None:
                 self.retired.append(cur)
-                partial_elems, blocks = max(partial_elems, cur[0].numel()), max(blocks, cur[1].numel())
-            cur = self.buffers[device] = (
-                torch.empty(partial_elems, dtype=torch.float32, device=device),
-                torch.zeros(blocks, dtype=torch.int32, device=device))
+                partial_elems = max(partial_elems, cur[0].numel())
+                blocks = max(blocks, cur[1].numel())
+            cur = self.current = (
+                torch.empty(partial_elems, dtype=torch.float32, device=self.device),
+                torch.zeros(blocks, dtype=torch.int32, device=self.device))
         return cur
 
-
-_split_k_buffers = _SplitKBuffers()
+    def close(self) -> None:
+        """Frees the buffers (once no graph that uses them will replay)."""
+        self.current, self.retired = None, []
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-         gated: bool = False, config: GemvConfig | None = None) -> torch.Tensor:
+         gated: bool = False, config: GemvConfig | None = None,
+         workspace: GemvWorkspace | None = None, pdl: int = 0) -> torch.Tensor:
     """x: [M, K] (gated: [M, 2K], gate first), M <= MAX_ROWS; w: [N, K]; bias: [N] or None; all
     with unit last stride. Returns [M, N] in x's dtype. `config` defaults to
-    `heuristic_config`."""
+    `heuristic_config`; a split-K config needs a `workspace` on x's device. pdl: the launch mode
+    (kernels/pdl.py)."""
     m = x.shape[0]
     n, k = w.shape
     assert m <= MAX_ROWS and x.shape[1] == (2 * k if gated else k), (x.shape, w.shape, gated)
@@ -210,14 +215,15 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
         return y
     blocks = triton.cdiv(n, cfg.block_n)
     if cfg.split_k > 1:
-        ws, counters = _split_k_buffers.get(x.device, cfg.split_k * MAX_ROWS * n, blocks)
+        assert workspace is not None and workspace.device == x.device, "split-K needs a workspace"
+        ws, counters = workspace.get(cfg.split_k * MAX_ROWS * n, blocks)
     else:
         ws = counters = y  # never touched: SPLIT_K=1 compiles the split-K path out
     args = (x, w, bias if bias is not None else w, y, ws, counters, m, n, k, x.stride(0),
             w.stride(0), y.stride(0))
     common = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, GATED=gated,
                   HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=1,
-                  **pdl_launch_args())
+                  **pdl_launch_args(pdl))
     grid = (blocks, cfg.split_k)
     if cfg.dot:
         # float32 (exact-token tests on CUDA) must not be rounded to TF32; ignored for bf16.

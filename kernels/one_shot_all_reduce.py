@@ -79,14 +79,15 @@ def _one_shot_all_reduce_kernel(x, buf_ptrs, sig_ptrs, N, RANK: tl.constexpr,
 
 
 def one_shot_all_reduce(x: torch.Tensor, buf_ptrs: torch.Tensor, sig_ptrs: torch.Tensor,
-                        rank: int, world: int) -> torch.Tensor:
+                        rank: int, world: int, pdl: int = 0) -> torch.Tensor:
     """Sum x over the ranks, in place. Every rank must call it with the same shape and dtype;
-    each rank's staging buffer must hold x.numel() elements."""
+    each rank's staging buffer must hold x.numel() elements. pdl: the launch mode
+    (kernels/pdl.py)."""
     assert x.is_contiguous()
     n = x.numel()
     grid = (max(1, min(triton.cdiv(n, BLOCK), MAX_PROGRAMS)),)
     _one_shot_all_reduce_kernel[grid](x, buf_ptrs, sig_ptrs, n, RANK=rank, WORLD=world,
-                                      BLOCK=BLOCK, num_warps=8, **pdl_launch_args())
+                                      BLOCK=BLOCK, num_warps=8, **pdl_launch_args(pdl))
     return x
 
 

@@ -124,13 +124,13 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_table: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            block_size: int, num_splits: int | None = None,
                            out: torch.Tensor | None = None, *, block_n: int = BLOCK_N,
-                           num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                           num_warps: int = 4, num_stages: int = 2, pdl: int = 0) -> torch.Tensor:
     """q: [B, H, D]; caches: [num_blocks * block_size, Hkv, D]; block_table: [B, max_blocks]
     int32; context_lens: [B] int32 (tokens to attend, the current one included). Returns
     [B, H, D] in q's dtype (written into `out` if given). `num_splits` defaults to
     `default_num_splits` with the block table's width as the longest context. block_n (context
     tokens per tile), num_warps and num_stages are the launch's tuning knobs (the defaults were
-    chosen with dev/gpu_decode_sweep.py)."""
+    chosen with dev/gpu_decode_sweep.py). pdl: the launch mode (kernels/pdl.py)."""
     b, h, d = q.shape
     hkv = k_cache.shape[1]
     assert h % hkv == 0 and k_cache.shape[2] == d and q.stride(-1) == 1
@@ -161,12 +161,12 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         # fp32 caches (exact-token tests on CUDA) must not be rounded to TF32; ignored for bf16.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages, **pdl_launch_args())
+        num_warps=num_warps, num_stages=num_stages, **pdl_launch_args(pdl))
     if num_splits > 1:
         _combine_kernel[(b, h)](part_out, part_lse, out, num_splits, out.stride(0),
                                 out.stride(1), HEAD_DIM=d,
                                 BLOCK_S=MAX_SPLITS, BLOCK_D=block_d,
-                                num_warps=4, **pdl_launch_args())
+                                num_warps=4, **pdl_launch_args(pdl))
     return out
 
 

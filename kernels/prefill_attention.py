@@ -77,10 +77,11 @@ def _prefill_kernel(q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
                       block_table: torch.Tensor, scale: float, block_size: int, max_q_len: int,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, pdl: int = 0) -> torch.Tensor:
     """q: [T, H, D] new tokens of B sequences; cu_seqlens_q: [B+1] int32; context_lens: [B] int32
     (all tokens, the new ones included); block_table: [B, max_blocks] int32; max_q_len: the
-    longest chunk (a host int: it sizes the grid). Returns [T, H, D] in q's dtype."""
+    longest chunk (a host int: it sizes the grid); pdl: the launch mode (kernels/pdl.py). Returns
+    [T, H, D] in q's dtype."""
     t, h, d = q.shape
     hkv = k_cache.shape[1]
     assert h % hkv == 0 and k_cache.shape[2] == d and q.stride(-1) == 1
@@ -101,7 +102,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         BLOCK_D=triton.next_power_of_2(d),
         # fp32 caches (exact-token tests on CUDA) must not be rounded to TF32; ignored for bf16.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2, **pdl_launch_args())
+        num_warps=4, num_stages=2, **pdl_launch_args(pdl))
     return out
 
 

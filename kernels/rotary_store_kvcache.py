@@ -64,11 +64,11 @@ def _rotary_store_kernel(positions, slot_mapping, q, k, v, k_cache, v_cache, cos
 def rotary_store_kvcache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                          v: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
                          k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         slot_mapping: torch.Tensor) -> torch.Tensor:
+                         slot_mapping: torch.Tensor, pdl: int = 0) -> torch.Tensor:
     """positions: [T] int; q: [T, Hq, D], k, v: [T, Hkv, D] (strided views of the qkv projection
     are fine); tables: [max_pos, D] float32; caches: [slots, Hkv, D]; slot_mapping: [T] int32 or
     int64, -1 to skip a row. Rotates q in place and returns it; writes rotated k and v into the
-    caches; k itself is left as it was."""
+    caches; k itself is left as it was. pdl: the launch mode (kernels/pdl.py)."""
     t, hq, d = q.shape
     hkv = k.shape[1]
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and d % 2 == 0
@@ -84,7 +84,7 @@ def rotary_store_kvcache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tens
                                    BLOCK_QH=triton.next_power_of_2(hq),
                                    BLOCK_KH=triton.next_power_of_2(hkv),
                                    BLOCK_D=triton.next_power_of_2(d), num_warps=4,
-                                   **pdl_launch_args())
+                                   **pdl_launch_args(pdl))
     return q
 
 

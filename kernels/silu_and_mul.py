@@ -28,8 +28,8 @@ def _silu_and_mul_kernel(x, out, stride_x, stride_o, INTER: tl.constexpr, BLOCK:
     tl.store(out + t * stride_o + offs, y.to(out.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x: [T, 2*I] -> [T, I] in x's dtype."""
+def silu_and_mul(x: torch.Tensor, pdl: int = 0) -> torch.Tensor:
+    """x: [T, 2*I] -> [T, I] in x's dtype. pdl: the launch mode (kernels/pdl.py)."""
     t, two_i = x.shape
     i = two_i // 2
     assert two_i == 2 * i and x.stride(-1) == 1
@@ -37,7 +37,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if t:
         _silu_and_mul_kernel[(t, triton.cdiv(i, BLOCK))](x, out, x.stride(0), out.stride(0),
                                                           INTER=i, BLOCK=BLOCK, num_warps=4,
-                                                          **pdl_launch_args())
+                                                          **pdl_launch_args(pdl))
     return out
 
 

@@ -1,6 +1,6 @@
-"""Tensor-parallel groups. A layer takes the group that is current while it is built and keeps
-it, so each engine's model talks only to its own ranks: several engines (TP or not) can live in
-one process, as notebook users expect when they compare models.
+"""Tensor-parallel groups. Each parallel layer is handed its engine's group when it is built and
+keeps it, so each engine's model talks only to its own ranks: several engines (TP or not) can
+live in one process, as notebook users expect when they compare models.
 
 TP=1 is TP with one rank: every collective is the identity then, so the layers have one code
 path. Ranks > 1 talk over a private torch.distributed process group (gloo on the CPU, NCCL on
@@ -20,6 +20,16 @@ import torch.distributed as dist
 log = logging.getLogger("labkit")
 
 TIMEOUT = datetime.timedelta(seconds=600)
+COMMUNICATION_LABEL = "labkit::communication"
+_NO_RANGE = contextlib.nullcontext()   # reusable: no allocation per collective
+
+
+def _labelled() -> contextlib.AbstractContextManager:
+    """A profiler range around a collective while the profiler records (the trace's
+    communication category); a no-op otherwise."""
+    if torch.autograd._profiler_enabled():
+        return torch.profiler.record_function(COMMUNICATION_LABEL)
+    return _NO_RANGE
 
 
 @dataclass(eq=False)
@@ -32,7 +42,9 @@ class TPGroup:
 
     @classmethod
     def create(cls, rank: int, size: int, host: str, port: int, device: torch.device,
-               custom_all_reduce: bool = True) -> "TPGroup":
+               custom_all_reduce: bool = True, pdl: int = 0) -> "TPGroup":
+        """`pdl`: the programmatic-dependent-launch mode of the peer all-reduce kernel (see
+        labkit.kernels.pdl; 0: off)."""
         if size == 1:
             return cls()
         store = dist.TCPStore(host, port, size, rank == 0, timeout=TIMEOUT)
@@ -42,16 +54,17 @@ class TPGroup:
         if custom_all_reduce:
             from labkit.distributed.custom_all_reduce import PeerAllReduce
             if PeerAllReduce.supported(size):
-                group.peer = PeerAllReduce.setup(rank, size, store, device)
+                group.peer = PeerAllReduce.setup(rank, size, store, device, pdl)
             elif rank == 0:
                 log.info("GPUs without peer access: all-reduces go through NCCL only")
         return group
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
-            if self.peer is not None and self.peer.can_run(x):
-                return self.peer(x)
-            self.pg.allreduce([x]).wait()
+            with _labelled():
+                if self.peer is not None and self.peer.can_run(x):
+                    return self.peer(x)
+                self.pg.allreduce([x]).wait()
         return x
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,7 +72,8 @@ class TPGroup:
         if self.size > 1:
             opts = dist.BroadcastOptions()
             opts.rootRank = 0
-            self.pg.broadcast([x], opts).wait()
+            with _labelled():
+                self.pg.broadcast([x], opts).wait()
         return x
 
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -70,7 +84,8 @@ class TPGroup:
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else []
         opts = dist.GatherOptions()
         opts.rootRank = 0
-        self.pg.gather([parts] if self.rank == 0 else [], [x], opts).wait()
+        with _labelled():
+            self.pg.gather([parts] if self.rank == 0 else [], [x], opts).wait()
         return torch.cat(parts, dim=-1) if self.rank == 0 else None
 
     def close(self) -> None:
@@ -80,25 +95,6 @@ class TPGroup:
         if self.pg is not None and hasattr(self.pg, "shutdown"):
             self.pg.shutdown()
         self.pg = self.store = None
-
-
-_SINGLE = TPGroup()
-_building: TPGroup = _SINGLE
-
-
-def building_tp() -> TPGroup:
-    """The group of the model under construction (a single rank outside `build_with`)."""
-    return _building
-
-
-@contextlib.contextmanager
-def build_with(group: TPGroup):
-    global _building
-    prev, _building = _building, group
-    try:
-        yield group
-    finally:
-        _building = prev
 
 
 def divide(n: int, d: int, what: str) -> int:

@@ -25,12 +25,14 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 class PeerAllReduce:
     @classmethod
-    def setup(cls, rank: int, world: int, store, device: torch.device) -> "PeerAllReduce | None":
-        """Every rank tries; the kernel is used only if all of them succeeded (each rank must take
-        the same path, or their collectives would never meet). Else NCCL does everything."""
+    def setup(cls, rank: int, world: int, store, device: torch.device,
+              pdl: int = 0) -> "PeerAllReduce | None":
+        """Every rank tries; the kernel is used only if all of them succeeded (each rank must
+        take the same path, or their collectives would never meet). Else NCCL does everything.
+        `pdl`: the kernel's launch mode (labkit.kernels.pdl; 0: off)."""
         peer, error = None, ""
         try:
-            peer = cls(rank, world, store, device)
+            peer = cls(rank, world, store, device, pdl)
         except (RuntimeError, OSError) as e:   # OSError: no libcudart to load
             error = str(e) or type(e).__name__
         store.set(f"peer_all_reduce/error/{rank}", error.encode())
@@ -44,9 +46,9 @@ class PeerAllReduce:
             log.warning("peer all-reduce unavailable (%s): all-reduces go through NCCL", failed)
         return None
 
-    def __init__(self, rank: int, world: int, store, device: torch.device):
+    def __init__(self, rank: int, world: int, store, device: torch.device, pdl: int = 0):
         from labkit.kernels.one_shot_all_reduce import MAX_PROGRAMS
-        self.rank, self.world, self.device = rank, world, device
+        self.rank, self.world, self.device, self.pdl = rank, world, device, pdl
         self.own: list[int] = []
         self.opened: list[int] = []
         key = "peer_all_reduce/handles/{}".format
@@ -94,7 +96,8 @@ class PeerAllReduce:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from labkit.kernels.one_shot_all_reduce import one_shot_all_reduce
-        return one_shot_all_reduce(x, self.buf_ptrs, self.sig_ptrs, self.rank, self.world)
+        return one_shot_all_reduce(x, self.buf_ptrs, self.sig_ptrs, self.rank, self.world,
+                                   pdl=self.pdl)
 
     def close(self) -> None:
         if self.opened or self.own:

@@ -2,14 +2,17 @@
 launched one by one from Python it costs more than the kernels themselves. Graphs are captured
 once at start for a ladder of batch sizes (1, 2, 4, then multiples of 8, as vLLM) over static
 input buffers; a step copies its inputs into the buffers, pads to the next captured size and
-replays. Padding rows write no KV (slot -1) and attend to nothing (context length 0)."""
+replays. Padding rows write no KV and attend to nothing.
+
+This module owns the graphs, the static input ids / positions and the hidden-state output; the
+attention backend owns its static metadata (GraphCaptureBackend's hooks) and fills it per step.
+"""
 from __future__ import annotations
 
-import numpy as np
 import torch
+from torch import nn
 
-from labkit.layers.attention import (AttentionMetadata, ForwardContext, SeqSlice, forward_context,
-                                     padded_block_table)
+from labkit.layers.attention import AttentionInputs, GraphCaptureBackend, SeqSlice
 
 
 def batch_ladder(max_bs: int) -> list[int]:
@@ -17,28 +20,22 @@ def batch_ladder(max_bs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model, backend, kv_caches, max_bs: int, max_blocks: int,
-                 device: torch.device):
+    def __init__(self, model: nn.Module, backend: GraphCaptureBackend,
+                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], max_bs: int,
+                 max_blocks: int, device: torch.device):
         self.model, self.backend, self.kv_caches = model, backend, kv_caches
         self.sizes = batch_ladder(max_bs)
         max_bs = self.sizes[-1]
-        self.block_size = backend.block_size
         self.input_ids = torch.zeros(max_bs, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_bs, dtype=torch.long, device=device)
-        self.slots = torch.full((max_bs,), -1, dtype=torch.int32, device=device)
-        self.context_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
-        self.block_table = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=device)
+        backend.init_graph_buffers(max_bs, max_blocks)
         self.hidden: torch.Tensor | None = None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._capture()
 
-    def _meta(self, bs: int) -> AttentionMetadata:
-        return AttentionMetadata(self.slots[:bs], bs, extra={
-            "decode_block_table": self.block_table[:bs], "decode_context_lens": self.context_lens[:bs]})
-
     def _forward(self, bs: int) -> torch.Tensor:
-        with forward_context(ForwardContext(self.backend, self._meta(bs), self.kv_caches)):
-            return self.model(self.input_ids[:bs], self.positions[:bs])
+        attn = AttentionInputs(self.backend, self.backend.graph_metadata(bs), self.kv_caches)
+        return self.model(self.input_ids[:bs], self.positions[:bs], attn)
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -64,27 +61,13 @@ class DecodeGraphs:
         """`pending`: (rows, ids) of input tokens that are already on the device."""
         n = len(seqs)
         bs = next(b for b in self.sizes if b >= n)
-        # Only as wide as this batch's longest table: the kernel never reads past a context's
-        # blocks, so stale entries further right are harmless.
-        table = padded_block_table([s.block_table for s in seqs])
-        ctx = np.fromiter((s.ctx_len for s in seqs), np.int64, n)
-        last = ctx - 1
-        slots = table[np.arange(n), last // self.block_size].astype(np.int64) * self.block_size \
-            + last % self.block_size
-        # One pinned host tensor per dtype ([ids, positions]; [slots, context lengths], padded;
-        # the block table): copies from pageable memory would wait for the queued steps.
+        # One pinned host tensor for [ids, positions]: copies from pageable memory would wait
+        # for the queued steps.
         longs = torch.tensor([input_ids, positions], dtype=torch.long).pin_memory()
-        ints = np.zeros((2, bs), np.int32)
-        ints[0, n:] = -1
-        ints[0, :n], ints[1, :n] = slots, ctx
         self.input_ids[:n].copy_(longs[0], non_blocking=True)
         self.positions[:n].copy_(longs[1], non_blocking=True)
         if pending is not None:
             self.input_ids[pending[0]] = pending[1]
-        ints = torch.from_numpy(ints).pin_memory()
-        self.slots[:bs].copy_(ints[0], non_blocking=True)
-        self.context_lens[:bs].copy_(ints[1], non_blocking=True)
-        self.block_table[:n, :table.shape[1]].copy_(torch.from_numpy(table).pin_memory(),
-                                                    non_blocking=True)
+        self.backend.prepare_graph_replay(seqs, bs)
         self.graphs[bs].replay()
         return self.hidden[:n]

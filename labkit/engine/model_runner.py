@@ -1,6 +1,10 @@
 """Runs the model on one tensor-parallel rank: owns the weights and this rank's KV cache, turns a
 step's work into batch tensors (input ids, positions, attention metadata) and returns the logits
-of the rows to sample (on rank 0)."""
+of the rows to sample (on rank 0).
+
+Start-up is a sequence of named steps (ModelRunner.__init__ lists them in order): device, kernel
+switches, TP group, model, attention backend, activation profile, KV cache size and allocation,
+CUDA graphs."""
 from __future__ import annotations
 
 import gc
@@ -11,25 +15,20 @@ from dataclasses import dataclass
 import torch
 
 from labkit.config import EngineConfig
-from labkit.distributed import TPGroup, build_with
+from labkit.distributed import TPGroup
 from labkit.engine.cuda_graphs import DecodeGraphs
-from labkit.layers.attention import ForwardContext, SeqSlice, TorchAttentionBackend, forward_context
+from labkit.layers.attention import AttentionBackend, AttentionInputs, SeqSlice
+from labkit.layers.attention.torch_backend import TorchAttentionBackend
+from labkit.layers.switches import KernelSwitches
 from labkit.models.loader import build_model
+from labkit.models.model_parts import ModelParts
 from labkit.observe.timer import PhaseTimer
-from labkit.transfer import array_to_device, to_device
+from labkit.transfer import to_device
 
 log = logging.getLogger("labkit")
 
 CPU_KV_CACHE_DEFAULT_BYTES = 2 << 30
 MAX_GRAPH_BATCH = 512
-
-
-def make_backend(block_size: int, device: torch.device):
-    """The one attention seam: Triton kernels on CUDA, the torch reference elsewhere."""
-    if device.type == "cuda":
-        from labkit.layers.attention_triton import TritonAttentionBackend
-        return TritonAttentionBackend(block_size, device)
-    return TorchAttentionBackend(block_size, device)
 
 
 @dataclass
@@ -48,56 +47,92 @@ class SeqWork:
 class ModelRunner:
     def __init__(self, config: EngineConfig, rank: int = 0, tp_port: int = 0):
         self.config = config
-        self.device = torch.device(config.device if config.device == "cpu" else f"cuda:{rank}")
+        self.rank = rank
+        self._init_device()
+        self._init_kernel_switches()
+        self._init_tp_group(tp_port)
+        self._load_model()
+        self._init_attention_backend()
+        activation_bytes = self._profile_activation_memory()
+        self.num_blocks = self._count_kv_blocks(activation_bytes)
+        self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+        self.graphs = self._capture_cuda_graphs()
+
+    def _init_device(self) -> None:
+        """This rank's device (CUDA card `rank`, or the CPU), its phase timer, and on a CPU
+        shared by several ranks this process's share of the cores."""
+        c = self.config
+        self.device = torch.device(c.device if c.device == "cpu" else f"cuda:{self.rank}")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self._prev_threads = torch.get_num_threads()
-        if self.device.type == "cpu" and config.tensor_parallel_size > 1:
+        if self.device.type == "cpu" and c.tensor_parallel_size > 1:
             # The ranks share the machine's cores: more threads than cores stalls OpenMP.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
-        self.tp = TPGroup.create(rank, config.tensor_parallel_size, "127.0.0.1", tp_port,
-                                 self.device, not config.disable_custom_all_reduce)
-        torch.manual_seed(config.seed)
-        hc = config.model_config
-        with build_with(self.tp):
-            self.model = build_model(config.model_dir, hc, config.dtype, self.device,
-                                     config.load_format, config.seed)
-        self.block_size = config.block_size
-        self.num_kv_heads = hc.num_key_value_heads // self.tp.size
-        self.backend = make_backend(self.block_size, self.device)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // c.tensor_parallel_size))
         self.timer = PhaseTimer(self.device)
-        activation_bytes = self._profile_peak_activation() if self.device.type == "cuda" else 0
-        self.num_blocks = self._count_kv_blocks(activation_bytes)
-        self.kv_caches = self._allocate_kv(self.num_blocks)
-        self.graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager:
-            self.graphs = DecodeGraphs(self.model, self.backend, self.kv_caches,
-                                       min(config.max_num_seqs, MAX_GRAPH_BATCH),
-                                       -(-config.max_model_len // self.block_size), self.device)
-            log.info("captured CUDA graphs for decode batch sizes %s", self.graphs.sizes)
 
-    def _allocate_kv(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        hc = self.config.model_config
-        shape = (num_blocks * self.block_size, self.num_kv_heads, hc.head_dim)
-        return [(torch.zeros(shape, dtype=self.config.dtype, device=self.device),
-                 torch.zeros(shape, dtype=self.config.dtype, device=self.device))
-                for _ in range(hc.num_hidden_layers)]
+    def _init_kernel_switches(self) -> None:
+        """Read the kernel switches (LABKIT_GEMV, LABKIT_PDL) once, for this engine, and on CUDA
+        create the gemv kernel's split-K workspace that this engine's layers share."""
+        self.switches = KernelSwitches.from_env(self.device)
+        self.gemv_workspace = None
+        if self.device.type == "cuda":
+            from labkit.kernels.gemv import GemvWorkspace
+            self.gemv_workspace = GemvWorkspace(self.device)
 
-    def _profile_peak_activation(self) -> int:
-        """Memory a full-budget prefill needs beyond the weights, measured by running one
-        (random tokens, a throwaway KV cache just large enough), as vLLM profiles before sizing."""
+    def _init_tp_group(self, tp_port: int) -> None:
+        """This rank's tensor-parallel group (a single rank when TP is 1); ranks meet at
+        127.0.0.1:`tp_port`."""
+        c = self.config
+        self.tp = TPGroup.create(self.rank, c.tensor_parallel_size, "127.0.0.1", tp_port,
+                                 self.device, not c.disable_custom_all_reduce, self.switches.pdl)
+
+    def _load_model(self) -> None:
+        """Build the model with this engine's group, switches and workspace, and load it."""
+        c = self.config
+        torch.manual_seed(c.seed)
+        parts = ModelParts(self.tp, self.switches, self.gemv_workspace)
+        self.model = build_model(c.model_dir, c.model_config, c.dtype, self.device,
+                                 c.load_format, parts, c.seed)
+
+    def _init_attention_backend(self) -> None:
+        """The one attention seam: Triton kernels on CUDA, the torch reference elsewhere."""
+        self.block_size = self.config.block_size
+        self.num_kv_heads = self.config.model_config.num_key_value_heads // self.tp.size
+        self.backend: AttentionBackend
+        if self.device.type == "cuda":
+            from labkit.layers.attention.triton_backend import TritonAttentionBackend
+            self.backend = TritonAttentionBackend(self.block_size, self.device, self.switches)
+        else:
+            self.backend = TorchAttentionBackend(self.block_size, self.device)
+
+    def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A zeroed (K, V) pair per layer, each [num_blocks * block_size, kv heads, head dim]."""
+        c = self.config
+        shape = (num_blocks * self.block_size, self.num_kv_heads, c.model_config.head_dim)
+        return [(torch.zeros(shape, dtype=c.dtype, device=self.device),
+                 torch.zeros(shape, dtype=c.dtype, device=self.device))
+                for _ in range(c.model_config.num_hidden_layers)]
+
+    def _profile_activation_memory(self) -> int:
+        """On CUDA, the memory a full-budget prefill needs beyond the weights, measured by running
+        one (random tokens, a throwaway KV cache just large enough), as vLLM profiles before
+        sizing; 0 elsewhere (the CPU's KV cache has a byte budget of its own)."""
+        if self.device.type != "cuda":
+            return 0
         c = self.config
         tokens = min(c.max_num_batched_tokens, c.max_model_len)
         blocks = -(-tokens // self.block_size)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        kv = self._allocate_kv(blocks)
+        kv = self._allocate_kv_cache(blocks)
         kv_bytes = torch.cuda.memory_allocated(self.device) - base
         ids = torch.randint(0, c.model_config.vocab_size, (tokens,), device=self.device)
         meta = self.backend.prepare([SeqSlice(tokens, tokens, list(range(blocks)))])
-        with torch.inference_mode(), forward_context(ForwardContext(self.backend, meta, kv)):
-            hidden = self.model(ids, torch.arange(tokens, device=self.device))
+        with torch.inference_mode():
+            hidden = self.model(ids, torch.arange(tokens, device=self.device),
+                                AttentionInputs(self.backend, meta, kv))
             self.model.compute_logits(hidden[-1:])
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(self.device) - base - kv_bytes
@@ -111,6 +146,9 @@ class ModelRunner:
         return 2 * hc.num_hidden_layers * self.block_size * self.num_kv_heads * hc.head_dim * elem
 
     def _count_kv_blocks(self, activation_bytes: int) -> int:
+        """How many KV blocks this rank holds: `num_kv_blocks` if given; on CUDA what
+        gpu_memory_utilization leaves after the weights, `activation_bytes` and a reserve; on
+        the CPU the byte budget, capped at what every sequence at full length could use."""
         c = self.config
         per_block = self._bytes_per_block()
         if c.num_kv_blocks is not None:
@@ -132,6 +170,17 @@ class ModelRunner:
             log.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB per rank)", n,
                      self.block_size, n * self.block_size, n * per_block / 2**20)
         return n
+
+    def _capture_cuda_graphs(self) -> DecodeGraphs | None:
+        """Decode graphs over the batch ladder, on CUDA unless `enforce_eager`."""
+        c = self.config
+        if self.device.type != "cuda" or c.enforce_eager:
+            return None
+        graphs = DecodeGraphs(self.model, self.backend, self.kv_caches,
+                              min(c.max_num_seqs, MAX_GRAPH_BATCH),
+                              -(-c.max_model_len // self.block_size), self.device)
+        log.info("captured CUDA graphs for decode batch sizes %s", graphs.sizes)
+        return graphs
 
     @torch.inference_mode()
     def execute(self, work: list[SeqWork], sampled: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -167,8 +216,8 @@ class ModelRunner:
             if graphed:
                 hidden = self.graphs.run(ids, pos, seqs, pending)
             else:
-                with forward_context(ForwardContext(self.backend, meta, self.kv_caches)):
-                    hidden = self.model(input_ids, positions)
+                hidden = self.model(input_ids, positions,
+                                    AttentionInputs(self.backend, meta, self.kv_caches))
             logits = self.model.compute_logits(hidden[rows]) if sample_rows else None
         return logits
 
@@ -183,6 +232,8 @@ class ModelRunner:
 
     def close(self) -> None:
         self.model = self.kv_caches = self.graphs = None
+        if self.gemv_workspace is not None:   # after the graphs that point into it
+            self.gemv_workspace.close()
         self.tp.close()
         torch.set_num_threads(self._prev_threads)
         gc.collect()

@@ -1,18 +1,26 @@
 """Vocabulary-parallel embedding and LM head: each rank holds a contiguous slice of the vocab."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.distributed import building_tp
+from labkit.distributed import TPGroup
 from labkit.layers.linear import linear
+from labkit.layers.switches import KernelSwitches
+
+if TYPE_CHECKING:
+    from labkit.kernels.gemv import GemvWorkspace
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden_size: int):
+    profile_category = "other"
+
+    def __init__(self, vocab_size: int, hidden_size: int, *, tp: TPGroup):
         super().__init__()
-        self.tp = building_tp()
+        self.tp = tp
         self.vocab_size = vocab_size
         self.shard_size = (vocab_size + self.tp.size - 1) // self.tp.size
         self.start = self.tp.rank * self.shard_size
@@ -38,6 +46,12 @@ CPU_VOCAB_ROWS_MAX = 64
 
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits for the rows that will be sampled; the full vocab is gathered on rank 0 only."""
+    profile_category = "matmul"   # a matmul, though it shares the embedding's sharding
+
+    def __init__(self, vocab_size: int, hidden_size: int, *, tp: TPGroup,
+                 switches: KernelSwitches, workspace: GemvWorkspace | None):
+        super().__init__(vocab_size, hidden_size, tp=tp)
+        self.switches, self.workspace = switches, workspace
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         if hidden.is_cpu and hidden.shape[0] <= CPU_VOCAB_ROWS_MAX:
@@ -45,6 +59,6 @@ class ParallelLMHead(VocabParallelEmbedding):
             # the output's rows at 4-64 rows (a decode step's batch; PERF_NOTES.md, CPU).
             local = torch.mm(self.weight, hidden.t()).t().contiguous()  # the sampler reads rows
         else:
-            local = linear(hidden, self.weight)
+            local = linear(hidden, self.weight, switches=self.switches, workspace=self.workspace)
         logits = self.tp.gather_last_dim(local)
         return None if logits is None else logits[..., : self.vocab_size]

@@ -6,38 +6,43 @@ full checkpoint tensor and keeps this rank's slice, so loading is the same for a
 After loading, `process_weights_after_loading` (vLLM's name for the step) lays a CPU float32
 weight out once for oneDNN; the forward then multiplies with it directly. On CUDA a decode step's
 few rows go through labkit.kernels.gemv where its table (or, up to 2 rows, its heuristic) says
-so, cuBLAS otherwise; `LABKIT_GEMV=0` turns the kernel off (to measure what it gives).
+so, cuBLAS otherwise; the engine's KernelSwitches say whether the kernel may be used
+(`LABKIT_GEMV=0` turns it off, to measure what it gives), and its GemvWorkspace holds the
+kernel's split-K partials.
+
+Every layer takes its engine's TPGroup, switches and workspace when it is built and keeps them.
 """
 from __future__ import annotations
 
-import functools
-import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.distributed import building_tp, divide
+from labkit.distributed import TPGroup, divide
 from labkit.layers.activation import SiluAndMul
+from labkit.layers.switches import KernelSwitches
 
-
-@functools.cache
-def _gemv_enabled() -> bool:
-    return os.environ.get("LABKIT_GEMV", "1") != "0"
+if TYPE_CHECKING:  # the kernels import triton: only CUDA engines load them
+    from labkit.kernels.gemv import GemvWorkspace
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           act: SiluAndMul | None = None) -> torch.Tensor:
+           act: SiluAndMul | None = None, *, switches: KernelSwitches,
+           workspace: GemvWorkspace | None) -> torch.Tensor:
     """x @ weight.T (+ bias) by the fastest path for x's rows. `act`: the MLP's SiLU-and-mul, to
     apply to x first (x is then the merged gate/up output); the decode kernel fuses it where its
-    configuration says so (`fuse_act`), else it runs first."""
-    if x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and _gemv_enabled():
+    configuration says so (`fuse_act`), else it runs first. `switches.use_gemv` allows the decode
+    kernel, whose split-K configurations keep their partials in `workspace`."""
+    if switches.use_gemv and x.is_cuda and x.dim() == 2 and x.stride(1) == 1:
         from labkit.kernels.gemv import choose_config, gemv
         cfg = choose_config(x.shape[0], weight.shape[0], weight.shape[1], x.device)
         if cfg is not None:
             if act is not None and not cfg.fuse_act:
                 x, act = act(x), None
-            return gemv(x, weight, bias, gated=act is not None, config=cfg)
+            return gemv(x, weight, bias, gated=act is not None, config=cfg, workspace=workspace,
+                        pdl=switches.pdl)
     if act is not None:
         x = act(x)
     if weight.is_mkldnn:
@@ -46,9 +51,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class _ParallelLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool, shard_dim: int | None):
+    profile_category = "matmul"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, shard_dim: int | None,
+                 tp: TPGroup, switches: KernelSwitches, workspace: GemvWorkspace | None):
         super().__init__()
-        self.tp = building_tp()
+        self.tp, self.switches, self.workspace = tp, switches, workspace
         self.shard_dim = shard_dim
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
@@ -76,23 +84,30 @@ class _ParallelLinear(nn.Module):
             self.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(w.detach(), 8),
                                        requires_grad=False)
 
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None,
+                act: SiluAndMul | None = None) -> torch.Tensor:
+        return linear(x, self.weight, bias, act, switches=self.switches,
+                      workspace=self.workspace)
 
 
 class ColumnParallelLinear(_ParallelLinear):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        super().__init__(in_features, divide(out_features, building_tp().size, "output features"),
-                         bias, 0)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, tp: TPGroup,
+                 switches: KernelSwitches, workspace: GemvWorkspace | None):
+        super().__init__(in_features, divide(out_features, tp.size, "output features"), bias, 0,
+                         tp, switches, workspace)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input in one matmul (gate and up)."""
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False):
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, *,
+                 tp: TPGroup, switches: KernelSwitches, workspace: GemvWorkspace | None):
         self.output_sizes = output_sizes
-        super().__init__(in_features, sum(output_sizes), bias)
+        super().__init__(in_features, sum(output_sizes), bias, tp=tp, switches=switches,
+                         workspace=workspace)
 
     def weight_loader(self, param, loaded, shard_id: int) -> None:
         n = self.tp.size
@@ -105,12 +120,13 @@ class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v in one matmul; each rank holds its share of query and key/value heads."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = False):
-        n = building_tp().size
+                 bias: bool = False, *, tp: TPGroup, switches: KernelSwitches,
+                 workspace: GemvWorkspace | None):
         self.head_dim = head_dim
-        self.num_heads = divide(num_heads, n, "num_attention_heads")
-        self.num_kv_heads = divide(num_kv_heads, n, "num_key_value_heads")
-        super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias)
+        self.num_heads = divide(num_heads, tp.size, "num_attention_heads")
+        self.num_kv_heads = divide(num_kv_heads, tp.size, "num_key_value_heads")
+        super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias, tp=tp,
+                         switches=switches, workspace=workspace)
 
     def weight_loader(self, param, loaded, shard_id: str) -> None:
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -119,12 +135,13 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(_ParallelLinear):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        super().__init__(divide(in_features, building_tp().size, "input features"), out_features,
-                         bias, 1)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, tp: TPGroup,
+                 switches: KernelSwitches, workspace: GemvWorkspace | None):
+        super().__init__(divide(in_features, tp.size, "input features"), out_features, bias, 1,
+                         tp, switches, workspace)
 
     def forward(self, x: torch.Tensor, act: SiluAndMul | None = None) -> torch.Tensor:
         """act: the MLP's SiLU-and-mul, applied to x (the merged gate/up output) first."""
         # The bias is added once, after the sum, not once per rank.
-        y = self.tp.all_reduce(linear(x, self.weight, None, act))
+        y = self.tp.all_reduce(self._matmul(x, None, act))
         return y if self.bias is None else y + self.bias

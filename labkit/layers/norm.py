@@ -1,24 +1,28 @@
+"""RMSNorm, with the residual add fused in."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labkit.layers.switches import KernelSwitches
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32, with the residual add fused in (returns the new residual)."""
+    profile_category = "norm/rope/activation"
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, *, switches: KernelSwitches):
         super().__init__()
-        self.eps = eps
+        self.eps, self.switches = eps, switches
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if x.is_cuda:  # one fused Triton kernel instead of ~8 elementwise launches
             from labkit.kernels.fused_add_rmsnorm import fused_add_rmsnorm, rmsnorm
             if residual is None:
-                return rmsnorm(x, self.weight, self.eps)
-            return fused_add_rmsnorm(x, residual, self.weight, self.eps)
+                return rmsnorm(x, self.weight, self.eps, self.switches.pdl)
+            return fused_add_rmsnorm(x, residual, self.weight, self.eps, self.switches.pdl)
         if residual is not None:
             x = x + residual
             residual = x

@@ -24,6 +24,8 @@ SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 
 class RotaryEmbedding(nn.Module):
+    profile_category = "norm/rope/activation"
+
     def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict | None = None):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))

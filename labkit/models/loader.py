@@ -14,6 +14,7 @@ from torch import nn
 
 from labkit.models.gguf_convert import convert_gguf
 from labkit.models.model_config import ModelConfig
+from labkit.models.model_parts import ModelParts
 from labkit.models.registry import model_class
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "pt")
@@ -104,13 +105,15 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
 
 
 def build_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                load_format: str, seed: int = 0) -> nn.Module:
+                load_format: str, parts: ModelParts, seed: int = 0) -> nn.Module:
+    """The model for `cfg`, its layers built with `parts` (this engine's TP group, kernel
+    switches and gemv workspace), weights loaded (or drawn), on `device`, ready to run."""
     cls = model_class(cfg.architecture)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device if load_format == "dummy" else "cpu"):
-            model = cls(cfg)
+            model = cls(cfg, parts)
     finally:
         torch.set_default_dtype(prev)
     if load_format == "dummy":

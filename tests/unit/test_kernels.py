@@ -22,11 +22,13 @@ if (os.environ.get("TRITON_INTERPRET") == "1" and Version(triton.__version__) < 
     pytest.skip("the Triton interpreter needs triton>=3.7.1 with numpy>=2.4",
                 allow_module_level=True)
 
-from labkit.layers.attention import SeqSlice, TorchAttentionBackend  # noqa: E402
-from labkit.layers.attention_triton import TritonAttentionBackend  # noqa: E402
+from labkit.layers.attention import SeqSlice  # noqa: E402
+from labkit.layers.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from labkit.layers.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from labkit.layers.switches import KernelSwitches  # noqa: E402
 from labkit.kernels.one_shot_all_reduce import (MAX_PROGRAMS, BLOCK,  # noqa: E402
                                                  one_shot_all_reduce, one_shot_all_reduce_ref)
-from labkit.kernels.gemv import GemvConfig, gemv, gemv_ref  # noqa: E402
+from labkit.kernels.gemv import GemvConfig, GemvWorkspace, gemv, gemv_ref  # noqa: E402
 from labkit.kernels.fused_add_rmsnorm import (  # noqa: E402
     fused_add_rmsnorm, fused_add_rmsnorm_ref, rmsnorm, rmsnorm_ref)
 from labkit.kernels.paged_attention_decode import (paged_attention_decode,  # noqa: E402
@@ -170,9 +172,11 @@ def test_gemv(rows, config, gated, bias, dtype):
     w = torch.randn(n, k, dtype=dtype, device=DEVICE) / k ** 0.5
     b = torch.randn(n, dtype=dtype, device=DEVICE) if bias else None
     ref = gemv_ref(x, w, b, gated=gated)
+    workspace = GemvWorkspace(DEVICE)
     # Twice: split-K's arrival counts must be back at zero after a call.
     for _ in range(2):
-        torch.testing.assert_close(gemv(x, w, b, gated=gated, config=config), ref, **TOL[dtype])
+        torch.testing.assert_close(gemv(x, w, b, gated=gated, config=config, workspace=workspace),
+                                   ref, **TOL[dtype])
 
 
 def test_gemv_tables_and_dispatch(monkeypatch):
@@ -214,7 +218,7 @@ def test_triton_backend_matches_torch_backend(dtype):
     qkv = torch.randn(t, hkv * (group + 2), d, dtype=dtype, device=DEVICE)
     outs, caches = [], []
     for backend in (TorchAttentionBackend(block_size, DEVICE),
-                    TritonAttentionBackend(block_size, DEVICE)):
+                    TritonAttentionBackend(block_size, DEVICE, KernelSwitches())):
         kc, vc = k_cache.clone(), v_cache.clone()
         # strided views, as the model passes (the Triton backend rotates q in place: a copy each)
         q, k, v = qkv.clone().split([hkv * group, hkv, hkv], dim=1)
@@ -270,12 +274,12 @@ def test_one_shot_all_reduce(world, numel):
 def test_triton_metadata_views_are_16_byte_aligned():
     """Triton specialises pointer arguments on their alignment: a step whose metadata views
     landed at odd offsets would compile a new kernel variant mid-run (~1 s on a GPU)."""
-    backend = TritonAttentionBackend(4, DEVICE)
+    backend = TritonAttentionBackend(4, DEVICE, KernelSwitches())
     for q_lens, ctx_lens in (([1, 1, 1, 5], [3, 9, 6, 5]), ([1, 7, 3], [2, 7, 10]), ([5], [5])):
         seqs = [SeqSlice(q, c, list(range(i * 4, i * 4 + -(-c // 4))))
                 for i, (q, c) in enumerate(zip(q_lens, ctx_lens))]
         meta = backend.prepare(seqs)
-        tensors = [meta.slot_mapping] + [t for t in meta.extra.values() if torch.is_tensor(t)]
+        tensors = [t for t in vars(meta).values() if torch.is_tensor(t)]
         assert len(tensors) > 1 and all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
@@ -284,3 +288,15 @@ def test_padded_block_table():
     table = padded_block_table([[3, 1, 4], [1], [], [5, 9]])
     assert table.dtype == np.int32
     assert table.tolist() == [[3, 1, 4], [1, 0, 0], [0, 0, 0], [5, 9, 0]]
+
+
+def test_kernel_switches_come_from_the_env_given():
+    """Each engine reads its switches when it starts, from the environment it is given; PDL is
+    off under the interpreter, and everything is off on the CPU."""
+    cuda = torch.device("cuda")
+    assert not KernelSwitches.from_env(cuda, {"LABKIT_GEMV": "0"}).use_gemv
+    assert KernelSwitches.from_env(cuda, {}).use_gemv
+    assert KernelSwitches.from_env(cuda, {"LABKIT_PDL": "0"}).pdl == 0
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert KernelSwitches.from_env(cuda, {}).pdl == 0
+    assert KernelSwitches.from_env(torch.device("cpu"), {}) == KernelSwitches()
