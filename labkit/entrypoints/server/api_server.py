@@ -16,7 +16,8 @@ from pathlib import Path
 import uvicorn
 
 from labkit.config import EngineConfig
-from labkit.engine.engine import LLMEngine, load_tokenizer
+from labkit.engine.engine import LLMEngine
+from labkit.engine.input_processor import load_tokenizer
 from labkit.entrypoints.server.app import build_app
 from labkit.entrypoints.server.engine_loop import EngineLoop
 from labkit.observe.metrics import ServerMetrics
