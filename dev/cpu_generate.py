@@ -139,9 +139,9 @@ class LabkitBackend:
         orig_step = engine.step
 
         def timed_step():  # this thread's CPU time per engine step, keyed by its step record
-            n, c = len(engine.step_records), time.thread_time()
+            n, c = engine.stats().num_steps, time.thread_time()
             out = orig_step()
-            if len(engine.step_records) > n:
+            if engine.stats().num_steps > n:
                 step_cpu[n] = (time.thread_time() - c) * 1e3
             return out
         engine.step = timed_step

@@ -173,7 +173,7 @@ def labkit_runs(workloads: set[str], spec: str, out_dir: Path) -> dict:
         res["c_total_tokens"] = sum(lens_out) + sum(lens_in)
         llm.step_log().iloc[n0:].to_csv(out_dir / f"steps_c_tp{tp}.csv", index=False)
         res["c_phases"] = phases(llm.step_log().iloc[n0:])
-    res["kv_blocks"] = llm.engine.block_manager.num_blocks
+    res["kv_blocks"] = llm.engine.stats().kv_blocks_total
     llm.shutdown()
     return res
 

@@ -20,8 +20,8 @@ def greedy_params(max_tokens: int, **kw) -> SamplingParams:
 
 def assert_engine_idle(llm: LLM) -> None:
     """No request is left in the engine and every KV block is back on the free list."""
-    eng = llm.engine
-    assert not eng.has_unfinished_requests()
-    assert eng.requests == {}
-    assert eng.block_manager.num_free == eng.block_manager.num_blocks
+    assert not llm.engine.has_unfinished_requests()
+    stats = llm.engine.stats()
+    assert stats.num_unfinished_requests == 0
+    assert stats.kv_blocks_used == 0
 

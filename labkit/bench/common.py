@@ -66,7 +66,7 @@ def load_workload(llm, dataset_name: str, **kwargs) -> list[datasets.SampleReque
 # ---- the timed region -----------------------------------------------------------------------
 def num_steps(llm) -> int:
     """The number the engine's next step gets: where a timed region starts in the step log."""
-    return llm.engine.num_steps
+    return llm.engine.stats().num_steps
 
 
 def generate_benchmark(llm, name: str, prompts: list, params, *, priority: list[int] | None = None,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from labkit.config import EngineConfig
+from labkit.engine.resolved_config import ResolvedConfig
 from labkit.distributed import TPGroup
 from labkit.engine.cuda_graphs import DecodeGraphs
 from labkit.layers.attention import AttentionBackend, AttentionInputs, SeqSlice
@@ -45,7 +45,7 @@ class SeqWork:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, rank: int = 0, tp_port: int = 0):
+    def __init__(self, config: ResolvedConfig, rank: int = 0, tp_port: int = 0):
         self.config = config
         self.rank = rank
         self._init_device()

@@ -15,14 +15,14 @@ import subprocess
 import sys
 import time
 
-from labkit.config import EngineConfig
+from labkit.engine.resolved_config import ResolvedConfig
 from labkit.utils import free_port
 
 STARTUP_TIMEOUT_S = 600
 
 
 class WorkerGroup:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: ResolvedConfig):
         self.port = free_port()
         self.procs: list[subprocess.Popen] = []
         self.conns: list[mpc.Connection] = []

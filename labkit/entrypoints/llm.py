@@ -119,7 +119,7 @@ class LLM:
     def step_log(self):
         """Every engine step so far as a pandas DataFrame (timings in ms)."""
         from labkit.observe.step_log import to_dataframe
-        return to_dataframe(self._engine().step_records)
+        return to_dataframe(self._engine().step_records())
 
     # ---- life cycle -----------------------------------------------------------------------
     def _engine(self) -> LLMEngine:

@@ -108,7 +108,7 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
-        """From an EngineConfig (after resolve: model_config and dtype filled in)."""
+        """From a ResolvedConfig (its model_config and dtype)."""
         hc = config.model_config
         return cls(hc.num_hidden_layers, hc.hidden_size, hc.num_attention_heads, hc.num_key_value_heads,
                    hc.head_dim, hc.intermediate_size, hc.vocab_size,

@@ -30,8 +30,9 @@ def _run(path, async_scheduling: bool, **kw):
         outs = llm.generate(prompts, [_params(i) for i in range(len(prompts))], use_tqdm=False)
         assert_engine_idle(llm)
         log = llm.step_log()
-        assert len(log) == llm.engine.num_steps
-        assert (log.kv_blocks_used + log.kv_blocks_free == llm.engine.block_manager.num_blocks).all()
+        stats = llm.engine.stats()
+        assert len(log) == stats.num_steps
+        assert (log.kv_blocks_used + log.kv_blocks_free == stats.kv_blocks_total).all()
     return [[(c.token_ids, c.text, c.finish_reason, c.stop_reason, round(c.cumulative_logprob, 4),
               None if c.logprobs is None else [sorted(e) for e in c.logprobs]) for c in o.outputs]
             for o in outs], log

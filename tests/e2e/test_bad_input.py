@@ -55,13 +55,13 @@ def _valid_batch(llm: LLM):
 ])
 def test_bad_prompt_fails_generate_and_leaves_engine_clean(short_llm, prompt, field):
     ref = _valid_batch(short_llm)
-    n_steps = len(short_llm.engine.step_records)
+    n_steps = short_llm.engine.stats().num_steps
     # The bad prompt comes last: the good ones before it must not have been queued either.
     good = random_prompts(short_llm.config.model_config.vocab_size, [4, 9], seed=21)
     with pytest.raises(ValueError, match=_names(field)):
         short_llm.generate(good + [prompt], greedy_params(4), use_tqdm=False)
     assert_engine_idle(short_llm)
-    assert len(short_llm.engine.step_records) == n_steps  # nothing ran
+    assert short_llm.engine.stats().num_steps == n_steps  # nothing ran
     assert _valid_batch(short_llm) == ref
 
 

@@ -21,8 +21,7 @@ def _tok(p: list[int]) -> dict:
 
 
 def _all_free(llm: LLM) -> bool:
-    bm = llm.engine.block_manager
-    return bm.num_free == bm.num_blocks and not llm.engine.has_unfinished_requests()
+    return llm.engine.stats().kv_blocks_used == 0 and not llm.engine.has_unfinished_requests()
 
 
 # ---- prefix caching -----------------------------------------------------------------------
@@ -175,7 +174,7 @@ def test_waiting_high_priority_request_preempts_running_low_priority(tiny_ckpts)
         while e.has_unfinished_requests():
             order += [o.request_id for o in e.step() if o.finished]
         assert order[0] == "high" and sorted(order) == ["high", "low0", "low1"]
-        assert e.block_manager.num_free == e.block_manager.num_blocks
+        assert e.stats().kv_blocks_used == 0
 
 
 # ---- penalties and controls ---------------------------------------------------------------
@@ -288,11 +287,11 @@ def test_aborting_half_the_requests_mid_run_frees_every_block(tiny_llms):
         e.add_request(f"a{i}", _tok(p), sp)
     for _ in range(4):
         e.step()
-    assert e.block_manager.num_used > 0
+    assert e.stats().kv_blocks_used > 0
     for i in range(0, 10, 2):
         e.abort_request(f"a{i}")
     done = set()
     while e.has_unfinished_requests():
         done |= {o.request_id for o in e.step() if o.finished}
     assert done == {f"a{i}" for i in range(1, 10, 2)}
-    assert e.block_manager.num_free == e.block_manager.num_blocks
+    assert e.stats().kv_blocks_used == 0

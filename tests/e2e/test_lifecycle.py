@@ -94,14 +94,14 @@ def test_every_block_is_free_after_generate_and_aborts(tiny_llms):
     eng.add_request("c", {"prompt_token_ids": prompts[2]}, long_run)
     for _ in range(3):
         eng.step()
-    assert eng.block_manager.num_used > 0
+    assert eng.stats().kv_blocks_used > 0
     eng.add_request("waiting", {"prompt_token_ids": prompts[3]}, long_run)
     eng.abort_request("waiting")  # never scheduled
     eng.abort_request("b")        # running, two sequences
     finished = {}
     for _ in range(2):
         finished.update({o.request_id: o for o in eng.step() if o.finished})
-    assert not finished and {"a", "c"} <= set(eng.requests)
+    assert not finished and eng.stats().num_unfinished_requests == 2   # "a" and "c"
     eng.abort_request("c")        # while "a" keeps running
     while eng.has_unfinished_requests():
         finished.update({o.request_id: o for o in eng.step() if o.finished})
@@ -152,7 +152,7 @@ def test_step_log_columns_and_prefill_token_accounting(tiny_ckpts, lengths):
         prompts = random_prompts(llm.config.model_config.vocab_size, lengths, seed=9)
         outs = llm.generate(prompts, greedy_params(max_tokens), use_tqdm=False)
         log = llm.step_log()
-        num_blocks = llm.engine.block_manager.num_blocks
+        num_blocks = llm.engine.stats().kv_blocks_total
     assert set(STEP_LOG_COLUMNS) <= set(log.columns)
     assert log.step.tolist() == list(range(len(log)))
     assert (log[[c for c in STEP_LOG_COLUMNS if c.endswith("_ms")]] >= 0).all().all()

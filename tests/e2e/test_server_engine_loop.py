@@ -61,7 +61,7 @@ def test_engine_failure_fails_requests_and_reports_unhealthy(engine_loop, monkey
 
     asyncio.run(main())
     assert not engine_loop.healthy and "device lost" in engine_loop.error
-    assert engine_loop.engine.block_manager.num_used == 0
+    assert engine_loop.engine.stats().kv_blocks_used == 0
 
 
 def test_drain_ends_in_flight_requests_and_refuses_new_ones(engine_loop):
@@ -78,7 +78,7 @@ def test_drain_ends_in_flight_requests_and_refuses_new_ones(engine_loop):
 
     asyncio.run(main())
     assert engine_loop.healthy
-    assert engine_loop.engine.block_manager.num_used == 0
+    assert engine_loop.engine.stats().kv_blocks_used == 0
 
 
 def test_a_refused_prompt_leaves_nothing_behind(engine_loop):
@@ -98,4 +98,4 @@ def test_a_refused_prompt_leaves_nothing_behind(engine_loop):
     assert sorted(tokens) == [0, 1, 2, 3]   # 2 prompts x n=2, indexed as vLLM does
     assert all(1 <= len(t) <= 3 for t in tokens.values())
     assert not engine_loop.engine.has_unfinished_requests()
-    assert engine_loop.engine.block_manager.num_used == 0
+    assert engine_loop.engine.stats().kv_blocks_used == 0

@@ -66,8 +66,7 @@ def test_quickstart_tp2_on_tiny_checkpoint(tp2_llama):
     for o in outs:
         assert o.finished and o.outputs[0].text
         assert 1 <= len(o.outputs[0].token_ids) <= 16  # SamplingParams' default max_tokens
-    eng = tp2_llama.engine
-    assert eng.block_manager.num_free == eng.block_manager.num_blocks
+    assert tp2_llama.engine.stats().kv_blocks_used == 0
 
 
 def test_quickstart_tp1_on_default_model(default_llm):

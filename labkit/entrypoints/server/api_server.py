@@ -15,8 +15,9 @@ from pathlib import Path
 
 import uvicorn
 
+from labkit.engine.engine import LLMEngine
+from labkit.engine.input_processor import load_tokenizer
 from labkit.engine.resolved_config import ResolvedConfig
-from labkit.engine.engine import LLMEngine, load_tokenizer
 from labkit.entrypoints.server.app import build_app
 from labkit.entrypoints.server.engine_loop import EngineLoop
 from labkit.observe.metrics import ServerMetrics

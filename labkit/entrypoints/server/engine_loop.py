@@ -264,7 +264,7 @@ class EngineLoop:
         group.post(_ACCEPTED)
 
     def _step(self) -> None:
-        steps_before = self.engine.num_steps
+        steps_before = self.engine.stats().num_steps
         try:
             outputs = self.engine.step()
         except Exception as e:
@@ -273,8 +273,9 @@ class EngineLoop:
             self._fail_all(APIError(500, f"the engine failed: {self.error}"))
             return
         now = time.time()
-        if self.engine.num_steps > steps_before:  # a step that ran records itself last
-            rec = self.engine.step_records[-1]
+        stats = self.engine.stats()
+        if stats.num_steps > steps_before:  # a step that ran records itself last
+            rec = stats.last_step
             self.metrics.observe("iteration_tokens_total", rec.num_prefill_tokens + rec.num_decode_seqs)
             self.metrics.inc("num_preemptions", rec.num_preemptions)
             self.metrics.inc("prefix_cache_queries", rec.prefix_cache_queries)
@@ -337,5 +338,5 @@ class EngineLoop:
             group.post(err)
 
     def _update_gauges(self) -> None:
-        bm, sched = self.engine.block_manager, self.engine.scheduler
-        self.metrics.set_gauges(len(sched.running), len(sched.waiting), bm.num_used / bm.num_blocks)
+        stats = self.engine.stats()
+        self.metrics.set_gauges(stats.num_running, stats.num_waiting, stats.kv_cache_usage)
