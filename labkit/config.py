@@ -57,7 +57,8 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = option(
         None, "KV-cache size in bytes (CPU default: 2 GiB, capped at what max_num_seqs "
         "sequences of max_model_len tokens can use)")
-    max_num_seqs: int = option(256, "most sequences in one engine step")
+    max_num_seqs: int = option(256, "most sequences in one engine step (and most choices, "
+                               "n, one request may ask for)")
     max_num_batched_tokens: int | None = option(
         None, "most tokens in one engine step (default: 16384 on CUDA, 8192 on the CPU)")
     enable_chunked_prefill: bool = option(
@@ -73,6 +74,9 @@ class EngineConfig:
     async_scheduling: bool | None = option(
         None, "schedule step n+1 while step n runs on the device (default: on for CUDA, off "
         "on the CPU)")
+    max_logprobs: int = option(
+        20, "most logprobs a request may ask for (logprobs, top_logprobs, prompt_logprobs); "
+        "-1: up to the vocabulary size")
     skip_tokenizer_init: bool = option(False, "run without a tokenizer (token-id prompts only)")
     trust_remote_code: bool = option(
         False, "accepted for vLLM compatibility; labkit runs no code from checkpoints")
@@ -82,6 +86,8 @@ class EngineConfig:
                ">= 1")
         check_field(self.block_size >= 1, "block_size", self.block_size, ">= 1")
         check_field(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
+        check_field(self.max_logprobs >= -1, "max_logprobs", self.max_logprobs,
+               ">= 0, or -1 for no limit below the vocabulary size")
         check_field(self.load_format in LOAD_FORMATS, "load_format", self.load_format,
                f"one of {', '.join(LOAD_FORMATS)}")
         check_field(self.dtype == "auto" or self.dtype in DTYPES, "dtype", self.dtype,

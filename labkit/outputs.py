@@ -46,3 +46,6 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     prompt_logprobs: list | None = None
     num_cached_tokens: int = 0
+    # Set when the request ended with finish_reason "error": what failed while it was processed
+    # (the engine ended that request alone and kept serving the others).
+    error: str | None = None

@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 import torch
 
 from labkit.engine.block_manager import BlockManager
-from labkit.engine.input_processor import InputProcessor, eos_token_ids, load_tokenizer
+from labkit.engine.input_processor import (
+    InputProcessor,
+    RequestLimits,
+    eos_token_ids,
+    load_tokenizer,
+)
 from labkit.engine.model_runner import ModelRunner, SeqWork
 from labkit.engine.output_processor import OutputProcessor
 from labkit.engine.request import Request
@@ -67,10 +72,12 @@ class LLMEngine:
                                    config.max_num_batched_tokens, config.enable_chunked_prefill,
                                    config.scheduling_policy, config.max_model_len)
         eos = eos_token_ids(config, tokenizer)
+        limits = RequestLimits(config.max_logprobs, config.max_num_seqs,
+                               config.model_config.vocab_size)
         self.input_processor = InputProcessor(
-            tokenizer, eos, max_model_len=config.max_model_len, block_size=config.block_size,
-            num_kv_blocks=self.block_manager.num_blocks,
-            vocab_size=config.model_config.vocab_size, device=self.runner.device)
+            tokenizer, eos, limits=limits, max_model_len=config.max_model_len,
+            block_size=config.block_size, num_kv_blocks=self.block_manager.num_blocks,
+            device=self.runner.device)
         self.output_processor = OutputProcessor(tokenizer, eos, config.max_model_len)
         self.sampler = Sampler(config.seed, eos, self.runner.device)
         self._history = StepHistory()
@@ -81,6 +88,10 @@ class LLMEngine:
     @property
     def tokenizer(self):
         return self.input_processor.tokenizer
+
+    @property
+    def limits(self) -> RequestLimits:
+        return self.input_processor.limits
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -103,9 +114,10 @@ class LLMEngine:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         seqs = self.input_processor.build_requests(request_id, text, ids, params,
                                                    arrival_time or time.time(), priority)
+        # Tracked first: should adding to the scheduler fail, abort_request finds every part.
+        self.output_processor.add_request(request_id, seqs)
         for req in seqs:
             self.scheduler.add(req)
-        self.output_processor.add_request(request_id, seqs)
         return request_id
 
     def abort_request(self, request_id: str) -> None:
@@ -154,11 +166,24 @@ class LLMEngine:
             self.timer.take()
             self._fail_unschedulable()
             return self.output_processor.outputs(set())
+        try:
+            touched = self._run(batch, prev, call_start, (queries, hits))
+        except Exception as e:
+            touched = self._fail_step(e, batch, prev)
+        outputs = self.output_processor.outputs(touched)
+        if self._inflight is not None:
+            self._inflight.call_ms = (time.time() - call_start) * 1e3
+        return outputs
+
+    def _run(self, batch: ScheduledBatch, prev: _Step | None, call_start: float,
+             prefix_before: tuple[int, int]) -> set[str]:
+        """Launch `batch` (if any) and complete `prev` (if any), and `batch` too unless it stays
+        in flight. Returns the parent ids whose requests were touched."""
         launched = None
         if batch.work:
             launched = self._launch(batch, call_start, prev)
-            launched.prefix_queries = self.scheduler.prefix_queries - queries
-            launched.prefix_hits = self.scheduler.prefix_hits - hits
+            launched.prefix_queries = self.scheduler.prefix_queries - prefix_before[0]
+            launched.prefix_hits = self.scheduler.prefix_hits - prefix_before[1]
         front = self.timer.take()
         touched = self._complete(prev) if prev is not None else set()
         if launched is not None:
@@ -169,10 +194,34 @@ class LLMEngine:
                 self._inflight = launched
             else:
                 touched |= self._complete(launched)
-        outputs = self.output_processor.outputs(touched)
-        if self._inflight is not None:
-            self._inflight.call_ms = (time.time() - call_start) * 1e3
-        return outputs
+        return touched
+
+    def _fail_step(self, exc: Exception, batch: ScheduledBatch, prev: _Step | None) -> set[str]:
+        """A step raised after scheduling: end the requests of that step (and of the one in
+        flight) with finish_reason "error" and go on with the others. Re-raises when the engine's
+        state cannot be trusted any more: with TP workers (a rank may be left inside a
+        collective) or after a device error (the CUDA context is lost); the engine is dead."""
+        device_error = isinstance(exc, getattr(torch, "AcceleratorError", ())) \
+            or "CUDA error" in str(exc)
+        if self.workers is not None or device_error:
+            raise exc
+        log.exception("an engine step failed; its requests end with an error")
+        self._inflight = None
+        self.timer.take()
+        now = time.time()
+        failed = [r for r, _ in batch.work] + ([r for r, _ in prev.batch.work] if prev else [])
+        for r in failed:
+            r.num_pending = 0
+            if not r.finished:
+                self.output_processor.fail(r, exc, now)
+                self.scheduler.finish(r)
+        return {r.parent_id for r in failed}
+
+    def _fail_request(self, r: Request, exc: Exception) -> None:
+        """End one request whose processing raised, alone."""
+        log.error("request %s failed: %s: %s", r.request_id, type(exc).__name__, exc)
+        self.output_processor.fail(r, exc, time.time())
+        self.scheduler.finish(r)
 
     def _launch(self, batch: ScheduledBatch, call_start: float, prev: _Step | None) -> _Step:
         """Build the step's work, advance the requests' computed counts (the next schedule may
@@ -251,7 +300,11 @@ class LLMEngine:
         rows, to_sample, at = [], [], 0
         for (r, n), w in zip(scheduled, work):
             if w.all_logits:
-                self.output_processor.record_prompt_logprobs(r, w.start_pos, n, logits[at:at + n])
+                try:
+                    self.output_processor.record_prompt_logprobs(r, w.start_pos, n,
+                                                                 logits[at:at + n])
+                except Exception as e:   # this request's entries, not the engine's state
+                    self._fail_request(r, e)
                 at += n
                 if w.sample:
                     rows.append(at - 1)

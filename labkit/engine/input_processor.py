@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -44,19 +45,45 @@ def eos_token_ids(config: ResolvedConfig, tokenizer) -> set[int]:
     return ids
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for, checked before any work is done for it (the server checks
+    these before it tokenizes)."""
+    max_logprobs: int    # -1: up to the vocabulary size
+    max_n: int           # the engine's max_num_seqs
+    vocab_size: int
+
+    def check(self, params: SamplingParams, logprobs_field: str = "logprobs") -> None:
+        """Raise ValueError naming the field; `logprobs_field` is the name the caller gave
+        `params.logprobs` (the chat API calls it top_logprobs)."""
+        if params.n > self.max_n:
+            raise ValueError(f"n={params.n} is invalid: at most max_num_seqs ({self.max_n}) "
+                             "choices per request")
+        cap = self.vocab_size if self.max_logprobs == -1 else min(self.max_logprobs,
+                                                                 self.vocab_size)
+        for name, k in ((logprobs_field, params.logprobs),
+                        ("prompt_logprobs", params.prompt_logprobs)):
+            if k is not None and k > cap:
+                raise ValueError(f"{name}={k} is invalid: at most {cap} (the engine's "
+                                 f"max_logprobs is {self.max_logprobs}; the vocabulary has "
+                                 f"{self.vocab_size} tokens)")
+
+
 class InputProcessor:
     """`tokenizer` may be None (token-id prompts only). The limits a prompt is checked against
     are given explicitly: the longest sequence, the KV cache's block size and block count, and
     the vocabulary size. Generators of seeded requests live on `device`."""
 
-    def __init__(self, tokenizer, eos_token_ids: set[int], *, max_model_len: int,
-                 block_size: int, num_kv_blocks: int, vocab_size: int, device: torch.device):
+    def __init__(self, tokenizer, eos_token_ids: set[int], *, limits: RequestLimits,
+                 max_model_len: int, block_size: int, num_kv_blocks: int,
+                 device: torch.device):
         self.tokenizer = tokenizer
+        self.limits = limits
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.block_size = block_size
         self.num_kv_blocks = num_kv_blocks
-        self.vocab_size = vocab_size
+        self.vocab_size = limits.vocab_size
         self.device = device
 
     def tokenize(self, prompt) -> tuple[str | None, list[int]]:
@@ -82,6 +109,7 @@ class InputProcessor:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError, naming the field, for a prompt or params the engine cannot run."""
+        self.limits.check(params)
         n = len(prompt_token_ids)
         vocab = self.vocab_size
         if n == 0:
@@ -96,10 +124,6 @@ class InputProcessor:
         if blocks > self.num_kv_blocks:
             raise ValueError(f"prompt: {n} tokens need {blocks} KV blocks but the cache holds "
                              f"{self.num_kv_blocks}; raise the KV cache size")
-        for name, k in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
-            if k is not None and k > vocab:
-                raise ValueError(f"{name}={k} is invalid: must be at most the vocabulary size "
-                                 f"({vocab})")
         for name, ids in (("allowed_token_ids", params.allowed_token_ids or []),
                           ("stop_token_ids", params.stop_token_ids),
                           ("logit_bias", list(params.logit_bias or {}))):

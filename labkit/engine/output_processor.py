@@ -46,6 +46,11 @@ class OutputProcessor:
         r.finish_reason = reason
         self._ended(r, now)
 
+    def fail(self, r: Request, exc: BaseException, now: float) -> None:
+        """End a sequence whose processing raised; its parent's output carries the error."""
+        r.error = f"{type(exc).__name__}: {exc}"
+        self.end(r, "error", now)
+
     def _ended(self, r: Request, now: float) -> None:
         r.metrics.finished_time = now
         self._finished_parents.add(r.parent_id)
@@ -81,28 +86,35 @@ class OutputProcessor:
             r.num_pending = 0
             if r.finished:   # aborted while its step was in flight
                 continue
-            tok = result.token_ids[i]
-            r.token_ids.append(tok)
-            r.cumulative_logprob += result.logprobs[i]
-            if r.metrics.first_token_time is None:
-                r.metrics.first_token_time = now
-            r.metrics.last_token_time = now
-            if r.output_logprobs is not None:
-                entry = {tok: Logprob(result.logprobs[i], result.ranks[i], self._token_text(tok))}
-                for rank, (tid, lp) in enumerate(result.top_logprobs[i], start=1):
-                    entry.setdefault(tid, Logprob(lp, rank, self._token_text(tid)))
-                r.output_logprobs.append(entry)
-            self._check_stop_token(r, tok)
-            # As vLLM V1: a stop token's (or EOS's) text stays out unless asked for.
-            if r.detokenizer is not None and (r.finish_reason is None
-                                              or r.params.include_stop_str_in_output):
-                r.output_text += r.detokenizer.step(tok)
-            if r.finish_reason is None:
-                self._check_stop_text(r)
+            try:
+                self._append_token(r, i, result, now)
+            except Exception as e:   # this request's text or logprobs, not the engine's state
+                self.fail(r, e, now)
             if r.finish_reason is not None:
-                self._ended(r, now)
                 ended.append(r)
         return ended
+
+    def _append_token(self, r: Request, i: int, result: SampleResult, now: float) -> None:
+        tok = result.token_ids[i]
+        r.token_ids.append(tok)
+        r.cumulative_logprob += result.logprobs[i]
+        if r.metrics.first_token_time is None:
+            r.metrics.first_token_time = now
+        r.metrics.last_token_time = now
+        if r.output_logprobs is not None:
+            entry = {tok: Logprob(result.logprobs[i], result.ranks[i], self._token_text(tok))}
+            for rank, (tid, lp) in enumerate(result.top_logprobs[i], start=1):
+                entry.setdefault(tid, Logprob(lp, rank, self._token_text(tid)))
+            r.output_logprobs.append(entry)
+        self._check_stop_token(r, tok)
+        # As vLLM V1: a stop token's (or EOS's) text stays out unless asked for.
+        if r.detokenizer is not None and (r.finish_reason is None
+                                          or r.params.include_stop_str_in_output):
+            r.output_text += r.detokenizer.step(tok)
+        if r.finish_reason is None:
+            self._check_stop_text(r)
+        if r.finish_reason is not None:
+            self._ended(r, now)
 
     def _token_text(self, tok: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([tok])
@@ -147,7 +159,8 @@ class OutputProcessor:
                 request_id=pid, prompt=seqs[0].prompt, prompt_token_ids=seqs[0].prompt_token_ids,
                 outputs=[_completion(s, kind == RequestOutputKind.DELTA) for s in seqs],
                 finished=done, metrics=seqs[0].metrics, prompt_logprobs=seqs[0].prompt_logprobs,
-                num_cached_tokens=seqs[0].num_cached_tokens))
+                num_cached_tokens=seqs[0].num_cached_tokens,
+                error=next((s.error for s in seqs if s.error is not None), None)))
             if done:
                 del self.requests[pid]
         return outs

@@ -41,6 +41,7 @@ class Request:
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    error: str | None = None             # why it ended with finish_reason "error"
     num_preemptions: int = 0
     order: int = 0                       # admission counter: breaks ties in arrival time
     sched_key: tuple = ()                # (priority, arrival, order): the scheduler's rank

@@ -76,6 +76,32 @@ def test_logprobs_beyond_vocab_fail_at_generate(short_llm, field):
     assert _valid_batch(short_llm) == ref
 
 
+@pytest.mark.parametrize("field", ["logprobs", "prompt_logprobs"])
+def test_logprobs_above_max_logprobs_are_refused(short_llm, field):
+    # vLLM's --max-logprobs (20): a request for more is refused before any work.
+    with pytest.raises(ValueError, match=rf"{field}=21 .*max_logprobs is 20"):
+        short_llm.generate("Hello", SamplingParams(max_tokens=2, **{field: 21}), use_tqdm=False)
+    out = short_llm.generate("Hello, my name is", SamplingParams(max_tokens=2, **{field: 20}),
+                             use_tqdm=False)
+    assert len(out[0].outputs[0].logprobs[0]) >= 20 if field == "logprobs" \
+        else len(out[0].prompt_logprobs[1]) >= 20
+    assert_engine_idle(short_llm)
+
+
+def test_max_logprobs_is_the_engines_option(tiny_ckpts):
+    with LLM(str(tiny_ckpts["llama"]), max_logprobs=-1, max_num_seqs=4) as llm:
+        vocab = llm.config.model_config.vocab_size
+        out = llm.generate("Hello", SamplingParams(max_tokens=1, logprobs=vocab), use_tqdm=False)
+        assert len(out[0].outputs[0].logprobs[0]) == vocab
+        # The n choices of one request are bounded by the batch: at most max_num_seqs.
+        with pytest.raises(ValueError, match=r"\bn=5 is invalid: at most max_num_seqs \(4\)"):
+            llm.generate("Hello", SamplingParams(max_tokens=1, n=5), use_tqdm=False)
+        assert len(llm.generate("Hi", SamplingParams(max_tokens=1, n=4),
+                                use_tqdm=False)[0].outputs) == 4
+    with pytest.raises(ValueError, match=_names("max_logprobs")):
+        LLM(str(tiny_ckpts["llama"]), max_logprobs=-2)
+
+
 def test_logprobs_beyond_vocab_fail_at_add_request(short_llm):
     # The engine API (what a server drives) must refuse the request up front: accepted, it
     # would make every later step() fail while it sits in the batch.

@@ -99,3 +99,39 @@ def test_a_refused_prompt_leaves_nothing_behind(engine_loop):
     assert all(1 <= len(t) <= 3 for t in tokens.values())
     assert not engine_loop.engine.has_unfinished_requests()
     assert engine_loop.engine.stats().kv_blocks_used == 0
+
+
+class _ExplodingDetokenizer:
+    def step(self, token_id: int) -> str:
+        raise MemoryError("no memory for this request's text")
+
+
+def test_one_failing_request_gets_a_500_and_the_others_run_on(engine_loop):
+    short = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                           output_kind=RequestOutputKind.DELTA)
+
+    async def tokens_of(handle) -> list[int]:
+        tokens = []
+        async for update in handle:
+            for d in update.choices:
+                tokens.extend(d.token_ids)
+        return tokens
+
+    async def main():
+        alone = await tokens_of(await engine_loop.submit("ref", [_prompt([5, 6, 7])], short,
+                                                         time.time()))
+        bad = await engine_loop.submit("bad", [_prompt([1, 2, 3]), _prompt([4, 5])], _long(),
+                                       time.time())
+        # The engine thread owns the requests; an attribute swap is what a fault looks like.
+        engine_loop.engine.output_processor.requests["bad-1"][0].detokenizer = \
+            _ExplodingDetokenizer()
+        good = await engine_loop.submit("good", [_prompt([5, 6, 7])], short, time.time())
+        with pytest.raises(APIError) as err:
+            await tokens_of(bad)
+        assert err.value.status == 500 and "MemoryError" in err.value.message
+        assert await tokens_of(good) == alone
+
+    asyncio.run(main())
+    assert engine_loop.healthy
+    assert not engine_loop.engine.has_unfinished_requests()
+    assert engine_loop.engine.stats().kv_blocks_used == 0

@@ -91,10 +91,11 @@ def serve(config: ResolvedConfig, args: ServerArgs) -> None:
     try:
         engine_loop.start()
         serving = OpenAIServing(engine_loop, load_tokenizer(config), ServingOptions(
-            args.served_model_names, str(config.model_dir), config.max_model_len, chat_template,
-            args.log_requests, args.trust_request_chat_template))
+            args.served_model_names, str(config.tokenizer_dir), config.max_model_len,
+            engine_loop.engine.limits, chat_template, args.log_requests,
+            args.trust_request_chat_template))
         log.info("serving %s; its tokenizer loads from %s (the models' `root`)",
-                 ", ".join(args.served_model_names), config.model_dir)
+                 ", ".join(args.served_model_names), config.tokenizer_dir)
         app = build_app(serving, engine_loop.metrics, args.api_key)
         server = _Server(uvicorn.Config(app, host=args.host, port=args.port, lifespan="off",
                                         log_level=args.uvicorn_log_level,

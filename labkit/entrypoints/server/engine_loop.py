@@ -22,8 +22,6 @@ from labkit.sampling_params import SamplingParams
 
 log = logging.getLogger("labkit.server")
 
-# The engine appends a StepRecord per step forever; a server keeps only the recent ones.
-
 
 @dataclass
 class ChoiceDelta:
@@ -255,10 +253,13 @@ class EngineLoop:
                                         priority=cmd.priority)
                 self._tracked[rid] = _Tracked(group, k * n, [False] * n, [False] * n, [None] * n)
                 group.pending.add(rid)
-        except ValueError as e:
+        except Exception as e:   # a ValueError is the client's (400); anything else is ours
             for rid in list(group.pending):
                 self._tracked.pop(rid)
                 self.engine.abort_request(rid)
+            if not isinstance(e, ValueError):
+                log.exception("adding request %s failed; the engine serves on", cmd.request_id)
+                e = APIError(500, f"the request failed: {type(e).__name__}: {e}")
             group.post(e)
             return
         group.post(_ACCEPTED)
@@ -281,10 +282,22 @@ class EngineLoop:
             self.metrics.inc("prefix_cache_queries", rec.prefix_cache_queries)
             self.metrics.inc("prefix_cache_hits", rec.prefix_cache_hits)
         groups: dict[_Group, list[ChoiceDelta]] = {}
+        failed: dict[_Group, str] = {}
         for out in outputs:
             t = self._tracked.get(out.request_id)
-            if t is not None:
-                groups.setdefault(t.group, []).extend(self._deltas(out, t, now))
+            if t is None:
+                continue
+            if out.error is not None:
+                failed[t.group] = out.error
+            groups.setdefault(t.group, []).extend(self._deltas(out, t, now))
+        for group, error in failed.items():
+            # One failed prompt fails its HTTP request; the other prompts of it end too.
+            for rid in list(group.pending):
+                del self._tracked[rid]
+                self.engine.abort_request(rid)
+            group.pending.clear()
+            groups.pop(group)
+            group.post(APIError(500, f"the request failed: {error}; the server serves on"))
         for group, deltas in groups.items():
             group.post(Update(deltas, finished=not group.pending))
 

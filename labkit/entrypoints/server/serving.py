@@ -22,6 +22,7 @@ from typing import Protocol
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from labkit.engine.input_processor import RequestLimits
 from labkit.entrypoints.server.engine_loop import ChoiceDelta, EngineLoop, RequestHandle
 from labkit.entrypoints.server.errors import APIError
 from labkit.entrypoints.server.protocol import (ChatCompletionRequest, CompletionRequest,
@@ -51,6 +52,7 @@ class ServingOptions:
     model_names: list[str]
     model_root: str                 # a directory AutoTokenizer.from_pretrained can load
     max_model_len: int
+    limits: RequestLimits           # checked before a request's prompt is tokenized
     chat_template: str | None       # the server's (--chat-template), else the tokenizer's
     log_requests: bool = True
     trust_request_chat_template: bool = False   # vLLM's --trust-request-chat-template
@@ -166,11 +168,19 @@ class OpenAIServing:
                                "completion). Please reduce the length of the prompt or completion.",
                                "prompt" if n >= self.max_model_len else "max_tokens")
 
+    def _sampling_params(self, req: SamplingRequest, logprobs_field: str) -> SamplingParams:
+        params = req.sampling_params()
+        try:
+            self.options.limits.check(params, logprobs_field)
+        except ValueError as e:
+            raise APIError.bad_request(e) from None
+        return params
+
     # ---- generation ---------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, raw: Request) -> Response:
         arrival = time.time()
         self.check_model(req)
-        params = req.sampling_params()
+        params = self._sampling_params(req, "logprobs")
         prompts = await self._off_loop(self._completion_prompts, req)
         return await self._generate(_Completions(req.logprobs), f"cmpl-{uuid.uuid4().hex}", req,
                                     prompts, params, arrival, raw)
@@ -178,7 +188,7 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         arrival = time.time()
         self.check_model(req)
-        params = req.sampling_params()
+        params = self._sampling_params(req, "top_logprobs")
         prompts = [await self._off_loop(self._chat_prompt, req)]
         return await self._generate(_Chat((req.top_logprobs or 0) if req.logprobs else None),
                                     f"chatcmpl-{uuid.uuid4().hex}", req, prompts, params, arrival, raw)
