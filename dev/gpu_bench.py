@@ -1,10 +1,10 @@
-"""GPU benchmark for the fast path (issue 3), one call on a lent card: the card's ceilings, a
+"""GPU benchmark for the fast path, one call on a lent card: the card's ceilings, a
 correctness check, then labkit vs HF transformers vs the floor on the Qwen2.5-7B-Instruct shape
 with random weights in bf16.
 
   python dev/gpu_bench.py --out DIR [--tiny DIR] [--workloads a,b,c] [--skip-hf]
 
-Workloads: (a) one decode step, batch 1, context 1024; (b) the seed's latency run, batch 8,
+Workloads: (a) one decode step, batch 1, context 1024; (b) vLLM's quickstart latency run, batch 8,
 input 1024, output 1024; (c) throughput, 256 requests with input and output lengths uniform in
 [100, 1024] (seed 0), ignore_eos. Floors come from ceilings measured in the same run: a large
 device-to-device copy (bytes read + written per second) and a bf16 8192^3 matmul.

@@ -1,5 +1,5 @@
 """Decode attention's launch knobs on a lent GPU: split count x tokens per tile x warps x
-pipeline stages, for the contexts of issue 3's workloads (a) and (b).
+pipeline stages, for the contexts of gpu_bench.py's workloads (a) and (b).
 
   python dev/gpu_decode_sweep.py [--out DIR]
 

@@ -1,4 +1,16 @@
-"""labkit: an LLM-inference engine and experiment kit with vLLM's API."""
+"""labkit: an LLM-inference engine and experiment kit with vLLM's API.
+
+The package root holds the public names (LLM, SamplingParams, ...; the lab's sweep, dashboard
+and profile load on first use). The house, top floor first; a module imports only from its own
+floor or lower ones (tests/unit/test_layering.py reads every import to check it):
+
+  cli -> lab -> bench -> labkit (this root) -> entrypoints -> engine -> models -> layers ->
+  distributed -> kernels -> observe -> foundation (config, sampling_params, outputs,
+  default_model, transfer, utils, version)
+
+May import: entrypoints and everything below them; never bench, lab or cli (the lab's names
+load lazily, through __getattr__).
+"""
 from labkit.config import EngineConfig
 from labkit.entrypoints.llm import LLM
 from labkit.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput

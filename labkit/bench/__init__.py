@@ -6,6 +6,9 @@ reuse a loaded engine, or engine kwargs to build (and close) their own:
 
     from labkit.bench import latency
     result = latency.run(model="/path/to/ckpt", batch_size=8, input_len=32, output_len=128)
+
+May import: the package root (LLM, SamplingParams), entrypoints, the engine and below; never lab
+or cli.
 """
 from labkit.bench import (hostile, latency, long_doc_qa, prefix_caching, prioritization, serve,
                           throughput)

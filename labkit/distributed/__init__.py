@@ -6,6 +6,8 @@ TP=1 is TP with one rank: every collective is the identity then, so the layers h
 path. Ranks > 1 talk over a private torch.distributed process group (gloo on the CPU, NCCL on
 CUDA), not the global default group. On CUDA, small all-reduces (decode) go through
 PeerAllReduce, a one-shot kernel over NVLink peer memory, and the rest through NCCL.
+
+May import: kernels, observe and the foundation modules; never layers or above.
 """
 from __future__ import annotations
 

@@ -1,0 +1,16 @@
+"""The engine: one step of serving, and the requests that flow through it.
+
+  engine           LLMEngine, the core: add_request / step / abort_request, async scheduling,
+                   one StepRecord per step; stats() and step_records() for its neighbours
+  input_processor  prompts and SamplingParams -> Requests (tokenize, check limits and prompt)
+  output_processor sampled tokens -> text, logprobs, stop checks, RequestOutputs
+  scheduler        continuous batching, chunked prefill, preemption, priorities
+  block_manager    paged KV blocks, block tables, the prefix cache
+  model_runner     a step's batch tensors, the forward pass, CUDA graphs (cuda_graphs)
+  sampler          logits -> tokens and logprobs, penalties and controls
+  request, detokenizer, stats, resolved_config (the options with every "auto" settled),
+  workers / tp_worker (tensor-parallel rank processes)
+
+May import: models, layers, distributed, kernels, observe and the foundation modules; never
+entrypoints, bench, lab or cli.
+"""

@@ -4,7 +4,7 @@ makes (sent over a pipe), so the collectives inside the forward pass line up.
 
 Children are started as `python -m labkit.engine.tp_worker`, not with multiprocessing's spawn:
 spawn re-runs the user's main script in the child, which breaks scripts without an
-`if __name__ == "__main__":` guard (the seed's quickstart has none), and fork is unsafe once
+`if __name__ == "__main__":` guard (vLLM's quickstart script has none), and fork is unsafe once
 torch's thread pools exist.
 """
 from __future__ import annotations

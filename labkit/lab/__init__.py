@@ -8,4 +8,5 @@
   env        where a result came from (device, versions, git commit)
 
 `import labkit` does not import this package; plotly and ipywidgets load on first use.
+May import: bench, the package root and everything below; never cli.
 """

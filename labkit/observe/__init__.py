@@ -11,4 +11,5 @@
 This package sits near the bottom of labkit: the engine, the benchmarks and the lab use it, so
 it imports only the standard library, torch and numpy/pandas, and of labkit only labkit.utils;
 what it needs of an engine (its layer labels, its step log) is passed in.
+May import: the foundation modules (config, sampling_params, outputs, utils, ...) only.
 """

@@ -50,7 +50,3 @@ class PhaseTimer:
             ms = (end - start) * 1e3 if isinstance(end, float) else start.elapsed_time(end)
             out[name] = out.get(name, 0.0) + ms
         return out
-
-    def collect(self) -> dict[str, float]:
-        """Milliseconds per phase since the last collect (waits for the device's last event)."""
-        return self.resolve(self.take())

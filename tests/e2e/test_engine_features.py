@@ -1,4 +1,4 @@
-"""Engine features (issue 4): prefix caching, beam search, chat, priorities, penalties and
+"""Engine features: prefix caching, beam search, chat, priorities, penalties and
 controls, streaming deltas and aborts."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The lab (issue 7): labkit.sweep() and its charts and files, the dashboard, labkit.profile(),
+"""The lab: labkit.sweep() and its charts and files, the dashboard, labkit.profile(),
 and `labkit sweep`."""
 from __future__ import annotations
 

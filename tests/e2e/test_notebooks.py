@@ -1,4 +1,4 @@
-"""The notebooks (issue 7): committed without outputs, and one run in a real JupyterLab in
+"""The notebooks: committed without outputs, and one run in a real JupyterLab in
 headless Chromium. (The notebooks themselves run under nbval: `--nbval-lax notebooks/`.)"""
 from __future__ import annotations
 

@@ -121,3 +121,11 @@ def test_the_rule_can_fail(tmp_path):
     f.write_text("def f():\n    from labkit.lab import sweeps\n    import labkit.bench.common\n")
     assert labkit_imports(f) == {"labkit.lab.sweeps", "labkit.bench.common"}
     assert floor_of("labkit.lab.sweeps") < floor_of("labkit.engine.engine")
+
+
+def test_every_package_says_what_lives_there_and_what_it_may_import():
+    for init in sorted(PACKAGE.rglob("__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert doc, f"{init} has no docstring saying what lives there"
+        if init.parent.parent == PACKAGE or init.parent == PACKAGE:   # the floors' packages
+            assert "May import" in doc, f"{init}'s docstring does not say what it may import"
