@@ -21,9 +21,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], sp, use_tqdm=False)
         else:
             outs = llm.generate(prompts, sp, use_tqdm=False)
-        for out in outs:
+        # The user's prompt, not the chat template's rendering of it.
+        for prompt, out in zip(prompts, outs):
             for c in out.outputs:
-                print(f"Prompt: {out.prompt!r}, Generated text: {c.text!r}")
+                print(f"Prompt: {prompt!r}, Generated text: {c.text!r}")
     return 0
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
+import mmap
 import os
 from dataclasses import dataclass
 
@@ -55,6 +57,7 @@ class ModelRunner:
         self._init_attention_backend()
         activation_bytes = self._profile_activation_memory()
         self.num_blocks = self._count_kv_blocks(activation_bytes)
+        self._kv_map: mmap.mmap | None = None   # the CPU cache's memory (see _allocate_kv_cache)
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
         self.graphs = self._capture_cuda_graphs()
 
@@ -107,12 +110,23 @@ class ModelRunner:
             self.backend = TorchAttentionBackend(self.block_size, self.device)
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """A zeroed (K, V) pair per layer, each [num_blocks * block_size, kv heads, head dim]."""
+        """A zeroed (K, V) pair per layer, each [num_blocks * block_size, kv heads, head dim].
+
+        On the CPU the cache is one anonymous memory map: the OS hands it out as zeros and
+        commits a page only when it is first written, so a 2 GiB cache costs the memory of the
+        blocks in use, not 2 GiB up front (torch.zeros would write every page)."""
         c = self.config
         shape = (num_blocks * self.block_size, self.num_kv_heads, c.model_config.head_dim)
-        return [(torch.zeros(shape, dtype=c.dtype, device=self.device),
-                 torch.zeros(shape, dtype=c.dtype, device=self.device))
-                for _ in range(c.model_config.num_hidden_layers)]
+        layers = c.model_config.num_hidden_layers
+        if self.device.type != "cpu":
+            return [(torch.zeros(shape, dtype=c.dtype, device=self.device),
+                     torch.zeros(shape, dtype=c.dtype, device=self.device))
+                    for _ in range(layers)]
+        per_cache = math.prod(shape)
+        self._kv_map = mmap.mmap(-1, 2 * layers * per_cache * c.dtype.itemsize)
+        flat = torch.frombuffer(self._kv_map, dtype=c.dtype)
+        caches = flat.view(layers, 2, *shape)
+        return [(caches[i, 0], caches[i, 1]) for i in range(layers)]
 
     def _profile_activation_memory(self) -> int:
         """On CUDA, the memory a full-budget prefill needs beyond the weights, measured by running
@@ -232,6 +246,7 @@ class ModelRunner:
 
     def close(self) -> None:
         self.model = self.kv_caches = self.graphs = None
+        self._kv_map = None   # unmapped once the last view of it is gone
         if self.gemv_workspace is not None:   # after the graphs that point into it
             self.gemv_workspace.close()
         self.tp.close()

@@ -36,6 +36,16 @@ def test_generate_prints_a_completion_that_knows_paris():
     assert "Paris" in lines[0].split("Generated text: ", 1)[1]
 
 
+@pytest.mark.slow
+def test_generate_chat_prints_the_users_prompt_not_the_template():
+    r = _run("generate", "--chat", "What is the capital of France?", "--max-tokens", "12")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stdout.splitlines() if line.startswith("Prompt: ")]
+    assert lines == [f"Prompt: 'What is the capital of France?', Generated text: "
+                     f"{lines[0].split('Generated text: ', 1)[1]}"]
+    assert "Paris" in lines[0] and "<|im_start|>" not in r.stdout
+
+
 def test_generate_reports_a_bad_model_path_without_a_traceback(tmp_path):
     r = _run("generate", "hi", "--model", str(tmp_path / "missing"))
     assert r.returncode == 2
