@@ -3,12 +3,14 @@ from __future__ import annotations
 from torch import nn
 
 from labkit.models.llama import LlamaForCausalLM
+from labkit.models.qwen3 import Qwen3ForCausalLM
 
 # Qwen2 is Llama with q/k/v biases (ModelConfig.attention_bias), so one class serves both.
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
 
 

@@ -91,9 +91,12 @@ class TritonAttentionBackend:
                                        **views)
 
     def forward(self, positions, q, k, v, rotary: RotaryEmbedding, k_cache, v_cache,
-                meta: TritonAttentionMetadata, scale: float):
+                meta: TritonAttentionMetadata, scale: float, window: int | None = None):
         """positions: [T]; q: [T, H, D]; k, v: [T, Hkv, D] (before rotary); caches:
-        [num_blocks * block_size, Hkv, D]. q is rotated in place."""
+        [num_blocks * block_size, Hkv, D]; window: sliding window (None: full attention).
+        q is rotated in place."""
+        if window is not None:
+            raise ValueError("sliding-window attention is not implemented in the Triton backend")
         pdl = self.switches.pdl
         rotary_store_kvcache(positions, q, k, v, rotary.cos, rotary.sin, k_cache, v_cache,
                              meta.slot_mapping, pdl=pdl)
