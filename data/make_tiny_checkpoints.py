@@ -48,12 +48,13 @@ def _model(kind: str):
     """(tokenizer, random-weight HF model) of one kind."""
     import transformers as tf
     smol = kind in ("llama", "mixtral", "mistral")
-    tok = tf.AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir() if smol else qwen_tokenizer_dir()))
+    tok_dir = smollm2_tokenizer_dir() if smol else qwen_tokenizer_dir()
+    tok = tf.AutoTokenizer.from_pretrained(str(tok_dir))
     ids = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id,
                bos_token_id=tok.bos_token_id if smol else None)
     if kind == "llama":
-        return tok, tf.LlamaForCausalLM(tf.LlamaConfig(tie_word_embeddings=False, rope_theta=10000.0,
-                                                       **ids, **COMMON))
+        return tok, tf.LlamaForCausalLM(tf.LlamaConfig(tie_word_embeddings=False,
+                                                       rope_theta=10000.0, **ids, **COMMON))
     if kind == "qwen2":
         return tok, tf.Qwen2ForCausalLM(tf.Qwen2Config(tie_word_embeddings=True,
                                                        rope_theta=1000000.0, **ids, **COMMON))

@@ -19,7 +19,7 @@ DEFAULT_MAX_TOKENS = 6
 LOGPROB_ATOL = 1e-4
 # Every tiny checkpoint (data/make_tiny_checkpoints.py): mistral's 16-token sliding window is
 # shorter than most prompts, as is mixtral's 48-token one.
-TINY_KINDS = ["llama", "qwen2", "qwen3", "mistral"]
+TINY_KINDS = ["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "mistral"]
 
 
 def test_prompt_lengths_are_what_the_configs_rely_on():
