@@ -66,3 +66,17 @@ def test_experts_as_transformers_places_them():
     assert all(mix.is_moe_layer(i) for i in range(4))
     dense = _ours(tf.LlamaConfig(architectures=["LlamaForCausalLM"], **SMALL))
     assert dense.num_experts == 0 and not any(dense.is_moe_layer(i) for i in range(4))
+
+
+def test_tp_must_split_the_experts(tmp_path):
+    """Each rank holds a slice of every expert's intermediate dimension: a size that does not
+    split is refused when the config is resolved, before any worker starts."""
+    from labkit import EngineConfig
+    from labkit.engine.resolved_config import resolve
+    hf = tf.Qwen3MoeConfig(num_experts=4, moe_intermediate_size=33,
+                           architectures=["Qwen3MoeForCausalLM"], **SMALL)
+    (tmp_path / "config.json").write_text(hf.to_json_string())
+    options = dict(model=str(tmp_path), load_format="dummy", skip_tokenizer_init=True, device="cpu")
+    assert resolve(EngineConfig.from_kwargs(**options)).model_config.num_experts == 4
+    with pytest.raises(ValueError, match="experts' intermediate size"):
+        resolve(EngineConfig.from_kwargs(tensor_parallel_size=2, **options))
