@@ -9,8 +9,10 @@ Paged kernels run with KV-cache block sizes 16, 32 and 64 over shuffled (non-con
 Decode reports achieved GB/s over the bytes that must be read or written (K/V of every context,
 q, out) beside the device copy bandwidth measured in the same run; prefill reports TFLOP/s of the
 causal attention; the elementwise kernels report GB/s and the eager torch reference's time; the
-Triton attention backend's decode step is timed against the torch backend's. The table comes
-last; with $OUT set the rows also go to $OUT/gpu_kernels.json.
+Triton attention backend's decode step is timed against the torch backend's; the attention
+kernels run once more with a sliding window; fused_moe runs at Qwen3-30B-A3B's expert shapes
+(128 experts, top-8, hidden 2048, expert width 768) against the MoE layer's torch loop. The table
+comes last; with $OUT set the rows also go to $OUT/gpu_kernels.json.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from labkit.kernels.rotary_store_kvcache import (rotary_store_kvcache,  # noqa: 
                                                  rotary_store_kvcache_ref)
 from labkit.kernels.pdl import pdl_mode  # noqa: E402
 from labkit.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
+from labkit.kernels.fused_moe import fused_moe, fused_moe_ref  # noqa: E402
 
 H, HKV, D, HIDDEN, INTER = 28, 4, 128, 3584, 18944
 DTYPE = torch.bfloat16
@@ -195,6 +198,58 @@ def elementwise_section() -> None:
                 tol=ELEM_TOL)
 
 
+MOE_E, MOE_K, MOE_H, MOE_I = 128, 8, 2048, 768
+MOE_TOKENS = (1, 16, 512, 4096)
+WINDOW = 4096
+
+
+def window_section() -> None:
+    """The attention kernels with a sliding window shorter than the context (KV block 16)."""
+    page, ctx, b = 16, 8192, 8
+    num_blocks = b * ctx // page
+    k_cache = torch.randn(num_blocks * page, HKV, D, dtype=DTYPE, device=DEV)
+    v_cache = torch.randn_like(k_cache)
+    table = block_tables(b, ctx, page, num_blocks)
+    lens = torch.full((b,), ctx, dtype=torch.int32, device=DEV)
+    q = torch.randn(b, H, D, dtype=DTYPE, device=DEV)
+    args = (q, k_cache, v_cache, table, lens, D ** -0.5, page)
+    ms = bench(lambda: paged_attention_decode(*args, window=WINDOW, pdl=PDL))
+    add_row("paged_attention_decode", f"B={b} ctx={ctx} window={WINDOW}", None,
+            paged_attention_decode(*args, window=WINDOW),
+            paged_attention_decode_ref(*args, window=WINDOW), ms)
+    q_len = 1024
+    q = torch.randn(q_len, H, D, dtype=DTYPE, device=DEV)
+    cu = torch.tensor([0, q_len], dtype=torch.int32, device=DEV)
+    args = (q, k_cache, v_cache, cu, lens[:1], table[:1], D ** -0.5, page)
+    ms = bench(lambda: prefill_attention(*args, q_len, pdl=PDL, window=WINDOW))
+    add_row("prefill_attention", f"{q_len} after {ctx - q_len} window={WINDOW}", None,
+            prefill_attention(*args, q_len, window=WINDOW),
+            prefill_attention_ref(*args, window=WINDOW), ms)
+    del k_cache, v_cache
+    torch.cuda.empty_cache()
+
+
+def moe_section() -> None:
+    """fused_moe against its float32 reference, timed against the MoE layer's torch loop."""
+    try:
+        from labkit.layers.fused_moe import experts_torch, route
+    except ImportError as e:  # labkit's own dependencies missing on this machine
+        print(f"fused_moe skipped: {e}")
+        return
+    w13 = torch.randn(MOE_E, 2 * MOE_I, MOE_H, dtype=DTYPE, device=DEV) / MOE_H ** 0.5
+    w2 = torch.randn(MOE_E, MOE_H, MOE_I, dtype=DTYPE, device=DEV) / MOE_I ** 0.5
+    for t in MOE_TOKENS:
+        x = torch.randn(t, MOE_H, dtype=DTYPE, device=DEV)
+        weights, ids = route(torch.randn(t, MOE_E, device=DEV), MOE_K, True, DTYPE)
+        out = fused_moe(x, w13, w2, weights, ids)
+        ref = fused_moe_ref(x, w13, w2, weights, ids)
+        ms = bench(lambda: fused_moe(x, w13, w2, weights, ids, pdl=PDL))
+        flops = 2 * t * MOE_K * 3 * MOE_H * MOE_I
+        add_row("fused_moe", f"T={t} E={MOE_E} k={MOE_K}", None, out, ref, ms,
+                tflops=flops / ms / 1e9,
+                torch_ms=bench(lambda: experts_torch(x, w13, w2, weights, ids)))
+
+
 def backend_section() -> None:
     """One decode step's attention through each backend (rotary + store + attend), KV block
     size 16."""
@@ -276,6 +331,8 @@ def main() -> None:
     rotary_store_section()
     elementwise_section()
     backend_section()
+    window_section()
+    moe_section()
 
     print_summary(name, copy_gbs)
     bad = [r for r in ROWS if not r["ok"]]

@@ -32,9 +32,9 @@ MIN_TOKENS_PER_SPLIT = 128  # below this a split's fixed cost (q load, partial w
 MAX_SPLITS = 32
 
 
-@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
+@triton.jit(do_not_specialize=["num_splits", "stride_bt", "window"])
 def _decode_kernel(q, k_cache, v_cache, block_table, context_lens, out, part_out, part_lse,
-                   scale_log2, num_splits,
+                   scale_log2, num_splits, window,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_cs, stride_ch, stride_bt,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    DIRECT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -44,9 +44,11 @@ def _decode_kernel(q, k_cache, v_cache, block_table, context_lens, out, part_out
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(context_lens + b)
+    # A sliding window (window > 0) sees the last `window` keys: the splits share [lo, ctx).
+    lo = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
     # Whole tiles per split, so only a split's last tile is partial.
-    split_len = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
-    start = split * split_len
+    split_len = tl.cdiv(tl.cdiv(ctx - lo, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * split_len
     end = tl.minimum(start + split_len, ctx)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -123,12 +125,14 @@ def default_num_splits(batch: int, num_kv_heads: int, max_context_len: int,
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_table: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            block_size: int, num_splits: int | None = None,
-                           out: torch.Tensor | None = None, *, block_n: int = BLOCK_N,
-                           num_warps: int = 4, num_stages: int = 2, pdl: int = 0) -> torch.Tensor:
+                           out: torch.Tensor | None = None, *, window: int | None = None,
+                           block_n: int = BLOCK_N, num_warps: int = 4, num_stages: int = 2,
+                           pdl: int = 0) -> torch.Tensor:
     """q: [B, H, D]; caches: [num_blocks * block_size, Hkv, D]; block_table: [B, max_blocks]
     int32; context_lens: [B] int32 (tokens to attend, the current one included). Returns
     [B, H, D] in q's dtype (written into `out` if given). `num_splits` defaults to
-    `default_num_splits` with the block table's width as the longest context. block_n (context
+    `default_num_splits` with the block table's width as the longest context (with a `window`,
+    each query attends to its last `window` keys only: at most the window). block_n (context
     tokens per tile), num_warps and num_stages are the launch's tuning knobs (the defaults were
     chosen with dev/gpu_decode_sweep.py). pdl: the launch mode (kernels/pdl.py)."""
     b, h, d = q.shape
@@ -141,7 +145,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if b == 0:
         return out
     if num_splits is None:
-        num_splits = default_num_splits(b, hkv, block_table.shape[1] * block_size, q.device)
+        longest = block_table.shape[1] * block_size
+        num_splits = default_num_splits(b, hkv, min(longest, window or longest), q.device)
     assert 1 <= num_splits <= MAX_SPLITS
     group = h // hkv
     block_d = triton.next_power_of_2(d)
@@ -153,7 +158,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # An eager step's split count follows its block table's width: runtime arguments only.
     _decode_kernel[(b, hkv, num_splits)](
         q, k_cache, v_cache, block_table, context_lens, out, part_out, part_lse,
-        scale * math.log2(math.e), num_splits,
+        scale * math.log2(math.e), num_splits, window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0),
         k_cache.stride(1), block_table.stride(0),
         GROUP=group, HEAD_DIM=d, PAGE_SIZE=block_size, DIRECT=num_splits == 1,
@@ -172,14 +177,15 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def paged_attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_table: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                               block_size: int) -> torch.Tensor:
-    """Gather each sequence's K/V through its block table and attend in float32."""
+                               block_size: int, window: int | None = None) -> torch.Tensor:
+    """Gather each sequence's K/V through its block table and attend in float32 (to the last
+    `window` keys only, with a window)."""
     out = torch.zeros_like(q)
     group = q.shape[1] // k_cache.shape[1]
     for i, ctx in enumerate(context_lens.tolist()):
         if ctx == 0:
             continue
-        pos = torch.arange(ctx, device=q.device)
+        pos = torch.arange(max(ctx - window, 0) if window else 0, ctx, device=q.device)
         slots = block_table[i, pos // block_size].long() * block_size + pos % block_size
         k = k_cache[slots].float().repeat_interleave(group, 1)  # [ctx, H, D]
         v = v_cache[slots].float().repeat_interleave(group, 1)

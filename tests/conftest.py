@@ -51,7 +51,8 @@ def _load_tiny_builder():
 
 @pytest.fixture(scope="session")
 def tiny_ckpts(tmp_path_factory) -> dict[str, Path]:
-    """{"llama": dir, "qwen2": dir}: tiny random-weight HF checkpoints, built once."""
+    """{kind: dir} for every kind data/make_tiny_checkpoints.py builds (llama, qwen2, qwen3,
+    qwen3_moe, mixtral, mistral): tiny random-weight HF checkpoints, built once."""
     return _load_tiny_builder().build_all(tmp_path_factory.mktemp("tiny-ckpts"))
 
 

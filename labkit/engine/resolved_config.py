@@ -68,6 +68,9 @@ def resolve(options: EngineConfig) -> ResolvedConfig:
                     ("num_key_value_heads", mc.num_key_value_heads)):
         check_field(n % tp == 0, "tensor_parallel_size", tp,
                f"a divisor of the model's {name} ({n}); valid sizes: {valid}")
+    if mc.num_experts:  # every rank holds a slice of each expert's intermediate dimension
+        check_field(mc.moe_intermediate_size % tp == 0, "tensor_parallel_size", tp,
+                    f"a divisor of the experts' intermediate size ({mc.moe_intermediate_size})")
     max_model_len = options.max_model_len or mc.max_position_embeddings
     check_field(max_model_len <= mc.max_position_embeddings, "max_model_len", max_model_len,
            f"in [1, {mc.max_position_embeddings}] (the model's max_position_embeddings)")

@@ -17,10 +17,12 @@ import torch
 class KernelSwitches:
     """use_gemv: decode matmuls may go through labkit.kernels.gemv (`LABKIT_GEMV=0`: cuBLAS
     only). pdl: the programmatic-dependent-launch mode of every labkit kernel launch
-    (labkit.kernels.pdl; 0: off). The defaults are everything off (plain torch / plain
-    launches), for layers built outside an engine."""
+    (labkit.kernels.pdl; 0: off). use_fused_moe: MoE layers run their experts in
+    labkit.kernels.fused_moe (`LABKIT_FUSED_MOE=0`: a torch loop over the experts). The defaults
+    are everything off (plain torch / plain launches), for layers built outside an engine."""
     use_gemv: bool = False
     pdl: int = 0
+    use_fused_moe: bool = False
 
     @classmethod
     def from_env(cls, device: torch.device,
@@ -30,4 +32,5 @@ class KernelSwitches:
             return cls()
         from labkit.kernels.pdl import pdl_mode
         return cls(use_gemv=env.get("LABKIT_GEMV", "1") != "0",
-                   pdl=pdl_mode(env.get("LABKIT_PDL", "1"), device))
+                   pdl=pdl_mode(env.get("LABKIT_PDL", "1"), device),
+                   use_fused_moe=env.get("LABKIT_FUSED_MOE", "1") != "0")

@@ -1,7 +1,11 @@
-"""The Llama family (Llama-2/3, Mistral-style GQA, SmolLM2) and Qwen2/Qwen2.5 (q/k/v biases).
+"""The Llama family (Llama-2/3, Mistral with its sliding window, SmolLM2) and Qwen2/Qwen2.5
+(q/k/v biases); the base classes of the other decoder-only families (qwen3, qwen3_moe, mixtral).
 
 Parameter names follow the HF checkpoints, so loading is a name lookup; q/k/v and gate/up are
 merged into one matmul each (`packed_modules` says how checkpoint names map onto them).
+A family that differs in one part overrides one hook: the attention class of its decoder layer
+(`attention_cls`), the MLP it builds for a layer (`make_mlp`), the layer class of its model
+(`layer_cls`) or the model class of its causal LM (`model_cls`).
 
 Every class takes its engine's ModelParts (TP group, kernel switches, gemv workspace) and hands
 them down to the layers; the forward takes the step's AttentionInputs down to each attention
@@ -33,13 +37,18 @@ class LlamaAttention(nn.Module):
         self.q_size, self.kv_size = h * d, hkv * d
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size,
                                         **parts.linear_args())
-        self.attn = Attention(layer_idx, h, hkv, d, rotary)
+        self.attn = Attention(layer_idx, h, hkv, d, rotary, cfg.layer_window(layer_idx))
+
+    def qk_heads(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, H, D] and k [T, Hkv, D] on their way to rotary (Qwen3 normalises them here)."""
+        return q, k
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor,
                 attn: AttentionInputs) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         t, d = x.shape[0], self.attn.head_dim
-        o = self.attn(positions, q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d), attn)
+        q, k = self.qk_heads(q.view(t, -1, d), k.view(t, -1, d))
+        o = self.attn(positions, q, k, v.view(t, -1, d), attn)
         return self.o_proj(o.reshape(t, -1))
 
 
@@ -58,15 +67,21 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    attention_cls: type[LlamaAttention] = LlamaAttention
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding,
                  parts: ModelParts):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer_idx, rotary, parts)
-        self.mlp = LlamaMLP(cfg, parts)
+        self.self_attn = self.attention_cls(cfg, layer_idx, rotary, parts)
+        self.mlp = self.make_mlp(cfg, layer_idx, parts)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
                                        switches=parts.switches)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
                                                 switches=parts.switches)
+
+    def make_mlp(self, cfg: ModelConfig, layer_idx: int, parts: ModelParts) -> nn.Module:
+        """The feed-forward block of layer `layer_idx` (the MoE families build experts here)."""
+        return LlamaMLP(cfg, parts)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 attn: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,13 +95,15 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
+
     def __init__(self, cfg: ModelConfig, parts: ModelParts):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp=parts.tp)
         # One rotary table for all layers (it is a buffer; sharing saves memory).
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                  cfg.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, rotary, parts)
+        self.layers = nn.ModuleList(self.layer_cls(cfg, i, rotary, parts)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, switches=parts.switches)
 
@@ -100,6 +117,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    model_cls: type[LlamaModel] = LlamaModel
     packed_modules = {
         "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
@@ -108,7 +126,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, parts: ModelParts):
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, parts)
+        self.model = self.model_cls(cfg, parts)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, **parts.linear_args())
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

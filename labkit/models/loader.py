@@ -71,16 +71,23 @@ def _copy_whole(param: nn.Parameter, loaded: torch.Tensor) -> None:
 def load_weights(model: nn.Module, tensors) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules", {})
+    # A model whose checkpoint names need more than `packed_modules` (experts numbered per
+    # expert) maps them itself: name -> (parameter name, shard) or None.
+    remap = getattr(model, "remap_weight_name", None)
     for name, tensor in tensors:
         if "rotary_emb.inv_freq" in name:
             continue
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
         shard = None
-        for src, (dst, shard_id) in packed.items():
-            if f".{src}." in name:
-                name, shard = name.replace(f".{src}.", f".{dst}."), shard_id
-                break
+        remapped = remap(name) if remap is not None else None
+        if remapped is not None:
+            name, shard = remapped
+        else:
+            for src, (dst, shard_id) in packed.items():
+                if f".{src}." in name:
+                    name, shard = name.replace(f".{src}.", f".{dst}."), shard_id
+                    break
         param = params.get(name)
         if param is None:
             raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")

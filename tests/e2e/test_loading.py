@@ -1,5 +1,6 @@
 """Checkpoint formats and the refusals around them: dummy weights from a config alone, sharded
-safetensors, pickled *.bin only on request, GGUF paths, unsupported architectures.
+safetensors, pickled *.bin only on request, experts stored fused, GGUF paths, unsupported
+architectures.
 (That GGUF weights compute what HF computes is test_correctness' default-model test.)"""
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from helpers import greedy_params, random_prompts
 from labkit import LLM, EngineConfig
 from labkit.engine.resolved_config import resolve
 
 REPO = Path(__file__).resolve().parents[2]
-SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM",
+             "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
 
 
 def _tokens(llm: LLM, prompts, max_tokens: int = 8):
@@ -91,6 +93,35 @@ def test_sharded_safetensors_with_index(tiny_ckpts, tiny_llms, hf_models, tmp_pa
     prompts = random_prompts(tiny_llms("qwen2").config.model_config.vocab_size, [5, 40], seed=32)
     with LLM(str(sharded)) as llm:
         assert _tokens(llm, prompts) == _tokens(tiny_llms("qwen2"), prompts)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_fused_expert_checkpoint_loads_like_per_expert(kind, tiny_ckpts, tiny_llms, tmp_path):
+    """transformers 5 models hold each layer's experts as two tensors (`mlp.experts.gate_up_proj`
+    [E, 2I, H], `mlp.experts.down_proj` [E, H, I]); a checkpoint written that way (save_pretrained
+    writes the per-expert names) loads into the same model."""
+    src = tiny_ckpts[kind]
+    fused_dir = _copy_without_weights(src, tmp_path / "fused")
+    per_expert = load_file(str(src / "model.safetensors"))
+    names = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1, "down_proj": 2, "w2": 2}
+    tensors, experts = {}, {}
+    for name, t in per_expert.items():
+        parts = name.replace(".block_sparse_moe.", ".mlp.").split(".")
+        if "experts" in parts:  # model.layers.L.mlp.experts.E.PROJ.weight
+            i = parts.index("experts")
+            experts.setdefault(".".join(parts[:i + 1]), {})[(int(parts[i + 1]),
+                                                             names[parts[i + 2]])] = t
+        else:
+            tensors[name] = t
+    for prefix, ws in experts.items():
+        n = max(e for e, _ in ws) + 1
+        tensors[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([ws[e, 0], ws[e, 1]]) for e in range(n)])
+        tensors[f"{prefix}.down_proj"] = torch.stack([ws[e, 2] for e in range(n)])
+    save_file(tensors, str(fused_dir / "model.safetensors"), metadata={"format": "pt"})
+    prompts = random_prompts(tiny_llms(kind).config.model_config.vocab_size, [5, 40], seed=33)
+    with LLM(str(fused_dir)) as llm:
+        assert _tokens(llm, prompts) == _tokens(tiny_llms(kind), prompts)
 
 
 def test_gguf_file_or_its_directory_resolve_like_the_default(default_gguf):

@@ -46,11 +46,15 @@ def test_tp2_matches_tp1_llama(tp2_llama, tiny_llms):
                  _tokens_and_logprobs(tp2_llama, prompts, 10))
 
 
-def test_tp2_matches_tp1_qwen2_with_chunks_and_odd_blocks(tiny_ckpts):
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "qwen3_moe", "mixtral", "mistral"])
+def test_tp2_matches_tp1_with_chunks_and_odd_blocks(kind, tiny_ckpts):
     # Qwen2 adds q/k/v biases (column-parallel: each rank must keep its slice) and a tied,
-    # vocab-sharded LM head; chunked prefill and 7-token blocks run through the workers too.
+    # vocab-sharded LM head; Qwen3 its per-head q/k norms (whole on every rank); the MoE
+    # families experts sliced along their intermediate dimension, a replicated router and one
+    # all-reduce per layer; mistral (and mixtral) a sliding window. Chunked prefill and 7-token
+    # blocks run through the workers too.
     kwargs = dict(dtype="float32", block_size=7, max_num_batched_tokens=48)
-    path = str(tiny_ckpts["qwen2"])
+    path = str(tiny_ckpts[kind])
     with LLM(path, **kwargs) as tp1:
         prompts = QUICKSTART_PROMPTS + random_prompts(tp1.config.model_config.vocab_size,
                                                       [1, 9, 40, 150], seed=5)

@@ -38,6 +38,9 @@ from labkit.kernels.rotary_store_kvcache import (rotary_store_kvcache,  # noqa: 
                                                  rotary_store_kvcache_ref)
 from labkit.layers.rotary import RotaryEmbedding  # noqa: E402
 from labkit.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
+from labkit.kernels.fused_moe import (MoeConfig, fused_moe, fused_moe_ref,  # noqa: E402
+                                      moe_align_block_size)
+from labkit.layers.fused_moe import experts_torch, route  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HALF = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16  # see the module docstring
@@ -94,7 +97,10 @@ def test_rotary_store_kvcache(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, HALF])
 @pytest.mark.parametrize("block_size,num_splits", [(4, 1), (8, 3), (16, None)])
-def test_paged_attention_decode(dtype, block_size, num_splits):
+@pytest.mark.parametrize("window", [None, 20, 100])
+def test_paged_attention_decode(dtype, block_size, num_splits, window):
+    """A sliding window of 20 is shorter than most contexts; one of 100 leaves the 150-token
+    context a window of two tiles, not tile-aligned."""
     hkv, group, d = 2, 2, 32
     # 150 tokens: more than two 64-token tiles, so three splits get two non-empty ones.
     ctx_lens = [random.randint(1, 40) for _ in range(2)] + [150]
@@ -102,8 +108,8 @@ def test_paged_attention_decode(dtype, block_size, num_splits):
     q = torch.randn(len(ctx_lens), hkv * group, d, dtype=dtype, device=DEVICE)
     lens = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
     args = (q, k_cache, v_cache, table, lens, d ** -0.5, block_size)
-    torch.testing.assert_close(paged_attention_decode(*args, num_splits=num_splits),
-                               paged_attention_decode_ref(*args), **TOL[dtype])
+    torch.testing.assert_close(paged_attention_decode(*args, num_splits=num_splits, window=window),
+                               paged_attention_decode_ref(*args, window=window), **TOL[dtype])
 
 
 def test_paged_attention_decode_empty_context_gives_zeros():
@@ -119,7 +125,10 @@ def test_paged_attention_decode_empty_context_gives_zeros():
 
 @pytest.mark.parametrize("dtype", [torch.float32, HALF])
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_prefill_attention(dtype, block_size):
+@pytest.mark.parametrize("window", [None, 5, 40])
+def test_prefill_attention(dtype, block_size, window):
+    """Sliding windows: 5 (every row's window starts inside its tile's first key tile or
+    later: whole key tiles masked for some rows), 40 (crosses the 64-token tile edges)."""
     hkv, group, d = 2, 2, 16
     # A fresh prompt, a chunk after a cached prefix, a one-token chunk, a chunk past 64 tokens
     # (two query tiles).
@@ -130,8 +139,8 @@ def test_prefill_attention(dtype, block_size):
     cu = torch.tensor([0] + q_lens, device=DEVICE).cumsum(0).to(torch.int32)
     lens = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
     args = (q, k_cache, v_cache, cu, lens, table, d ** -0.5, block_size)
-    torch.testing.assert_close(prefill_attention(*args, max(q_lens)), prefill_attention_ref(*args),
-                               **TOL[dtype])
+    torch.testing.assert_close(prefill_attention(*args, max(q_lens), window=window),
+                               prefill_attention_ref(*args, window=window), **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -152,6 +161,61 @@ def test_fused_add_rmsnorm(dtype, hidden):
 def test_silu_and_mul(dtype):
     x = torch.randn(5, 2 * 1100, dtype=dtype, device=DEVICE)  # two column blocks, one partial
     torch.testing.assert_close(silu_and_mul(x), silu_and_mul_ref(x), **ELEMENTWISE_TOL[dtype])
+
+
+def test_moe_align_block_size():
+    """Slots sorted by expert, each expert's run padded to the block size with T * k, the
+    expert of each block, the padded total; blocks past it (worst-case sizing) clamp."""
+    ids = torch.tensor([[0, 2], [2, 1], [0, 2]], device=DEVICE)
+    sorted_ids, experts, total = moe_align_block_size(ids, 4, 4)
+    pad = 6
+    assert sorted_ids.tolist() == [0, 4, pad, pad, 3, pad, pad, pad, 1, 2, 5, pad] + [pad] * 8
+    assert experts.tolist() == [0, 1, 2, 3, 3] and total.tolist() == [12]
+
+
+# (tokens, experts, top-k, hidden, intermediate, config): a decode-sized batch with the default
+# config (experts without tokens), a batch over several row blocks per expert with odd feature
+# counts (partial N and K tiles) and grouped ordering, top-3.
+MOE_CASES = [(5, 4, 2, 32, 16, None), (37, 8, 2, 48, 40, MoeConfig(16, 32, 16, group_m=4)),
+             (70, 4, 3, 32, 24, MoeConfig(32, 16, 32))]
+
+
+@pytest.mark.parametrize("case", MOE_CASES, ids=lambda c: f"T{c[0]}_E{c[1]}_k{c[2]}")
+@pytest.mark.parametrize("dtype", [torch.float32, HALF])
+def test_fused_moe(case, dtype):
+    """Both grouped GEMMs, SiLU-and-mul between and the routing weights against the float32
+    reference; the MoE layer's torch path (labkit.layers.fused_moe) against it too."""
+    t, e, k, h, i, cfg = case
+    x = torch.randn(t, h, dtype=dtype, device=DEVICE)
+    w13 = torch.randn(e, 2 * i, h, dtype=dtype, device=DEVICE) / h ** 0.5
+    w2 = torch.randn(e, h, i, dtype=dtype, device=DEVICE) / i ** 0.5
+    weights, ids = route(torch.randn(t, e, device=DEVICE), k, True, dtype)
+    ref = fused_moe_ref(x, w13, w2, weights, ids)
+    torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, config=cfg), ref, **TOL[dtype])
+    torch.testing.assert_close(experts_torch(x, w13, w2, weights, ids), ref, **TOL[dtype])
+
+
+def test_fused_moe_tables_and_dispatch(monkeypatch, tmp_path):
+    """A per-card table (configs/fused_moe_<card>.json) gives the entry of the nearest row
+    bucket for its shapes; other shapes, and cards without a table, get the default."""
+    from labkit.kernels import fused_moe as M
+    for path in M.CONFIG_DIR.glob("fused_moe_*.json"):  # committed tables parse
+        for by_m in json.loads(path.read_text())["configs"].values():
+            assert all(M.MoeConfig(**c).block_m >= 16 for c in by_m.values())
+    small, large = dict(block_m=16, block_n=32, block_k=64), dict(block_m=64, block_n=128, block_k=64)
+    (tmp_path / "fused_moe_Test_Card.json").write_text(json.dumps(
+        {"card": "Test Card", "configs": {"8,256,64": {"1": small, "256": large}}}))
+    monkeypatch.setattr(M, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test Card")
+    M._table.cache_clear()
+    try:
+        dev = torch.device("cuda", 0)  # only its name (above) is read
+        assert M.choose_config(2, 8, 256, 64, dev) == M.MoeConfig(**small)
+        assert M.choose_config(300, 8, 256, 64, dev) == M.MoeConfig(**large)
+        assert M.choose_config(2, 8, 512, 64, dev) == M.default_config(2)
+        assert M.choose_config(300, 8, 256, 64, torch.device("cpu")) == M.default_config(300)
+    finally:
+        M._table.cache_clear()
 
 
 # (rows, config): FMAs up to 2 rows, tensor cores up to 16. K = 200 is no multiple of the tiles;
@@ -205,7 +269,8 @@ def test_gemv_tables_and_dispatch(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, HALF])
-def test_triton_backend_matches_torch_backend(dtype):
+@pytest.mark.parametrize("window", [None, 10])
+def test_triton_backend_matches_torch_backend(dtype, window):
     block_size, hkv, group, d = 8, 2, 2, 16
     # Three decodes, then a chunk of 9 after 20 cached tokens and a fresh 6-token prompt.
     q_lens, ctx_lens = [1, 1, 1, 9, 6], [random.randint(1, 40), 17, 33, 29, 6]
@@ -223,7 +288,7 @@ def test_triton_backend_matches_torch_backend(dtype):
         # strided views, as the model passes (the Triton backend rotates q in place: a copy each)
         q, k, v = qkv.clone().split([hkv * group, hkv, hkv], dim=1)
         outs.append(backend.forward(positions, q, k, v, rotary, kc, vc, backend.prepare(seqs),
-                                    d ** -0.5))
+                                    d ** -0.5, window))
         caches.append((kc, vc))
     torch.testing.assert_close(outs[1], outs[0], **TOL[dtype])
     # Rotary rounds once in the kernel, after each op in torch: k's cache rows within an ulp.

@@ -50,7 +50,9 @@ class AttentionBackend(Protocol):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 rotary: RotaryEmbedding, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: Any, scale: float) -> torch.Tensor: ...
+                meta: Any, scale: float, window: int | None = None) -> torch.Tensor:
+        """window: sliding-window attention, each query sees itself and the window - 1 keys
+        before it; None: every key up to itself."""
 
 
 class GraphCaptureBackend(AttentionBackend, Protocol):
@@ -81,9 +83,10 @@ class Attention(nn.Module):
     profile_category = "attention"
 
     def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 rotary: RotaryEmbedding):
+                 rotary: RotaryEmbedding, sliding_window: int | None = None):
         super().__init__()
         self.layer_idx = layer_idx
+        self.sliding_window = sliding_window
         self.rotary = rotary
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
@@ -93,4 +96,4 @@ class Attention(nn.Module):
         """q: [T, H, D], k and v: [T, Hkv, D], before rotary."""
         k_cache, v_cache = attn.kv_caches[self.layer_idx]
         return attn.backend.forward(positions, q, k, v, self.rotary, k_cache, v_cache, attn.meta,
-                                    self.scale)
+                                    self.scale, self.sliding_window)

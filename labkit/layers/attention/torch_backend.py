@@ -16,6 +16,9 @@ class TorchAttentionMetadata:
     num_decode: int                             # decode rows come first, one token each
     decode_blocks: torch.Tensor | None = None   # [B, W] block ids of each decode context
     decode_mask: torch.Tensor | None = None     # [B, 1, 1, W * block_size] True where real
+    decode_lens: torch.Tensor | None = None     # [B] context length of each decode row
+    # Decode masks of sliding-window layers, by window, built by the first layer that needs one.
+    window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
     prefills: list[tuple[int, int, int, torch.Tensor]] = field(default_factory=list)
     # (first row, q_len, ctx_len, block ids) for each sequence with q_len > 1
 
@@ -47,8 +50,21 @@ class TorchAttentionBackend:
             meta.decode_blocks = torch.tensor([b + [0] * (width - len(b)) for b, _ in decode],
                                               device=self.device)
             lens = torch.tensor([n for _, n in decode], device=self.device)
+            meta.decode_lens = lens
             meta.decode_mask = (torch.arange(width * bs, device=self.device) < lens[:, None])[:, None, None, :]
         return meta
+
+    def _decode_mask(self, meta: TorchAttentionMetadata, window: int | None) -> torch.Tensor:
+        """The decode rows' mask: every cached key, or with a window only the last `window`."""
+        if window is None:
+            return meta.decode_mask
+        mask = meta.window_masks.get(window)
+        if mask is None:
+            width = meta.decode_mask.shape[-1]
+            first = (meta.decode_lens - window)[:, None, None, None]
+            mask = meta.decode_mask & (torch.arange(width, device=self.device) >= first)
+            meta.window_masks[window] = mask
+        return mask
 
     def _gather(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """[*blocks.shape, block_size, Hkv, D] -> tokens flattened: [..., n * block_size, Hkv, D]."""
@@ -57,9 +73,9 @@ class TorchAttentionBackend:
         return out.view(*blocks.shape[:-1], -1, hkv, d)
 
     def forward(self, positions, q, k, v, rotary: RotaryEmbedding, k_cache, v_cache,
-                meta: TorchAttentionMetadata, scale: float):
+                meta: TorchAttentionMetadata, scale: float, window: int | None = None):
         """positions: [T]; q: [T, H, D]; k, v: [T, Hkv, D] (before rotary); caches:
-        [num_blocks * block_size, Hkv, D]."""
+        [num_blocks * block_size, Hkv, D]; window: sliding window (None: full attention)."""
         q, k = rotary(positions, q, k)
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
@@ -71,17 +87,20 @@ class TorchAttentionBackend:
             qq = q[:n].view(n, hkv, h // hkv, d)
             kk = self._gather(k_cache, meta.decode_blocks).transpose(1, 2)
             vv = self._gather(v_cache, meta.decode_blocks).transpose(1, 2)
-            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=meta.decode_mask, scale=scale)
+            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=self._decode_mask(meta, window),
+                                               scale=scale)
             out[:n] = o.reshape(n, h, d)
         for row, q_len, ctx, blocks in meta.prefills:
             qq = q[row:row + q_len].transpose(0, 1).unsqueeze(0)
             kk = self._gather(k_cache, blocks)[:ctx].transpose(0, 1).unsqueeze(0)
             vv = self._gather(v_cache, blocks)[:ctx].transpose(0, 1).unsqueeze(0)
-            if ctx == q_len:
+            if ctx == q_len and (window is None or window >= ctx):
                 o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale,
                                                    enable_gqa=True)
             else:  # a chunk after cached tokens: query i sees keys up to ctx - q_len + i
                 mask = torch.ones(q_len, ctx, dtype=torch.bool, device=q.device).tril(ctx - q_len)
+                if window is not None:  # ... and none window or more tokens before itself
+                    mask = mask.triu(ctx - q_len - window + 1)
                 o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale,
                                                    enable_gqa=True)
             out[row:row + q_len] = o[0].transpose(0, 1)

@@ -91,9 +91,10 @@ class TritonAttentionBackend:
                                        **views)
 
     def forward(self, positions, q, k, v, rotary: RotaryEmbedding, k_cache, v_cache,
-                meta: TritonAttentionMetadata, scale: float):
+                meta: TritonAttentionMetadata, scale: float, window: int | None = None):
         """positions: [T]; q: [T, H, D]; k, v: [T, Hkv, D] (before rotary); caches:
-        [num_blocks * block_size, Hkv, D]. q is rotated in place."""
+        [num_blocks * block_size, Hkv, D]; window: sliding window (None: full attention).
+        q is rotated in place."""
         pdl = self.switches.pdl
         rotary_store_kvcache(positions, q, k, v, rotary.cos, rotary.sin, k_cache, v_cache,
                              meta.slot_mapping, pdl=pdl)
@@ -102,11 +103,12 @@ class TritonAttentionBackend:
         if n:
             paged_attention_decode(q[:n], k_cache, v_cache, meta.decode_block_table,
                                    meta.decode_context_lens, scale, self.block_size, out=out[:n],
-                                   pdl=pdl)
+                                   window=window, pdl=pdl)
         if n < q.shape[0]:
             prefill_attention(q[n:], k_cache, v_cache, meta.prefill_cu_seqlens_q,
                               meta.prefill_context_lens, meta.prefill_block_table, scale,
-                              self.block_size, meta.prefill_max_q_len, out=out[n:], pdl=pdl)
+                              self.block_size, meta.prefill_max_q_len, out=out[n:], pdl=pdl,
+                              window=window)
         return out
 
     # CUDA graph hooks (GraphCaptureBackend)
