@@ -6,9 +6,7 @@ Qwen3-MoE's `num_experts` written back as `num_local_experts`).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 
 @dataclass
@@ -54,7 +52,7 @@ class ModelConfig:
                 and (layer_idx + 1) % self.decoder_sparse_step == 0)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         arch = (d.get("architectures") or ["?"])[0]
         rope = d.get("rope_parameters") or {}
         scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
@@ -95,9 +93,6 @@ class ModelConfig:
             mlp_only_layers=list(d.get("mlp_only_layers") or []),
         )
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def _sliding_window(arch: str, d: dict, layers: int) -> tuple[int | None, list[str]]:
