@@ -104,7 +104,8 @@ def test_constrained_and_free_requests_do_not_change_each_other(default_llm):
     assert [o.outputs[0].token_ids for o in (mixed[1], mixed[3])] == \
         [o.outputs[0].token_ids for o in alone_free]
     # The same logprob entries, up to the float noise of a different batch shape.
-    for mixed_pos, alone_pos in zip(mixed[3].outputs[0].logprobs, alone_free[1].outputs[0].logprobs):
+    pairs = zip(mixed[3].outputs[0].logprobs, alone_free[1].outputs[0].logprobs)
+    for mixed_pos, alone_pos in pairs:
         assert mixed_pos.keys() == alone_pos.keys()
         assert all(abs(mixed_pos[t].logprob - alone_pos[t].logprob) < 1e-4 for t in mixed_pos)
     assert [o.outputs[0].token_ids for o in (mixed[0], mixed[2])] == \
