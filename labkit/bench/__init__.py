@@ -7,10 +7,20 @@ reuse a loaded engine, or engine kwargs to build (and close) their own:
     from labkit.bench import latency
     result = latency.run(model="/path/to/ckpt", batch_size=8, input_len=32, output_len=128)
 """
-from labkit.bench import (hostile, latency, long_doc_qa, prefix_caching, prioritization, serve,
-                          throughput)
+from labkit.bench import (
+    guided,
+    hostile,
+    latency,
+    long_doc_qa,
+    prefix_caching,
+    prioritization,
+    serve,
+    serve_guided,
+    throughput,
+)
 
 # CLI name -> module, in `labkit bench --help` order.
 BENCHMARKS = {"latency": latency, "throughput": throughput, "serve": serve,
               "prefix-caching": prefix_caching, "long-doc-qa": long_doc_qa,
-              "prioritization": prioritization, "hostile": hostile}
+              "prioritization": prioritization, "hostile": hostile, "guided": guided,
+              "serve-guided": serve_guided}

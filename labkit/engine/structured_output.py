@@ -205,7 +205,10 @@ def _compile(compiler: xgr.GrammarCompiler, so: StructuredOutputsParams) -> xgr.
     if kind == "json":
         return compiler.compile_json_schema(so.spec, **_json_options(so))
     if kind == "json_object":
-        return compiler.compile_builtin_json_grammar()
+        # Any object: a schema without strict mode (which would allow only {}), for the same
+        # bound on whitespace as a schema's.
+        return compiler.compile_json_schema('{"type": "object"}', strict_mode=False,
+                                            **_json_options(so))
     if kind == "regex":
         return compiler.compile_regex(so.regex)
     if kind == "choice":
