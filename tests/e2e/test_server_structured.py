@@ -11,9 +11,9 @@ from enum import Enum
 import openai
 import pydantic
 import pytest
+from server_support import start_server
 
 from labkit.bench import serve_guided
-from server_support import start_server
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +71,8 @@ def test_response_format_on_completions_whole_and_streamed(client):
                                        extra_body={"response_format": fmt})
     assert "".join(c.choices[0].text for c in stream if c.choices) == whole.choices[0].text
     chat = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Give me a JSON object."}],
+        model=MODEL, messages=[{"role": "user", "content": "Give a tiny JSON object with a name "
+                                                          "and an age."}],
         max_tokens=60, temperature=0, response_format={"type": "json_object"})
     assert chat.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(chat.choices[0].message.content), dict)
@@ -83,13 +84,14 @@ def test_response_format_on_completions_whole_and_streamed(client):
     ({"guided_choice": ["Positive", "Negative"]}, lambda t: t in ("Positive", "Negative")),
     ({"guided_grammar": 'root ::= "SELECT " ("id" | "name") " FROM users;"'},
      lambda t: t in ("SELECT id FROM users;", "SELECT name FROM users;")),
-    ({"guided_json": {"type": "object", "properties": {"n": {"type": "integer"}},
-                      "required": ["n"]}}, lambda t: isinstance(json.loads(t)["n"], int)),
+    ({"guided_json": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1,
+                                                             "maximum": 10}},
+                      "required": ["n"]}}, lambda t: 1 <= json.loads(t)["n"] <= 10),
     ({"structured_outputs": {"choice": ["up", "down"]}}, lambda t: t in ("up", "down")),
 ])
 def test_vllm_extra_body_fields(client, extra, check):
     out = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Answer briefly."}], max_tokens=40,
+        model=MODEL, messages=[{"role": "user", "content": "Pick one, briefly."}], max_tokens=40,
         temperature=0.7, seed=1, n=2, extra_body=extra)
     for choice in out.choices:
         assert choice.finish_reason == "stop" and check(choice.message.content)
