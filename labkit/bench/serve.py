@@ -99,12 +99,14 @@ class RequestResult:
     error: str = ""
 
 
-def run(*, backend: str = "openai", base_url: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-        endpoint: str = "/v1/completions", model: str | None = None, tokenizer: str | None = None,
-        dataset_name: str = "random", dataset_path: str | None = None, num_prompts: int = 1000,
-        sharegpt_output_len: int | None = None, random_input_len: int = 1024, random_output_len: int = 128,
-        random_range_ratio: float = 0.0, random_prefix_len: int = 0, request_rate: float = float("inf"),
-        burstiness: float = 1.0, max_concurrency: int | None = None, ignore_eos: bool = False,
+def run(*, backend: str = "openai", base_url: str | None = None, host: str = "127.0.0.1",
+        port: int = 8000, endpoint: str = "/v1/completions", model: str | None = None,
+        tokenizer: str | None = None, dataset_name: str = "random",
+        dataset_path: str | None = None, num_prompts: int = 1000,
+        sharegpt_output_len: int | None = None, random_input_len: int = 1024,
+        random_output_len: int = 128, random_range_ratio: float = 0.0, random_prefix_len: int = 0,
+        request_rate: float = float("inf"), burstiness: float = 1.0,
+        max_concurrency: int | None = None, ignore_eos: bool = False,
         percentile_metrics: str = "ttft,tpot,itl", metric_percentiles: str = "99",
         goodput: list[str] | None = None, save_result: bool = False, result_dir: str | None = None,
         result_filename: str | None = None, seed: int = 0, disable_tqdm: bool = False) -> dict:
@@ -117,27 +119,35 @@ def run(*, backend: str = "openai", base_url: str | None = None, host: str = "12
     model_id = model or run_async(served_model(base))
     tok, tokenizer_id = load_tokenizer(tokenizer, model_id)
     random_set = dataset_name == "random"
-    requests = datasets.load(dataset_name, vocab_size=len(tok), tokenizer=tok, num_prompts=num_prompts,
-                             input_len=random_input_len,
+    requests = datasets.load(dataset_name, vocab_size=len(tok), tokenizer=tok,
+                             num_prompts=num_prompts, input_len=random_input_len,
                              output_len=random_output_len if random_set else sharegpt_output_len,
                              range_ratio=random_range_ratio, prefix_len=random_prefix_len,
                              dataset_path=dataset_path, seed=seed)
     results, duration = run_async(benchmark(
-        base, endpoint, model_id, requests, request_rate, burstiness, max_concurrency, ignore_eos, seed,
-        disable_tqdm))
-    result = {"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": backend, "model_id": model_id,
-              "tokenizer_id": tokenizer_id, "num_prompts": num_prompts,
-              "request_rate": request_rate if request_rate < float("inf") else "inf",
-              "burstiness": burstiness, "max_concurrency": max_concurrency}
+        base, endpoint, model_id, requests, request_rate, burstiness, max_concurrency, ignore_eos,
+        seed, disable_tqdm))
+    result = result_header(backend, model_id, tokenizer_id, num_prompts, request_rate, burstiness,
+                           max_concurrency)
     result |= compute_metrics(results, duration, tok, metrics, ps, slos)
     if save_result:
         write_result(result, result_dir, result_filename)
     return result
 
 
+def result_header(backend: str, model_id: str | None, tokenizer_id: str, num_prompts: int,
+                  request_rate: float, burstiness: float, max_concurrency: int | None) -> dict:
+    """The keys of a serving result that describe the run."""
+    return {"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": backend,
+            "model_id": model_id, "tokenizer_id": tokenizer_id, "num_prompts": num_prompts,
+            "request_rate": request_rate if request_rate < float("inf") else "inf",
+            "burstiness": burstiness, "max_concurrency": max_concurrency}
+
+
 # ---- the client -----------------------------------------------------------------------------
-async def benchmark(base: str, endpoint: str, model: str | None, requests: list[datasets.SampleRequest],
-                    request_rate: float, burstiness: float, max_concurrency: int | None,
+async def benchmark(base: str, endpoint: str, model: str | None,
+                    requests: list[datasets.SampleRequest], request_rate: float,
+                    burstiness: float, max_concurrency: int | None,
                     ignore_eos: bool, seed: int, disable_tqdm: bool,
                     extra_bodies: list[dict | None] | None = None):
     """Send `requests` as the module docstring says; `extra_bodies[i]`, if given, adds its
@@ -151,8 +161,9 @@ async def benchmark(base: str, endpoint: str, model: str | None, requests: list[
                                      read_bufsize=10 * 2**20, headers=_auth_headers()) as session:
 
         async def one(req: datasets.SampleRequest, extra: dict | None) -> RequestResult:
-            payload = {"prompt": req.prompt_token_ids, "temperature": 0.0, "max_tokens": req.expected_output_len,
-                       "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
+            payload = {"prompt": req.prompt_token_ids, "temperature": 0.0,
+                       "max_tokens": req.expected_output_len, "stream": True,
+                       "stream_options": {"include_usage": True}, **(extra or {})}
             if model is not None:
                 payload["model"] = model
             if ignore_eos:
@@ -244,14 +255,16 @@ def compute_metrics(results: list[RequestResult], duration: float, tok, metrics:
     """vLLM's calculate_metrics: throughputs over the whole run; TTFT, TPOT, ITL, E2EL over the
     successful requests (each list 0 when empty); goodput = requests within every SLO."""
     done = [r for r in results if r.success]
-    out_lens = [r.output_tokens or len(tok(r.generated_text, add_special_tokens=False).input_ids) for r in done]
+    out_lens = [r.output_tokens or len(tok(r.generated_text, add_special_tokens=False).input_ids)
+                for r in done]
     total_in, total_out = sum(r.prompt_len for r in done), sum(out_lens)
     tpot = [(r.latency - r.ttft) / (n - 1) if n > 1 else 0.0 for r, n in zip(done, out_lens)]
     values = {"ttft": [r.ttft for r in done], "tpot": [t for t, n in zip(tpot, out_lens) if n > 1],
               "itl": [x for r in done for x in r.itl], "e2el": [r.latency for r in done]}
     # Goodput counts a one-token request's TPOT as 0, as vLLM does.
     per_request = {"ttft": values["ttft"], "tpot": tpot, "e2el": values["e2el"]}
-    good = sum(all(per_request[m][i] * 1000 <= slo for m, slo in slos.items()) for i in range(len(done)))
+    good = sum(all(per_request[m][i] * 1000 <= slo for m, slo in slos.items())
+               for i in range(len(done)))
     if not done and results:
         log.warning("all %d requests failed; the first error: %s", len(results), results[0].error)
     result = {"duration": duration, "completed": len(done), "failed": len(results) - len(done),
@@ -288,7 +301,8 @@ def _parse_list(text: str, allowed: tuple[str, ...], name: str) -> list[str]:
     items = [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in items if x not in allowed]
     if bad or not items:
-        raise ValueError(f"{name}={text!r} is invalid: a comma-separated list of {', '.join(allowed)}")
+        raise ValueError(f"{name}={text!r} is invalid: a comma-separated list of "
+                         f"{', '.join(allowed)}")
     return items
 
 
@@ -298,7 +312,8 @@ def _parse_goodput(items: list[str] | None) -> dict[str, float]:
     for item in items or []:
         m = re.fullmatch(rf"({'|'.join(GOODPUT_METRICS)}):(\d+(?:\.\d*)?)", item)
         if m is None:
-            raise ValueError(f"goodput: {item!r} is invalid: give METRIC:MILLISECONDS with METRIC one of "
+            raise ValueError(f"goodput: {item!r} is invalid: give METRIC:MILLISECONDS with "
+                             "METRIC one of "
                              f"{', '.join(GOODPUT_METRICS)}, e.g. ttft:500 tpot:50")
         slos[m[1]] = float(m[2])
     return slos
@@ -326,18 +341,23 @@ def load_tokenizer(tokenizer: str | None, model: str | None):
             source = None   # a served name that is no repo: fall back to the default model
     if source is None:
         from labkit.default_model import DEFAULT_MODEL_NAME, default_model_path
-        return AutoTokenizer.from_pretrained(str(resolve_model_dir(str(default_model_path())))), DEFAULT_MODEL_NAME
+        path = resolve_model_dir(str(default_model_path()))
+        return AutoTokenizer.from_pretrained(str(path)), DEFAULT_MODEL_NAME
     path = Path(source).expanduser()
-    has_tokenizer = path.is_dir() and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    has_tokenizer = path.is_dir() and any((path / f).exists()
+                                          for f in ("tokenizer.json", "tokenizer_config.json"))
     # A .gguf file (or a directory of one) holds its tokenizer inside: use labkit's conversion.
-    return AutoTokenizer.from_pretrained(str(path if has_tokenizer else resolve_model_dir(source))), source
+    tokenizer_dir = path if has_tokenizer else resolve_model_dir(source)
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir)), source
 
 
 def write_result(result: dict, result_dir: str | None, result_filename: str | None) -> Path:
-    concurrency = f"-concurrency{result['max_concurrency']}" if result["max_concurrency"] is not None else ""
+    concurrency = (f"-concurrency{result['max_concurrency']}"
+                   if result["max_concurrency"] is not None else "")
     model = str(result["model_id"] or "unknown").split("/")[-1]
     name = (result_filename
-            or f"{result['backend']}-{result['request_rate']}qps{concurrency}-{model}-{result['date']}.json")
+            or f"{result['backend']}-{result['request_rate']}qps{concurrency}-{model}-"
+               f"{result['date']}.json")
     path = Path(result_dir or ".") / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=4) + "\n")

@@ -10,7 +10,6 @@ constrained requests and, in the saved file, every output.
 from __future__ import annotations
 
 import argparse
-from datetime import datetime
 
 from labkit.bench import datasets, guided, serve
 
@@ -48,12 +47,10 @@ def run(*, backend: str = "openai", base_url: str | None = None, host: str = "12
         base, endpoint, model_id, requests, request_rate, burstiness, max_concurrency, ignore_eos,
         seed, disable_tqdm, extra_bodies=extra))
     picked = sorted(constrained)
-    result = {"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": backend,
-              "model_id": model_id, "tokenizer_id": tokenizer_id, "num_prompts": num_prompts,
-              "request_rate": request_rate if request_rate < float("inf") else "inf",
-              "burstiness": burstiness, "max_concurrency": max_concurrency,
-              "correct_rate(%)": guided.correct_rate([workload[i] for i in picked],
-                                                     [results[i].generated_text for i in picked])}
+    result = serve.result_header(backend, model_id, tokenizer_id, num_prompts, request_rate,
+                                 burstiness, max_concurrency)
+    result["correct_rate(%)"] = guided.correct_rate([workload[i] for i in picked],
+                                                    [results[i].generated_text for i in picked])
     result |= serve.compute_metrics(results, duration, tok, metrics, ps, slos)
     if save_results:
         outputs = [{"generated": r.generated_text, "constrained": i in constrained,
