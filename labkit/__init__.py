@@ -12,19 +12,21 @@ May import: entrypoints and everything below them; never bench, lab or cli (the 
 load lazily, through __getattr__).
 """
 from labkit.config import EngineConfig
+from labkit.entrypoints.beam_search import BeamSearchOutput, BeamSearchSequence
 from labkit.entrypoints.llm import LLM
 from labkit.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from labkit.entrypoints.beam_search import BeamSearchOutput, BeamSearchSequence
 from labkit.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
+from labkit.structured_params import GuidedDecodingParams, StructuredOutputsParams
 from labkit.version import __version__
 
 __all__ = ["LLM", "SamplingParams", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence",
-           "RequestOutputKind", "EngineConfig", "RequestOutput", "CompletionOutput", "Logprob",
-           "RequestMetrics", "sweep", "load_sweep", "dashboard", "profile", "__version__"]
+           "RequestOutputKind", "StructuredOutputsParams", "GuidedDecodingParams", "EngineConfig",
+           "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics", "sweep", "load_sweep",
+           "dashboard", "profile", "__version__"]
 
 # The lab loads on first use, so `import labkit` does not import plotly or ipywidgets.
-_LAB = {"sweep": "labkit.lab.sweeps", "load_sweep": "labkit.lab.sweeps", "dashboard": "labkit.lab.widgets",
-        "profile": "labkit.lab.profiling"}
+_LAB = {"sweep": "labkit.lab.sweeps", "load_sweep": "labkit.lab.sweeps",
+        "dashboard": "labkit.lab.widgets", "profile": "labkit.lab.profiling"}
 
 
 def __getattr__(name: str):

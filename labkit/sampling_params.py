@@ -5,6 +5,7 @@ import enum
 import math
 from dataclasses import dataclass
 
+from labkit.structured_params import GuidedDecodingParams, StructuredOutputsParams, as_structured
 from labkit.utils import check_field
 
 # Seeds as torch's generators take them; with n > 1, sequence i uses seed + i.
@@ -41,8 +42,16 @@ class SamplingParams:
     bad_words: list[str] | None = None
     prompt_logprobs: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_decoding: GuidedDecodingParams | None = None   # vLLM's older name for the same
 
     def __post_init__(self) -> None:
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError("guided_decoding: give structured_outputs or guided_decoding "
+                                 "(its older name), not both")
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
+        self.structured_outputs = as_structured(self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -89,7 +98,8 @@ class SamplingParams:
         if self.allowed_token_ids is not None:
             check_field(len(self.allowed_token_ids) > 0
                         and all(_is_int(t) for t in self.allowed_token_ids),
-                        "allowed_token_ids", self.allowed_token_ids, "a non-empty list of token ids")
+                        "allowed_token_ids", self.allowed_token_ids,
+                        "a non-empty list of token ids")
         check_field(self.bad_words is None or all(isinstance(w, str) and w for w in self.bad_words),
                     "bad_words", self.bad_words, "a list of non-empty strings")
 

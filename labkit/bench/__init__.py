@@ -10,10 +10,20 @@ reuse a loaded engine, or engine kwargs to build (and close) their own:
 May import: the package root (LLM, SamplingParams), entrypoints, the engine and below; never lab
 or cli.
 """
-from labkit.bench import (hostile, latency, long_doc_qa, prefix_caching, prioritization, serve,
-                          throughput)
+from labkit.bench import (
+    guided,
+    hostile,
+    latency,
+    long_doc_qa,
+    prefix_caching,
+    prioritization,
+    serve,
+    serve_guided,
+    throughput,
+)
 
 # CLI name -> module, in `labkit bench --help` order.
 BENCHMARKS = {"latency": latency, "throughput": throughput, "serve": serve,
               "prefix-caching": prefix_caching, "long-doc-qa": long_doc_qa,
-              "prioritization": prioritization, "hostile": hostile}
+              "prioritization": prioritization, "hostile": hostile, "guided": guided,
+              "serve-guided": serve_guided}

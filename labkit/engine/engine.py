@@ -3,12 +3,16 @@ block manager, the model runner (and TP workers) and the sampler, and orchestrat
 (schedule, launch the forward pass, sample, complete), with async scheduling keeping one step in
 flight; records every step. Prompts become Requests in the InputProcessor (input_processor.py),
 sampled tokens become RequestOutputs in the OutputProcessor (output_processor.py); neighbours
-read the engine through `stats()` and `step_records()` (stats.py)."""
+read the engine through `stats()` and `step_records()` (stats.py). Structured outputs
+(structured_output.py): a constrained request waits outside the scheduler until its grammar has
+compiled, and its rows of the logits are masked before sampling."""
 from __future__ import annotations
 
 import logging
 import time
 import uuid
+from concurrent.futures import FIRST_COMPLETED
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +31,7 @@ from labkit.engine.resolved_config import ResolvedConfig
 from labkit.engine.sampler import PendingSample, Sampler
 from labkit.engine.scheduler import ScheduledBatch, Scheduler
 from labkit.engine.stats import EngineStats, StepHistory
+from labkit.engine.structured_output import StructuredOutputManager
 from labkit.engine.workers import WorkerGroup
 from labkit.observe.labels import label_layers
 from labkit.observe.step_log import StepRecord
@@ -80,6 +85,9 @@ class LLMEngine:
             device=self.runner.device)
         self.output_processor = OutputProcessor(tokenizer, eos, config.max_model_len)
         self.sampler = Sampler(config.seed, eos, self.runner.device)
+        self.structured = StructuredOutputManager(tokenizer, config.model_config.vocab_size, eos,
+                                                  self.runner.device)
+        self._compiling: list[Request] = []   # constrained, their grammar not compiled yet
         self._history = StepHistory()
         self._inflight: _Step | None = None   # async scheduling: launched, not yet completed
         self.timer = self.runner.timer
@@ -103,6 +111,8 @@ class LLMEngine:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.input_processor.validate(prompt_token_ids, params)
+        if params.structured_outputs is not None:
+            self.structured.validate(params.structured_outputs)
 
     def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None, priority: int = 0) -> str:
@@ -116,16 +126,43 @@ class LLMEngine:
                                                    arrival_time or time.time(), priority)
         # Tracked first: should adding to the scheduler fail, abort_request finds every part.
         self.output_processor.add_request(request_id, seqs)
+        so = params.structured_outputs
         for req in seqs:
-            self.scheduler.add(req)
+            if so is None:
+                self.scheduler.add(req)
+            else:
+                req.grammar = self.structured.state(so)
+                self._compiling.append(req)
+        self._admit_compiled()
         return request_id
 
     def abort_request(self, request_id: str) -> None:
         for req in self.output_processor.abort_request(request_id):
+            if req in self._compiling:
+                self._compiling.remove(req)
             self.scheduler.finish(req)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work() or self._inflight is not None
+        return self.scheduler.has_work() or self._inflight is not None or bool(self._compiling)
+
+    def _admit_compiled(self) -> None:
+        """Hand the requests whose grammar has compiled to the scheduler (their rank is their
+        arrival, so waiting did not cost them their place); a grammar that failed to compile
+        ends its request."""
+        if not self._compiling:
+            return
+        waiting = []
+        for req in self._compiling:
+            if not req.grammar.ready:
+                waiting.append(req)
+                continue
+            try:
+                req.grammar.start()
+            except Exception as e:   # validated, so rare: it fails this request, not the engine
+                self._fail_request(req, e)
+                continue
+            self.scheduler.add(req)
+        self._compiling = waiting
 
     def reset_prefix_cache(self) -> bool:
         return self.block_manager.reset_prefix_cache()
@@ -139,7 +176,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         return EngineStats(
             num_steps=self._history.num_steps, num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=len(self.scheduler.waiting) + len(self._compiling),
             num_unfinished_requests=len(self.output_processor.requests),
             kv_blocks_used=self.block_manager.num_used,
             kv_blocks_total=self.block_manager.num_blocks, last_step=self._history.last)
@@ -161,9 +198,14 @@ class LLMEngine:
         prev, self._inflight = self._inflight, None
         queries, hits = self.scheduler.prefix_queries, self.scheduler.prefix_hits
         with self.timer.phase("schedule", host=True):
+            self._admit_compiled()
             batch = self.scheduler.schedule()
         if not batch.work and prev is None:
             self.timer.take()
+            if self._compiling and not self.scheduler.has_work():
+                # Only grammars compiling: wait for one rather than spin.
+                wait_futures([r.grammar.future for r in self._compiling], timeout=0.05,
+                             return_when=FIRST_COMPLETED)
             self._fail_unschedulable()
             return self.output_processor.outputs(set())
         try:
@@ -187,8 +229,7 @@ class LLMEngine:
         front = self.timer.take()
         touched = self._complete(prev) if prev is not None else set()
         if launched is not None:
-            with self.timer.phase("sample"):
-                self._sample(launched)
+            self._sample(launched)
             launched.marks = front + self.timer.take()
             if self.config.async_scheduling and self.scheduler.has_work():
                 self._inflight = launched
@@ -253,16 +294,26 @@ class LLMEngine:
     def _sample(self, step: _Step) -> None:
         """Queue sampling for the step's rows whose requests are still live (a request that
         finished or was aborted after the step was launched gets nothing)."""
-        rows, to_sample = self._split_logits(step.batch.work, step.work, step.logits)
-        step.logits = None
-        live = [i for i, r in enumerate(to_sample) if not r.finished]
-        if len(live) < len(to_sample):
-            to_sample = [to_sample[i] for i in live]
-            rows = rows[to_device(live, torch.long, rows.device)] if live else None
+        with self.timer.phase("sample"):
+            rows, to_sample = self._split_logits(step.batch.work, step.work, step.logits)
+            step.logits = None
+            live = [i for i, r in enumerate(to_sample) if not r.finished]
+            if len(live) < len(to_sample):
+                to_sample = [to_sample[i] for i in live]
+                rows = rows[to_device(live, torch.long, rows.device)] if live else None
         if not to_sample:
             return
+        constrained = [j for j, r in enumerate(to_sample) if r.grammar is not None]
+        if constrained:
+            # Every token before this one has been accepted (step n-1 completed first).
+            with self.timer.phase("structured", host=True):
+                bitmask = self.structured.fill([to_sample[j].grammar for j in constrained],
+                                               constrained, len(to_sample))
+            with self.timer.phase("structured"):
+                self.structured.apply(rows, bitmask, constrained)
         step.to_sample = to_sample
-        step.sample = self.sampler(rows, to_sample)
+        with self.timer.phase("sample"):
+            step.sample = self.sampler(rows, to_sample)
         for j, r in enumerate(to_sample):
             r.num_pending, r.pending_row = 1, j
 
@@ -279,6 +330,9 @@ class LLMEngine:
             if result is not None:
                 for r in self.output_processor.append_tokens(step.to_sample, result, now):
                     self.scheduler.finish(r)
+        if result is not None and any(r.grammar is not None for r in step.to_sample):
+            with self.timer.phase("structured", host=True):
+                self._advance_grammars(step.to_sample, now)
         ms = self.timer.resolve(step.marks + self.timer.take())
         batch = step.batch
         total = step.call_ms if step.call_ms is not None else (time.time() - step.start) * 1e3
@@ -286,6 +340,7 @@ class LLMEngine:
             step=self._history.num_steps, start_time=step.start,
             schedule_ms=ms.get("schedule", 0.0), prepare_ms=ms.get("prepare", 0.0),
             forward_ms=ms.get("forward", 0.0), sample_ms=ms.get("sample", 0.0),
+            structured_ms=ms.get("structured", 0.0),
             postprocess_ms=ms.get("postprocess", 0.0), total_ms=total,
             num_prefill_tokens=batch.num_prefill_tokens,
             num_prefill_seqs=len(batch.work) - batch.num_decode, num_decode_seqs=batch.num_decode,
@@ -294,6 +349,24 @@ class LLMEngine:
             num_preemptions=batch.num_preempted,
             prefix_cache_queries=step.prefix_queries, prefix_cache_hits=step.prefix_hits))
         return {r.parent_id for r, _ in batch.work}
+
+    def _advance_grammars(self, reqs: list[Request], now: float) -> None:
+        """Each constrained sequence's matcher takes its new token. A sequence whose grammar
+        has terminated (it accepted a stop token that ignore_eos kept going) ends with "stop"; one
+        whose token broke the grammar (nothing was allowed) ends with "abort"."""
+        for r in reqs:
+            st = r.grammar
+            if st is None or r.finished:
+                continue
+            if not self.structured.sync(st, r.output_token_ids):
+                log.warning("request %s: token %d breaks its grammar; ending it", r.request_id,
+                            r.token_ids[-1])
+                self.output_processor.end(r, "abort", now)
+            elif st.matcher.is_terminated():
+                self.output_processor.end(r, "stop", now)
+            else:
+                continue
+            self.scheduler.finish(r)
 
     def _split_logits(self, scheduled, work: list[SeqWork], logits):
         """Rows for the sampler, and prompt logprobs recorded from `all_logits` rows."""
@@ -332,6 +405,7 @@ class LLMEngine:
         if self._closed:
             return
         self._closed = True
+        self.structured.shutdown()
         if self.workers:
             self.workers.shutdown()
         self.runner.close()

@@ -56,6 +56,8 @@ class Request:
     # 1), and its row in that sampling step's output (the next step's input is taken from there).
     num_pending: int = 0
     pending_row: int = -1
+    # Structured outputs: the sequence's GrammarState (labkit.engine.structured_output), or None.
+    grammar: object = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -1,11 +1,11 @@
 """A torch.profiler Chrome trace -> self time per operator, time category and step phase.
 
 Every traced operator is attributed by the innermost labelled range around it: the engine's
-phase ranges (schedule / prepare / forward / sample / postprocess) and the `labkit::<category>`
-ranges of labelled layers and collectives (labkit.observe.labels). A category's time is the self
-time (CPU; device time on CUDA) of every event attributed to it, ranges included, so the Python
-between operators counts where it runs. Each step is prefill (it computed prompt tokens) or
-decode by its step-log row.
+phase ranges (schedule / prepare / forward / sample / structured / postprocess) and the
+`labkit::<category>` ranges of labelled layers and collectives (labkit.observe.labels). A
+category's time is the self time (CPU; device time on CUDA) of every event attributed to it,
+ranges included, so the Python between operators counts where it runs. Each step is prefill
+(it computed prompt tokens) or decode by its step-log row.
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import pandas as pd
 
 from labkit.observe.labels import LABEL_PREFIX
 
-CATEGORIES = ("attention", "matmul", "norm/rope/activation", "sampling", "communication",
-              "engine", "other")
+CATEGORIES = ("attention", "matmul", "norm/rope/activation", "sampling", "structured output",
+              "communication", "engine", "other")
 PHASE_CATEGORY = {"schedule": "engine", "prepare": "engine", "postprocess": "engine",
-                  "sample": "sampling", "forward": "other"}
+                  "sample": "sampling", "structured": "structured output", "forward": "other"}
 # Collectives by operator name: those that bypass the labelled ranges still count here.
 COLLECTIVES = ("allreduce", "all_reduce", "allgather", "all_gather", "broadcast", "nccl", "gloo")
 _HOST_EVENTS = ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver")

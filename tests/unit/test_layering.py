@@ -5,7 +5,7 @@ each other, directly or round a longer circle.
 The floors, top first (README, "Development"):
   cli → lab → bench → labkit (the package root: the public names) → entrypoints → engine →
   models → layers → distributed → kernels → observe → the foundation (config, sampling_params,
-  outputs, default_model, transfer, utils, version).
+  structured_params, outputs, default_model, transfer, utils, version).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ FLOORS = [
     ["labkit.distributed"],
     ["labkit.kernels"],
     ["labkit.observe"],
-    ["labkit.config", "labkit.sampling_params", "labkit.outputs", "labkit.default_model",
-     "labkit.transfer", "labkit.utils", "labkit.version"],
+    ["labkit.config", "labkit.sampling_params", "labkit.structured_params", "labkit.outputs",
+     "labkit.default_model", "labkit.transfer", "labkit.utils", "labkit.version"],
 ]
 
 
@@ -36,7 +36,8 @@ def floor_of(module: str) -> int:
     best, best_len = None, -1
     for i, prefixes in enumerate(FLOORS):
         for p in prefixes:
-            if (module == p or (p != "labkit" and module.startswith(p + "."))) and len(p) > best_len:
+            inside = module == p or (p != "labkit" and module.startswith(p + "."))
+            if inside and len(p) > best_len:
                 best, best_len = i, len(p)
     assert best is not None, f"{module} is on no floor: add it to FLOORS and the README's map"
     return best

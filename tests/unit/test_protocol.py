@@ -47,13 +47,30 @@ def test_chat_refusals():
     base = {"messages": [{"role": "user", "content": "hi"}]}
     for extra, param in (({"tools": [{"type": "function"}]}, "tools"),
                          ({"top_logprobs": 2}, "top_logprobs"),
-                         ({"response_format": {"type": "json_object"}}, "response_format")):
+                         ({"response_format": {"type": "xml"}}, "response_format"),
+                         ({"guided_regex": "a", "structured_outputs": {"regex": "b"}},
+                          "structured_outputs")):
         with pytest.raises(APIError) as e:
             ChatCompletionRequest.model_validate({**base, **extra}).sampling_params()
         assert e.value.param == param
     image = {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}
     with pytest.raises(APIError, match="image_url"):
         ChatCompletionRequest.model_validate(image).messages[0].to_template()
+
+
+def test_structured_output_spellings_become_structured_outputs_params():
+    base = {"messages": [{"role": "user", "content": "hi"}]}
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    for extra, kind in (({"response_format": {"type": "json_object"}}, "json_object"),
+                        ({"response_format": {"type": "json_schema", "json_schema": {
+                            "name": "x", "schema": schema, "strict": True}}}, "json"),
+                        ({"structured_outputs": {"grammar": 'root ::= "a"'}}, "grammar"),
+                        ({"guided_choice": ["a", "b"]}, "choice"),
+                        ({"guided_json": schema}, "json")):
+        sp = ChatCompletionRequest.model_validate({**base, **extra}).sampling_params()
+        assert sp.structured_outputs.kind == kind
+    text = ChatCompletionRequest.model_validate({**base, "response_format": {"type": "text"}})
+    assert text.sampling_params().structured_outputs is None
 
 
 def test_error_body_has_openais_shape():

@@ -4,13 +4,22 @@ Unknown fields are kept (extra="allow") so the server can name them in a warning
 instead of failing clients that send fields labkit ignores. Known fields that would change the
 output but that labkit cannot honour (echo, suffix, tools, ...) are refused with a 400 rather
 than silently ignored.
+
+Structured outputs come in three spellings, at most one per request: OpenAI's `response_format`
+(json_object, json_schema; vLLM's structural_tag), vLLM's `structured_outputs` object, and the
+legacy `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` fields.
 """
 from __future__ import annotations
+
+import json
 
 from pydantic import BaseModel, ConfigDict, StrictInt
 
 from labkit.entrypoints.server.errors import APIError
 from labkit.sampling_params import RequestOutputKind, SamplingParams
+from labkit.structured_params import StructuredOutputsParams
+
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 class RequestBody(BaseModel):
@@ -47,6 +56,15 @@ class SamplingRequest(RequestBody):
     bad_words: list[str] | None = None
     prompt_logprobs: int | None = None
     priority: int = 0
+    # Structured outputs (see the module docstring).
+    response_format: dict | None = None
+    structured_outputs: dict | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -65,12 +83,69 @@ class SamplingRequest(RequestBody):
                            "stream_options")
         given = {k: getattr(self, k) for k in _SAMPLING_FIELDS}
         kwargs = {k: v for k, v in given.items() if v is not None}
+        structured = self._structured_outputs()
         try:
             # DELTA: the engine hands out only what is new, which is what a stream sends.
             return SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
-                                  output_kind=RequestOutputKind.DELTA, **kwargs)
+                                  output_kind=RequestOutputKind.DELTA,
+                                  structured_outputs=structured, **kwargs)
         except ValueError as e:
             raise APIError.bad_request(e) from None
+
+    def structured_field(self) -> str | None:
+        """The field this request's structured output came in (None: it has none)."""
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            return "response_format"
+        if self.structured_outputs is not None:
+            return "structured_outputs"
+        return next((f for f in GUIDED_FIELDS if getattr(self, f) is not None), None)
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        used = [f for f in ("response_format", "structured_outputs") if getattr(self, f)
+                and not (f == "response_format" and self.response_format.get("type") == "text")]
+        guided = {f.removeprefix("guided_"): getattr(self, f) for f in GUIDED_FIELDS
+                  if getattr(self, f) is not None}
+        if guided:
+            used.append("guided_*")
+        if len(used) > 1:
+            raise APIError(400, f"{used[0]}: give one way of structured output, not "
+                           f"{' and '.join(used)}", used[0])
+        if not used:
+            return None
+        field = self.structured_field()
+        if field == "response_format":
+            spec = _response_format(self.response_format)
+        elif field == "structured_outputs":
+            spec = dict(self.structured_outputs)
+        else:
+            spec = guided
+            if self.guided_decoding_backend not in (None, "auto", "xgrammar"):
+                raise APIError(400, f"guided_decoding_backend: {self.guided_decoding_backend!r} "
+                               "is not available; labkit's only backend is xgrammar",
+                               "guided_decoding_backend")
+            if self.guided_whitespace_pattern is not None:
+                spec["whitespace_pattern"] = self.guided_whitespace_pattern
+        try:
+            return StructuredOutputsParams(**spec)
+        except (ValueError, TypeError) as e:
+            raise APIError(400, str(e), field) from None
+
+
+def _response_format(rf: dict) -> dict:
+    """OpenAI's response_format as StructuredOutputsParams' fields."""
+    kind = rf.get("type")
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise APIError(400, "response_format: json_schema.schema must be a JSON schema "
+                           "(an object)", "response_format")
+        return {"json": spec["schema"]}
+    if kind == "structural_tag":
+        return {"structural_tag": json.dumps(rf)}
+    raise APIError(400, f"response_format: type {kind!r} is not supported; use text, "
+                   "json_object, json_schema or structural_tag", "response_format")
 
 
 # Fields passed to SamplingParams as they are (when given).
@@ -138,19 +213,17 @@ class ChatCompletionRequest(SamplingRequest, _ChatTemplateFields):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     tools: list[dict] | None = None
-    response_format: dict | None = None
 
     def _unsupported(self) -> list[tuple[str, bool]]:
-        return super()._unsupported() + [
-            ("tools", bool(self.tools)),
-            ("response_format", self.response_format is not None
-             and self.response_format.get("type") != "text")]
+        return super()._unsupported() + [("tools", bool(self.tools))]
 
     def sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
-        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        max_tokens = (self.max_completion_tokens if self.max_completion_tokens is not None
+                      else self.max_tokens)
+        return self._sampling_params(max_tokens,
+                                     (self.top_logprobs or 0) if self.logprobs else None)
 
 
 class TokenizeRequest(_ChatTemplateFields):

@@ -203,7 +203,10 @@ class OpenAIServing:
         try:
             handle = await self.engine.submit(request_id, prompts, params, arrival, req.priority)
         except ValueError as e:
-            raise APIError.bad_request(e) from None
+            err = APIError.bad_request(e)
+            if err.param == "structured_outputs":   # name the field the client used
+                err.param = req.structured_field()
+            raise err from None
         head = {"id": request_id, "created": int(arrival), "model": req.model or self.model_names[0]}
         num_prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
         num_choices = len(prompts) * params.n

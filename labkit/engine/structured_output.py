@@ -1,0 +1,253 @@
+"""Structured outputs with xgrammar: the grammar compiler and its cache, each sequence's matcher,
+and the token bitmask that constrains its logits.
+
+Compiling runs on a thread of its own (xgrammar releases the GIL), off the engine's step: a
+request waits outside the scheduler until its grammar is ready (the engine core's job), and the
+same constraint is compiled once (`_futures` keeps one future per constraint). Syntax errors are
+found when a request is validated, by parsing the grammar without the tokenizer, which is cheap.
+
+A matcher advances only when a token is appended to its sequence (`sync`), so it always holds
+exactly the sequence's output tokens: preemption and recompute keep those tokens, so the matcher
+needs no rollback, and async scheduling's token in flight is accepted when it lands, before the
+next sampling step fills a mask (the engine samples step n only after completing step n-1).
+
+Masks are filled on the host for the constrained rows only and applied where the logits are:
+xgrammar's kernel on CUDA, torch on the CPU.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import xgrammar as xgr
+except ImportError:   # a base install has it; an environment without it runs unconstrained only
+    xgr = None
+
+from labkit.structured_params import StructuredOutputsParams
+
+log = logging.getLogger("labkit")
+
+# JSON's free whitespace comes in runs of at most this many characters (deep indentation fits):
+# unbounded, a small model at temperature 0 can emit newlines until max_tokens runs out.
+MAX_WHITESPACE = 16
+CACHE_SIZE = 256    # compiled constraints kept (LRU); a compiled JSON schema is ~100 kB
+_BITS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
+# xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: ": the user needs the rest.
+_CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
+
+
+@dataclass(eq=False)
+class GrammarState:
+    """One sequence's constraint: its compile future, then its matcher."""
+    future: Future
+    matcher: xgr.GrammarMatcher | None = None
+    num_accepted: int = 0       # output tokens the matcher has taken
+
+    @property
+    def ready(self) -> bool:
+        return self.future.done()
+
+    def start(self) -> None:
+        """Build the matcher once the grammar compiled (raises its compile error)."""
+        self.matcher = xgr.GrammarMatcher(self.future.result())
+
+
+class StructuredOutputManager:
+    """`tokenizer` (HF) and `vocab_size` (the model's logits width) describe the vocabulary;
+    `eos_token_ids` end a finished grammar. Nothing is built until the first constrained
+    request: xgrammar's view of the vocabulary takes ~0.2 s."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int], device: torch.device):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = sorted(eos_token_ids)
+        self.device = device
+        self.num_compiled = 0           # constraints compiled (cache misses), for tests and logs
+        self._compiler: xgr.GrammarCompiler | None = None
+        self._thread: ThreadPoolExecutor | None = None
+        self._futures: OrderedDict[tuple, Future] = OrderedDict()
+        self._batch: xgr.BatchGrammarMatcher | None = None
+        self._pinned: list[torch.Tensor] = []   # CUDA: two host buffers, used in turn
+        self._turn = 0
+
+    # ---- requests -----------------------------------------------------------------------
+    def validate(self, so: StructuredOutputsParams) -> None:
+        """ValueError, naming the field, for a constraint that cannot compile."""
+        if xgr is None:
+            raise ValueError("structured_outputs: needs xgrammar, which is not installed "
+                             "(pip install xgrammar)")
+        if self.tokenizer is None:
+            raise ValueError("structured_outputs: needs a tokenizer (this engine has none)")
+        if _key(so) in self._futures:   # compiled before: nothing to check
+            return
+        try:
+            _parse(so)
+        except (RuntimeError, ValueError, TypeError, KeyError) as e:
+            detail = _CPP_PREFIX.sub("", str(e).strip()).strip()
+            raise ValueError(f"structured_outputs: the {so.kind} cannot be compiled: "
+                             f"{detail}") from None
+
+    def state(self, so: StructuredOutputsParams) -> GrammarState:
+        """A new sequence's state; its grammar compiles in the background unless cached."""
+        compiler = self._get_compiler()
+        key = _key(so)
+        future = self._futures.get(key)
+        if future is None or (future.done() and future.exception() is not None):
+            self.num_compiled += 1
+            future = self._thread.submit(_compile, compiler, so)
+            self._futures[key] = future
+            while len(self._futures) > CACHE_SIZE:
+                self._futures.popitem(last=False)
+        self._futures.move_to_end(key)
+        return GrammarState(future)
+
+    def _get_compiler(self) -> xgr.GrammarCompiler:
+        if self._compiler is None:
+            # Built on the engine's thread: the HF tokenizer is not shared across threads.
+            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                      stop_token_ids=self.eos_token_ids)
+            self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="labkit-grammar")
+            self._batch = xgr.BatchGrammarMatcher()
+        return self._compiler
+
+    # ---- each step ----------------------------------------------------------------------
+    def sync(self, st: GrammarState, output_token_ids: list[int]) -> bool:
+        """Feed the matcher the output tokens it has not seen. False if one breaks the grammar
+        (only possible when nothing was allowed, e.g. min_tokens forbidding the stop token)."""
+        for tok in output_token_ids[st.num_accepted:]:
+            if not st.matcher.accept_token(tok):
+                return False
+            st.num_accepted += 1
+        return True
+
+    def fill(self, states: list[GrammarState], rows: list[int], num_rows: int) -> torch.Tensor:
+        """The allowed-token bitmask of each state's next token into row rows[k] of a host
+        buffer of `num_rows` rows, as many as the logits have (xgrammar's kernel reads the mask
+        rows by the logits' row indices); the other rows are left unfilled."""
+        bitmask = self._host_buffer(num_rows)
+        self._batch.batch_fill_next_token_bitmask([s.matcher for s in states], bitmask,
+                                                  indices=rows)
+        return bitmask
+
+    def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+        """Set the logits of the tokens `bitmask` disallows to -inf in `rows`, in place."""
+        # The logits come from the forward pass's inference mode: only there may they change.
+        with torch.inference_mode():
+            if logits.is_cuda:
+                mask = bitmask.to(logits.device, non_blocking=True)
+                xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=self.vocab_size,
+                                                indices=rows)
+            else:
+                apply_bitmask(logits, bitmask, rows)
+
+    def _host_buffer(self, n: int) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return xgr.allocate_token_bitmask(n, self.vocab_size)
+        # Pinned, for a copy that does not wait for the device. Two in turn: the buffer of step
+        # k is refilled at step k+2, after step k's sampled tokens (which follow its copy on
+        # the stream) have reached the host.
+        self._turn ^= 1
+        if len(self._pinned) < 2 or self._pinned[self._turn].shape[0] < n:
+            size = max(n, 64)
+            while len(self._pinned) < 2:
+                self._pinned.append(torch.empty(0))
+            buffer = xgr.allocate_token_bitmask(size, self.vocab_size)
+            self._pinned[self._turn] = buffer.pin_memory()
+        return self._pinned[self._turn][:n]
+
+    def shutdown(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """torch's version of xgrammar's kernel, for `rows` of the logits and of the bitmask:
+    token t is allowed when bit t % 8 of byte t // 8 is set (the int32 words, little-endian, read
+    as bytes). Masks in place, row by row unless every row is constrained (no gathered copy)."""
+    n, vocab = len(rows), logits.shape[-1]
+    words = bitmask if n == bitmask.shape[0] else bitmask[rows]
+    bits = _BITS.to(words.device)
+    banned = ((words.contiguous().view(torch.uint8)[:, :, None] & bits) == 0).view(n, -1)[:, :vocab]
+    banned = banned.to(logits.device)
+    if n == logits.shape[0]:
+        logits.masked_fill_(banned, float("-inf"))
+    else:
+        for k, r in enumerate(rows):
+            logits[r].masked_fill_(banned[k], float("-inf"))
+
+
+# ---- constraints to xgrammar ---------------------------------------------------------------
+def _key(so: StructuredOutputsParams) -> tuple:
+    return so.kind, so.spec, so.disable_any_whitespace
+
+
+def _parse(so: StructuredOutputsParams) -> None:
+    """Parse the constraint without a tokenizer: raises on a bad schema, regex or grammar."""
+    kind = so.kind
+    if kind == "json":
+        xgr.Grammar.from_json_schema(so.spec, **_json_options(so))
+    elif kind == "regex":
+        xgr.Grammar.from_regex(so.regex)
+    elif kind == "choice":
+        xgr.Grammar.from_ebnf(_choice_ebnf(so.choice))
+    elif kind == "grammar":
+        if _is_ebnf(so.grammar):
+            xgr.Grammar.from_ebnf(so.grammar)
+        else:
+            xgr.Grammar.from_lark(so.grammar)
+    elif kind == "structural_tag":
+        xgr.Grammar.from_structural_tag(*_structural_tag_args(so.structural_tag))
+
+
+def _compile(compiler: xgr.GrammarCompiler, so: StructuredOutputsParams) -> xgr.CompiledGrammar:
+    kind = so.kind
+    if kind == "json":
+        return compiler.compile_json_schema(so.spec, **_json_options(so))
+    if kind == "json_object":
+        # Any object: a schema without strict mode (which would allow only {}), for the same
+        # bound on whitespace as a schema's.
+        return compiler.compile_json_schema('{"type": "object"}', strict_mode=False,
+                                            **_json_options(so))
+    if kind == "regex":
+        return compiler.compile_regex(so.regex)
+    if kind == "choice":
+        return compiler.compile_grammar(_choice_ebnf(so.choice))
+    if kind == "grammar":
+        if _is_ebnf(so.grammar):
+            return compiler.compile_grammar(so.grammar)
+        return compiler.compile_lark(so.grammar)
+    return compiler.compile_structural_tag(*_structural_tag_args(so.structural_tag))
+
+
+def _json_options(so: StructuredOutputsParams) -> dict:
+    if so.disable_any_whitespace:
+        return {"any_whitespace": False}
+    return {"any_whitespace": True, "max_whitespace_cnt": MAX_WHITESPACE}
+
+
+def _is_ebnf(grammar: str) -> bool:
+    return "::=" in grammar
+
+
+def _choice_ebnf(choices: list[str]) -> str:
+    # JSON's string escapes are EBNF's.
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+def _structural_tag_args(text: str) -> tuple:
+    """vLLM's two formats: {"structures": [{"begin", "schema", "end"}], "triggers"} (the first
+    one), or xgrammar's own structural tag JSON, passed as it is."""
+    tag = json.loads(text)
+    if isinstance(tag, dict) and "structures" in tag:
+        items = [xgr.StructuralTagItem(begin=s["begin"], schema=json.dumps(s["schema"]),
+                                       end=s["end"]) for s in tag["structures"]]
+        return items, list(tag["triggers"])
+    return (text,)
