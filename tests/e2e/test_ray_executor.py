@@ -12,8 +12,8 @@ import time
 
 import psutil
 import pytest
-
 from helpers import QUICKSTART_PROMPTS, greedy_params, random_prompts
+
 from labkit import LLM
 from labkit.config import EngineConfig
 from labkit.engine.resolved_config import resolve
