@@ -97,7 +97,7 @@ def test_five_engines_in_a_row_leave_no_actor_group_or_process(ray_cluster, tiny
         out = llm.generate([[1, 2, 3]], greedy_params(3), use_tqdm=False)
         assert len(out[0].outputs[0].token_ids) == 3
         if i % 2:
-            llm.close()
+            llm.shutdown()
         else:
             llm.engine.shutdown()
             llm.engine.shutdown()   # twice: a no-op
@@ -142,7 +142,7 @@ def test_labkit_and_the_mp_backend_never_import_ray(tiny_ckpts):
     code = ("import sys; from labkit import LLM, SamplingParams\n"
             f"llm = LLM({str(tiny_ckpts['llama'])!r}, tensor_parallel_size=2)\n"
             "llm.generate(['Hello'], SamplingParams(max_tokens=2), use_tqdm=False)\n"
-            "llm.close()\n"
+            "llm.shutdown()\n"
             "assert 'ray' not in sys.modules, 'ray was imported'\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)

@@ -180,6 +180,12 @@ class RayWorkerGroup(WorkerGroup):
     def shutdown(self) -> None:
         if self.pg is None:
             return
+        if not ray.is_initialized():
+            # Ray was shut down first (ray.shutdown(), the interpreter's exit): a local
+            # instance took the actors with it, a cluster ends a driver's actors and groups
+            # when the driver disconnects. A call now would start a new Ray instead.
+            self.actors, self._ranks, self._inflight, self._ready, self.pg = [], [], [], [], None
+            return
         closing = [a.close.remote() for a in self._ranks]
         try:
             ray.get(closing, timeout=CLOSE_TIMEOUT_S)
