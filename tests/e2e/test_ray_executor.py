@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -23,6 +24,26 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
 RAY = dict(dtype="float32", tensor_parallel_size=2, distributed_executor_backend="ray")
+REPO = Path(__file__).resolve().parents[2]
+
+SCRIPT = """\
+import sys
+sys.path.insert(0, {repo!r})   # this checkout's labkit, whichever is installed
+import ray
+import labkit
+from labkit import LLM, SamplingParams
+
+llm = LLM({model!r}, tensor_parallel_size=2, distributed_executor_backend="ray")
+assert ray.is_initialized()
+actor = llm.engine.workers._ranks[0]
+theirs = ray.get(actor.__ray_call__.remote(lambda self: __import__("labkit").__file__))
+assert theirs == labkit.__file__, (theirs, labkit.__file__)
+out = llm.generate(["Hello"], SamplingParams(max_tokens=3), use_tqdm=False)
+assert len(out[0].outputs[0].token_ids) == 3
+llm.shutdown()
+assert ray.is_initialized()   # left up for the next engine
+print("OK")
+"""
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +88,18 @@ def _rank_processes() -> list[int]:
         except psutil.Error:
             pass
     return found
+
+
+def test_the_engine_starts_ray_and_its_actors_run_the_drivers_labkit(tiny_ckpts, tmp_path):
+    # First in the module, before the shared instance: the script's ray.init() must start Ray.
+    # No PYTHONPATH: the driver finds this checkout through sys.path only, its actors through
+    # the PYTHONPATH the backend gives them.
+    script = tmp_path / "ray_script.py"
+    script.write_text(SCRIPT.format(repo=str(REPO), model=str(tiny_ckpts["llama"])))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
 
 
 def test_ray_tp2_gives_the_tokens_of_mp(ray_cluster, tiny_ckpts):
