@@ -1,7 +1,8 @@
-"""distributed_executor_backend="ray" on the CPU: rank 1 is a Ray actor of a local 2-CPU Ray
-instance (shared by this module's tests and shut down at its end). It gives the "mp" backend's
-tokens, runs the driver's labkit, leaves no actor, placement group or process behind when the
-engine closes, and fails clearly when an actor cannot start or the cluster has no room."""
+"""distributed_executor_backend="ray" on the CPU: rank 1 is a Ray actor of a local Ray instance
+that the first engine starts (shared by this module's tests and shut down at its end). It gives
+the "mp" backend's tokens, runs the driver's labkit, leaves no actor, placement group or process
+behind when the engine closes, and fails clearly when an actor cannot start or the cluster has
+no room."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,36 +25,15 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
 RAY = dict(dtype="float32", tensor_parallel_size=2, distributed_executor_backend="ray")
-REPO = Path(__file__).resolve().parents[2]
-
-SCRIPT = """\
-import sys
-sys.path.insert(0, {repo!r})   # this checkout's labkit, whichever is installed
-import ray
-import labkit
-from labkit import LLM, SamplingParams
-
-llm = LLM({model!r}, tensor_parallel_size=2, distributed_executor_backend="ray")
-assert ray.is_initialized()
-actor = llm.engine.workers._ranks[0]
-theirs = ray.get(actor.__ray_call__.remote(lambda self: __import__("labkit").__file__))
-assert theirs == labkit.__file__, (theirs, labkit.__file__)
-out = llm.generate(["Hello"], SamplingParams(max_tokens=3), use_tqdm=False)
-assert len(out[0].outputs[0].token_ids) == 3
-llm.shutdown()
-assert ray.is_initialized()   # left up for the next engine
-print("OK")
-"""
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A local Ray instance with 2 CPUs: room for one TP=2 engine (a bundle per rank)."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False)
+    """Ray for this module's tests: started by its first engine (ray.init(), as for a user who
+    never calls it; this machine's CPUs), shut down at the module's end."""
+    was_up = ray.is_initialized()
     yield
-    if started:
+    if not was_up:
         ray.shutdown()
 
 
@@ -90,26 +70,16 @@ def _rank_processes() -> list[int]:
     return found
 
 
-def test_the_engine_starts_ray_and_its_actors_run_the_drivers_labkit(tiny_ckpts, tmp_path):
-    # First in the module, before the shared instance: the script's ray.init() must start Ray.
-    # No PYTHONPATH: the driver finds this checkout through sys.path only, its actors through
-    # the PYTHONPATH the backend gives them.
-    script = tmp_path / "ray_script.py"
-    script.write_text(SCRIPT.format(repo=str(REPO), model=str(tiny_ckpts["llama"])))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                       timeout=300, env=env, cwd=tmp_path)
-    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
-
-
 def test_ray_tp2_gives_the_tokens_of_mp(ray_cluster, tiny_ckpts):
     path = str(tiny_ckpts["llama"])
     with LLM(path, dtype="float32", tensor_parallel_size=2) as mp:
         prompts = QUICKSTART_PROMPTS + random_prompts(mp.config.model_config.vocab_size,
                                                       [1, 9, 40, 150], seed=6)
         ref = _tokens_and_logprobs(mp, prompts, 10)
+    started_by_us = not ray.is_initialized()
     with LLM(path, **RAY) as llm:
         assert type(llm.engine.workers).__name__ == "RayWorkerGroup"
+        assert ray.is_initialized()
         # Same ranks, same collectives (gloo), same order of sums: the very same numbers.
         assert _tokens_and_logprobs(llm, prompts, 10) == ref
         # The actor runs the labkit this process imported (the backend puts its root first on
@@ -120,6 +90,11 @@ def test_ray_tp2_gives_the_tokens_of_mp(ray_cluster, tiny_ckpts):
                           self.runner.placement.host)))
         import labkit
         assert theirs == (labkit.__file__, 1, llm.engine.workers.host)
+        from labkit.engine.executor.ray_actors import actor_env
+        root = str(Path(labkit.__file__).resolve().parents[1])
+        assert actor_env()["PYTHONPATH"].split(os.pathsep)[0] == root
+    # Ray stays up for the next engine, when the engine started it too.
+    assert ray.is_initialized() or not started_by_us
 
 
 def test_five_engines_in_a_row_leave_no_actor_group_or_process(ray_cluster, tiny_ckpts):
@@ -140,7 +115,7 @@ def test_five_engines_in_a_row_leave_no_actor_group_or_process(ray_cluster, tiny
     while _rank_processes() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _rank_processes() == []
-    assert ray.available_resources().get("CPU") == 2
+    assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
 
 
 def _resolved(tiny_ckpts, **overrides):
@@ -162,11 +137,12 @@ def test_an_actor_that_fails_to_start_is_a_clear_error(ray_cluster, tiny_ckpts):
 
 def test_more_ranks_than_the_cluster_holds_is_a_clear_error(ray_cluster, tiny_ckpts):
     from labkit.engine.executor.ray_actors import RayWorkerGroup
+    cpus = int(ray.cluster_resources()["CPU"])
     config = _resolved(tiny_ckpts)
-    config = dataclasses.replace(config, options=dataclasses.replace(config.options,
-                                                                     tensor_parallel_size=3))
-    with pytest.raises(RuntimeError, match="cannot place 3 tensor-parallel ranks: they need 3 "
-                                           "'CPU' and the cluster has 2"):
+    config = dataclasses.replace(config, options=dataclasses.replace(
+        config.options, tensor_parallel_size=cpus + 1))
+    with pytest.raises(RuntimeError, match=f"cannot place {cpus + 1} tensor-parallel ranks: they "
+                                           f"need {cpus + 1} 'CPU' and the cluster has {cpus}"):
         RayWorkerGroup(config)
     assert _labkit_actors() == [] and _live_placement_groups() == []
 
