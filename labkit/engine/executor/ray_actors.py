@@ -140,7 +140,8 @@ class RayWorkerGroup(WorkerGroup):
             devices = ray.get([a.devices.remote() for a in self.actors],
                               timeout=STARTUP_TIMEOUT_S)
             cards = _card_layout(devices)
-            self._rank0_cuda = _local_index(devices[0][1][0])
+            self._rank0_cuda = _local_index(devices[0][1][0],
+                                            os.environ.get("CUDA_VISIBLE_DEVICES"))
         self._ranks = ranks
         self._ready = [
             a.start_with_devices.remote(
@@ -208,10 +209,10 @@ def _card_layout(devices: list[tuple[str, list[str]]]) -> list[tuple[int, str]]:
     return [(order[node].index(ids[0]), ",".join(order[node])) for node, ids in devices]
 
 
-def _local_index(ray_gpu_id: str) -> int:
-    """Rank 0's card as this process numbers it: Ray's GPU ids are the entries of its node's
-    CUDA_VISIBLE_DEVICES (plain indices when unset), and this process may see only some."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+def _local_index(ray_gpu_id: str, visible: str | None) -> int:
+    """Rank 0's card as this process numbers it, given its CUDA_VISIBLE_DEVICES: Ray's GPU ids
+    are the entries of its node's CUDA_VISIBLE_DEVICES (plain indices when unset), and this
+    process may see only some."""
     if visible is None:
         return int(ray_gpu_id)
     entries = [v.strip() for v in visible.split(",")]
