@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import typing
 from dataclasses import MISSING, dataclass, field, fields
+
 from labkit.utils import check_field
 
 DTYPES = ("float32", "float", "bfloat16", "float16", "half")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "pt")
+EXECUTOR_BACKENDS = ("mp", "ray")
 
 
 def option(default, help: str, *, flags: tuple[str, ...] = (), choices: tuple | None = None):
@@ -37,6 +39,11 @@ class EngineConfig:
     tensor_parallel_size: int = option(
         1, "number of tensor-parallel ranks (one process each)",
         flags=("--tensor_parallel_size", "-tp"))
+    distributed_executor_backend: str = option(
+        "mp", "where tensor-parallel ranks 1..N-1 run: 'mp', child processes on this machine; "
+        "'ray', Ray actors on the GPUs (or CPUs) a Ray cluster assigns, across nodes too "
+        "(pip install labkit[ray]); rank 0 runs in the engine's process either way",
+        choices=EXECUTOR_BACKENDS)
     dtype: str = option("auto", "weights and activations; 'auto': float32 on the CPU, the "
                         "checkpoint's dtype on CUDA (float32 checkpoints run in bfloat16)",
                         choices=("auto",) + DTYPES)
@@ -82,8 +89,11 @@ class EngineConfig:
         False, "accepted for vLLM compatibility; labkit runs no code from checkpoints")
 
     def __post_init__(self) -> None:
-        check_field(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size,
-               ">= 1")
+        check_field(self.tensor_parallel_size >= 1, "tensor_parallel_size",
+                    self.tensor_parallel_size, ">= 1")
+        check_field(self.distributed_executor_backend in EXECUTOR_BACKENDS,
+                    "distributed_executor_backend", self.distributed_executor_backend,
+                    "'mp' or 'ray'")
         check_field(self.block_size >= 1, "block_size", self.block_size, ">= 1")
         check_field(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
         check_field(self.max_logprobs >= -1, "max_logprobs", self.max_logprobs,

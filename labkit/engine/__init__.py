@@ -8,8 +8,9 @@
   block_manager    paged KV blocks, block tables, the prefix cache
   model_runner     a step's batch tensors, the forward pass, CUDA graphs (cuda_graphs)
   sampler          logits -> tokens and logprobs, penalties and controls
-  request, detokenizer, stats, resolved_config (the options with every "auto" settled),
-  workers / tp_worker (tensor-parallel rank processes)
+  executor         where tensor-parallel ranks 1..N-1 run: child processes ("mp", tp_worker
+                   is their entry point) or Ray actors ("ray")
+  request, detokenizer, stats, resolved_config (the options with every "auto" settled)
 
 May import: models, layers, distributed, kernels, observe and the foundation modules; never
 entrypoints, bench, lab or cli.

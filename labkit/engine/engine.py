@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 import torch
 
 from labkit.engine.block_manager import BlockManager
+from labkit.engine.executor import start_workers
 from labkit.engine.input_processor import (
     InputProcessor,
     RequestLimits,
     eos_token_ids,
     load_tokenizer,
 )
-from labkit.engine.model_runner import ModelRunner, SeqWork
+from labkit.engine.model_runner import ModelRunner, RankPlacement, SeqWork
 from labkit.engine.output_processor import OutputProcessor
 from labkit.engine.request import Request
 from labkit.engine.resolved_config import ResolvedConfig
@@ -32,7 +33,6 @@ from labkit.engine.sampler import PendingSample, Sampler
 from labkit.engine.scheduler import ScheduledBatch, Scheduler
 from labkit.engine.stats import EngineStats, StepHistory
 from labkit.engine.structured_output import StructuredOutputManager
-from labkit.engine.workers import WorkerGroup
 from labkit.observe.labels import label_layers
 from labkit.observe.step_log import StepRecord
 from labkit.observe.timer import Marks
@@ -62,9 +62,10 @@ class LLMEngine:
     def __init__(self, config: ResolvedConfig):
         self.config = config
         tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config)
-        self.workers = WorkerGroup(config) if config.tensor_parallel_size > 1 else None
+        self.workers = start_workers(config)
         try:
-            self.runner = ModelRunner(config, 0, self.workers.port if self.workers else 0)
+            self.runner = ModelRunner(config, self.workers.rank0_placement() if self.workers
+                                      else RankPlacement())
             if self.workers:
                 self.workers.wait_ready()
         except BaseException:

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from labkit.engine.resolved_config import ResolvedConfig
 from labkit.distributed import TPGroup
 from labkit.engine.cuda_graphs import DecodeGraphs
+from labkit.engine.resolved_config import ResolvedConfig
 from labkit.layers.attention import AttentionBackend, AttentionInputs, SeqSlice
 from labkit.layers.attention.torch_backend import TorchAttentionBackend
 from labkit.layers.switches import KernelSwitches
@@ -46,13 +46,25 @@ class SeqWork:
     pending_row: int = -1
 
 
+@dataclass(frozen=True)
+class RankPlacement:
+    """Where one tensor-parallel rank runs and how it meets the others (plain data: it is sent
+    to the TP workers)."""
+    rank: int = 0
+    host: str = "127.0.0.1"         # the TP group's rendezvous: rank 0's address ...
+    port: int = 0                   # ... and port (unused for a single rank)
+    cuda_index: int | None = None   # this rank's CUDA card; None: card `rank`
+    custom_all_reduce: bool = True  # may use the NVLink peer all-reduce (same-host cards 0..N-1)
+
+
 class ModelRunner:
-    def __init__(self, config: ResolvedConfig, rank: int = 0, tp_port: int = 0):
+    def __init__(self, config: ResolvedConfig, placement: RankPlacement = RankPlacement()):
         self.config = config
-        self.rank = rank
+        self.placement = placement
+        self.rank = placement.rank
         self._init_device()
         self._init_kernel_switches()
-        self._init_tp_group(tp_port)
+        self._init_tp_group()
         self._load_model()
         self._init_attention_backend()
         activation_bytes = self._profile_activation_memory()
@@ -65,7 +77,9 @@ class ModelRunner:
         """This rank's device (CUDA card `rank`, or the CPU), its phase timer, and on a CPU
         shared by several ranks this process's share of the cores."""
         c = self.config
-        self.device = torch.device(c.device if c.device == "cpu" else f"cuda:{self.rank}")
+        index = self.placement.cuda_index
+        self.device = torch.device(c.device if c.device == "cpu"
+                                   else f"cuda:{self.rank if index is None else index}")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self._prev_threads = torch.get_num_threads()
@@ -83,12 +97,13 @@ class ModelRunner:
             from labkit.kernels.gemv import GemvWorkspace
             self.gemv_workspace = GemvWorkspace(self.device)
 
-    def _init_tp_group(self, tp_port: int) -> None:
-        """This rank's tensor-parallel group (a single rank when TP is 1); ranks meet at
-        127.0.0.1:`tp_port`."""
-        c = self.config
-        self.tp = TPGroup.create(self.rank, c.tensor_parallel_size, "127.0.0.1", tp_port,
-                                 self.device, not c.disable_custom_all_reduce, self.switches.pdl)
+    def _init_tp_group(self) -> None:
+        """This rank's tensor-parallel group (a single rank when TP is 1); ranks meet at the
+        placement's host and port."""
+        c, p = self.config, self.placement
+        self.tp = TPGroup.create(self.rank, c.tensor_parallel_size, p.host, p.port, self.device,
+                                 p.custom_all_reduce and not c.disable_custom_all_reduce,
+                                 self.switches.pdl)
 
     def _load_model(self) -> None:
         """Build the model with this engine's group, switches and workspace, and load it."""
@@ -197,7 +212,8 @@ class ModelRunner:
         return graphs
 
     @torch.inference_mode()
-    def execute(self, work: list[SeqWork], sampled: torch.Tensor | None = None) -> torch.Tensor | None:
+    def execute(self, work: list[SeqWork],
+                sampled: torch.Tensor | None = None) -> torch.Tensor | None:
         """Forward one step; returns on rank 0 the logits of the wanted rows, in order (all rows
         of an `all_logits` item, else its last row if `sample`); None elsewhere. `sampled`
         (rank 0): the previous step's sampled ids, where `pending_row`s point."""
@@ -217,7 +233,8 @@ class ModelRunner:
                 if w.pending_row >= 0:
                     pending_dst.append(row - 1)
                     pending_src.append(w.pending_row)
-            pending = self._pending_inputs(pending_dst, pending_src, sampled) if pending_dst else None
+            pending = (self._pending_inputs(pending_dst, pending_src, sampled) if pending_dst
+                       else None)
             rows = to_device(sample_rows, torch.long, self.device)
             graphed = self.graphs is not None and self.graphs.can_run(seqs)
             if not graphed:

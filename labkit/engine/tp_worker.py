@@ -1,17 +1,20 @@
-"""Entry point of a tensor-parallel worker process (rank >= 1); see workers.py."""
+"""Entry point of a tensor-parallel worker process of the "mp" backend (rank >= 1): a RankWorker
+fed over the pipe whose descriptor is the first argument; see executor/mp.py."""
 from __future__ import annotations
 
 import multiprocessing.connection as mpc
 import sys
 import traceback
 
+from labkit.engine.executor.base import RankWorker
+
 
 def _worker_main(fd: int) -> None:
     conn = mpc.Connection(fd)
-    config, rank, port = conn.recv()
-    from labkit.engine.model_runner import ModelRunner
+    config, placement = conn.recv()
+    worker = RankWorker()
     try:
-        runner = ModelRunner(config, rank, port)
+        worker.start(config, placement)
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         return
@@ -21,11 +24,11 @@ def _worker_main(fd: int) -> None:
             method, args = conn.recv()
             if method == "exit":
                 break
-            getattr(runner, method)(*args)
+            worker.call(method, args)
     except (EOFError, KeyboardInterrupt):
         pass  # the engine went away: exit quietly
     finally:
-        runner.close()
+        worker.close()
 
 
 if __name__ == "__main__":

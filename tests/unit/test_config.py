@@ -19,6 +19,7 @@ from labkit.engine.resolved_config import resolve
     ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
     ({"scheduling_policy": "lifo"}, "scheduling_policy"), ({"load_format": "onnx"}, "load_format"),
     ({"max_model_len": 0}, "max_model_len"), ({"num_kv_blocks": 0}, "num_kv_blocks"),
+    ({"distributed_executor_backend": "mpi"}, "distributed_executor_backend"),
 ])
 def test_a_bad_option_names_its_field_before_any_work(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}="):
@@ -49,6 +50,9 @@ def test_flags_take_vllm_spellings():
     assert kw["enable_prefix_caching"] is False and kw["enforce_eager"] is True
     assert kw["async_scheduling"] is True and kw["dtype"] == "bfloat16"
     assert engine_kwargs(parser.parse_args(["-tp", "4"]))["tensor_parallel_size"] == 4
+    backend = parser.parse_args(["--distributed-executor-backend", "ray"])
+    assert engine_kwargs(backend)["distributed_executor_backend"] == "ray"
+    assert kw["distributed_executor_backend"] == "mp"
     with pytest.raises(SystemExit):
         parser.parse_args(["--dtype", "fp4"])     # choices come from the field
 

@@ -1,6 +1,5 @@
-"""Tensor-parallel worker processes. Rank 0's ModelRunner lives in the engine's process; ranks
-1..N-1 run in child processes, each with its own ModelRunner, and repeat every call that rank 0
-makes (sent over a pipe), so the collectives inside the forward pass line up.
+"""The "mp" backend: ranks 1..N-1 run in child processes on this machine, each a RankWorker that
+repeats every call rank 0 makes (sent over a pipe).
 
 Children are started as `python -m labkit.engine.tp_worker`, not with multiprocessing's spawn:
 spawn re-runs the user's main script in the child, which breaks scripts without an
@@ -15,15 +14,15 @@ import subprocess
 import sys
 import time
 
+from labkit.engine.executor.base import STARTUP_TIMEOUT_S, WorkerGroup
+from labkit.engine.model_runner import RankPlacement
 from labkit.engine.resolved_config import ResolvedConfig
 from labkit.utils import free_port
 
-STARTUP_TIMEOUT_S = 600
 
-
-class WorkerGroup:
+class MpWorkerGroup(WorkerGroup):
     def __init__(self, config: ResolvedConfig):
-        self.port = free_port()
+        self.port = free_port(self.host)
         self.procs: list[subprocess.Popen] = []
         self.conns: list[mpc.Connection] = []
         for rank in range(1, config.tensor_parallel_size):
@@ -35,7 +34,7 @@ class WorkerGroup:
                 # its requests) must not kill the workers first; they exit when told or on EOF.
                 start_new_session=True)
             child.close()
-            parent.send((config, rank, self.port))
+            parent.send((config, RankPlacement(rank, self.host, self.port)))
             self.procs.append(proc)
             self.conns.append(parent)
 
