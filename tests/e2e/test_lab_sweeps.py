@@ -1,0 +1,146 @@
+"""A sweep that survives: interrupted (rows kept, engine closed), arguments checked before any
+model loads, its file written point by point and resumed; the spread and machine state of every
+point."""
+from __future__ import annotations
+
+import _thread
+import gc
+import json
+import math
+import threading
+
+import pytest
+
+import labkit
+from labkit import LLM
+from labkit.lab import machine, sweep_file, sweeps
+
+TINY_GRID = dict(input_lens=[8], output_lens=[4], num_iters=2, num_iters_warmup=0, progress=False)
+
+
+def _open_engines(model: str) -> list[LLM]:
+    gc.collect()
+    return [o for o in gc.get_objects() if type(o) is LLM and o.engine is not None
+            and str(o.config.model) == model]
+
+
+def test_interrupted_sweep_keeps_its_rows_and_closes_its_engine(tiny_ckpts, tmp_path):
+    # A copy of the checkpoint of its own, so no shared fixture's engine counts as ours.
+    import shutil
+    model = str(shutil.copytree(tiny_ckpts["llama"], tmp_path / "ckpt"))
+    out = tmp_path / "s.jsonl"
+    timers = []
+
+    def on_point(df):
+        # After the second point, Ctrl-C from another thread while the third one runs.
+        if len(df) == 2:
+            timers.append(threading.Timer(0.2, _thread.interrupt_main))
+            timers[-1].start()
+
+    # 64 output tokens a point (a second or more here): the interrupt lands inside the third.
+    result = labkit.sweep(model, batch_sizes=[1, 2, 4], input_lens=[8], output_lens=[64],
+                          num_iters=1, num_iters_warmup=0, progress=False, on_point=on_point,
+                          output=out)
+    assert result.interrupted and len(result.df) == 2
+    assert list(result.df.batch_size) == [1, 2]
+    assert labkit.last_sweep() is result
+    assert _open_engines(model) == []   # closed: weights and KV cache released
+    again = labkit.load_sweep(out)
+    assert again.df.equals(result.df) and again.meta["interrupted"]
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fails any test that builds an engine."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(LLM, "__init__", refuse)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(batch_sizes=[1, 4, 0]), "batch_sizes=.*0 is not a positive integer"),
+    (dict(input_lens=[8, "16"]), "input_lens"),
+    (dict(tensor_parallel_sizes=[1.5]), "tensor_parallel_sizes"),
+    (dict(output_lens=[]), "empty sweep"),
+    (dict(num_iters=0), "num_iters"),
+    (dict(on_interrupt="ignore"), "on_interrupt"),
+    (dict(no_such_engine_flag=1), "no_such_engine_flag"),
+])
+def test_every_argument_is_checked_before_a_model_loads(tiny_ckpts, no_model_loads, bad, match):
+    args = dict(dict(TINY_GRID, batch_sizes=[1]), **bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        labkit.sweep(str(tiny_ckpts["llama"]), **args)
+
+
+def test_resume_refuses_another_sweeps_file(tiny_ckpts, tmp_path, no_model_loads):
+    path = tmp_path / "old.jsonl"
+    path.write_text(json.dumps({"format": sweep_file.FORMAT, "meta": {
+        "params": {"model": "other", "mode": "latency", "backend": "labkit"}}}) + "\n")
+    with pytest.raises(ValueError, match="model="):
+        labkit.sweep(str(tiny_ckpts["llama"]), batch_sizes=[1], resume=path, **TINY_GRID)
+
+
+def test_file_grows_point_by_point_and_resume_runs_only_the_missing(tiny_ckpts, tmp_path):
+    model, path = str(tiny_ckpts["llama"]), tmp_path / "sweep.jsonl"
+    lines = []
+    first = labkit.sweep(model, batch_sizes=[1, 2], output=path, **TINY_GRID,
+                         on_point=lambda df: lines.append(len(path.read_text().splitlines())))
+    assert lines == [2, 3]   # the header, then one line per point as it finishes
+    started = []
+    second = labkit.sweep(model, batch_sizes=[1, 2, 4], resume=path, **TINY_GRID,
+                          on_start=started.append)
+    assert [p.batch_size for p in started] == [4]
+    assert list(second.df.batch_size) == [1, 2, 4]
+    assert second.df.iloc[:2].drop(columns="warnings").equals(first.df.drop(columns="warnings"))
+    reloaded = labkit.load_sweep(path)   # the same file grew
+    assert list(reloaded.df.batch_size) == [1, 2, 4] and reloaded.df.equals(second.df)
+    # A last line cut short (a crash mid-write) is skipped, the points before it stand.
+    path.write_text(path.read_text() + '{"point": {"model": "tin')
+    assert len(labkit.load_sweep(path).df) == 3
+    # Every point's step log is kept: its timed batches and its warm-up.
+    steps = reloaded.records[0].steps
+    assert sorted(steps.iteration.unique()) == [0, 1] and len(steps) == 2 * 4
+
+
+def test_points_carry_their_spread_and_the_machines_state(tiny_ckpts):
+    r = labkit.sweep(str(tiny_ckpts["llama"]), batch_sizes=[2], **dict(TINY_GRID, num_iters=3))
+    row = r.df.iloc[0]
+    assert row.num_iters == 3 and row.latency_std_s > 0
+    assert row.latency_ci_low_s <= row.avg_latency_s <= row.latency_ci_high_s
+    assert row.output_tok_s_ci_low <= row.output_tok_s <= row.output_tok_s_ci_high
+    assert math.isnan(row.p90_latency_s) and math.isnan(row.p99_latency_s)   # 3 samples
+    assert row.load_avg_1m >= 0 and 0 <= row.other_cpu_frac <= 1
+    assert math.isnan(row.gpu_util_pct)   # a CPU run
+    assert isinstance(row.warnings, str)
+    for kind in ("latency", "throughput", "floor"):   # the 95% interval as error bars
+        bars = r.plot(kind).data[0].error_y
+        assert bars.array is not None and bars.arrayminus is not None, kind
+
+
+def test_spread_and_warnings():
+    tight = machine.Spread.of([1.0, 1.01, 0.99])
+    assert tight.ci_low < 1.0 < tight.ci_high and tight.ci_fraction < 0.05
+    assert machine.warnings(tight, {"other_cpu_frac": 0.0, "load_avg_1m": 0.0}) == []
+    wild = machine.Spread.of([9.6, 2.2, 2.3])    # the same point minutes apart
+    assert wild.ci_fraction > 1 and wild.ci_low >= 2.2    # clamped to what was measured
+    said = machine.warnings(wild, {"other_cpu_frac": 0.5, "load_avg_1m": 100.0})
+    assert [w.split(":")[0].split(" ")[0] for w in said] == ["noisy", "busy", "load"]
+    assert machine.warnings(machine.Spread.of([1.0]), {}) == ["1 timed iteration: spread unknown"]
+    assert math.isnan(machine.percentile([1.0] * 8, 90))
+    assert machine.percentile([1.0] * 9, 90) == 1.0 and machine.percentile([2.0], 50) == 2.0
+
+
+def test_a_point_beating_the_ceilings_measures_them_again(tiny_ckpts, monkeypatch):
+    from labkit.lab import roofline
+    real, calls = roofline.ceilings, []
+
+    def ceilings(device, dtype, refresh=False):
+        calls.append(refresh)
+        c = real(device, dtype)
+        # A stale cached figure, a thousandth of the real one, until measured again.
+        return c if refresh else roofline.Ceilings(c.device_name, c.dtype, c.bytes_per_s / 1e3,
+                                                   c.flops_per_s / 1e3, c.threads)
+    monkeypatch.setattr(roofline, "ceilings", ceilings)
+    r = labkit.sweep(str(tiny_ckpts["llama"]), batch_sizes=[1, 2], **TINY_GRID)
+    assert calls == [False, True] and r.meta["ceilings_remeasured"]
+    assert (r.df.bw_fraction < 1).all() and (r.df.flops_fraction < 1).all()
