@@ -27,6 +27,7 @@ import pandas as pd
 
 from labkit.bench import throughput
 from labkit.lab import env, sweep_file
+from labkit.observe.trace import DEFAULT_PROFILE_DIR
 from labkit.lab.points import (COLUMNS, METRIC_COLUMNS, POINT_KEYS, SPREAD_COLUMNS, EngineGroup,
                                Point, PointRecord, batch_times, derive, run_point, split_batches)
 
@@ -276,7 +277,7 @@ def sweep(model: str | None = None, batch_sizes=DEFAULTS.batch_sizes, input_lens
     result = SweepResult(sweep_file.rows_frame(records), meta, records)
     _last[:] = [result]
     run = _Run(result, groups, writer, live, progress, len(todo), f"sweep ({mode}, {backend})",
-               on_point, on_start, stop, profile_dir if profile else None)
+               on_point, on_start, stop, (profile_dir or DEFAULT_PROFILE_DIR) if profile else None)
     try:
         run.all(todo)
     except KeyboardInterrupt:

@@ -144,3 +144,27 @@ def test_a_point_beating_the_ceilings_measures_them_again(tiny_ckpts, monkeypatc
     r = labkit.sweep(str(tiny_ckpts["llama"]), batch_sizes=[1, 2], **TINY_GRID)
     assert calls == [False, True] and r.meta["ceilings_remeasured"]
     assert (r.df.bw_fraction < 1).all() and (r.df.flops_fraction < 1).all()
+
+
+def test_a_point_opens_to_its_steps_operators_and_trace(tiny_ckpts, tmp_path):
+    r = labkit.sweep(str(tiny_ckpts["llama"]), batch_sizes=[1, 2], profile=True,
+                     profile_dir=tmp_path / "traces", output=tmp_path / "s.jsonl", **TINY_GRID)
+    p = r.slowest()
+    assert p.row.batch_size in (1, 2)
+    timeline = r.point(1).timeline()
+    assert len(timeline.data) and "batch=2" in timeline.layout.title.text
+    assert len(r.point(1).steps) == 2 * 4   # two timed batches of four steps
+    ops = r.point(1).operators()
+    assert set(ops) == {"categories", "operators"} and len(ops["operators"].data[0].x) > 0
+    assert r.point(1).categories().loc["matmul"].total_ms > 0
+    trace = r.point(1).trace()
+    lanes = {t.name for t in trace.data}
+    assert {"forward", "sample", "matmul", "attention", "operators"} <= lanes, lanes
+    assert all(len(t.x) > 0 for t in trace.data)
+    # The file keeps it all: a reloaded sweep opens the same way.
+    again = labkit.load_sweep(tmp_path / "s.jsonl")
+    assert again.point(1).categories().equals(r.point(1).categories())
+    assert len(again.point(1).trace().data) == len(trace.data)
+    unprofiled = labkit.sweep(str(tiny_ckpts["llama"]), batch_sizes=[1], **TINY_GRID)
+    with pytest.raises(ValueError, match="profile=True"):
+        unprofiled.point(0).operators()
