@@ -26,7 +26,8 @@ def in_notebook() -> bool:
 
 
 def has_widgets() -> bool:
-    """Whether plotly's FigureWidget works here (it needs ipywidgets, and anywidget on plotly 6+)."""
+    """Whether plotly's FigureWidget works here (it needs ipywidgets, and anywidget on
+    plotly 6+)."""
     try:
         go.FigureWidget()
     except ImportError:
@@ -252,14 +253,15 @@ EMPTY = pd.DataFrame({c: pd.Series(dtype=t) for c, t in
 def step_timeline(steps: pd.DataFrame) -> go.Figure:
     """Per engine step: its phases stacked (ms); below, the batch's prefill and decode sequences
     and the KV cache in use; preempting steps marked."""
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35], vertical_spacing=0.06,
-                        specs=[[{}], [{"secondary_y": True}]])
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35],
+                        vertical_spacing=0.06, specs=[[{}], [{"secondary_y": True}]])
     for col in PHASES:
         fig.add_bar(x=steps.step, y=steps[col], name=col.removesuffix("_ms"), row=1, col=1)
     pre = steps[steps.num_preemptions > 0]
     if len(pre):
-        fig.add_scatter(x=pre.step, y=pre.total_ms, mode="markers", name="preemption", row=1, col=1,
-                        marker=dict(symbol="x", size=11, color="red"), customdata=pre.num_preemptions,
+        fig.add_scatter(x=pre.step, y=pre.total_ms, mode="markers", name="preemption", row=1,
+                        col=1, marker=dict(symbol="x", size=11, color="red"),
+                        customdata=pre.num_preemptions,
                         hovertemplate="step %{x}: %{customdata} preempted<extra></extra>")
     fig.add_bar(x=steps.step, y=steps.num_prefill_seqs, name="prefill seqs", row=2, col=1,
                 marker_color="#636efa", opacity=0.6)
@@ -279,11 +281,11 @@ def step_timeline(steps: pd.DataFrame) -> go.Figure:
 def category_times(categories: pd.DataFrame) -> go.Figure:
     """A profile's category table as stacked bars, one per phase (prefill, decode)."""
     phases = [c for c in categories.columns if c.endswith("_ms") and c != "total_ms"]
-    fig = go.Figure(layout=dict(template=TEMPLATE, barmode="stack", title="Time by operator category",
-                                xaxis_title="ms"))
+    fig = go.Figure(layout=dict(template=TEMPLATE, barmode="stack",
+                                title="Time by operator category", xaxis_title="ms"))
     for cat, row in categories.iterrows():
-        fig.add_bar(y=[p.removesuffix("_ms") for p in phases], x=[row[p] for p in phases], name=str(cat),
-                    orientation="h")
+        fig.add_bar(y=[p.removesuffix("_ms") for p in phases], x=[row[p] for p in phases],
+                    name=str(cat), orientation="h")
     return fig
 
 
@@ -292,12 +294,16 @@ def write_report(path: str | Path, title: str, figures: dict, df: pd.DataFrame, 
     """One HTML file, plotly.js inlined once, so it opens offline."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures.values())]
+    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0))
+             for i, fig in enumerate(figures.values())]
     env = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
                   for k, v in {**meta.get("environment", {}), **meta.get("params", {})}.items())
-    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                    "<style>body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;font-size:13px}"
-                    "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}</style></head><body>"
+    path.write_text("<!doctype html><html><head><meta charset='utf-8'>"
+                    f"<title>{html.escape(title)}</title>"
+                    "<style>body{font-family:sans-serif;margin:2em} "
+                    "table{border-collapse:collapse;font-size:13px}"
+                    "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+                    "</style></head><body>"
                     f"<h1>{html.escape(title)}</h1><table>{env}</table>" + "".join(parts)
                     + "<h2>Points</h2>" + df.to_html(index=False, float_format=lambda x: f"{x:.4g}")
                     + "</body></html>")

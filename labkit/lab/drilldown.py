@@ -82,9 +82,10 @@ class PointDetail:
     def _ipython_display_(self) -> None:
         from IPython.display import HTML, display
         warn = self.row.get("warnings") or ""
-        display(HTML(f"<b>{html.escape(self.title())}</b>: {self.row.avg_latency_s:.4g} s "
-                     f"(95% CI {self.row.latency_ci_low_s:.4g} to {self.row.latency_ci_high_s:.4g}),"
-                     f" {self.row.floor_fraction:.0%} of the floor"
+        r = self.row
+        display(HTML(f"<b>{html.escape(self.title())}</b>: {r.avg_latency_s:.4g} s "
+                     f"(95% CI {r.latency_ci_low_s:.4g} to {r.latency_ci_high_s:.4g}),"
+                     f" {r.floor_fraction:.0%} of the floor"
                      + (f"; <span style='color:#c00'>{html.escape(warn)}</span>" if warn else "")))
         if self.steps is not None:
             display(self.timeline())
@@ -93,7 +94,8 @@ class PointDetail:
 
 
 def trace_events(path: str | Path) -> pd.DataFrame:
-    """The complete ('X') events of a Chrome trace (gzip or not): name, cat, tid, start_ms, dur_ms."""
+    """The complete ('X') events of a Chrome trace (gzip or not): name, cat, tid, start_ms,
+    dur_ms."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:

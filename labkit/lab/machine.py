@@ -15,12 +15,15 @@ a load average above the core count.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
 from dataclasses import dataclass
 
 import numpy as np
+
+log = logging.getLogger("labkit.lab")
 
 # Two-sided 95 % Student's t for 1..30 degrees of freedom; beyond, the normal's 1.96 is close.
 _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
@@ -159,3 +162,17 @@ def warnings(latency: Spread, machine: dict) -> list[str]:
     if load > cpus:
         out.append(f"load average {load:.1f} on {cpus} cores")
     return out
+
+
+def warn_untrustworthy(df) -> None:
+    """One warning for a sweep's points (a DataFrame with the warnings column) that beat the
+    ceilings even measured again, or ran noisy or on a busy machine."""
+    if len(df) and ((df.flops_fraction > 1).any() or (df.bw_fraction > 1).any()):
+        log.warning("some points beat this machine's ceilings even measured again: the copy and "
+                    "matmul microbenchmarks are not the limit there (caches?)")
+    noisy = df[df.warnings.str.contains("noisy|busy|load average", na=False)]
+    if len(noisy):
+        said = dict.fromkeys(w.split(":")[0] for ws in noisy.warnings for w in ws.split("; ")
+                             if not w.startswith("1 timed"))
+        log.warning("%d of %d points may not be trustworthy (%s; see the warnings column)",
+                    len(noisy), len(df), ", ".join(said))

@@ -167,3 +167,11 @@ def read(path: str | Path) -> tuple[dict, list[PointRecord]]:
 
 def rows_frame(records: list[PointRecord]) -> pd.DataFrame:
     return frame([r.row for r in records])
+
+
+def jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except TypeError:
+        return False

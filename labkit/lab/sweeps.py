@@ -26,10 +26,21 @@ from pathlib import Path
 import pandas as pd
 
 from labkit.bench import throughput
-from labkit.lab import env, sweep_file
+from labkit.lab import env, machine, sweep_file
+from labkit.lab.points import (
+    COLUMNS,
+    METRIC_COLUMNS,
+    POINT_KEYS,
+    SPREAD_COLUMNS,
+    EngineGroup,
+    Point,
+    PointRecord,
+    batch_times,
+    derive,
+    run_point,
+    split_batches,
+)
 from labkit.observe.trace import DEFAULT_PROFILE_DIR
-from labkit.lab.points import (COLUMNS, METRIC_COLUMNS, POINT_KEYS, SPREAD_COLUMNS, EngineGroup,
-                               Point, PointRecord, batch_times, derive, run_point, split_batches)
 
 __all__ = ["COLUMNS", "METRIC_COLUMNS", "POINT_KEYS", "SPREAD_COLUMNS", "DEFAULTS", "MODES",
            "SweepGrid", "SweepResult", "SweepComparison", "sweep", "load_sweep", "last_sweep",
@@ -173,7 +184,7 @@ def last_sweep() -> SweepResult | None:
     return _last[-1] if _last else None
 
 
-# ---- checking the arguments -----------------------------------------------------------------------
+# ---- checking the arguments -------------------------------------------------------------
 def _positive_ints(name: str, values) -> list[int]:
     values = list(values) if not isinstance(values, (str, bytes)) else [values]
     bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1]
@@ -222,7 +233,8 @@ def _resumed(path: str | Path, meta: dict) -> list[PointRecord]:
 
 
 # ---- running a sweep --------------------------------------------------------------------------
-def sweep(model: str | None = None, batch_sizes=DEFAULTS.batch_sizes, input_lens=DEFAULTS.input_lens,
+def sweep(model: str | None = None, batch_sizes=DEFAULTS.batch_sizes,
+          input_lens=DEFAULTS.input_lens,
           output_lens=DEFAULTS.output_lens, tensor_parallel_sizes=DEFAULTS.tensor_parallel_sizes,
           mode: str = DEFAULTS.mode, backend: str = DEFAULTS.backend,
           num_iters: int = DEFAULTS.num_iters, num_iters_warmup: int = DEFAULTS.num_iters_warmup,
@@ -255,7 +267,8 @@ def sweep(model: str | None = None, batch_sizes=DEFAULTS.batch_sizes, input_lens
                            output_lens=_positive_ints("output_lens", output_lens),
                            tensor_parallel_sizes=tp_sizes, mode=mode, backend=backend,
                            num_iters=num_iters, num_iters_warmup=num_iters_warmup, seed=seed),
-            "engine_args": {k: v if _jsonable(v) else repr(v) for k, v in engine_args.items()}}
+            "engine_args": {k: v if sweep_file.jsonable(v) else repr(v)
+                            for k, v in engine_args.items()}}
     records = _resumed(resume, meta) if resume is not None else []
     if resume is not None and output is None:
         output = resume
@@ -292,7 +305,7 @@ def sweep(model: str | None = None, batch_sizes=DEFAULTS.batch_sizes, input_lens
         run.end(f"failed: {type(e).__name__}: {e}", interrupted=True)
         raise
     run.end("stopped" if run.stopped else "done", interrupted=run.stopped)
-    _summarise(result)
+    machine.warn_untrustworthy(result.df)
     return result
 
 
@@ -304,7 +317,8 @@ class _Run:
                  total: int, desc: str, on_point, on_start, stop, profile_dir):
         from labkit.lab import charts
         self.result, self.groups, self.writer = result, groups, writer
-        self.on_point, self.on_start, self.stop, self.profile_dir = on_point, on_start, stop, profile_dir
+        self.on_point, self.on_start, self.stop = on_point, on_start, stop
+        self.profile_dir = profile_dir
         self.finished, self.stopped = 0, False
         notebook = charts.in_notebook()
         self.chart = None
@@ -370,25 +384,3 @@ class _Run:
 
 def _beats_ceilings(row: dict) -> bool:
     return row["flops_fraction"] > 1 or row["bw_fraction"] > 1
-
-
-def _summarise(result: SweepResult) -> None:
-    df = result.df
-    if len(df) and ((df.flops_fraction > 1).any() or (df.bw_fraction > 1).any()):
-        log.warning("some points beat this machine's ceilings even measured again: the copy and "
-                    "matmul microbenchmarks are not the limit there (caches?)")
-    noisy = df[df.warnings.str.contains("noisy|busy|load average", na=False)]
-    if len(noisy):
-        log.warning("%d of %d points may not be trustworthy (see the warnings column): %s",
-                    len(noisy), len(df), "; ".join(dict.fromkeys(
-                        w for ws in noisy.warnings for w in ws.split("; ")
-                        if not w.startswith("1 timed"))))
-
-
-def _jsonable(value) -> bool:
-    import json
-    try:
-        json.dumps(value)
-        return True
-    except TypeError:
-        return False

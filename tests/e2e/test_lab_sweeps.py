@@ -13,7 +13,7 @@ import pytest
 
 import labkit
 from labkit import LLM
-from labkit.lab import machine, sweep_file, sweeps
+from labkit.lab import machine, sweep_file
 
 TINY_GRID = dict(input_lens=[8], output_lens=[4], num_iters=2, num_iters_warmup=0, progress=False)
 
@@ -168,3 +168,26 @@ def test_a_point_opens_to_its_steps_operators_and_trace(tiny_ckpts, tmp_path):
     unprofiled = labkit.sweep(str(tiny_ckpts["llama"]), batch_sizes=[1], **TINY_GRID)
     with pytest.raises(ValueError, match="profile=True"):
         unprofiled.point(0).operators()
+
+
+def test_live_chart_drops_stale_series_when_tp_varies():
+    import pandas as pd
+
+    from labkit.lab import charts, live
+    if not charts.has_widgets():
+        pytest.skip("no FigureWidget here")
+    row = dict(model="m", backend="labkit", batch_size=1, input_len=8, output_len=4,
+               avg_latency_s=1.0, latency_ci_low_s=0.9, latency_ci_high_s=1.1, output_tok_s=4.0,
+               output_tok_s_ci_low=3.6, output_tok_s_ci_high=4.4, floor_latency_s=0.5,
+               floor_fraction=0.5, warnings="")
+    tp1 = pd.DataFrame([dict(row, tensor_parallel_size=1)])
+    both = pd.DataFrame([dict(row, tensor_parallel_size=1), dict(row, tensor_parallel_size=2)])
+    # Not told the TP sizes: the tp=1 series is renamed once tp=2 arrives; the old name goes.
+    chart = live.LiveChart()
+    chart.update(tp1)
+    chart.update(both)
+    assert sorted(t.name for t in chart.widget.data) == ["in=8 out=4 tp=1", "in=8 out=4 tp=2"]
+    # Told them: named for the whole sweep from the first point on.
+    chart = live.LiveChart(tp_sizes=[1, 2])
+    chart.update(tp1)
+    assert [t.name for t in chart.widget.data] == ["in=8 out=4 tp=1"]
