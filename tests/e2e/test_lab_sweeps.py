@@ -191,3 +191,33 @@ def test_live_chart_drops_stale_series_when_tp_varies():
     chart = live.LiveChart(tp_sizes=[1, 2])
     chart.update(tp1)
     assert [t.name for t in chart.widget.data] == ["in=8 out=4 tp=1"]
+
+
+def test_cli_sweep_interrupted_keeps_its_files_and_resumes(tiny_ckpts, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pandas as pd
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "labkit.cli", "sweep", "--model", str(tiny_ckpts["llama"]),
+           "--batch-sizes", "1", "2", "4", "--input-lens", "8", "--output-lens", "64",
+           "--num-iters", "1", "--num-iters-warmup", "0", "--output-dir", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    jsonl = out / "sweep.jsonl"
+    deadline = time.monotonic() + 120
+    # Ctrl-C once the first point is in the file (the header and one point line).
+    while not (jsonl.exists() and len(jsonl.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    done = len(pd.read_csv(out / "sweep.csv"))
+    assert 1 <= done < 3 and (out / "sweep.html").exists() and "--resume" in output
+    # Resumed: only the missing points run, the file ends with all three.
+    resumed = subprocess.run(cmd + ["--resume", str(jsonl)], capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert list(labkit.load_sweep(jsonl).df.batch_size) == [1, 2, 4]
