@@ -22,10 +22,11 @@ from labkit.version import __version__
 __all__ = ["LLM", "SamplingParams", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence",
            "RequestOutputKind", "StructuredOutputsParams", "GuidedDecodingParams", "EngineConfig",
            "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics", "sweep", "load_sweep",
-           "dashboard", "profile", "__version__"]
+           "last_sweep", "serving_sweep", "dashboard", "profile", "__version__"]
 
 # The lab loads on first use, so `import labkit` does not import plotly or ipywidgets.
 _LAB = {"sweep": "labkit.lab.sweeps", "load_sweep": "labkit.lab.sweeps",
+        "last_sweep": "labkit.lab.sweeps", "serving_sweep": "labkit.lab.serving",
         "dashboard": "labkit.lab.widgets", "profile": "labkit.lab.profiling"}
 
 

@@ -61,16 +61,16 @@ def add_bench_parser(sub) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from labkit.lab import sweeps
-    return sweeps.main(args, engine_kwargs(args))
+    from labkit.lab import sweep_cli
+    return sweep_cli.main(args, engine_kwargs(args))
 
 
 def add_sweep_parser(sub) -> None:
     """`labkit sweep`: labkit.sweep() over a grid; writes the DataFrame and an HTML report."""
-    from labkit.lab import sweeps
+    from labkit.lab import sweep_cli
     p = sub.add_parser("sweep", help="benchmark a grid of batch sizes and lengths (DataFrame + HTML report)",
                        conflict_handler="resolve")
-    sweeps.add_args(p)
+    sweep_cli.add_args(p)
     p.set_defaults(func=cmd_sweep)
 
 

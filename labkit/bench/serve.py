@@ -54,6 +54,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-range-ratio", type=float, default=0.0, dest="random_range_ratio")
     p.add_argument("--random-prefix-len", type=int, default=0, dest="random_prefix_len")
     p.add_argument("--save-result", action="store_true", dest="save_result")
+    p.add_argument("--save-detailed", action="store_true", dest="detailed",
+                   help="also each request's input and output length, TTFT, ITLs, E2EL and error")
 
 
 def add_client_args(p: argparse.ArgumentParser) -> None:
@@ -109,9 +111,12 @@ def run(*, backend: str = "openai", base_url: str | None = None, host: str = "12
         max_concurrency: int | None = None, ignore_eos: bool = False,
         percentile_metrics: str = "ttft,tpot,itl", metric_percentiles: str = "99",
         goodput: list[str] | None = None, save_result: bool = False, result_dir: str | None = None,
-        result_filename: str | None = None, seed: int = 0, disable_tqdm: bool = False) -> dict:
+        result_filename: str | None = None, seed: int = 0, disable_tqdm: bool = False,
+        detailed: bool = False) -> dict:
     """vLLM's serving result dict (see the module docstring). Safe to call from a notebook: with
-    an event loop already running, the benchmark runs on a thread of its own."""
+    an event loop already running, the benchmark runs on a thread of its own. `detailed`: as
+    vLLM's --save-detailed, per request (in the dataset's order) "input_lens", "output_lens",
+    "ttfts", "itls", "e2els" (seconds; 0 / [] for a failed request) and "errors" ("" if none)."""
     metrics, ps, slos = parse_options(percentile_metrics, metric_percentiles, goodput,
                                       request_rate, burstiness)
     base = (base_url or f"http://{host}:{port}").rstrip("/")
@@ -130,6 +135,8 @@ def run(*, backend: str = "openai", base_url: str | None = None, host: str = "12
     result = result_header(backend, model_id, tokenizer_id, num_prompts, request_rate, burstiness,
                            max_concurrency)
     result |= compute_metrics(results, duration, tok, metrics, ps, slos)
+    if detailed:
+        result |= _details(results, tok)
     if save_result:
         write_result(result, result_dir, result_filename)
     return result
@@ -255,8 +262,7 @@ def compute_metrics(results: list[RequestResult], duration: float, tok, metrics:
     """vLLM's calculate_metrics: throughputs over the whole run; TTFT, TPOT, ITL, E2EL over the
     successful requests (each list 0 when empty); goodput = requests within every SLO."""
     done = [r for r in results if r.success]
-    out_lens = [r.output_tokens or len(tok(r.generated_text, add_special_tokens=False).input_ids)
-                for r in done]
+    out_lens = [_output_len(r, tok) for r in done]
     total_in, total_out = sum(r.prompt_len for r in done), sum(out_lens)
     tpot = [(r.latency - r.ttft) / (n - 1) if n > 1 else 0.0 for r, n in zip(done, out_lens)]
     values = {"ttft": [r.ttft for r in done], "tpot": [t for t, n in zip(tpot, out_lens) if n > 1],
@@ -295,6 +301,18 @@ def parse_options(percentile_metrics: str, metric_percentiles: str, goodput: lis
         raise ValueError(f"request_rate={request_rate!r}, burstiness={burstiness!r}: "
                          "both must be > 0")
     return metrics, ps, _parse_goodput(goodput)
+
+
+def _details(results: list[RequestResult], tok) -> dict:
+    """Each request's figures, vLLM's detailed keys (plus "e2els")."""
+    return {"input_lens": [r.prompt_len for r in results],
+            "output_lens": [_output_len(r, tok) if r.success else 0 for r in results],
+            "ttfts": [r.ttft for r in results], "itls": [r.itl for r in results],
+            "e2els": [r.latency for r in results], "errors": [r.error for r in results]}
+
+
+def _output_len(r: RequestResult, tok) -> int:
+    return r.output_tokens or len(tok(r.generated_text, add_special_tokens=False).input_ids)
 
 
 def _parse_list(text: str, allowed: tuple[str, ...], name: str) -> list[str]:

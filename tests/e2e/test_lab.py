@@ -6,6 +6,7 @@ import gzip
 import json
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -27,9 +28,11 @@ def default_sweep():
 @pytest.mark.slow
 def test_sweep_has_a_filled_row_per_point(default_sweep):
     df = default_sweep.df
-    assert list(df.columns) == sweeps.POINT_KEYS + sweeps.METRIC_COLUMNS
+    assert list(df.columns) == sweeps.COLUMNS
     assert sorted(zip(df.batch_size, df.input_len)) == [(1, 32), (1, 128), (4, 32), (4, 128)]
-    assert df.notna().all().all(), df.columns[df.isna().any()].tolist()
+    # One timed iteration: no spread, no p90 / p99 (they'd be that one sample).
+    measured = df[[c for c in sweeps.METRIC_COLUMNS if c not in ("p90_latency_s", "p99_latency_s")]]
+    assert measured.notna().all().all(), measured.columns[measured.isna().any()].tolist()
     assert (df.ttft_s < df.avg_latency_s).all() and (df.tpot_s > 0).all()
     assert ((df.peak_kv_usage > 0) & (df.peak_kv_usage <= 1)).all()
     assert (df.floor_fraction > 0).all() and (df.floor_latency_s < df.avg_latency_s * 2).all()
@@ -41,11 +44,22 @@ def test_sweep_has_a_filled_row_per_point(default_sweep):
 def test_sweep_plots_saves_and_compares(default_sweep, tmp_path):
     figs = default_sweep.plot()
     assert set(figs) == set(charts.KINDS) and all(isinstance(f, go.Figure) for f in figs.values())
-    assert all(len(f.data) > 0 for f in figs.values())
+    # Every chart drawn; the TP speed-up says it has one TP size to show.
+    assert all(len(f.data) > 0 for k, f in figs.items() if k != "tp_speedup")
+    assert "one TP size" in figs["tp_speedup"].layout.annotations[0].text
+    # The roofline: each marker labelled by its point, the ceilings' values and the ridge marked.
+    roof = figs["roofline"]
+    assert list(roof.data[0].text) == ["b1 i32 o16", "b4 i32 o16", "b1 i128 o16", "b4 i128 o16"]
+    marks = " ".join(a.text for a in roof.layout.annotations)
+    assert "ridge" in marks and "GB/s" in marks and "GFLOP/s" in marks
     again = labkit.load_sweep(default_sweep.save(tmp_path / "s.json"))
     assert again.df.equals(default_sweep.df) and again.meta == default_sweep.meta
     cmp = default_sweep.compare(again)
     assert cmp.labels == ("before", "after") and len(cmp.df) == 4
+    other_mode = labkit.load_sweep(tmp_path / "s.json")
+    other_mode.meta["params"]["mode"] = "throughput"
+    with pytest.raises(ValueError, match="mode='latency'.*mode='throughput'"):
+        default_sweep.compare(other_mode)
     assert (cmp.df.avg_latency_s_ratio == 1).all()
     assert isinstance(cmp.plot("ttft_s"), go.Figure)
 
@@ -71,7 +85,9 @@ def test_labkit_vs_hf_on_a_tiny_checkpoint(tiny_ckpts):
     lk = labkit.sweep(model, mode="throughput", **grid)
     hf = labkit.sweep(model, mode="throughput", backend="hf", num_iters_warmup=0, **grid)
     assert hf.df.peak_kv_usage.isna().all()   # transformers has no paged cache to report
-    assert hf.df.drop(columns="peak_kv_usage").notna().all().all()
+    measured = hf.df[[c for c in sweeps.METRIC_COLUMNS if c not in ("peak_kv_usage", "p90_latency_s",
+                                                                    "p99_latency_s")]]
+    assert measured.notna().all().all()
     cmp = lk.compare(hf)
     assert cmp.labels == ("labkit", "hf") and list(cmp.df.batch_size) == [1, 2]
     assert (cmp.df.output_tok_s_ratio > 0).all()
@@ -137,16 +153,28 @@ def test_profile_attributes_the_wall_time(default_llm, tmp_path):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
-def test_dashboard_runs_and_exports(tiny_ckpts, tmp_path):
+def test_dashboard_runs_stops_and_exports(tiny_ckpts, tmp_path):
     d = labkit.dashboard(str(tiny_ckpts["llama"]), batch_sizes=[1, 2], input_lens=[8], output_lens=[3],
                          export_dir=tmp_path)
-    d.run_button.click()
-    assert len(d.result.df) == 2 and d.progress.value == 2 and "done" in d.status.value
-    assert [len(t.x) for t in d.chart.widget.data] == [2]
+    d.run_button.click()   # the sweep runs on a thread: the kernel stays free for Stop
+    d.wait(300)
+    assert len(d.result.df) == 2 and d.progress.value == 2 and d.status.value.startswith("done: 2 points")
+    assert set(d.charts) == {"latency", "throughput", "floor"}
+    assert all([len(t.x) for t in c.widget.data] == [2] for c in d.charts.values())
     d.csv_button.click()
     d.json_button.click()
     assert len(pd.read_csv(tmp_path / "sweep.csv")) == 2
-    assert labkit.load_sweep(tmp_path / "sweep.json").df.equals(d.result.df)
+    assert labkit.load_sweep(tmp_path / "sweep.jsonl").df.equals(d.result.df)
+    # Stop: the point in progress finishes, no further one starts, the rows so far stay.
+    d.batch_sizes.value, d.output_lens.value = "1, 2, 4, 8", "24"
+    d.run_button.click()
+    while d.progress.value < 1 and d.thread.is_alive():
+        time.sleep(0.02)
+    d.stop_button.click()
+    d.wait(300)
+    assert 1 <= len(d.result.df) < 4 and d.result.interrupted
+    assert d.status.value.startswith(f"stopped after {len(d.result.df)} of 4 points"), d.status.value
+    assert not d.run_button.disabled and d.stop_button.disabled
     d.batch_sizes.value = "one"
     d.run_button.click()    # a bad field is reported beside the controls, not raised
     assert "ValueError" in d.status.value and not d.run_button.disabled
@@ -157,7 +185,7 @@ def test_cli_sweep_writes_dataframe_and_offline_report(tiny_ckpts, tmp_path):
     out = tmp_path / "out"
     assert main(["sweep", "--model", str(tiny_ckpts["llama"]), "--batch-sizes", "1", "2", "--input-lens", "8",
                  "--output-lens", "4", "--num-iters", "1", "--output-dir", str(out)]) == 0
-    result = labkit.load_sweep(out / "sweep.json")
+    result = labkit.load_sweep(out / "sweep.jsonl")
     assert len(result.df) == 2 and len(pd.read_csv(out / "sweep.csv")) == 2
     html = (out / "sweep.html").read_text()
     # Self-contained: plotly.js inlined (no script from a CDN), one chart per kind.

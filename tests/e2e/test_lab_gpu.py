@@ -20,7 +20,9 @@ def test_sweep_on_gpu():
     r = labkit.sweep(MODEL, batch_sizes=[1, 16], input_lens=[256], output_lens=[32], num_iters=2,
                      progress=False, live=False, **DUMMY)
     df = r.df
-    assert df.notna().all().all(), df.columns[df.isna().any()].tolist()
+    # Two timed iterations: the mean and its interval, no p90 / p99 (too few samples).
+    measured = df.drop(columns=["p90_latency_s", "p99_latency_s", "warnings"])
+    assert measured.notna().all().all(), measured.columns[measured.isna().any()].tolist()
     assert (df.ttft_s < df.avg_latency_s).all() and (df.decode_tok_s[1] > df.decode_tok_s[0])
     assert ((df.bw_fraction > 0) & (df.floor_fraction > 0)).all()
     assert r.meta["environment"]["device_name"] == torch.cuda.get_device_name()

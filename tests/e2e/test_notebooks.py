@@ -119,7 +119,7 @@ def test_sweep_notebook_runs_in_jupyterlab(jupyterlab, tiny_ckpts, tmp_path):
                                   has_text="Traceback").all_inner_texts()
             page.locator(".jp-Cell").first.scroll_into_view_if_needed()
             page.screenshot(path=str(shots / "jupyterlab_sweep.png"))
-            page.locator(".jp-OutputArea .js-plotly-plot").nth(5).scroll_into_view_if_needed()   # the roofline
+            page.locator(".jp-OutputArea .js-plotly-plot").nth(6).scroll_into_view_if_needed()   # the roofline
             page.screenshot(path=str(shots / "jupyterlab_charts.png"))
             # The dashboard works through the real front end: Run, and its chart fills in.
             page.locator(".jp-OutputArea .jupyter-widgets button", has_text="Run").click()
@@ -137,3 +137,43 @@ def test_sweep_notebook_runs_in_jupyterlab(jupyterlab, tiny_ckpts, tmp_path):
     saved = nbformat.read(root / "sweep.ipynb", as_version=4)
     outputs = [o for c in saved.cells if c.cell_type == "code" for o in c.outputs]
     assert outputs and not [o for o in outputs if o.output_type == "error"]
+
+
+def test_a_saved_notebook_keeps_static_charts(tiny_ckpts, tmp_path):
+    """Executed, saved and reloaded (nbclient, nbformat): the live chart and the dashboard leave
+    static plotly figures behind, and the progress is HTML text, not a widget that a saved
+    notebook (nbconvert, GitHub) can't draw."""
+    from nbclient import NotebookClient
+    model = str(tiny_ckpts["llama"])
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in (
+        f"import labkit\nr = labkit.sweep({model!r}, batch_sizes=[1, 2], input_lens=[8], "
+        "output_lens=[4], num_iters=1)",
+        f"d = labkit.dashboard({model!r}, batch_sizes=[1, 2], input_lens=[8], output_lens=[3])\nd",
+        "d.run();",   # what the Run button does, here in the cell
+    )]
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}},
+                   store_widget_state=False).execute()
+    nbformat.write(nb, tmp_path / "saved.ipynb")
+    saved = nbformat.read(tmp_path / "saved.ipynb", as_version=4)
+    errors = [o for c in saved.cells for o in c.outputs if o.output_type == "error"]
+    assert not errors, errors
+    plotly = "application/vnd.plotly.v1+json"
+    widget = "application/vnd.jupyter.widget-view+json"
+
+    def outputs(cell):
+        return [o for o in cell.outputs if o.output_type in ("display_data", "execute_result")]
+
+    sweep_out = outputs(saved.cells[0])
+    # The live chart became a static figure with its two points; no widget is left.
+    static = [o for o in sweep_out if plotly in o.data]
+    assert len(static) == 1 and [len(t["x"]) for t in static[0].data[plotly]["data"]] == [2]
+    assert "text/html" in static[0].data
+    assert not [o for o in sweep_out if widget in o.data]
+    assert any("2 / 2 points" in o.data.get("text/html", "") and "done" in o.data["text/html"]
+               for o in sweep_out)
+    # The dashboard: its widget (drawn only where widgets run) and, after the run, its three
+    # charts as static figures.
+    dash_out = outputs(saved.cells[1])
+    assert [o for o in dash_out if widget in o.data]
+    assert len([o for o in dash_out if plotly in o.data]) == 3
