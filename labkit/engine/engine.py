@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from concurrent.futures import FIRST_COMPLETED
-from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +30,7 @@ from labkit.engine.resolved_config import ResolvedConfig
 from labkit.engine.sampler import PendingSample, Sampler
 from labkit.engine.scheduler import ScheduledBatch, Scheduler
 from labkit.engine.stats import EngineStats, StepHistory
-from labkit.engine.structured_output import StructuredOutputManager
+from labkit.engine.structured_output import GrammarWaitlist, StructuredOutputManager
 from labkit.observe.labels import label_layers
 from labkit.observe.step_log import StepRecord
 from labkit.observe.timer import Marks
@@ -88,7 +86,7 @@ class LLMEngine:
         self.sampler = Sampler(config.seed, eos, self.runner.device)
         self.structured = StructuredOutputManager(tokenizer, config.model_config.vocab_size, eos,
                                                   self.runner.device)
-        self._compiling: list[Request] = []   # constrained, their grammar not compiled yet
+        self._compiling = GrammarWaitlist()
         self._history = StepHistory()
         self._inflight: _Step | None = None   # async scheduling: launched, not yet completed
         self.timer = self.runner.timer
@@ -133,14 +131,13 @@ class LLMEngine:
                 self.scheduler.add(req)
             else:
                 req.grammar = self.structured.state(so)
-                self._compiling.append(req)
+                self._compiling.add(req)
         self._admit_compiled()
         return request_id
 
     def abort_request(self, request_id: str) -> None:
         for req in self.output_processor.abort_request(request_id):
-            if req in self._compiling:
-                self._compiling.remove(req)
+            self._compiling.discard(req)
             self.scheduler.finish(req)
 
     def has_unfinished_requests(self) -> bool:
@@ -152,18 +149,11 @@ class LLMEngine:
         ends its request."""
         if not self._compiling:
             return
-        waiting = []
-        for req in self._compiling:
-            if not req.grammar.ready:
-                waiting.append(req)
-                continue
-            try:
-                req.grammar.start()
-            except Exception as e:   # validated, so rare: it fails this request, not the engine
-                self._fail_request(req, e)
-                continue
+        ready, failed = self._compiling.take_compiled()
+        for req, err in failed:   # validated, so rare: it fails this request, not the engine
+            self._fail_request(req, err)
+        for req in ready:
             self.scheduler.add(req)
-        self._compiling = waiting
 
     def reset_prefix_cache(self) -> bool:
         return self.block_manager.reset_prefix_cache()
@@ -205,8 +195,7 @@ class LLMEngine:
             self.timer.take()
             if self._compiling and not self.scheduler.has_work():
                 # Only grammars compiling: wait for one rather than spin.
-                wait_futures([r.grammar.future for r in self._compiling], timeout=0.05,
-                             return_when=FIRST_COMPLETED)
+                self._compiling.wait(timeout=0.05)
             self._fail_unschedulable()
             return self.output_processor.outputs(set())
         try:
@@ -354,16 +343,15 @@ class LLMEngine:
     def _advance_grammars(self, reqs: list[Request], now: float) -> None:
         """Each constrained sequence's matcher takes its new token. A sequence whose grammar
         has terminated (it accepted a stop token that ignore_eos kept going) ends with "stop"; one
-        whose token broke the grammar (nothing was allowed) ends with "abort"."""
+        whose token broke the grammar (nothing was allowed) ends with "error"."""
         for r in reqs:
             st = r.grammar
             if st is None or r.finished:
                 continue
             if not self.structured.sync(st, r.output_token_ids):
-                log.warning("request %s: token %d breaks its grammar; ending it", r.request_id,
-                            r.token_ids[-1])
-                self.output_processor.end(r, "abort", now)
-            elif st.matcher.is_terminated():
+                self._fail_request(r, ValueError(f"token {r.token_ids[-1]} breaks the grammar"))
+                continue
+            if st.matcher.is_terminated():
                 self.output_processor.end(r, "stop", now)
             else:
                 continue

@@ -20,7 +20,8 @@ import json
 import logging
 import re
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,46 @@ class GrammarState:
     def start(self) -> None:
         """Build the matcher once the grammar compiled (raises its compile error)."""
         self.matcher = xgr.GrammarMatcher(self.future.result())
+
+
+class GrammarWaitlist:
+    """Constrained requests whose grammar is still compiling wait here, outside the scheduler,
+    so that the batch runs on without them."""
+
+    def __init__(self):
+        self._waiting: list = []   # Requests, in arrival order
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def add(self, req) -> None:
+        self._waiting.append(req)
+
+    def discard(self, req) -> None:
+        if req in self._waiting:
+            self._waiting.remove(req)
+
+    def take_compiled(self) -> tuple[list, list[tuple[object, Exception]]]:
+        """The requests whose grammar compiled (their matcher started), and those whose grammar
+        failed, with the error; the others keep waiting."""
+        ready, failed, waiting = [], [], []
+        for req in self._waiting:
+            if not req.grammar.ready:
+                waiting.append(req)
+                continue
+            try:
+                req.grammar.start()
+            except Exception as e:
+                failed.append((req, e))
+                continue
+            ready.append(req)
+        self._waiting = waiting
+        return ready, failed
+
+    def wait(self, timeout: float) -> None:
+        """Until one grammar is compiled, or `timeout` seconds."""
+        wait_futures([r.grammar.future for r in self._waiting], timeout=timeout,
+                     return_when=FIRST_COMPLETED)
 
 
 class StructuredOutputManager:

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["CATEGORIES", "Capture", "ProfileResult", "profile", "profiling"]
 
 
-@dataclass
+@dataclass(repr=False)
 class ProfileResult(Profile):
     """A Profile with the run's outputs, shown in a notebook as the step timeline, the category
     chart and the category table."""

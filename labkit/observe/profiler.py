@@ -25,7 +25,7 @@ from labkit.observe.attribution import attribute, category_table
 from labkit.observe.trace import DEFAULT_PROFILE_DIR
 
 
-@dataclass
+@dataclass(repr=False)
 class Profile:
     steps: pd.DataFrame        # the step-log rows of the profiled region
     categories: pd.DataFrame   # ms per category (rows) for prefill, decode, other steps, and total
@@ -37,6 +37,18 @@ class Profile:
     def coverage(self) -> float:
         """Attributed time / wall time: the rest ran outside any traced event."""
         return float(self.categories.total_ms.sum()) / self.wall_ms
+
+    def summary(self) -> str:
+        """A few lines: the region, its steps, where the time went, and the trace."""
+        top = self.categories.total_ms.sort_values(ascending=False).head(5)
+        lines = [f"profile: {len(self.steps)} steps, {self.wall_ms:.1f} ms wall, "
+                 f"{self.coverage:.0%} attributed to operator categories"]
+        lines += [f"  {name:<20}{ms:10.2f} ms" for name, ms in top.items()]
+        lines.append(f"trace: {self.trace_path} (open in ui.perfetto.dev)")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:   # the DataFrames stay attributes: printing shows the summary
+        return self.summary()
 
 
 @dataclass

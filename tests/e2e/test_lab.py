@@ -149,6 +149,8 @@ def test_profile_attributes_the_wall_time(default_llm, tmp_path):
     assert table.loc["communication", "total_ms"] == 0   # one rank
     assert json.loads(gzip.open(report.trace_path).read())["traceEvents"]
     assert [o.outputs[0].token_ids for o in report.outputs] and len(report.outputs) == 4
+    text = repr(report)   # printing shows a summary, not the DataFrames
+    assert text.startswith("profile: 8 steps") and len(text.splitlines()) <= 7, text
     model = default_llm.engine.runner.model   # the labelling hooks are gone again
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
