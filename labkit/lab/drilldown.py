@@ -40,7 +40,7 @@ class PointDetail:
     def title(self) -> str:
         r = self.row
         return (f"tp={r.tensor_parallel_size} batch={r.batch_size} in={r.input_len} "
-                f"out={r.output_len} ({r.backend}, {r.mode})")
+                f"out={r.output_len} ({r['backend']}, {r['mode']})")   # Series.mode is a method
 
     def timeline(self) -> go.Figure:
         """Every engine step of the point's batches, phases stacked (warm-up batches included:

@@ -153,6 +153,7 @@ def test_a_point_opens_to_its_steps_operators_and_trace(tiny_ckpts, tmp_path):
     assert p.row.batch_size in (1, 2)
     timeline = r.point(1).timeline()
     assert len(timeline.data) and "batch=2" in timeline.layout.title.text
+    assert r.point(1).title().endswith("(labkit, latency)"), r.point(1).title()
     assert len(r.point(1).steps) == 2 * 4   # two timed batches of four steps
     ops = r.point(1).operators()
     assert set(ops) == {"categories", "operators"} and len(ops["operators"].data[0].x) > 0
