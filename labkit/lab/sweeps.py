@@ -143,7 +143,17 @@ class SweepResult:
         return (f"<b>labkit sweep</b> ({self.label}): {len(self.df)} points{state} on "
                 f"{e.get('device_name')} (torch {e.get('torch')}, labkit {e.get('labkit')}, "
                 f"commit {e.get('git_commit')})"
-                + self.df.to_html(index=False, float_format=lambda x: f"{x:.4g}"))
+                + _compact(self.df).to_html(index=False, float_format=lambda x: f"{x:.4g}"))
+
+
+def _compact(df: pd.DataFrame) -> pd.DataFrame:
+    """The table as a notebook shows it: a long warning text would make each row a page tall,
+    so it shows as its first words (the DataFrame keeps it whole)."""
+    if "warnings" not in df:
+        return df
+    short = df.warnings.map(lambda w: w if not isinstance(w, str) or len(w) <= 40
+                            else w[:37] + "...")
+    return df.assign(warnings=short)
 
 
 COMPARED = ["avg_latency_s", "ttft_s", "tpot_s", "prefill_tok_s", "decode_tok_s", "output_tok_s",
