@@ -164,3 +164,20 @@ def test_the_cluster_module_imports_ray_only_when_a_sweep_asks():
             "assert 'ray' not in sys.modules, 'ray was imported'\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_cli_sweep_joins_a_running_cluster_by_its_address(local_ray, tiny_ckpts, tmp_path):
+    # `labkit sweep --cluster ADDRESS` in another process joins this module's Ray.
+    address = ray.get_runtime_context().gcs_address
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "labkit.cli", "sweep", "--model", str(tiny_ckpts["llama"]),
+           "--batch-sizes", "1", "2", "--input-lens", "8", "--output-lens", "4",
+           "--num-iters", "1", "--num-iters-warmup", "0", "--output-dir", str(out),
+           "--cluster", address]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    df = labkit.load_sweep(out / "sweep.jsonl").df
+    assert list(df.batch_size) == [1, 2] and (df.error == "").all()
+    assert (df.node == socket.gethostname()).all() and "node" in done.stdout
+    _assert_clean()
