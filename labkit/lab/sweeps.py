@@ -10,7 +10,8 @@ appended to the sweep's file as it finishes (labkit.lab.sweep_file); an interrup
 notebook's stop button, `stop()` returning True) ends the engine in use (closed, KV cache freed)
 and returns the rows so far, marked `meta["interrupted"]`; `labkit.last_sweep()` holds the
 running or last sweep's result whatever happened. `resume=` an earlier sweep's file runs only
-the points it lacks.
+the points it lacks. `cluster=` runs the engines on a Ray cluster instead, side by side
+(labkit.lab.cluster), keeping the same rows, file, interrupts and resume.
 
 The prefix cache is off unless you pass enable_prefix_caching=True: the same prompts run in every
 iteration, and a cache would serve their prefills after the first.

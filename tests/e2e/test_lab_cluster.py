@@ -181,3 +181,18 @@ def test_cli_sweep_joins_a_running_cluster_by_its_address(local_ray, tiny_ckpts,
     assert list(df.batch_size) == [1, 2] and (df.error == "").all()
     assert (df.node == socket.gethostname()).all() and "node" in done.stdout
     _assert_clean()
+
+
+def test_a_group_no_node_can_hold_is_rows_with_that_error(local_ray, tiny_ckpts, tmp_path):
+    # TP 4 needs 4 CPUs on one node; this cluster has 2: rows with the error, nothing waits.
+    # (A copy whose config allows TP 4: 4 KV heads. Its weights never load.)
+    import json
+    import shutil
+    model = shutil.copytree(tiny_ckpts["llama"], tmp_path / "ckpt")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 4}))
+    r = labkit.sweep(str(model), cluster="local", batch_sizes=[1, 2], output_lens=[4],
+                     tensor_parallel_sizes=[4], **TINY)
+    assert list(r.df.batch_size) == [1, 2] and not r.interrupted
+    assert r.df.error.str.contains("no node of the Ray cluster has 4 CPUs").all()
+    _assert_clean()
