@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 from collections import deque
 from contextlib import ExitStack
@@ -97,6 +98,13 @@ def connect(address: str):
         raise ImportError("labkit.sweep(cluster=...) needs Ray: pip install 'labkit[ray]'") from e
     if ray.is_initialized():
         log.info("sweep on the Ray cluster this process is connected to")
+    elif address == "local" and threading.current_thread() is not threading.main_thread():
+        # Ray's local processes get SIGKILL when the thread that started them ends (Linux's
+        # parent-death signal): started from a sweep's thread, Ray would die with the sweep.
+        raise RuntimeError("cluster='local' from a thread: a Ray started here would stop when "
+                           "the thread ends. Call labkit.lab.cluster.connect('local') (or "
+                           "ray.init()) on the main thread first, or join a `ray start` "
+                           "cluster with cluster='auto'")
     else:
         log.info("sweep on Ray: ray.init(address=%r)", address)
         ray.init(address=address)
@@ -127,6 +135,7 @@ class _Cluster:
         self.sweep, self.ray = sweep, ray
         self.namespace, self.env = ACTOR_NAMESPACE, actor_env()
         self.token = uuid.uuid4().hex[:8]
+        self.worker = ray.remote(GroupWorker)
         self.gpu = ray.cluster_resources().get("GPU", 0) > 0
         self.nodes: dict[str, dict] = {}
         sweep.result.meta["cluster"] = {"address": address, "nodes": self.nodes}
@@ -180,7 +189,7 @@ class _Cluster:
         options = {"num_gpus": tp, "num_cpus": 1} if gpu else {"num_cpus": tp}
         g.workers += 1
         spec = {f.name: getattr(g.group, f.name) for f in fields(g.group) if f.init}
-        g.actor = self.ray.remote(GroupWorker).options(
+        g.actor = self.worker.options(
             **options, runtime_env={"env_vars": self.env}, namespace=self.namespace,
             # Named, so the cluster's tools (`ray list actors`) say whose they are.
             name=f"labkit-sweep-{self.token}-tp{tp}-{g.workers}").remote(spec)

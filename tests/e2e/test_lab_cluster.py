@@ -196,3 +196,26 @@ def test_a_group_no_node_can_hold_is_rows_with_that_error(local_ray, tiny_ckpts,
     assert list(r.df.batch_size) == [1, 2] and not r.interrupted
     assert r.df.error.str.contains("no node of the Ray cluster has 4 CPUs").all()
     _assert_clean()
+
+
+def test_dashboard_sweeps_on_the_cluster(local_ray, tiny_ckpts, tmp_path):
+    # The dashboard's sweep runs on a thread: rows reach its progress bar and charts.
+    d = labkit.dashboard(str(tiny_ckpts["llama"]), batch_sizes=[1, 2], input_lens=[8],
+                         output_lens=[3], export_dir=tmp_path, cluster="local", dtype="float32")
+    d.run_button.click()
+    d.wait(300)
+    assert len(d.result.df) == 2 and d.progress.value == 2, d.status.value
+    assert (d.result.df.error == "").all() and "cluster" in d.result.meta
+    assert all([len(t.x) for t in c.widget.data] == [2] for c in d.charts.values())
+    _assert_clean()
+
+
+def test_a_local_ray_is_not_started_from_a_thread():
+    # Its processes would die with the thread (Linux's parent-death signal): a clear error.
+    code = ("import threading\nfrom labkit.lab.cluster import connect\nout = []\n"
+            "def go():\n    try:\n        connect('local')\n    except RuntimeError as e:\n"
+            "        out.append(str(e))\n"
+            "t = threading.Thread(target=go); t.start(); t.join()\n"
+            "import ray\nassert not ray.is_initialized() and 'main thread' in out[0], out\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
