@@ -115,8 +115,9 @@ def test_a_killed_workers_point_runs_again_and_twice_is_a_row(local_ray, tiny_ck
                 os.kill(p.pid, signal.SIGKILL)
 
     path = tmp_path / "s.jsonl"
+    # 64 output tokens: the point still runs when the kill lands.
     r = labkit.sweep(str(tiny_ckpts["llama"]), cluster="local", batch_sizes=[1, 2, 3],
-                     output_lens=[32], on_start=on_start, output=path, **TINY)
+                     output_lens=[64], on_start=on_start, output=path, **TINY)
     assert started == [1, 2, 2, 3, 3]
     assert list(r.df.batch_size) == [1, 2, 3] and not r.interrupted
     assert list(r.df.error.iloc[:2]) == ["", ""] and (r.df.avg_latency_s.iloc[:2] > 0).all()
@@ -128,7 +129,7 @@ def test_a_killed_workers_point_runs_again_and_twice_is_a_row(local_ray, tiny_ck
     # the file keeps the point once.
     assert labkit.load_sweep(path).df.error.iloc[2] == failed.error
     again = []
-    resumed = labkit.sweep(str(tiny_ckpts["llama"]), batch_sizes=[1, 2, 3], output_lens=[32],
+    resumed = labkit.sweep(str(tiny_ckpts["llama"]), batch_sizes=[1, 2, 3], output_lens=[64],
                            resume=path, on_start=again.append, **TINY)
     assert [p.batch_size for p in again] == [3]
     reloaded = labkit.load_sweep(path)
