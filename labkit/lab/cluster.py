@@ -138,6 +138,7 @@ class _Cluster:
         self.worker = ray.remote(GroupWorker)
         self.gpu = ray.cluster_resources().get("GPU", 0) > 0
         self.nodes: dict[str, dict] = {}
+        self.groups: list[_Group] = []
         sweep.result.meta["cluster"] = {"address": address, "nodes": self.nodes}
         self.profile_dir = None if sweep.profile_dir is None else str(sweep.profile_dir)
 
