@@ -3,6 +3,8 @@
   sweeps          labkit.sweep() / load_sweep() / last_sweep(): benchmark points into one
                   DataFrame, interrupt-safe, written point by point, resumable
   points          one point: run_point(group, llm, point) -> its row, raw timings, step log
+  sweep_run       a sweep in progress: each finished point kept (result, file, live view)
+  cluster         sweep(cluster=...): each engine group a Ray actor, side by side
   sweep_file      a sweep's file (JSON Lines, a line per point)
   sweep_cli       `labkit sweep`
   machine         the spread of a timing and the machine's state while it ran

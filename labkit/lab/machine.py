@@ -34,6 +34,9 @@ MAX_CI_FRACTION = 0.10       # the interval's half-width beyond 10 % of the mean
 MAX_OTHER_CPU = 0.20         # other processes used more than a fifth of the machine's cores
 MACHINE_COLUMNS = ["load_avg_1m", "other_cpu_frac", "gpu_util_pct", "gpu_clock_mhz",
                    "gpu_mem_used_gb"]
+# Where a point ran: the node's host name and the device's name ("cpu" on the CPU); on a Ray
+# cluster (labkit.lab.cluster) the points of one sweep run on several nodes.
+WHERE_COLUMNS = ["node", "device"]
 
 
 def t95(n: int) -> float:
@@ -111,8 +114,19 @@ def _own_cpu(psutil) -> float:
     return total
 
 
+def where(device: str) -> dict:
+    """WHERE_COLUMNS of this process's `device`."""
+    import socket
+    if device.startswith("cuda"):
+        import torch
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        name = "cpu"
+    return {"node": socket.gethostname(), "device": name}
+
+
 def state(since: Sample, device: str) -> dict:
-    """The machine's state between `since` and now: MACHINE_COLUMNS."""
+    """The machine's state between `since` and now: MACHINE_COLUMNS and WHERE_COLUMNS."""
     now = sample()
     wall = now.wall - since.wall
     other = (now.busy - since.busy) - (now.own - since.own)
@@ -122,7 +136,7 @@ def state(since: Sample, device: str) -> dict:
            "gpu_util_pct": math.nan, "gpu_clock_mhz": math.nan, "gpu_mem_used_gb": math.nan}
     if device.startswith("cuda"):
         out.update(_gpu_state(device))
-    return out
+    return out | where(device)
 
 
 def _load_avg() -> float:

@@ -39,10 +39,13 @@ METRIC_COLUMNS = ["avg_latency_s", "p50_latency_s", "p90_latency_s", "p99_latenc
                   "floor_latency_s", "floor_fraction"]
 SPREAD_COLUMNS = ["num_iters", "latency_std_s", "latency_ci_low_s", "latency_ci_high_s",
                   "ttft_std_s", "tpot_std_s", "output_tok_s_ci_low", "output_tok_s_ci_high"]
+# `error`: empty, or why the point has no figures (a sweep on a Ray cluster keeps a point that
+# failed twice as a row, labkit.lab.cluster).
 COLUMNS = (POINT_KEYS + METRIC_COLUMNS + SPREAD_COLUMNS + machine.MACHINE_COLUMNS
-           + ["warnings"])
+           + machine.WHERE_COLUMNS + ["warnings", "error"])
 DTYPES = {**{c: "float64" for c in COLUMNS}, "model": "object", "backend": "object",
-          "mode": "object", "warnings": "object", "tensor_parallel_size": "int64",
+          "mode": "object", "warnings": "object", "node": "object", "device": "object",
+          "error": "object", "tensor_parallel_size": "int64",
           "batch_size": "int64", "input_len": "int64", "output_len": "int64", "num_iters": "int64"}
 
 
@@ -167,7 +170,23 @@ def derive(group: EngineGroup, point: Point, raw: dict) -> dict:
                output_tok_s_ci_low=b * o / lat.ci_high, output_tok_s_ci_high=b * o / lat.ci_low)
     row.update(raw["machine"])
     row["warnings"] = "; ".join(machine.warnings(lat, raw["machine"]))
+    row["error"] = ""
     return row
+
+
+def failed_record(group: EngineGroup, point: Point, error: str, where: dict) -> PointRecord:
+    """The row of a point that could not be measured: its keys, where it last ran, why."""
+    row = dict.fromkeys(COLUMNS, math.nan)
+    row.update(model=group.model_name, tensor_parallel_size=group.tp, backend=group.backend,
+               mode=group.mode, batch_size=point.batch_size, input_len=point.input_len,
+               output_len=point.output_len, num_iters=0, warnings="", error=error)
+    row.update(where)
+    return PointRecord(row, {})
+
+
+def failed(row: dict) -> bool:
+    """Whether a row is a point that failed (rows of older files have no error column)."""
+    return isinstance(row.get("error"), str) and bool(row["error"])
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:

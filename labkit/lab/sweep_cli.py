@@ -2,7 +2,8 @@
 
 The sweep's file (sweep.jsonl) grows a line per finished point; sweep.csv and the report
 (sweep.html) are written at the end, also after Ctrl-C (the points that finished), which then
-exits with 130. `--resume DIR/sweep.jsonl` runs only the points that file lacks.
+exits with 130. `--resume DIR/sweep.jsonl` runs only the points that file lacks. `--cluster
+local|auto|ray://host:10001` runs the engines on a Ray cluster, side by side (labkit.lab.cluster).
 """
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="where sweep.jsonl (point by point), sweep.csv and sweep.html go")
     p.add_argument("--resume", default=None,
                    help="an earlier sweep's sweep.jsonl: run only the points it lacks")
+    p.add_argument("--cluster", default=None,
+                   help="run on Ray: 'local' (a Ray instance on this machine's GPUs, or CPUs), "
+                        "'auto' (the cluster of `ray start`) or an address (ray://host:10001); "
+                        "each TP size's engine is one Ray actor, side by side")
 
 
 def main(args: argparse.Namespace, engine_kwargs: dict) -> int:
@@ -52,12 +57,16 @@ def main(args: argparse.Namespace, engine_kwargs: dict) -> int:
                    tensor_parallel_sizes=args.tensor_parallel_sizes or [tp], mode=args.mode,
                    backend=args.backend, num_iters=args.num_iters,
                    num_iters_warmup=args.num_iters_warmup, label=args.label, live=False,
-                   output=out / "sweep.jsonl", resume=args.resume, **kwargs)
+                   output=out / "sweep.jsonl", resume=args.resume, cluster=args.cluster,
+                   **kwargs)
     paths = [out / "sweep.jsonl", out / "sweep.csv", result.to_html(out / "sweep.html")]
     result.df.to_csv(paths[1], index=False)
-    with pd.option_context("display.width", 200, "display.max_columns", 12):
-        print(result.df[POINT_KEYS[3:] + ["avg_latency_s", "latency_std_s", "ttft_s", "tpot_s",
-                                          "output_tok_s", "floor_fraction"]])
+    shown = POINT_KEYS[3:] + ["avg_latency_s", "latency_std_s", "ttft_s", "tpot_s",
+                              "output_tok_s", "floor_fraction"]
+    if args.cluster is not None:
+        shown += ["node", "device", "error"]
+    with pd.option_context("display.width", 200, "display.max_columns", 15):
+        print(result.df[shown])
     print("wrote " + ", ".join(map(str, paths)))
     if result.interrupted:
         print(f"interrupted after {len(result.df)} points: `labkit sweep ... --resume "

@@ -158,6 +158,7 @@ def read(path: str | Path) -> tuple[dict, list[PointRecord]]:
         if "point" in item:
             row = {k: (math.nan if v is None else v) for k, v in item["point"].items()}
             row["warnings"] = item["point"].get("warnings") or ""
+            row["error"] = item["point"].get("error") or ""
             records.append(PointRecord(row, _nan(item["raw"]), _decode(item["steps"]),
                                        _decode(item.get("profile"))))
         elif "meta" in item:

@@ -10,7 +10,8 @@ appended to the sweep's file as it finishes (labkit.lab.sweep_file); an interrup
 notebook's stop button, `stop()` returning True) ends the engine in use (closed, KV cache freed)
 and returns the rows so far, marked `meta["interrupted"]`; `labkit.last_sweep()` holds the
 running or last sweep's result whatever happened. `resume=` an earlier sweep's file runs only
-the points it lacks.
+the points it lacks. `cluster=` runs the engines on a Ray cluster instead, side by side
+(labkit.lab.cluster), keeping the same rows, file, interrupts and resume.
 
 The prefix cache is off unless you pass enable_prefix_caching=True: the same prompts run in every
 iteration, and a cache would serve their prefills after the first.
@@ -36,10 +37,10 @@ from labkit.lab.points import (
     Point,
     PointRecord,
     batch_times,
-    derive,
-    run_point,
+    failed,
     split_batches,
 )
+from labkit.lab.sweep_run import SweepRun
 from labkit.observe.trace import DEFAULT_PROFILE_DIR
 
 __all__ = ["COLUMNS", "METRIC_COLUMNS", "POINT_KEYS", "SPREAD_COLUMNS", "DEFAULTS", "MODES",
@@ -228,8 +229,9 @@ def _check(grid: SweepGrid, on_interrupt: str) -> list[Point]:
     return [Point(tp, b, i, o) for tp in tps for i in ins for o in outs for b in bs]
 
 
-def _resumed(path: str | Path, meta: dict) -> list[PointRecord]:
-    """The records of an earlier sweep's file, refused when it measured something else."""
+def _resumed(path: str | Path, meta: dict) -> tuple[list[PointRecord], bool]:
+    """The records of an earlier sweep's file, refused when it measured something else, less
+    its failed points (run again); and whether there were such."""
     old_meta, records = sweep_file.read(path)
     old, new = old_meta.get("params", {}), meta["params"]
     for key in ("model", "mode", "backend", "num_iters", "num_iters_warmup", "seed"):
@@ -239,7 +241,8 @@ def _resumed(path: str | Path, meta: dict) -> list[PointRecord]:
     if old_meta.get("engine_args") != meta["engine_args"]:
         raise ValueError(f"resume={str(path)!r}: that sweep's engine arguments "
                          f"{old_meta.get('engine_args')} differ from {meta['engine_args']}")
-    return records
+    kept = [r for r in records if not failed(r.row)]
+    return kept, len(kept) < len(records)
 
 
 # ---- running a sweep --------------------------------------------------------------------------
@@ -253,7 +256,8 @@ def sweep(model: str | None = None, batch_sizes=DEFAULTS.batch_sizes,
           on_start: Callable[[Point], None] | None = None, output: str | Path | None = None,
           resume: str | Path | None = None, stop: Callable[[], bool] | None = None,
           on_interrupt: str = "return", profile: bool = False,
-          profile_dir: str | Path | None = None, **engine_args) -> SweepResult:
+          profile_dir: str | Path | None = None, cluster: str | None = None,
+          **engine_args) -> SweepResult:
     """Every combination of the lists, one row each. mode="latency" runs
     labkit.bench.latency, mode="throughput" labkit.bench.throughput (the only one with
     backend="hf", transformers' generate).
@@ -265,7 +269,10 @@ def sweep(model: str | None = None, batch_sizes=DEFAULTS.batch_sizes,
     `output` defaults to it, so it grows). `stop()`: checked before each point; True ends the
     sweep like an interrupt. `on_interrupt`: "return" the rows so far (default) or "raise" the
     KeyboardInterrupt after keeping them. `profile`: one more batch per point under
-    torch.profiler (traces in `profile_dir`) for `.point(i).operators()` / `.trace()`."""
+    torch.profiler (traces in `profile_dir`) for `.point(i).operators()` / `.trace()`.
+    `cluster`: None runs here; "local" (a Ray instance on this machine's GPUs, or CPUs) or a Ray
+    address ("auto", "ray://host:10001") runs each engine on the cluster, side by side
+    (labkit.lab.cluster)."""
     grid = SweepGrid(tuple(batch_sizes), tuple(input_lens), tuple(output_lens),
                      tuple(tensor_parallel_sizes), mode, backend, num_iters, num_iters_warmup)
     points = _check(grid, on_interrupt)
@@ -279,7 +286,7 @@ def sweep(model: str | None = None, batch_sizes=DEFAULTS.batch_sizes,
                            num_iters=num_iters, num_iters_warmup=num_iters_warmup, seed=seed),
             "engine_args": {k: v if sweep_file.jsonable(v) else repr(v)
                             for k, v in engine_args.items()}}
-    records = _resumed(resume, meta) if resume is not None else []
+    records, dropped = _resumed(resume, meta) if resume is not None else ([], False)
     if resume is not None and output is None:
         output = resume
     # Every engine's config resolved (and the ceilings measured) before any model loads.
@@ -296,13 +303,19 @@ def sweep(model: str | None = None, batch_sizes=DEFAULTS.batch_sizes,
     writer = None
     if output is not None:
         same = resume is not None and Path(output).resolve() == Path(resume).resolve()
-        writer = sweep_file.Writer(Path(output), meta, records, append=same)
+        # Failed points leave the file (rewritten) when they are run again.
+        writer = sweep_file.Writer(Path(output), meta, records, append=same and not dropped)
     result = SweepResult(sweep_file.rows_frame(records), meta, records)
     _last[:] = [result]
-    run = _Run(result, groups, writer, live, progress, len(todo), f"sweep ({mode}, {backend})",
-               on_point, on_start, stop, (profile_dir or DEFAULT_PROFILE_DIR) if profile else None)
+    run = SweepRun(result, groups, writer, live=live, progress=progress, total=len(todo),
+                   desc=f"sweep ({mode}, {backend})", on_point=on_point, on_start=on_start,
+                   stop=stop, profile_dir=(profile_dir or DEFAULT_PROFILE_DIR) if profile else None)
     try:
-        run.all(todo)
+        if cluster is None:
+            run.local(todo)
+        else:
+            from labkit.lab import cluster as ray_cluster
+            ray_cluster.run(run, todo, cluster)
     except KeyboardInterrupt:
         run.end("interrupted", interrupted=True)
         log.warning("sweep interrupted after %d of %d points: the rows so far are in the "
@@ -317,80 +330,3 @@ def sweep(model: str | None = None, batch_sizes=DEFAULTS.batch_sizes,
     run.end("stopped" if run.stopped else "done", interrupted=run.stopped)
     machine.warn_untrustworthy(result.df)
     return result
-
-
-class _Run:
-    """A sweep in progress: runs the points group by group, keeps each record (in the result,
-    the file, the callbacks, the live view) as it finishes."""
-
-    def __init__(self, result: SweepResult, groups: dict[int, EngineGroup], writer, live, progress,
-                 total: int, desc: str, on_point, on_start, stop, profile_dir):
-        from labkit.lab import charts
-        self.result, self.groups, self.writer = result, groups, writer
-        self.on_point, self.on_start, self.stop = on_point, on_start, stop
-        self.profile_dir = profile_dir
-        self.finished, self.stopped = 0, False
-        notebook = charts.in_notebook()
-        self.chart = None
-        if live or (live is None and notebook and charts.has_widgets()):
-            from labkit.lab.live import LiveChart
-            self.chart = LiveChart(tp_sizes=list(groups))
-            self.chart.show()
-        from labkit.lab.live import Status
-        self.status = Status(total, desc, notebook=notebook, enabled=progress)
-
-    def all(self, todo: list[Point]) -> None:
-        for tp, group in self.groups.items():
-            mine = [p for p in todo if p.tensor_parallel_size == tp]
-            if not mine:
-                continue
-            if self._stop():
-                return
-            with group.engine() as llm:   # closed (KV cache freed) however the block ends
-                for point in mine:
-                    if self._stop():
-                        return
-                    self.status.running(point)
-                    if self.on_start is not None:
-                        self.on_start(point)
-                    self._keep(group, run_point(group, llm, point, profile_dir=self.profile_dir))
-
-    def _stop(self) -> bool:
-        self.stopped = self.stopped or (self.stop is not None and bool(self.stop()))
-        return self.stopped
-
-    def _keep(self, group: EngineGroup, rec: PointRecord) -> None:
-        r = self.result
-        r.records.append(rec)
-        if _beats_ceilings(rec.row) and not r.meta.get("ceilings_remeasured"):
-            # A point faster than "the" ceiling: the cached figure was measured low (a busy
-            # machine). Measure again now and re-derive this engine's rows.
-            log.info("a point beat the cached ceilings; measuring them again")
-            group.remeasure_ceilings()
-            r.meta["ceilings"] = asdict(group.device_ceilings)
-            r.meta["ceilings_remeasured"] = True
-            for other in r.records:
-                if other.raw and other.row["tensor_parallel_size"] == group.tp:
-                    other.row = derive(group, Point.of_row(other.row), other.raw)
-        r.df = sweep_file.rows_frame(r.records)
-        self.finished += 1
-        self.status.finished()
-        if self.writer is not None:
-            self.writer.point(rec)
-        if self.chart is not None:
-            self.chart.update(r.df)
-        if self.on_point is not None:
-            self.on_point(r.df)
-
-    def end(self, what: str, *, interrupted: bool) -> None:
-        r = self.result
-        r.meta["interrupted"] = interrupted
-        if self.writer is not None:
-            self.writer.meta(r.meta)
-        if self.chart is not None:
-            self.chart.freeze(r.df)
-        self.status.end(what)
-
-
-def _beats_ceilings(row: dict) -> bool:
-    return row["flops_fraction"] > 1 or row["bw_fraction"] > 1

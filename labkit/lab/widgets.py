@@ -6,7 +6,7 @@ sweep ends after the point in progress, its engine closed, the rows so far kept)
 progress bar, the status line (the point running, elapsed time, how it ended) and three live
 charts (latency, throughput, % of the floor). When a run ends the charts are also left as static
 figures below the dashboard, so a saved notebook shows them. The export buttons write the
-DataFrame as CSV or the sweep's file.
+DataFrame as CSV or the sweep's file. `cluster=` (labkit.sweep's) runs the sweeps on Ray.
 """
 from __future__ import annotations
 
@@ -42,6 +42,11 @@ class Dashboard:
                  num_iters: int = sweeps.DEFAULTS.num_iters, export_dir: str | Path = ".",
                  **engine_args):
         self.engine_args, self.export_dir = engine_args, Path(export_dir)
+        if engine_args.get("cluster") is not None:
+            # Joined (or started) here, on the notebook's thread: the sweeps run on threads of
+            # their own, and a local Ray started from one would stop with it.
+            from labkit.lab import cluster
+            cluster.connect(engine_args["cluster"])
         self.result: sweeps.SweepResult | None = None
         self.thread: threading.Thread | None = None
         self._stop = threading.Event()
