@@ -12,6 +12,7 @@ random weights, a few MB each.
 Usage: python data/make_tiny_checkpoints.py OUT_DIR   (writes OUT_DIR/tiny-<kind> for each kind)
 Weights are stored in bfloat16 to keep the files small; tests load them in float32 on both sides.
 """
+
 from __future__ import annotations
 
 import sys
@@ -20,16 +21,24 @@ from pathlib import Path
 
 import torch
 
-COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
-              # Larger than HF's 0.02, so that random logits have clear winners and greedy
-              # comparisons are not decided by rounding.
-              initializer_range=0.08)
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-6,
+    # Larger than HF's 0.02, so that random logits have clear winners and greedy
+    # comparisons are not decided by rounding.
+    initializer_range=0.08,
+)
 
 
 def smollm2_tokenizer_dir() -> Path:
     from labkit.default_model import default_model_path
     from labkit.models.gguf_convert import convert_gguf
+
     return convert_gguf(default_model_path())
 
 
@@ -47,33 +56,60 @@ MOE = dict(num_experts_per_tok=2, router_jitter_noise=0.0)
 def _model(kind: str):
     """(tokenizer, random-weight HF model) of one kind."""
     import transformers as tf
+
     smol = kind in ("llama", "mixtral", "mistral")
     tok_dir = smollm2_tokenizer_dir() if smol else qwen_tokenizer_dir()
     tok = tf.AutoTokenizer.from_pretrained(str(tok_dir))
-    ids = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-               bos_token_id=tok.bos_token_id if smol else None)
+    ids = dict(
+        vocab_size=len(tok),
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id if smol else None,
+    )
     if kind == "llama":
-        return tok, tf.LlamaForCausalLM(tf.LlamaConfig(tie_word_embeddings=False,
-                                                       rope_theta=10000.0, **ids, **COMMON))
+        return tok, tf.LlamaForCausalLM(
+            tf.LlamaConfig(tie_word_embeddings=False, rope_theta=10000.0, **ids, **COMMON)
+        )
     if kind == "qwen2":
-        return tok, tf.Qwen2ForCausalLM(tf.Qwen2Config(tie_word_embeddings=True,
-                                                       rope_theta=1000000.0, **ids, **COMMON))
+        return tok, tf.Qwen2ForCausalLM(
+            tf.Qwen2Config(tie_word_embeddings=True, rope_theta=1000000.0, **ids, **COMMON)
+        )
     if kind == "qwen3":
-        return tok, tf.Qwen3ForCausalLM(tf.Qwen3Config(tie_word_embeddings=True, head_dim=32,
-                                                       rope_theta=1000000.0, **ids, **COMMON))
+        return tok, tf.Qwen3ForCausalLM(
+            tf.Qwen3Config(
+                tie_word_embeddings=True, head_dim=32, rope_theta=1000000.0, **ids, **COMMON
+            )
+        )
     if kind == "qwen3_moe":
-        cfg = tf.Qwen3MoeConfig(tie_word_embeddings=False, head_dim=32, num_experts=4,
-                                moe_intermediate_size=32, norm_topk_prob=False,
-                                mlp_only_layers=[1], rope_theta=1000000.0, **MOE, **ids, **COMMON)
+        cfg = tf.Qwen3MoeConfig(
+            tie_word_embeddings=False,
+            head_dim=32,
+            num_experts=4,
+            moe_intermediate_size=32,
+            norm_topk_prob=False,
+            mlp_only_layers=[1],
+            rope_theta=1000000.0,
+            **MOE,
+            **ids,
+            **COMMON,
+        )
         return tok, tf.Qwen3MoeForCausalLM(cfg)
     if kind == "mixtral":
-        cfg = tf.MixtralConfig(tie_word_embeddings=False, num_local_experts=4, sliding_window=48,
-                               rope_theta=10000.0, **MOE, **ids, **COMMON)
+        cfg = tf.MixtralConfig(
+            tie_word_embeddings=False,
+            num_local_experts=4,
+            sliding_window=48,
+            rope_theta=10000.0,
+            **MOE,
+            **ids,
+            **COMMON,
+        )
         return tok, tf.MixtralForCausalLM(cfg)
     if kind == "mistral":
-        return tok, tf.MistralForCausalLM(tf.MistralConfig(tie_word_embeddings=False,
-                                                           sliding_window=16, rope_theta=10000.0,
-                                                           **ids, **COMMON))
+        return tok, tf.MistralForCausalLM(
+            tf.MistralConfig(
+                tie_word_embeddings=False, sliding_window=16, rope_theta=10000.0, **ids, **COMMON
+            )
+        )
     raise ValueError(f"unknown kind {kind!r}; kinds: {KINDS}")
 
 

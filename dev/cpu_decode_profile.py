@@ -18,12 +18,12 @@ Four parts:
 
 Writes dev/results/cpu_decode_profile.json (and prints everything).
 """
+
 from __future__ import annotations
 
 import argparse
 import gc
 import json
-import os
 import statistics
 import sys
 import time
@@ -110,12 +110,19 @@ def install_wrappers(pieces: Pieces, engine) -> None:
     from labkit.layers.norm import RMSNorm
     from labkit.layers.rotary import RotaryEmbedding
 
-    pieces.wrap(ColumnParallelLinear, "forward",
-                lambda m, *a: {"QKVParallelLinear": "qkv_proj",
-                               "MergedColumnParallelLinear": "gate_up_proj"}.get(type(m).__name__,
-                                                                                 "column_linear"))
-    pieces.wrap(RowParallelLinear, "forward",
-                lambda m, *a: "o_proj" if m.weight.shape[1] == m.weight.shape[0] else "down_proj")
+    pieces.wrap(
+        ColumnParallelLinear,
+        "forward",
+        lambda m, *a: {
+            "QKVParallelLinear": "qkv_proj",
+            "MergedColumnParallelLinear": "gate_up_proj",
+        }.get(type(m).__name__, "column_linear"),
+    )
+    pieces.wrap(
+        RowParallelLinear,
+        "forward",
+        lambda m, *a: "o_proj" if m.weight.shape[1] == m.weight.shape[0] else "down_proj",
+    )
     pieces.wrap(ParallelLMHead, "forward", "lm_head")
     pieces.wrap(VocabParallelEmbedding, "forward", "embed")
     pieces.wrap(RMSNorm, "forward", "rmsnorm")
@@ -129,18 +136,33 @@ def install_wrappers(pieces: Pieces, engine) -> None:
     pieces.wrap(type(engine), "step", "engine_step")
 
 
-LAYER_PIECES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "attention", "rotary",
-                "rmsnorm", "silu_mul", "embed"]
+LAYER_PIECES = [
+    "qkv_proj",
+    "o_proj",
+    "gate_up_proj",
+    "down_proj",
+    "attention",
+    "rotary",
+    "rmsnorm",
+    "silu_mul",
+    "embed",
+]
 
 
 def summarize(ms: dict, steps: int) -> dict:
     per = {k: v / steps for k, v in ms.items()}
     inside = sum(per.get(k, 0.0) for k in LAYER_PIECES)
     out = {k: per.get(k, 0.0) for k in LAYER_PIECES + ["lm_head", "sampler", "attn_prepare"]}
-    out["layer_matmuls"] = sum(per.get(k, 0.0) for k in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+    out["layer_matmuls"] = sum(
+        per.get(k, 0.0) for k in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    )
     out["model_glue"] = per.get("model_forward", 0.0) - inside  # split/view/loop in llama.py
-    out["runner_other"] = per.get("runner_execute", 0.0) - per.get("model_forward", 0.0) - per.get("lm_head", 0.0)
-    out["engine_other"] = per.get("engine_step", 0.0) - per.get("runner_execute", 0.0) - per.get("sampler", 0.0)
+    out["runner_other"] = (
+        per.get("runner_execute", 0.0) - per.get("model_forward", 0.0) - per.get("lm_head", 0.0)
+    )
+    out["engine_other"] = (
+        per.get("engine_step", 0.0) - per.get("runner_execute", 0.0) - per.get("sampler", 0.0)
+    )
     out["step_total"] = per.get("engine_step", 0.0)
     return out
 
@@ -184,15 +206,23 @@ def profile_engine(llm, batch: int, input_len: int, steps: int, prof_steps: int,
         pieces.unwrap()
 
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(prof_steps):
             engine.step()
     ka = prof.key_averages(group_by_input_shape=True)
     top = sorted(ka, key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
     total_self = sum(e.self_cpu_time_total for e in ka)
-    top_ops = [{"op": e.key, "shapes": str(e.input_shapes)[:120], "calls_per_step": e.count / prof_steps,
-                "self_ms_per_step": e.self_cpu_time_total / 1e3 / prof_steps,
-                "pct": 100 * e.self_cpu_time_total / max(total_self, 1)} for e in top]
+    top_ops = [
+        {
+            "op": e.key,
+            "shapes": str(e.input_shapes)[:120],
+            "calls_per_step": e.count / prof_steps,
+            "self_ms_per_step": e.self_cpu_time_total / 1e3 / prof_steps,
+            "pct": 100 * e.self_cpu_time_total / max(total_self, 1),
+        }
+        for e in top
+    ]
     by_name = defaultdict(lambda: [0.0, 0])
     for e in prof.key_averages():
         by_name[e.key][0] += e.self_cpu_time_total / 1e3 / prof_steps
@@ -208,6 +238,7 @@ def profile_engine(llm, batch: int, input_len: int, steps: int, prof_steps: int,
     def grab(*a, **k):
         captured["meta"] = orig_prepare(*a, **k)
         return captured["meta"]
+
     backend.prepare = grab  # an instance attribute over the class's method
     try:
         engine.step()
@@ -215,13 +246,21 @@ def profile_engine(llm, batch: int, input_len: int, steps: int, prof_steps: int,
         del backend.prepare
     while engine.has_unfinished_requests():
         engine.step()
-    return {"batch": batch, "prefill_ms": prefill, "prefill_cpu_load": prefill_load,
-            "decode_ms_per_step": decode, "decode_cpu_load": decode_load,
-            "decode_step_ms_without_wrappers": bare_ms, "calls_per_decode_step": calls,
-            "aten_ops_per_decode_step": n_ops,
-            "top_ops_by_self_cpu": top_ops,
-            "top_op_names": [{"op": k, "self_ms_per_step": v[0], "calls_per_step": v[1]} for k, v in top_names],
-            "_meta": captured.get("meta")}
+    return {
+        "batch": batch,
+        "prefill_ms": prefill,
+        "prefill_cpu_load": prefill_load,
+        "decode_ms_per_step": decode,
+        "decode_cpu_load": decode_load,
+        "decode_step_ms_without_wrappers": bare_ms,
+        "calls_per_decode_step": calls,
+        "aten_ops_per_decode_step": n_ops,
+        "top_ops_by_self_cpu": top_ops,
+        "top_op_names": [
+            {"op": k, "self_ms_per_step": v[0], "calls_per_step": v[1]} for k, v in top_names
+        ],
+        "_meta": captured.get("meta"),
+    }
 
 
 # ---- part 2: attention pieces ---------------------------------------------------------------
@@ -237,7 +276,7 @@ def profile_attention(llm, meta, batch: int) -> dict:
     bs = runner.backend.block_size  # per-token slots of each context, from its block ids
     slots = (meta.decode_blocks[:, :, None] * bs + torch.arange(bs)).reshape(n, -1)
     mask = meta.decode_mask
-    scale = d ** -0.5
+    scale = d**-0.5
     L = slots.shape[1]
     flat = slots.reshape(-1)
     kk = k_cache[slots].transpose(1, 2)
@@ -247,26 +286,44 @@ def profile_attention(llm, meta, batch: int) -> dict:
     with torch.inference_mode():
         rotary = runner.model.model.layers[0].self_attn.attn.rotary
         positions = torch.full((n,), L - 1)
-        res["backend_forward"] = bench(lambda: runner.backend.forward(positions, q, k, v, rotary,
-                                                                      k_cache, v_cache, meta, scale))
-        res["index_copy_kv"] = bench(lambda: (k_cache.index_copy_(0, meta.slot_mapping, k),
-                                              v_cache.index_copy_(0, meta.slot_mapping, v)))
+        res["backend_forward"] = bench(
+            lambda: runner.backend.forward(
+                positions, q, k, v, rotary, k_cache, v_cache, meta, scale
+            )
+        )
+        res["index_copy_kv"] = bench(
+            lambda: (
+                k_cache.index_copy_(0, meta.slot_mapping, k),
+                v_cache.index_copy_(0, meta.slot_mapping, v),
+            )
+        )
         res["gather_kv_advanced_index"] = bench(lambda: (k_cache[slots], v_cache[slots]))
         res["gather_kv_by_blocks (the backend's)"] = bench(
-            lambda: (runner.backend._gather(k_cache, meta.decode_blocks),
-                     runner.backend._gather(v_cache, meta.decode_blocks)))
-        res["gather_kv_index_select"] = bench(lambda: (k_cache.index_select(0, flat).view(n, L, hkv, d),
-                                                       v_cache.index_select(0, flat).view(n, L, hkv, d)))
-        res["sdpa_masked"] = bench(lambda: F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale))
+            lambda: (
+                runner.backend._gather(k_cache, meta.decode_blocks),
+                runner.backend._gather(v_cache, meta.decode_blocks),
+            )
+        )
+        res["gather_kv_index_select"] = bench(
+            lambda: (
+                k_cache.index_select(0, flat).view(n, L, hkv, d),
+                v_cache.index_select(0, flat).view(n, L, hkv, d),
+            )
+        )
+        res["sdpa_masked"] = bench(
+            lambda: F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale)
+        )
         res["sdpa_no_mask"] = bench(lambda: F.scaled_dot_product_attention(qq, kk, vv, scale=scale))
         kkc, vvc = kk.contiguous(), vv.contiguous()
         res["sdpa_masked_contiguous_kv"] = bench(
-            lambda: F.scaled_dot_product_attention(qq, kkc, vvc, attn_mask=mask, scale=scale))
+            lambda: F.scaled_dot_product_attention(qq, kkc, vvc, attn_mask=mask, scale=scale)
+        )
 
         def manual():
             s = torch.matmul(qq, kk.transpose(-1, -2)) * scale
             s = s.masked_fill(~mask, float("-inf"))
             return torch.matmul(s.softmax(-1), vv)
+
         res["manual_matmul_softmax"] = bench(manual)
         out = torch.empty_like(q)
         o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale)
@@ -289,30 +346,35 @@ def linear_variants(W: torch.Tensor, batch: int):
     for c in (4096, 8192):
         if W.shape[0] > c:
             chunks = list(W.split(c))
-            variants[f"vocab chunks of {c} + cat"] = \
-                lambda x, chunks=chunks: torch.cat([F.linear(x, w) for w in chunks], -1)
+            variants[f"vocab chunks of {c} + cat"] = lambda x, chunks=chunks: torch.cat(
+                [F.linear(x, w) for w in chunks], -1
+            )
     if batch == 1:
         variants["torch.mv(W, x[0])"] = lambda x: torch.mv(W, x[0])[None]
     try:
         packed = torch.ops.mkl._mkl_reorder_linear_weight(W, batch)
-        variants["mkl packed (_mkl_linear)"] = \
-            lambda x: torch.ops.mkl._mkl_linear(x, packed, W, None, batch)
+        variants["mkl packed (_mkl_linear)"] = lambda x: torch.ops.mkl._mkl_linear(
+            x, packed, W, None, batch
+        )
     except Exception as e:  # noqa: BLE001
         print(f"  (mkl packed linear unavailable: {e})")
     try:
         Wd = W.to_mkldnn()
-        variants["mkldnn_linear (mkldnn weight)"] = \
-            lambda x: torch._C._nn.mkldnn_linear(x.to_mkldnn(), Wd, None).to_dense()
+        variants["mkldnn_linear (mkldnn weight)"] = lambda x: torch._C._nn.mkldnn_linear(
+            x.to_mkldnn(), Wd, None
+        ).to_dense()
     except Exception as e:  # noqa: BLE001
         print(f"  (mkldnn_linear unavailable: {e})")
     try:
         pw = torch.ops.mkldnn._reorder_linear_weight(W, batch)
-        variants["onednn prepacked (_linear_pointwise)"] = \
-            lambda x: torch.ops.mkldnn._linear_pointwise(x, pw, None, "none", [], "")
+        variants["onednn prepacked (_linear_pointwise)"] = lambda x: (
+            torch.ops.mkldnn._linear_pointwise(x, pw, None, "none", [], "")
+        )
         # One packing serves every batch size (an engine can't repack per step).
         pw32 = pw if batch == 32 else torch.ops.mkldnn._reorder_linear_weight(W, 32)
-        variants["onednn prepacked for batch 32"] = \
-            lambda x: torch.ops.mkldnn._linear_pointwise(x, pw32, None, "none", [], "")
+        variants["onednn prepacked for batch 32"] = lambda x: torch.ops.mkldnn._linear_pointwise(
+            x, pw32, None, "none", [], ""
+        )
     except Exception as e:  # noqa: BLE001
         print(f"  (onednn prepacked linear unavailable: {e})")
     return variants
@@ -333,9 +395,11 @@ def profile_lm_head(W: torch.Tensor, batches, reps: int) -> dict:
                 rows[name] = {"error": str(e)[:200]}
         out[b] = rows
         best = min((r["median_ms"], n) for n, r in rows.items() if "median_ms" in r)
-        print(f"  lm_head batch {b}: " + ", ".join(
-            f"{n}={r['median_ms']:.2f}" for n, r in rows.items() if "median_ms" in r)
-            + f"  -> best {best[1]} {best[0]:.2f} ms")
+        print(
+            f"  lm_head batch {b}: "
+            + ", ".join(f"{n}={r['median_ms']:.2f}" for n, r in rows.items() if "median_ms" in r)
+            + f"  -> best {best[1]} {best[0]:.2f} ms"
+        )
     return out
 
 
@@ -347,10 +411,12 @@ def dense(w: torch.Tensor) -> torch.Tensor:
 def profile_layer_matmuls(model, batches, reps: int) -> dict:
     """Each projection kind over all 30 layers' weights in turn (as one decode step sees them)."""
     layers = model.model.layers
-    kinds = {"qkv_proj": [dense(l.self_attn.qkv_proj.weight) for l in layers],
-             "o_proj": [dense(l.self_attn.o_proj.weight) for l in layers],
-             "gate_up_proj": [dense(l.mlp.gate_up_proj.weight) for l in layers],
-             "down_proj": [dense(l.mlp.down_proj.weight) for l in layers]}
+    kinds = {
+        "qkv_proj": [dense(l.self_attn.qkv_proj.weight) for l in layers],
+        "o_proj": [dense(l.self_attn.o_proj.weight) for l in layers],
+        "gate_up_proj": [dense(l.mlp.gate_up_proj.weight) for l in layers],
+        "down_proj": [dense(l.mlp.down_proj.weight) for l in layers],
+    }
     out = {}
     for b in batches:
         res = {}
@@ -374,14 +440,17 @@ def profile_layer_matmuls(model, batches, reps: int) -> dict:
                     total[name] += r["median_ms"]
         res["all_4_kinds_x30_layers"] = dict(total)
         out[b] = res
-        print(f"  layer matmuls (30 layers) batch {b}: " + ", ".join(
-            f"{n}={v:.1f}" for n, v in total.items()))
+        print(
+            f"  layer matmuls (30 layers) batch {b}: "
+            + ", ".join(f"{n}={v:.1f}" for n, v in total.items())
+        )
     return out
 
 
 # ---- part 4: small ops and the bandwidth floor ----------------------------------------------
 def profile_small_ops(model, batches) -> dict:
     from labkit.layers.rotary import _rotate
+
     norm = model.model.layers[0].input_layernorm
     out = {}
     with torch.inference_mode():
@@ -400,18 +469,32 @@ def profile_small_ops(model, batches) -> dict:
             def rotate_addcmul(t):
                 t1, t2 = t.chunk(2, dim=-1)
                 return torch.addcmul(t * cos, torch.cat([t2, t1], -1), signed_sin)
+
             res = {
                 "labkit RMSNorm(x, residual)": bench(lambda: norm(x, r), reps=reps),
-                "F.rms_norm(x + residual)": bench(lambda: F.rms_norm(x + r, (576,), norm.weight, norm.eps), reps=reps),
-                "labkit rotate(q), rotate(k)": bench(lambda: (_rotate(q, cos, sin), _rotate(k, cos, sin)), reps=reps),
-                "rotate q|k at once, signed sin + addcmul": bench(lambda: rotate_addcmul(qk), reps=reps),
-                "labkit silu(gate) * up": bench(lambda: F.silu(gu[:, :1536]) * gu[:, 1536:], reps=reps),
-                "silu(gate).mul_(up)": bench(lambda: F.silu(gu[:, :1536]).mul_(gu[:, 1536:]), reps=reps),
+                "F.rms_norm(x + residual)": bench(
+                    lambda: F.rms_norm(x + r, (576,), norm.weight, norm.eps), reps=reps
+                ),
+                "labkit rotate(q), rotate(k)": bench(
+                    lambda: (_rotate(q, cos, sin), _rotate(k, cos, sin)), reps=reps
+                ),
+                "rotate q|k at once, signed sin + addcmul": bench(
+                    lambda: rotate_addcmul(qk), reps=reps
+                ),
+                "labkit silu(gate) * up": bench(
+                    lambda: F.silu(gu[:, :1536]) * gu[:, 1536:], reps=reps
+                ),
+                "silu(gate).mul_(up)": bench(
+                    lambda: F.silu(gu[:, :1536]).mul_(gu[:, 1536:]), reps=reps
+                ),
                 "one tiny op (x + r)": bench(lambda: x + r, reps=reps),
                 "empty op (x.view(-1))": bench(lambda: x.view(-1), reps=reps),
             }
             out[b] = res
-            print(f"  small ops batch {b}: " + ", ".join(f"{n}={v['median_ms'] * 1e3:.0f}us" for n, v in res.items()))
+            print(
+                f"  small ops batch {b}: "
+                + ", ".join(f"{n}={v['median_ms'] * 1e3:.0f}us" for n, v in res.items())
+            )
     return out
 
 
@@ -423,8 +506,12 @@ def bandwidth(model) -> dict:
     lm = W.numel() * W.element_size()
     layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
     # A decode step must read every layer weight and the LM head once: the floor at this bandwidth.
-    return {"read_GB_s": gbs, "layer_weight_MB": layer_bytes / 1e6, "lm_head_MB": lm / 1e6,
-            "decode_floor_ms": (layer_bytes + lm) / (gbs * 1e9) * 1e3}
+    return {
+        "read_GB_s": gbs,
+        "layer_weight_MB": layer_bytes / 1e6,
+        "lm_head_MB": lm / 1e6,
+        "decode_floor_ms": (layer_bytes + lm) / (gbs * 1e9) * 1e3,
+    }
 
 
 def main(argv=None) -> int:
@@ -432,15 +519,22 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20, help="decode steps timed piece by piece")
-    ap.add_argument("--profile-steps", type=int, default=5, help="decode steps under torch.profiler")
+    ap.add_argument(
+        "--profile-steps", type=int, default=5, help="decode steps under torch.profiler"
+    )
     ap.add_argument("--reps", type=int, default=20, help="repetitions per matmul variant")
     ap.add_argument("--skip-matmul", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads; with 1, times are the thread's CPU time (robust to other "
-                         "processes on a shared machine)")
-    ap.add_argument("--output-json", type=Path,
-                    default=REPO / "dev" / "results" / "cpu_decode_profile.json")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads; with 1, times are the thread's CPU time (robust to other "
+        "processes on a shared machine)",
+    )
+    ap.add_argument(
+        "--output-json", type=Path, default=REPO / "dev" / "results" / "cpu_decode_profile.json"
+    )
     args = ap.parse_args(argv)
     global CLOCK
     if args.threads:
@@ -450,15 +544,24 @@ def main(argv=None) -> int:
     print(f"torch threads: {torch.get_num_threads()}; clock: {CLOCK.__name__}", flush=True)
 
     from labkit import LLM
+
     llm = LLM(dtype="float32")
     model = llm.engine.runner.model
-    report = {"machine": machine_info(), "clock": CLOCK.__name__, "args": {k: str(v) for k, v in vars(args).items()},
-              "command": " ".join([Path(sys.executable).name] + sys.argv)}
+    report = {
+        "machine": machine_info(),
+        "clock": CLOCK.__name__,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+    }
 
     # Warm the engine once.
     from labkit import SamplingParams
-    llm.generate([{"prompt_token_ids": p} for p in make_prompts(2, args.input_len, 49152, -2)],
-                 SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+
+    llm.generate(
+        [{"prompt_token_ids": p} for p in make_prompts(2, args.input_len, 49152, -2)],
+        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+        use_tqdm=False,
+    )
 
     report["engine"], report["attention"] = {}, {}
     for b in args.batch_sizes:
@@ -467,24 +570,36 @@ def main(argv=None) -> int:
         meta = r.pop("_meta")
         report["engine"][b] = r
         d, p = r["decode_ms_per_step"], r["prefill_ms"]
-        print(f"  decode ms/step (other procs {r['decode_cpu_load']['other_procs_cores']:.2f} cores; "
-              f"without wrappers {r['decode_step_ms_without_wrappers']:.1f}): "
-              + ", ".join(f"{k}={v:.2f}" for k, v in d.items()))
-        print(f"  prefill ms ({b}x{args.input_len} tokens, other procs "
-              f"{r['prefill_cpu_load']['other_procs_cores']:.2f} cores): "
-              + ", ".join(f"{k}={v:.1f}" for k, v in p.items()))
+        print(
+            f"  decode ms/step (other procs {r['decode_cpu_load']['other_procs_cores']:.2f} cores; "
+            f"without wrappers {r['decode_step_ms_without_wrappers']:.1f}): "
+            + ", ".join(f"{k}={v:.2f}" for k, v in d.items())
+        )
+        print(
+            f"  prefill ms ({b}x{args.input_len} tokens, other procs "
+            f"{r['prefill_cpu_load']['other_procs_cores']:.2f} cores): "
+            + ", ".join(f"{k}={v:.1f}" for k, v in p.items())
+        )
         print(f"  aten ops per decode step: {r['aten_ops_per_decode_step']:.0f}")
         for e in r["top_ops_by_self_cpu"][:15]:
-            print(f"    {e['self_ms_per_step']:7.2f} ms/step {e['pct']:5.1f}%  x{e['calls_per_step']:.0f}  "
-                  f"{e['op']} {e['shapes']}")
+            print(
+                f"    {e['self_ms_per_step']:7.2f} ms/step {e['pct']:5.1f}%  x{e['calls_per_step']:.0f}  "
+                f"{e['op']} {e['shapes']}"
+            )
         if meta is not None and meta.num_decode:
             report["attention"][b] = a = profile_attention(llm, meta, b)
-            print("  attention (one layer): " + ", ".join(
-                f"{k}={v['median_ms'] * 1e3:.0f}us" for k, v in a.items() if isinstance(v, dict)))
+            print(
+                "  attention (one layer): "
+                + ", ".join(
+                    f"{k}={v['median_ms'] * 1e3:.0f}us" for k, v in a.items() if isinstance(v, dict)
+                )
+            )
 
     report["bandwidth"] = bw = bandwidth(model)
-    print(f"== memory read bandwidth {bw['read_GB_s']:.1f} GB/s; layer weights {bw['layer_weight_MB']:.0f} MB "
-          f"+ LM head {bw['lm_head_MB']:.0f} MB -> decode floor {bw['decode_floor_ms']:.1f} ms/step")
+    print(
+        f"== memory read bandwidth {bw['read_GB_s']:.1f} GB/s; layer weights {bw['layer_weight_MB']:.0f} MB "
+        f"+ LM head {bw['lm_head_MB']:.0f} MB -> decode floor {bw['decode_floor_ms']:.1f} ms/step"
+    )
     report["small_ops"] = profile_small_ops(model, [1, 8, 32, 4096])
     if not args.skip_matmul:
         print("== LM head variants (ms)", flush=True)
@@ -494,8 +609,10 @@ def main(argv=None) -> int:
         report["layer_matmuls"] = profile_layer_matmuls(model, batches, args.reps)
         print("== prefill-size matmuls (ms, one layer's weight)", flush=True)
         pre = {}
-        for kind, w in (("gate_up_proj", dense(model.model.layers[0].mlp.gate_up_proj.weight)),
-                        ("down_proj", dense(model.model.layers[0].mlp.down_proj.weight))):
+        for kind, w in (
+            ("gate_up_proj", dense(model.model.layers[0].mlp.gate_up_proj.weight)),
+            ("down_proj", dense(model.model.layers[0].mlp.down_proj.weight)),
+        ):
             for tokens in (1024, 4096):
                 x = torch.randn(tokens, w.shape[1])
                 row = {}
@@ -509,9 +626,14 @@ def main(argv=None) -> int:
                     except Exception as e:  # noqa: BLE001
                         row[name] = {"error": str(e)[:200]}
                 pre[f"{kind} {tokens} tokens"] = row
-                print(f"  {kind} x {tokens} tokens: " + ", ".join(
-                    f"{n}={r['median_ms']:.1f}ms ({r['GFLOP_s']:.0f} GFLOP/s)" for n, r in row.items()
-                    if "median_ms" in r))
+                print(
+                    f"  {kind} x {tokens} tokens: "
+                    + ", ".join(
+                        f"{n}={r['median_ms']:.1f}ms ({r['GFLOP_s']:.0f} GFLOP/s)"
+                        for n, r in row.items()
+                        if "median_ms" in r
+                    )
+                )
         report["prefill_matmuls"] = pre
 
     llm.shutdown()

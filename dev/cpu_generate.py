@@ -23,6 +23,7 @@ timing therefore records how many cores other processes used meanwhile (from /pr
 
 Writes a JSON file (--output-json) and a markdown table next to it (same name, .md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,6 +49,7 @@ MIN_TOKEN_ID = 100  # SmolLM2's special / control tokens sit well below this
 # ---- helpers ------------------------------------------------------------------------------
 def machine_info() -> dict:
     import transformers
+
     return {
         "cpu": device_name("cpu"),
         "cores": os.cpu_count(),
@@ -82,10 +84,12 @@ class CpuMeter:
     def stop(self) -> dict:
         wall = time.perf_counter() - self.t0
         busy, steal, own = self._read()
-        return {"other_procs_cores": max(0.0, (busy - self.busy0) - (own - self.own0)) / wall,
-                "steal_cores": (steal - self.steal0) / wall,
-                "own_cores": (own - self.own0) / wall,
-                "loadavg_1m": os.getloadavg()[0]}
+        return {
+            "other_procs_cores": max(0.0, (busy - self.busy0) - (own - self.own0)) / wall,
+            "steal_cores": (steal - self.steal0) / wall,
+            "own_cores": (own - self.own0) / wall,
+            "loadavg_1m": os.getloadavg()[0],
+        }
 
 
 def make_prompts(batch: int, input_len: int, vocab: int, seed: int) -> list[list[int]]:
@@ -100,21 +104,28 @@ def compare_rows(a: list[list[int]], b: list[list[int]]) -> dict:
         if x == y:
             exact += 1
         else:
-            first_div.append(next((i for i, (p, q) in enumerate(zip(x, y)) if p != q),
-                                  min(len(x), len(y))))
-    return {"rows": len(a), "exact_rows": exact, "exact_fraction": exact / max(len(a), 1),
-            "first_divergence_positions": first_div}
+            first_div.append(
+                next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+            )
+    return {
+        "rows": len(a),
+        "exact_rows": exact,
+        "exact_fraction": exact / max(len(a), 1),
+        "first_divergence_positions": first_div,
+    }
 
 
 # ---- the two backends ---------------------------------------------------------------------
 # Both stay loaded for the whole run (~1 GiB together with labkit's KV cache), so that on a shared
 # machine each batch size can time HF and labkit back to back, under the same background load.
 
+
 class LabkitBackend:
     name = "labkit"
 
     def __init__(self, output_len: int):
         from labkit import LLM, SamplingParams
+
         t0 = time.perf_counter()
         self.llm = LLM(dtype="float32")
         self.load_s = time.perf_counter() - t0
@@ -126,8 +137,12 @@ class LabkitBackend:
         """A small batch with a prefill and a few decodes, on other prompts than the timed ones
         (the prefix cache must not serve the timed prefills)."""
         from labkit import SamplingParams
-        self.llm.generate([{"prompt_token_ids": p} for p in make_prompts(2, input_len, self.vocab, seed=-1)],
-                          SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+
+        self.llm.generate(
+            [{"prompt_token_ids": p} for p in make_prompts(2, input_len, self.vocab, seed=-1)],
+            SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+            use_tqdm=False,
+        )
 
     def run(self, prompts: list[list[int]]) -> dict:
         llm = self.llm
@@ -144,17 +159,22 @@ class LabkitBackend:
             if engine.stats().num_steps > n:
                 step_cpu[n] = (time.thread_time() - c) * 1e3
             return out
+
         engine.step = timed_step
         try:
             meter = CpuMeter()
             t, c = time.perf_counter(), time.thread_time()
-            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], self.params, use_tqdm=False)
+            outs = llm.generate(
+                [{"prompt_token_ids": p} for p in prompts], self.params, use_tqdm=False
+            )
             elapsed, cpu = time.perf_counter() - t, time.thread_time() - c
             load = meter.stop()
         finally:
             del engine.step
         steps = llm.step_log().iloc[n_before:].copy()
-        steps["cpu_ms"] = [step_cpu.get(i, float("nan")) for i in range(n_before, n_before + len(steps))]
+        steps["cpu_ms"] = [
+            step_cpu.get(i, float("nan")) for i in range(n_before, n_before + len(steps))
+        ]
         tokens = [list(o.outputs[0].token_ids) for o in outs]
         bad = [len(t_) for t_ in tokens if len(t_) != self.output_len]
         if bad:
@@ -164,8 +184,13 @@ class LabkitBackend:
         phase_cols = ["schedule_ms", "prepare_ms", "forward_ms", "sample_ms", "postprocess_ms"]
         n_out = sum(map(len, tokens))
         return {
-            "elapsed_s": elapsed, "cpu_s": cpu, "cpu_load": load, "output_tokens": n_out,
-            "output_tok_s": n_out / elapsed, "output_tok_per_cpu_s": n_out / cpu, "tokens": tokens,
+            "elapsed_s": elapsed,
+            "cpu_s": cpu,
+            "cpu_load": load,
+            "output_tokens": n_out,
+            "output_tok_s": n_out / elapsed,
+            "output_tok_per_cpu_s": n_out / cpu,
+            "tokens": tokens,
             "prefill_cpu_s": pre.cpu_ms.sum() / 1e3,
             "decode_cpu_s": dec.cpu_ms.sum() / 1e3,
             "cpu_ms_per_decode_step": float(dec.cpu_ms.mean()) if len(dec) else None,
@@ -173,18 +198,23 @@ class LabkitBackend:
             "decode_s": dec.total_ms.sum() / 1e3,
             "outside_steps_s": elapsed - steps.total_ms.sum() / 1e3,
             "prefix_cache_hits": int(steps["prefix_cache_hits"].sum())
-            if "prefix_cache_hits" in steps else None,
+            if "prefix_cache_hits" in steps
+            else None,
             "num_prefill_steps": len(pre),
             "num_decode_steps": len(dec),
             "ms_per_decode_step": float(dec.total_ms.mean()) if len(dec) else None,
             "prefill_phase_ms": {c: float(pre[c].sum()) for c in phase_cols},
-            "decode_phase_ms_per_step": {c: float(dec[c].mean()) for c in phase_cols} if len(dec) else {},
+            "decode_phase_ms_per_step": {c: float(dec[c].mean()) for c in phase_cols}
+            if len(dec)
+            else {},
         }
 
     def describe(self, r: dict) -> str:
-        return (f"prefill {r['prefill_s']:.2f} s in {r['num_prefill_steps']} step(s), decode "
-                f"{r['decode_s']:.2f} s in {r['num_decode_steps']} steps = "
-                f"{r['ms_per_decode_step']:.1f} ms/step")
+        return (
+            f"prefill {r['prefill_s']:.2f} s in {r['num_prefill_steps']} step(s), decode "
+            f"{r['decode_s']:.2f} s in {r['num_decode_steps']} steps = "
+            f"{r['ms_per_decode_step']:.1f} ms/step"
+        )
 
     def close(self) -> None:
         self.llm.shutdown()
@@ -199,10 +229,12 @@ class HFBackend:
         from transformers import AutoModelForCausalLM
 
         from labkit.default_model import default_model_path
+
         gguf = default_model_path()
         t0 = time.perf_counter()
-        self.model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                          dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        ).eval()
         self.load_s = time.perf_counter() - t0
         self.vocab = self.model.config.vocab_size
         self.output_len = output_len
@@ -212,9 +244,17 @@ class HFBackend:
 
     def _generate(self, ids: torch.Tensor, n: int) -> torch.Tensor:
         with torch.inference_mode():
-            return self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                       max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                       pad_token_id=self.pad, temperature=None, top_p=None, top_k=None)
+            return self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=self.pad,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
 
     def warmup(self, input_len: int) -> None:
         self._generate(torch.tensor(make_prompts(2, input_len, self.vocab, seed=-1)), 8)
@@ -227,12 +267,20 @@ class HFBackend:
         out = self._generate(ids, self.output_len)
         elapsed, cpu = time.perf_counter() - t, time.thread_time() - c
         load = meter.stop()
-        new = out[:, ids.shape[1]:]
+        new = out[:, ids.shape[1] :]
         if new.shape[1] != self.output_len:
-            raise RuntimeError(f"HF: made {new.shape[1]} new tokens per row, expected {self.output_len}")
-        return {"elapsed_s": elapsed, "cpu_s": cpu, "cpu_load": load, "output_tokens": new.numel(),
-                "output_tok_s": new.numel() / elapsed, "output_tok_per_cpu_s": new.numel() / cpu,
-                "tokens": new.tolist()}
+            raise RuntimeError(
+                f"HF: made {new.shape[1]} new tokens per row, expected {self.output_len}"
+            )
+        return {
+            "elapsed_s": elapsed,
+            "cpu_s": cpu,
+            "cpu_load": load,
+            "output_tokens": new.numel(),
+            "output_tok_s": new.numel() / elapsed,
+            "output_tok_per_cpu_s": new.numel() / cpu,
+            "tokens": new.tolist(),
+        }
 
     def describe(self, r: dict) -> str:
         return ""
@@ -262,8 +310,12 @@ def write_markdown(path: Path, report: dict) -> None:
         f"- Workload: SmolLM2-135M-Instruct float32, {a['input_len']}-token prompts of random ids, "
         f"{a['output_len']} greedy output tokens per prompt (EOS ignored); one small warm-up per "
         f"backend, then {a['repeats']} timed generate() call(s) per batch size and backend",
-        f"- Clock: {report['clock']}" + (" (the work of the one torch thread; other processes "
-                                         "cannot inflate it)" if cpu_clock else " (time.perf_counter)"),
+        f"- Clock: {report['clock']}"
+        + (
+            " (the work of the one torch thread; other processes cannot inflate it)"
+            if cpu_clock
+            else " (time.perf_counter)"
+        ),
         "- Load time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["load_s"].items()),
         "",
         f"| batch | HF {unit} | labkit {unit} | speedup | labkit prefill s | labkit decode s "
@@ -272,36 +324,66 @@ def write_markdown(path: Path, report: dict) -> None:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["summary"]:
-        match = "-" if row["match_exact_rows"] is None else \
-            f"{row['match_exact_rows']}/{row['batch']}"
+        match = (
+            "-" if row["match_exact_rows"] is None else f"{row['match_exact_rows']}/{row['batch']}"
+        )
         lines.append(
             f"| {row['batch']} | {fmt(row['hf_tok_s'])} | {fmt(row['labkit_tok_s'])} "
             f"| {fmt(row['speedup'], '.2f') + 'x' if row['speedup'] else '-'} "
             f"| {fmt(row['labkit_prefill_s'], '.2f')} | {fmt(row['labkit_decode_s'], '.2f')} "
             f"| {fmt(row['ms_per_decode_step'])} | {match} "
             f"| {fmt(row['hf_wall_tok_s'])} / {fmt(row['labkit_wall_tok_s'])} "
-            f"| {fmt(row['hf_other_cores'], '.2f')} / {fmt(row['labkit_other_cores'], '.2f')} |")
-    lines += ["", "Target: speedup >= 2.0x at every batch size (2 cores, wall time, quiet machine).",
-              "", "The last column is the CPU time other processes used during each timed call, in "
-              "cores (from /proc/stat): on a 2-core machine anything above ~0.1 disturbs wall "
-              "times (torch's OpenMP threads stall when a core is taken)."]
+            f"| {fmt(row['hf_other_cores'], '.2f')} / {fmt(row['labkit_other_cores'], '.2f')} |"
+        )
+    lines += [
+        "",
+        "Target: speedup >= 2.0x at every batch size (2 cores, wall time, quiet machine).",
+        "",
+        "The last column is the CPU time other processes used during each timed call, in "
+        "cores (from /proc/stat): on a 2-core machine anything above ~0.1 disturbs wall "
+        "times (torch's OpenMP threads stall when a core is taken).",
+    ]
     if a.get("repeats", 1) > 1:
-        lines += ["", f"Each number is the fastest of {a['repeats']} timed calls per backend (HF and "
-                  "labkit alternate, back to back). Speedups of each HF/labkit pair: " + "; ".join(
-                      f"batch {row['batch']}: " + ", ".join(f"{x:.2f}x" for x in row["paired_speedups"])
-                      for row in report["summary"]) + "."]
+        lines += [
+            "",
+            f"Each number is the fastest of {a['repeats']} timed calls per backend (HF and "
+            "labkit alternate, back to back). Speedups of each HF/labkit pair: "
+            + "; ".join(
+                f"batch {row['batch']}: " + ", ".join(f"{x:.2f}x" for x in row["paired_speedups"])
+                for row in report["summary"]
+            )
+            + ".",
+        ]
     key = "cpu_s" if cpu_clock else "elapsed_s"
     lk = {b: min(rs["labkit"], key=lambda r: r[key]) for b, rs in report["runs"].items()}
-    lines += ["", "labkit per-phase times from its step log (wall; decode: mean ms per step; "
-              "prefill: total ms):", "",
-              "| batch | phase | schedule | prepare | forward | sample | postprocess |",
-              "|---:|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "labkit per-phase times from its step log (wall; decode: mean ms per step; "
+        "prefill: total ms):",
+        "",
+        "| batch | phase | schedule | prepare | forward | sample | postprocess |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for b, r in lk.items():
-        for name, d in (("prefill", r["prefill_phase_ms"]), ("decode/step", r["decode_phase_ms_per_step"])):
+        for name, d in (
+            ("prefill", r["prefill_phase_ms"]),
+            ("decode/step", r["decode_phase_ms_per_step"]),
+        ):
             if d:
-                lines.append(f"| {b} | {name} | " + " | ".join(
-                    fmt(d[c], ".2f") for c in ("schedule_ms", "prepare_ms", "forward_ms",
-                                                "sample_ms", "postprocess_ms")) + " |")
+                lines.append(
+                    f"| {b} | {name} | "
+                    + " | ".join(
+                        fmt(d[c], ".2f")
+                        for c in (
+                            "schedule_ms",
+                            "prepare_ms",
+                            "forward_ms",
+                            "sample_ms",
+                            "postprocess_ms",
+                        )
+                    )
+                    + " |"
+                )
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -311,11 +393,19 @@ def main(argv=None) -> int:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="timed calls per batch size and backend; the fastest is reported")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: torch's choice, one per core); with 1, tok/s by "
-                         "CPU time is reported too and the table uses it")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="timed calls per batch size and backend; the fastest is reported",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's choice, one per core); with 1, tok/s by "
+        "CPU time is reported too and the table uses it",
+    )
     ap.add_argument("--skip-hf", action="store_true", help="run labkit only")
     ap.add_argument("--output-json", type=Path, default=DEFAULT_JSON)
     args = ap.parse_args(argv)
@@ -325,6 +415,7 @@ def main(argv=None) -> int:
 
     from labkit.config import EngineConfig
     from labkit.engine.resolved_config import resolve
+
     vocab = resolve(EngineConfig.from_kwargs(dtype="float32")).model_config.vocab_size
     prompt_sets = {b: make_prompts(b, args.input_len, vocab, args.seed) for b in args.batch_sizes}
 
@@ -350,14 +441,17 @@ def main(argv=None) -> int:
         runs = {be.name: [] for be in backends}
         for rep in range(args.repeats):
             # Alternate the order, so neither backend always runs first after the other.
-            for be in (backends if rep % 2 == 0 else backends[::-1]):
+            for be in backends if rep % 2 == 0 else backends[::-1]:
                 r = be.run(prompt_sets[b])
                 runs[be.name].append(r)
                 extra = be.describe(r)
-                print(f"[{be.name}] batch {b} run {rep + 1}/{args.repeats}: {r['elapsed_s']:.2f} s, "
-                      f"{r['output_tok_s']:.1f} output tok/s (CPU time {r['cpu_s']:.2f} s: "
-                      f"{r['output_tok_per_cpu_s']:.1f} tok/CPU-s){'; ' + extra if extra else ''} "
-                      f"(other processes used {r['cpu_load']['other_procs_cores']:.2f} cores)", flush=True)
+                print(
+                    f"[{be.name}] batch {b} run {rep + 1}/{args.repeats}: {r['elapsed_s']:.2f} s, "
+                    f"{r['output_tok_s']:.1f} output tok/s (CPU time {r['cpu_s']:.2f} s: "
+                    f"{r['output_tok_per_cpu_s']:.1f} tok/CPU-s){'; ' + extra if extra else ''} "
+                    f"(other processes used {r['cpu_load']['other_procs_cores']:.2f} cores)",
+                    flush=True,
+                )
         # With --repeats > 1 the fastest call of each backend is reported (the least disturbed).
         key = "cpu_s" if cpu_clock else "elapsed_s"
         best = {name: min(rs, key=lambda r: r[key]) for name, rs in runs.items()}
@@ -365,24 +459,28 @@ def main(argv=None) -> int:
         cmp = compare_rows(lk["tokens"], hf["tokens"]) if hf else None
         paired = [h[key] / l[key] for l, h in zip(runs["labkit"], runs["hf"])] if hf else []
         tps = "output_tok_per_cpu_s" if cpu_clock else "output_tok_s"
-        summary.append({
-            "batch": b,
-            "clock": report["clock"],
-            "hf_tok_s": hf[tps] if hf else None,
-            "labkit_tok_s": lk[tps],
-            "speedup": lk[tps] / hf[tps] if hf else None,
-            "paired_speedups": paired,
-            "hf_wall_tok_s": hf["output_tok_s"] if hf else None,
-            "labkit_wall_tok_s": lk["output_tok_s"],
-            "labkit_prefill_s": lk["prefill_cpu_s" if cpu_clock else "prefill_s"],
-            "labkit_decode_s": lk["decode_cpu_s" if cpu_clock else "decode_s"],
-            "ms_per_decode_step": lk["cpu_ms_per_decode_step" if cpu_clock else "ms_per_decode_step"],
-            "match_exact_rows": cmp["exact_rows"] if cmp else None,
-            "match_exact_fraction": cmp["exact_fraction"] if cmp else None,
-            "first_divergence_positions": cmp["first_divergence_positions"] if cmp else None,
-            "hf_other_cores": hf["cpu_load"]["other_procs_cores"] if hf else None,
-            "labkit_other_cores": lk["cpu_load"]["other_procs_cores"],
-        })
+        summary.append(
+            {
+                "batch": b,
+                "clock": report["clock"],
+                "hf_tok_s": hf[tps] if hf else None,
+                "labkit_tok_s": lk[tps],
+                "speedup": lk[tps] / hf[tps] if hf else None,
+                "paired_speedups": paired,
+                "hf_wall_tok_s": hf["output_tok_s"] if hf else None,
+                "labkit_wall_tok_s": lk["output_tok_s"],
+                "labkit_prefill_s": lk["prefill_cpu_s" if cpu_clock else "prefill_s"],
+                "labkit_decode_s": lk["decode_cpu_s" if cpu_clock else "decode_s"],
+                "ms_per_decode_step": lk[
+                    "cpu_ms_per_decode_step" if cpu_clock else "ms_per_decode_step"
+                ],
+                "match_exact_rows": cmp["exact_rows"] if cmp else None,
+                "match_exact_fraction": cmp["exact_fraction"] if cmp else None,
+                "first_divergence_positions": cmp["first_divergence_positions"] if cmp else None,
+                "hf_other_cores": hf["cpu_load"]["other_procs_cores"] if hf else None,
+                "labkit_other_cores": lk["cpu_load"]["other_procs_cores"],
+            }
+        )
         for name, rs in runs.items():
             for r in rs:
                 if r is not best[name]:

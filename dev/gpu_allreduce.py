@@ -7,6 +7,7 @@ replayed from a CUDA graph. Run on the device (NCCL_NVLS_ENABLE=0):
 
   python dev/gpu_allreduce.py --world 2,4 --out $OUT
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-HIDDEN = 3584                      # Qwen2.5-7B
-ROWS = (1, 8, 64, 256)             # decode batch sizes
+HIDDEN = 3584  # Qwen2.5-7B
+ROWS = (1, 8, 64, 256)  # decode batch sizes
 
 
 def inputs(world: int, numel: int, call: int) -> list[torch.Tensor]:
@@ -53,12 +54,14 @@ def time_us(fn, device, iters: int = 200, graph: bool = False) -> float:
 
 def rank_main(rank: int, world: int, port: int, out: str) -> None:
     from labkit.distributed import TPGroup
-    from labkit.layers.switches import KernelSwitches
     from labkit.kernels.one_shot_all_reduce import one_shot_all_reduce_ref
+    from labkit.layers.switches import KernelSwitches
+
     device = torch.device(f"cuda:{rank}")
     torch.cuda.set_device(device)
-    group = TPGroup.create(rank, world, "127.0.0.1", port, device,
-                           pdl=KernelSwitches.from_env(device).pdl)
+    group = TPGroup.create(
+        rank, world, "127.0.0.1", port, device, pdl=KernelSwitches.from_env(device).pdl
+    )
     result = {"world": world, "peer_all_reduce": group.peer is not None, "sizes": []}
     assert group.peer is not None, "peer access not available"
     # Correctness: every size once, then a long run of calls with changing sizes.
@@ -73,8 +76,8 @@ def rank_main(rank: int, world: int, port: int, out: str) -> None:
     result["calls_checked"], result["mismatches"] = call, mismatches
     for rows in ROWS:
         x = torch.randn(rows * HIDDEN, device=device).to(torch.bfloat16)
-        nccl = lambda: group.pg.allreduce([x]).wait()   # noqa: E731
-        peer = lambda: group.peer(x)                    # noqa: E731
+        nccl = lambda: group.pg.allreduce([x]).wait()  # noqa: E731
+        peer = lambda: group.peer(x)  # noqa: E731
         row = {"rows": rows, "bytes": x.numel() * 2}
         for name, fn in (("nccl", nccl), ("peer", peer)):
             row[f"{name}_eager_us"] = time_us(fn, device)
@@ -92,6 +95,7 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     from labkit.utils import free_port
+
     summary = []
     for world in (int(w) for w in args.world.split(",")):
         if world > torch.cuda.device_count():
@@ -102,13 +106,17 @@ def main() -> None:
         summary.append(json.loads(Path(path).read_text()))
     card = torch.cuda.get_device_name(0)
     print(f"\n{card}: all-reduce of rows x {HIDDEN} bf16, microseconds per call")
-    print("| world | rows | bytes | NCCL eager | NCCL graph | peer eager | peer graph | checked (mismatches) |")
+    print(
+        "| world | rows | bytes | NCCL eager | NCCL graph | peer eager | peer graph | checked (mismatches) |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in summary:
         for s in r["sizes"]:
-            print(f"| {r['world']} | {s['rows']} | {s['bytes']} | {s['nccl_eager_us']:.1f} | "
-                  f"{s['nccl_graph_us']:.1f} | {s['peer_eager_us']:.1f} | {s['peer_graph_us']:.1f} | "
-                  f"{r['calls_checked']} ({r['mismatches']}) |")
+            print(
+                f"| {r['world']} | {s['rows']} | {s['bytes']} | {s['nccl_eager_us']:.1f} | "
+                f"{s['nccl_graph_us']:.1f} | {s['peer_eager_us']:.1f} | {s['peer_graph_us']:.1f} | "
+                f"{r['calls_checked']} ({r['mismatches']}) |"
+            )
 
 
 if __name__ == "__main__":

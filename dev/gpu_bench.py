@@ -10,6 +10,7 @@ input 1024, output 1024; (c) throughput, 256 requests with input and output leng
 device-to-device copy (bytes read + written per second) and a bf16 8192^3 matmul.
 Prints a table last; writes gpu_bench.json (and the step logs) under --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,7 @@ QWEN7B = REPO / "data" / "configs" / "Qwen2.5-7B-Instruct"
 
 def ceilings() -> dict:
     from triton.testing import do_bench
+
     n = 1 << 30  # 2 GiB of bf16 each way
     a = torch.randn(n, dtype=torch.bfloat16, device="cuda")
     b = torch.empty_like(a)
@@ -40,20 +42,29 @@ def ceilings() -> dict:
     x = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     y = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     ms = do_bench(lambda: x @ y, warmup=50, rep=300, return_mode="median")
-    flops = 2 * 8192 ** 3 / (ms * 1e-3)
+    flops = 2 * 8192**3 / (ms * 1e-3)
     del x, y
     torch.cuda.empty_cache()
     return {"copy_bytes_per_s": copy_bw, "bf16_flops_per_s": flops}
 
 
 def model_numbers(cfg: dict) -> dict:
-    h, i, l, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    h, i, l, v = (
+        cfg["hidden_size"],
+        cfg["intermediate_size"],
+        cfg["num_hidden_layers"],
+        cfg["vocab_size"],
+    )
     d = h // cfg["num_attention_heads"]
     kv = cfg["num_key_value_heads"] * d
     layer = h * (h + 2 * kv) + (h + 2 * kv) + h * h + 3 * h * i + 2 * h
     params = l * layer + v * h * (1 if cfg["tie_word_embeddings"] else 2) + h
-    return {"params": params, "weight_bytes": 2 * params, "kv_bytes_per_token": 2 * l * kv * 2,
-            "matmul_params": l * layer + v * h}  # the embedding lookup is not a matmul
+    return {
+        "params": params,
+        "weight_bytes": 2 * params,
+        "kv_bytes_per_token": 2 * l * kv * 2,
+        "matmul_params": l * layer + v * h,
+    }  # the embedding lookup is not a matmul
 
 
 def floors(num: dict, ceil: dict) -> dict:
@@ -70,9 +81,12 @@ def floors(num: dict, ceil: dict) -> dict:
 
 def hf_baselines(workloads: set[str]) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
+
     cfg = AutoConfig.from_pretrained(QWEN7B)
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+        model = AutoModelForCausalLM.from_config(
+            cfg, dtype=torch.bfloat16, attn_implementation="sdpa"
+        ).eval()
     out = {}
     with torch.inference_mode():
         if "a" in workloads:
@@ -109,9 +123,12 @@ def phases(steps) -> dict:
     dec = steps[steps.num_prefill_tokens == 0]
     cols = ["schedule_ms", "prepare_ms", "forward_ms", "sample_ms", "postprocess_ms", "total_ms"]
     out = {f"decode_median_{c}": float(dec[c].median()) for c in cols if len(dec)}
-    out.update(decode_steps=len(dec), decode_total_s=float(dec.total_ms.sum()) / 1e3,
-               prefill_steps=int(len(steps) - len(dec)),
-               prefill_total_s=float(steps.total_ms.sum() - dec.total_ms.sum()) / 1e3)
+    out.update(
+        decode_steps=len(dec),
+        decode_total_s=float(dec.total_ms.sum()) / 1e3,
+        prefill_steps=int(len(steps) - len(dec)),
+        prefill_total_s=float(steps.total_ms.sum() - dec.total_ms.sum()) / 1e3,
+    )
     return out
 
 
@@ -121,19 +138,30 @@ def labkit_runs(workloads: set[str], spec: str, out_dir: Path) -> dict:
     without programmatic dependent launch, "pdlwait" for PDL without the early trigger, and/or
     "nogemv" for every matmul through cuBLAS (e.g. "2nccl", "1sync", "1nopdl", "1nogemv")."""
     from labkit import LLM, SamplingParams
+
     # Each engine reads these when it starts (its TP workers inherit them)
     os.environ["LABKIT_PDL"] = "0" if "nopdl" in spec else "wait" if "pdlwait" in spec else "1"
     os.environ["LABKIT_GEMV"] = "0" if "nogemv" in spec else "1"
     res = {}
-    llm = LLM(str(QWEN7B), load_format="dummy", dtype="bfloat16",
-              tensor_parallel_size=int(re.match(r"\d+", spec).group()),
-              skip_tokenizer_init=True, max_model_len=4096, enable_prefix_caching=False,
-              disable_custom_all_reduce="nccl" in spec, async_scheduling="sync" not in spec)
+    llm = LLM(
+        str(QWEN7B),
+        load_format="dummy",
+        dtype="bfloat16",
+        tensor_parallel_size=int(re.match(r"\d+", spec).group()),
+        skip_tokenizer_init=True,
+        max_model_len=4096,
+        enable_prefix_caching=False,
+        disable_custom_all_reduce="nccl" in spec,
+        async_scheduling="sync" not in spec,
+    )
     tp = spec
     g = torch.Generator().manual_seed(0)
 
     def prompts(n: int, length: int) -> list[dict]:
-        return [{"prompt_token_ids": torch.randint(1000, 100000, (length,), generator=g).tolist()} for _ in range(n)]
+        return [
+            {"prompt_token_ids": torch.randint(1000, 100000, (length,), generator=g).tolist()}
+            for _ in range(n)
+        ]
 
     def run(ps, sps) -> tuple[float, int]:
         n0 = len(llm.step_log())
@@ -157,8 +185,10 @@ def labkit_runs(workloads: set[str], spec: str, out_dir: Path) -> dict:
         res["a_phases"] = phases(steps.iloc[5:])
         save()
     if "b" in workloads:
-        res["b_s"], n0 = run(prompts(8, 1024), SamplingParams(temperature=1.0, top_p=1.0, max_tokens=1024,
-                                                              ignore_eos=True))
+        res["b_s"], n0 = run(
+            prompts(8, 1024),
+            SamplingParams(temperature=1.0, top_p=1.0, max_tokens=1024, ignore_eos=True),
+        )
         llm.step_log().iloc[n0:].to_csv(out_dir / f"steps_b_tp{tp}.csv", index=False)
         res["b_phases"] = phases(llm.step_log().iloc[n0:])
         save()
@@ -166,7 +196,10 @@ def labkit_runs(workloads: set[str], spec: str, out_dir: Path) -> dict:
         rng = torch.Generator().manual_seed(0)
         lens_in = torch.randint(100, 1025, (256,), generator=rng).tolist()
         lens_out = torch.randint(100, 1025, (256,), generator=rng).tolist()
-        ps = [{"prompt_token_ids": torch.randint(1000, 100000, (n,), generator=g).tolist()} for n in lens_in]
+        ps = [
+            {"prompt_token_ids": torch.randint(1000, 100000, (n,), generator=g).tolist()}
+            for n in lens_in
+        ]
         sps = [SamplingParams(temperature=1.0, max_tokens=m, ignore_eos=True) for m in lens_out]
         res["c_s"], n0 = run(ps, sps)
         res["c_output_tokens"] = sum(lens_out)
@@ -183,13 +216,20 @@ def check_correctness(tiny: Path | None) -> dict:
     if tiny is None:
         return {"skipped": "no --tiny checkpoint"}
     if "," in str(tiny):  # several checkpoints: one set of keys each, prefixed by its name
-        return {f"{Path(t).name}/{k}": v for t in str(tiny).split(",")
-                for k, v in check_correctness(Path(t)).items()}
+        return {
+            f"{Path(t).name}/{k}": v
+            for t in str(tiny).split(",")
+            for k, v in check_correctness(Path(t)).items()
+        }
     from transformers import AutoModelForCausalLM
 
     from labkit import LLM, SamplingParams
+
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (1, 7, 33, 100, 250, 17, 64, 3)]
+    prompts = [
+        torch.randint(100, 40000, (n,), generator=g).tolist()
+        for n in (1, 7, 33, 100, 250, 17, 64, 3)
+    ]
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
     out = {}
     ref = {}
@@ -202,31 +242,60 @@ def check_correctness(tiny: Path | None) -> dict:
         hf = AutoModelForCausalLM.from_pretrained(tiny, dtype=getattr(torch, dtype)).cuda().eval()
         ref[dtype] = []
         for p in prompts:
-            r = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=16, do_sample=False,
-                            eos_token_id=None, pad_token_id=0)
-            ref[dtype].append(r[0, len(p):].tolist())
+            r = hf.generate(
+                torch.tensor([p], device="cuda"),
+                max_new_tokens=16,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            ref[dtype].append(r[0, len(p) :].tolist())
         del hf
     progress("HF references")
     with LLM(str(tiny), device="cpu", dtype="float32") as cpu:
-        cpu_ids = [o.outputs[0].token_ids for o in cpu.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)]
+        cpu_ids = [
+            o.outputs[0].token_ids
+            for o in cpu.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        ]
     progress("CPU engine")
     for dtype in ("float32", "bfloat16"):
         for eager, asy in ((True, True), (False, True), (False, False)):
             # max_num_seqs 16: the 8 prompts fit, and few graphs are captured (one call, many LLMs)
-            with LLM(str(tiny), dtype=dtype, enforce_eager=eager, max_num_batched_tokens=128,
-                     block_size=16, async_scheduling=asy, max_num_seqs=16) as llm:
-                got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)]
+            with LLM(
+                str(tiny),
+                dtype=dtype,
+                enforce_eager=eager,
+                max_num_batched_tokens=128,
+                block_size=16,
+                async_scheduling=asy,
+                max_num_seqs=16,
+            ) as llm:
+                got = [
+                    o.outputs[0].token_ids
+                    for o in llm.generate(
+                        [{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False
+                    )
+                ]
             key = f"{dtype}_{'eager' if eager else 'graphs'}{'' if asy else '_sync'}"
             progress(key)
             out[key + "_eq_hf"] = sum(a == b for a, b in zip(got, ref[dtype])) / len(prompts)
-            out[key + "_first4_eq_hf"] = sum(a[:4] == b[:4] for a, b in zip(got, ref[dtype])) / len(prompts)
+            out[key + "_first4_eq_hf"] = sum(a[:4] == b[:4] for a, b in zip(got, ref[dtype])) / len(
+                prompts
+            )
             if dtype == "float32":
                 out[key + "_eq_cpu"] = sum(a == b for a, b in zip(got, cpu_ids)) / len(prompts)
     # tp=2 where there are two cards (the tiny checkpoint's 2 KV heads split no further)
     for tp in range(2, min(torch.cuda.device_count(), 2) + 1, 2):
         with LLM(str(tiny), dtype="float32", tensor_parallel_size=tp) as llm:
-            got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)]
-        out[f"float32_graphs_tp{tp}_eq_tp1"] = sum(a == b for a, b in zip(got, cpu_ids)) / len(prompts)
+            got = [
+                o.outputs[0].token_ids
+                for o in llm.generate(
+                    [{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False
+                )
+            ]
+        out[f"float32_graphs_tp{tp}_eq_tp1"] = sum(a == b for a, b in zip(got, cpu_ids)) / len(
+            prompts
+        )
     return out
 
 
@@ -241,10 +310,18 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     wl = set(args.workloads.split(","))
-    result = {"card": torch.cuda.get_device_name(), "num_gpus": torch.cuda.device_count(),
-              "torch": torch.__version__, "python": platform.python_version(),
-              "command": "python dev/gpu_bench.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "errors": {}}
+    result = {
+        "card": torch.cuda.get_device_name(),
+        "num_gpus": torch.cuda.device_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": "python dev/gpu_bench.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)
+        ),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "errors": {},
+    }
 
     def guarded(name, fn):
         t = time.perf_counter()
@@ -262,8 +339,12 @@ def main() -> None:
     # "--tp 1,1sync,1nopdl,1pdlwait,1nogemv,2,2nccl,4": see labkit_runs
     tps = [t for t in args.tp.split(",") if t]  # --tp "": no labkit runs (a correctness-only call)
     for spec in tps:
-        guarded(f"labkit_tp{spec}", lambda spec=spec: labkit_runs(
-            wl if spec.startswith("1") else wl & {"b"}, spec, out_dir))
+        guarded(
+            f"labkit_tp{spec}",
+            lambda spec=spec: labkit_runs(
+                wl if spec.startswith("1") else wl & {"b"}, spec, out_dir
+            ),
+        )
 
     # Last, so that a call cut short by its time limit still has the timings.
     guarded("correctness", lambda: check_correctness(Path(args.tiny) if args.tiny else None))
@@ -279,10 +360,19 @@ def main() -> None:
             lk = result.get(f"labkit_tp{tp}", {})
             for w in ("a", "b"):
                 if f"{w}_s" in lk:
-                    rows.append((f"({w}) tp={tp}", lk[f"{w}_s"], hf.get(f"{w}_s") if tp.startswith("1") else None, fl[f"{w}_s"]))
+                    rows.append(
+                        (
+                            f"({w}) tp={tp}",
+                            lk[f"{w}_s"],
+                            hf.get(f"{w}_s") if tp.startswith("1") else None,
+                            fl[f"{w}_s"],
+                        )
+                    )
             if "c_s" in lk:
                 flops = 2 * num["matmul_params"] * lk["c_total_tokens"]
-                compute_floor_tok_s = lk["c_output_tokens"] / (flops / result["ceilings"]["bf16_flops_per_s"])
+                compute_floor_tok_s = lk["c_output_tokens"] / (
+                    flops / result["ceilings"]["bf16_flops_per_s"]
+                )
                 tok_s = lk["c_output_tokens"] / lk["c_s"]
                 result[f"c_output_tok_s_tp{tp}"] = tok_s
                 result[f"c_fraction_of_compute_floor_tp{tp}"] = tok_s / compute_floor_tok_s
@@ -290,11 +380,15 @@ def main() -> None:
     (out_dir / "gpu_bench.json").write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps({k: v for k, v in result.items() if k != "errors"}, indent=1, default=str))
     print(f"\ncard: {result['card']}  ceilings: {result.get('ceilings')}")
-    print(f"{'workload':<24}{'labkit':>12}{'HF':>12}{'floor':>12}{'labkit/floor':>14}{'HF/labkit':>11}")
+    print(
+        f"{'workload':<24}{'labkit':>12}{'HF':>12}{'floor':>12}{'labkit/floor':>14}{'HF/labkit':>11}"
+    )
     for name, lk, hf, fl in rows:
         ratio = lk / fl  # times: x the floor; tok/s: the fraction of the floor's rate reached
-        print(f"{name:<24}{lk:>12.4f}{(hf or float('nan')):>12.4f}{fl:>12.4f}{ratio:>14.2f}"
-              f"{((hf / lk) if hf else float('nan')):>11.2f}")
+        print(
+            f"{name:<24}{lk:>12.4f}{(hf or float('nan')):>12.4f}{fl:>12.4f}{ratio:>14.2f}"
+            f"{((hf / lk) if hf else float('nan')):>11.2f}"
+        )
     print("errors:", list(result["errors"]))
 
 

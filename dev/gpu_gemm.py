@@ -8,6 +8,7 @@ Qwen2.5-7B's shapes (weights [N, K] bf16) at M = 1, 8 and 64 rows, each timed in
 20 calls (so launch gaps and cuBLAS's split-K reduce kernels count). Prints one table; writes
 gpu_gemm.json under --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SHAPES = {"qkv_proj": (4608, 3584), "o_proj": (3584, 3584), "gate_up_proj": (37888, 3584),
-          "down_proj": (3584, 18944), "lm_head": (152064, 3584)}
+SHAPES = {
+    "qkv_proj": (4608, 3584),
+    "o_proj": (3584, 3584),
+    "gate_up_proj": (37888, 3584),
+    "down_proj": (3584, 18944),
+    "lm_head": (152064, 3584),
+}
 ROWS = (1, 8, 64)
 CALLS = 20
 
@@ -58,11 +64,18 @@ def main() -> None:
         w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
         for m in ROWS:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-            assert torch.allclose(torch.mm(w, x.t()).t().float(), F.linear(x, w).float(), atol=2e-2, rtol=2e-2)
-            row = {"gemm": name, "n": n, "k": k, "m": m,
-                   "x_wt_us": graph_time_us(lambda: F.linear(x, w)),
-                   "w_xt_us": graph_time_us(lambda: torch.mm(w, x.t())),
-                   "w_xt_contiguous_us": graph_time_us(lambda: torch.mm(w, x.t()).t().contiguous())}
+            assert torch.allclose(
+                torch.mm(w, x.t()).t().float(), F.linear(x, w).float(), atol=2e-2, rtol=2e-2
+            )
+            row = {
+                "gemm": name,
+                "n": n,
+                "k": k,
+                "m": m,
+                "x_wt_us": graph_time_us(lambda: F.linear(x, w)),
+                "w_xt_us": graph_time_us(lambda: torch.mm(w, x.t())),
+                "w_xt_contiguous_us": graph_time_us(lambda: torch.mm(w, x.t()).t().contiguous()),
+            }
             rows.append(row)
             print(row, flush=True)
         del w
@@ -70,12 +83,15 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for r in rows:
         gb = r["n"] * r["k"] * 2 / 1e6
-        print(f"| {r['gemm']} [{r['n']} x {r['k']}] | {r['m']} | {r['x_wt_us']:.1f} "
-              f"({gb / r['x_wt_us']:.2f}) | {r['w_xt_us']:.1f} ({gb / r['w_xt_us']:.2f}) | "
-              f"{r['w_xt_contiguous_us']:.1f} |")
+        print(
+            f"| {r['gemm']} [{r['n']} x {r['k']}] | {r['m']} | {r['x_wt_us']:.1f} "
+            f"({gb / r['x_wt_us']:.2f}) | {r['w_xt_us']:.1f} ({gb / r['w_xt_us']:.2f}) | "
+            f"{r['w_xt_contiguous_us']:.1f} |"
+        )
     if args.out:
-        Path(args.out, "gpu_gemm.json").write_text(json.dumps(
-            {"card": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+        Path(args.out, "gpu_gemm.json").write_text(
+            json.dumps({"card": torch.cuda.get_device_name(), "rows": rows}, indent=1)
+        )
 
 
 if __name__ == "__main__":

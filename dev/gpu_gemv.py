@@ -19,6 +19,7 @@ and shape the fastest configuration, or null where cuBLAS is faster); --install 
 into kernels/configs/, where the engine looks it up. --shapes sweeps only those and updates their
 entries in the installed table (no layer chains then).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,21 +37,45 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from labkit.kernels.fused_add_rmsnorm import fused_add_rmsnorm  # noqa: E402
-from labkit.kernels.gemv import (FMA_MAX_ROWS, GemvConfig, GemvWorkspace,  # noqa: E402
-                                 config_path, gemv, gemv_ref, row_bucket)
+from labkit.kernels.gemv import (  # noqa: E402
+    FMA_MAX_ROWS,
+    GemvConfig,
+    GemvWorkspace,
+    config_path,
+    gemv,
+    gemv_ref,
+    row_bucket,
+)
 from labkit.kernels.pdl import pdl_mode  # noqa: E402
 from labkit.kernels.silu_and_mul import silu_and_mul  # noqa: E402
 
 ROWS = (1, 2, 4, 8, 16)
 # From a first sweep on an H200 (PERF_NOTES, v6): FMAs only win at 1-2 rows, tensor cores want
 # 64-row (wgmma) tiles, and weights of few rows (o_proj, down_proj) want split-K.
-FMA = [GemvConfig(bn, bk, nw, False, sk) for bn, bk, nw, sk in
-       ((4, 512, 2, 1), (4, 1024, 4, 1), (2, 1024, 4, 1), (4, 512, 2, 2), (4, 1024, 4, 2),
-        (4, 1024, 4, 4), (2, 1024, 4, 2))]
-DOT = [GemvConfig(bn, bk, nw, True, sk) for bn, bk, nw, sk in
-       ((64, 128, 4, 1), (64, 128, 4, 2), (64, 128, 4, 4), (64, 128, 4, 8), (128, 64, 8, 1),
-        (128, 64, 8, 4))]
-L2_BYTES = 256 << 20   # copies of a weight add up to at least this: several times any L2
+FMA = [
+    GemvConfig(bn, bk, nw, False, sk)
+    for bn, bk, nw, sk in (
+        (4, 512, 2, 1),
+        (4, 1024, 4, 1),
+        (2, 1024, 4, 1),
+        (4, 512, 2, 2),
+        (4, 1024, 4, 2),
+        (4, 1024, 4, 4),
+        (2, 1024, 4, 2),
+    )
+]
+DOT = [
+    GemvConfig(bn, bk, nw, True, sk)
+    for bn, bk, nw, sk in (
+        (64, 128, 4, 1),
+        (64, 128, 4, 2),
+        (64, 128, 4, 4),
+        (64, 128, 4, 8),
+        (128, 64, 8, 1),
+        (128, 64, 8, 4),
+    )
+]
+L2_BYTES = 256 << 20  # copies of a weight add up to at least this: several times any L2
 
 
 def qwen7b_shapes() -> dict[str, tuple[int, int, bool, bool]]:
@@ -59,9 +84,13 @@ def qwen7b_shapes() -> dict[str, tuple[int, int, bool, bool]]:
     d = h // cfg["num_attention_heads"]
     qkv = h + 2 * cfg["num_key_value_heads"] * d
     # name: (N, K, bias, gated)
-    return {"qkv_proj": (qkv, h, True, False), "o_proj": (h, h, False, False),
-            "gate_up_proj": (2 * i, h, False, False), "down_proj": (h, i, False, True),
-            "lm_head": (v, h, False, False)}
+    return {
+        "qkv_proj": (qkv, h, True, False),
+        "o_proj": (h, h, False, False),
+        "gate_up_proj": (2 * i, h, False, False),
+        "down_proj": (h, i, False, True),
+        "lm_head": (v, h, False, False),
+    }
 
 
 def graph_us(fns: list, reps: int = 15) -> float:
@@ -125,9 +154,16 @@ def sweep_shape(name, n, k, has_bias, gated, copy_bw) -> list[dict]:
     for m in ROWS:
         x = torch.randn(m, 2 * k if gated else k, dtype=torch.bfloat16, device="cuda")
         ref = gemv_ref(x, ws[0], b, gated=gated).float()
-        row = {"shape": name, "n": n, "k": k, "m": m, "gated": gated,
-               "floor_us": n * k * 2 / copy_bw * 1e6,
-               "cublas_us": graph_us([cublas_call(x, w, b, gated) for w in ws] * 2), "gemv": []}
+        row = {
+            "shape": name,
+            "n": n,
+            "k": k,
+            "m": m,
+            "gated": gated,
+            "floor_us": n * k * 2 / copy_bw * 1e6,
+            "cublas_us": graph_us([cublas_call(x, w, b, gated) for w in ws] * 2),
+            "gemv": [],
+        }
         cfgs = (FMA if m <= FMA_MAX_ROWS else []) + DOT
         if gated:  # also each with silu_and_mul in front instead of fused
             cfgs += [dataclasses.replace(c, fuse_act=False) for c in cfgs]
@@ -143,8 +179,11 @@ def sweep_shape(name, n, k, has_bias, gated, copy_bw) -> list[dict]:
         ok = [r for r in row["gemv"] if r["rel_err"] < 1e-2]
         row["best"] = min(ok, key=lambda r: r["us"]) if ok else None
         best = row["best"]
-        print(f"{name:>13} M={m:<2} floor {row['floor_us']:7.1f}  cuBLAS {row['cublas_us']:7.1f}"
-              f"  gemv {best['us'] if best else float('nan'):7.1f} {best if best else ''}", flush=True)
+        print(
+            f"{name:>13} M={m:<2} floor {row['floor_us']:7.1f}  cuBLAS {row['cublas_us']:7.1f}"
+            f"  gemv {best['us'] if best else float('nan'):7.1f} {best if best else ''}",
+            flush=True,
+        )
         rows.append(row)
     del ws
     torch.cuda.empty_cache()
@@ -159,7 +198,9 @@ def table_from(rows: list[dict]) -> dict:
         win = best is not None and best["us"] < r["cublas_us"]
         out[f"{row_bucket(r['m'])},{r['n']},{r['k']}"] = (
             {f: best[f] for f in ("block_n", "block_k", "num_warps", "dot", "split_k", "fuse_act")}
-            if win else None)
+            if win
+            else None
+        )
     return out
 
 
@@ -167,9 +208,11 @@ def layer_chain(shapes, table, m, copy_bw, layers=28) -> dict:
     """A decode step's layer GEMMs with the norms between them, 28 layers of distinct weights:
     all cuBLAS (and the SiLU-and-mul kernel) against the table's choices."""
     hidden = shapes["o_proj"][0]
-    ws = {name: [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
-                 for _ in range(layers)]
-          for name, (n, k, _, _) in shapes.items() if name != "lm_head"}
+    ws = {
+        name: [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(layers)]
+        for name, (n, k, _, _) in shapes.items()
+        if name != "lm_head"
+    }
     bias = torch.randn(shapes["qkv_proj"][0], dtype=torch.bfloat16, device="cuda")
     norm_w = torch.ones(hidden, dtype=torch.bfloat16, device="cuda")
     x = torch.randn(m, hidden, dtype=torch.bfloat16, device="cuda")
@@ -184,7 +227,9 @@ def layer_chain(shapes, table, m, copy_bw, layers=28) -> dict:
     def layer(i, use_table):
         h, _ = fused_add_rmsnorm(x, res, norm_w, 1e-6, kernel_args()["pdl"])
         qkv = mm(h, ws["qkv_proj"][i], bias, use_table=use_table)
-        o = mm(qkv[:, :hidden], ws["o_proj"][i], use_table=use_table)  # stands in for attention's output
+        o = mm(
+            qkv[:, :hidden], ws["o_proj"][i], use_table=use_table
+        )  # stands in for attention's output
         h, _ = fused_add_rmsnorm(o, res, norm_w, 1e-6, kernel_args()["pdl"])
         gate_up = mm(h, ws["gate_up_proj"][i], use_table=use_table)
         mm(gate_up, ws["down_proj"][i], gated=True, use_table=use_table)
@@ -210,8 +255,12 @@ def main() -> None:
     a = torch.randn(1 << 30, dtype=torch.bfloat16, device="cuda")
     bb = torch.empty_like(a)
     from triton.testing import do_bench
-    copy_bw = 4 * a.numel() / (do_bench(lambda: bb.copy_(a), warmup=50, rep=300,
-                                        return_mode="median") * 1e-3)
+
+    copy_bw = (
+        4
+        * a.numel()
+        / (do_bench(lambda: bb.copy_(a), warmup=50, rep=300, return_mode="median") * 1e-3)
+    )
     del a, bb
     shapes = qwen7b_shapes()
     swept = args.shapes.split(",") if args.shapes else list(shapes)
@@ -224,27 +273,38 @@ def main() -> None:
         table = json.loads(config_path(card).read_text())["configs"]
     table.update(table_from(result["rows"]))
     path = out / config_path(card).name
-    path.write_text(json.dumps({"card": card, "source": "dev/gpu_gemv.py",
-                                "configs": table}, indent=1))
+    path.write_text(
+        json.dumps({"card": card, "source": "dev/gpu_gemv.py", "configs": table}, indent=1)
+    )
     if args.install:
         config_path(card).parent.mkdir(exist_ok=True)
         shutil.copy(path, config_path(card))
-    result["chains"] = [] if args.shapes else [layer_chain(shapes, table, m, copy_bw)
-                                                for m in (1, 8)]
+    result["chains"] = (
+        [] if args.shapes else [layer_chain(shapes, table, m, copy_bw) for m in (1, 8)]
+    )
     (out / "gemv_sweep.json").write_text(json.dumps(result, indent=1))
     print(f"\ncard {card}, copy {copy_bw / 1e12:.2f} TB/s")
     print(f"{'shape':>13} {'M':>3} {'floor us':>9} {'cuBLAS':>8} {'gemv':>8}  best")
     for r in result["rows"]:
         best = r["best"] or {}
-        how = "" if not best else (
-            f"{'dot' if best['dot'] else 'fma'} {best['block_n']}x{best['block_k']} "
-            f"w{best['num_warps']} split-K {best['split_k']}"
-            + ("" if best["fuse_act"] or not r["gated"] else ", silu first"))
-        print(f"{r['shape']:>13} {r['m']:>3} {r['floor_us']:9.1f} {r['cublas_us']:8.1f} "
-              f"{best.get('us', float('nan')):8.1f}  {how}")
+        how = (
+            ""
+            if not best
+            else (
+                f"{'dot' if best['dot'] else 'fma'} {best['block_n']}x{best['block_k']} "
+                f"w{best['num_warps']} split-K {best['split_k']}"
+                + ("" if best["fuse_act"] or not r["gated"] else ", silu first")
+            )
+        )
+        print(
+            f"{r['shape']:>13} {r['m']:>3} {r['floor_us']:9.1f} {r['cublas_us']:8.1f} "
+            f"{best.get('us', float('nan')):8.1f}  {how}"
+        )
     for c in result["chains"]:
-        print(f"28-layer chain M={c['m']}: floor {c['floor_us']:.0f} us, cuBLAS {c['cublas_us']:.0f}"
-              f" us, table {c['table_us']:.0f} us")
+        print(
+            f"28-layer chain M={c['m']}: floor {c['floor_us']:.0f} us, cuBLAS {c['cublas_us']:.0f}"
+            f" us, table {c['table_us']:.0f} us"
+        )
 
 
 if __name__ == "__main__":

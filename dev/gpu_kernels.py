@@ -14,9 +14,9 @@ kernels run once more with a sliding window; fused_moe runs at Qwen3-30B-A3B's e
 (128 experts, top-8, hidden 2048, expert width 768) against the MoE layer's torch loop. The table
 comes last; with $OUT set the rows also go to $OUT/gpu_kernels.json.
 """
+
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -30,16 +30,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from labkit.kernels.fused_add_rmsnorm import (  # noqa: E402
-    fused_add_rmsnorm, fused_add_rmsnorm_ref, rmsnorm, rmsnorm_ref)
-from labkit.kernels.paged_attention_decode import (default_num_splits,  # noqa: E402
-                                                   paged_attention_decode,
-                                                   paged_attention_decode_ref)
-from labkit.kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
-from labkit.kernels.rotary_store_kvcache import (rotary_store_kvcache,  # noqa: E402
-                                                 rotary_store_kvcache_ref)
-from labkit.kernels.pdl import pdl_mode  # noqa: E402
-from labkit.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
+    fused_add_rmsnorm,
+    fused_add_rmsnorm_ref,
+    rmsnorm,
+    rmsnorm_ref,
+)
 from labkit.kernels.fused_moe import fused_moe, fused_moe_ref  # noqa: E402
+from labkit.kernels.paged_attention_decode import (  # noqa: E402
+    default_num_splits,
+    paged_attention_decode,
+    paged_attention_decode_ref,
+)
+from labkit.kernels.pdl import pdl_mode  # noqa: E402
+from labkit.kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
+from labkit.kernels.rotary_store_kvcache import rotary_store_kvcache, rotary_store_kvcache_ref  # noqa: E402
+from labkit.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
 
 H, HKV, D, HIDDEN, INTER = 28, 4, 128, 3584, 18944
 DTYPE = torch.bfloat16
@@ -48,8 +53,11 @@ CONTEXTS = (1024, 8192)
 BATCHES = (1, 8, 64)
 TOKENS = (1, 64, 8192)  # rows for the elementwise kernels: batch-1 decode, batch-64, a prefill
 # (q_lens, ctx_lens): one fresh prompt; 8 fresh prompts in one launch; a chunk after a prefix.
-PREFILL_CASES = {"1x1024 fresh": ([1024], [1024]), "8x1024 fresh": ([1024] * 8, [1024] * 8),
-                 "512 after 7680 cached": ([512], [8192])}
+PREFILL_CASES = {
+    "1x1024 fresh": ([1024], [1024]),
+    "8x1024 fresh": ([1024] * 8, [1024] * 8),
+    "512 after 7680 cached": ([512], [8192]),
+}
 ATTN_TOL = dict(atol=2e-2, rtol=2e-2)
 ELEM_TOL = dict(atol=3e-2, rtol=1.6e-2)  # one bf16 ulp: kernels round once, torch per op
 DEV = torch.device("cuda")
@@ -63,17 +71,45 @@ def bench(fn) -> float:
     return do_bench(fn, return_mode="median")
 
 
-def add_row(kernel: str, case: str, block: int | None, out, ref, ms: float, gbs=None,
-            tflops=None, torch_ms=None, tol=ATTN_TOL) -> None:
+def add_row(
+    kernel: str,
+    case: str,
+    block: int | None,
+    out,
+    ref,
+    ms: float,
+    gbs=None,
+    tflops=None,
+    torch_ms=None,
+    tol=ATTN_TOL,
+) -> None:
     err = (out.float() - ref.float()).abs().max().item()
     ok = torch.allclose(out.float(), ref.float(), **tol)
-    ROWS.append(dict(kernel=kernel, case=case, block_size=block, max_err=err, ok=ok, us=ms * 1e3,
-                     gbs=gbs, tflops=tflops, torch_us=None if torch_ms is None else torch_ms * 1e3))
-    extra = "".join([f"  {gbs:7.0f} GB/s" if gbs else "",
-                     f"  {tflops:6.1f} TFLOP/s" if tflops else "",
-                     f"  torch {torch_ms * 1e3:8.1f} us" if torch_ms else ""])
-    print(f"{kernel:24s} {case:34s} bs={block or '-':>3}  err {err:.2e} {'ok ' if ok else 'BAD'}"
-          f"  {ms * 1e3:9.1f} us{extra}", flush=True)
+    ROWS.append(
+        dict(
+            kernel=kernel,
+            case=case,
+            block_size=block,
+            max_err=err,
+            ok=ok,
+            us=ms * 1e3,
+            gbs=gbs,
+            tflops=tflops,
+            torch_us=None if torch_ms is None else torch_ms * 1e3,
+        )
+    )
+    extra = "".join(
+        [
+            f"  {gbs:7.0f} GB/s" if gbs else "",
+            f"  {tflops:6.1f} TFLOP/s" if tflops else "",
+            f"  torch {torch_ms * 1e3:8.1f} us" if torch_ms else "",
+        ]
+    )
+    print(
+        f"{kernel:24s} {case:34s} bs={block or '-':>3}  err {err:.2e} {'ok ' if ok else 'BAD'}"
+        f"  {ms * 1e3:9.1f} us{extra}",
+        flush=True,
+    )
 
 
 def copy_bandwidth() -> float:
@@ -86,7 +122,7 @@ def copy_bandwidth() -> float:
 def block_tables(num_seqs: int, ctx: int, page: int, num_blocks: int) -> torch.Tensor:
     """Each sequence gets ctx / page distinct blocks, shuffled over the whole cache."""
     need = -(-ctx // page)
-    perm = torch.randperm(num_blocks, device=DEV)[:num_seqs * need]
+    perm = torch.randperm(num_blocks, device=DEV)[: num_seqs * need]
     return perm.view(num_seqs, need).to(torch.int32)
 
 
@@ -100,27 +136,41 @@ def decode_section() -> None:
                 table = block_tables(b, ctx, page, num_blocks)
                 lens = torch.full((b,), ctx, dtype=torch.int32, device=DEV)
                 q = torch.randn(b, H, D, dtype=DTYPE, device=DEV)
-                args = (q, k_cache, v_cache, table, lens, D ** -0.5, page)
+                args = (q, k_cache, v_cache, table, lens, D**-0.5, page)
                 out = paged_attention_decode(*args, pdl=PDL)
                 ms = bench(lambda: paged_attention_decode(*args, pdl=PDL))
                 nbytes = 2 * b * ctx * HKV * D * 2 + 2 * b * H * D * 2
                 splits = default_num_splits(b, HKV, table.shape[1] * page, DEV)
-                add_row("paged_attention_decode", f"B={b} ctx={ctx} splits={splits}", page, out,
-                        paged_attention_decode_ref(*args), ms, gbs=nbytes / ms / 1e6)
+                add_row(
+                    "paged_attention_decode",
+                    f"B={b} ctx={ctx} splits={splits}",
+                    page,
+                    out,
+                    paged_attention_decode_ref(*args),
+                    ms,
+                    gbs=nbytes / ms / 1e6,
+                )
         if page == PAGE_SIZES[0]:  # how the split count trades off, to check the heuristic
             for b in BATCHES[:2]:
                 ctx = max(CONTEXTS)
                 table = block_tables(b, ctx, page, num_blocks)
                 lens = torch.full((b,), ctx, dtype=torch.int32, device=DEV)
                 q = torch.randn(b, H, D, dtype=DTYPE, device=DEV)
-                args = (q, k_cache, v_cache, table, lens, D ** -0.5, page)
+                args = (q, k_cache, v_cache, table, lens, D**-0.5, page)
                 ref = paged_attention_decode_ref(*args)
-                for splits in (1, 4, 16, 32):   # MAX_SPLITS is 32
+                for splits in (1, 4, 16, 32):  # MAX_SPLITS is 32
                     out = paged_attention_decode(*args, num_splits=splits, pdl=PDL)
                     ms = bench(lambda: paged_attention_decode(*args, num_splits=splits, pdl=PDL))
                     nbytes = 2 * b * ctx * HKV * D * 2 + 2 * b * H * D * 2
-                    add_row("decode split sweep", f"B={b} ctx={ctx} splits={splits}", page, out,
-                            ref, ms, gbs=nbytes / ms / 1e6)
+                    add_row(
+                        "decode split sweep",
+                        f"B={b} ctx={ctx} splits={splits}",
+                        page,
+                        out,
+                        ref,
+                        ms,
+                        gbs=nbytes / ms / 1e6,
+                    )
         del k_cache, v_cache
         torch.cuda.empty_cache()
 
@@ -135,13 +185,20 @@ def prefill_section() -> None:
             q = torch.randn(sum(q_lens), H, D, dtype=DTYPE, device=DEV)
             cu = torch.tensor([0] + q_lens, device=DEV).cumsum(0).to(torch.int32)
             lens = torch.tensor(ctx_lens, dtype=torch.int32, device=DEV)
-            args = (q, k_cache, v_cache, cu, lens, table, D ** -0.5, page)
+            args = (q, k_cache, v_cache, cu, lens, table, D**-0.5, page)
             out = prefill_attention(*args, max(q_lens), pdl=PDL)
             ms = bench(lambda: prefill_attention(*args, max(q_lens), pdl=PDL))
             # QK^T and PV over the visible (causal) keys: 4 * D flops per query-key pair per head.
             pairs = sum(ql * (c - ql) + ql * (ql + 1) // 2 for ql, c in zip(q_lens, ctx_lens))
-            add_row("prefill_attention", name, page, out, prefill_attention_ref(*args), ms,
-                    tflops=4 * D * H * pairs / ms / 1e9)
+            add_row(
+                "prefill_attention",
+                name,
+                page,
+                out,
+                prefill_attention_ref(*args),
+                ms,
+                tflops=4 * D * H * pairs / ms / 1e9,
+            )
 
 
 def rope_tables(max_pos: int = 32768) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,16 +218,26 @@ def rotary_store_section() -> None:
         pos = torch.randint(0, cos.shape[0], (t,), device=DEV)
         slots = torch.randperm(k_cache.shape[0], device=DEV)[:t]
         ref_k, ref_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
-        rotary_store_kvcache_ref(pos, *ref_qkv.split([H, HKV, HKV], 1), cos, sin, ref_k, ref_v, slots)
+        rotary_store_kvcache_ref(
+            pos, *ref_qkv.split([H, HKV, HKV], 1), cos, sin, ref_k, ref_v, slots
+        )
         args = (pos, *qkv.split([H, HKV, HKV], 1), cos, sin, k_cache, v_cache, slots)
         rotary_store_kvcache(*args, pdl=PDL)
         out = torch.cat([qkv[:, :H].flatten(), k_cache.flatten(), v_cache.flatten()])
         ref = torch.cat([ref_qkv[:, :H].flatten(), ref_k.flatten(), ref_v.flatten()])
         ms = bench(lambda: rotary_store_kvcache(*args, pdl=PDL))  # q rotating again and again
         ref_args = (pos, *ref_qkv.split([H, HKV, HKV], 1), cos, sin, ref_k, ref_v, slots)
-        add_row("rotary_store_kvcache", f"T={t}", None, out, ref, ms,
-                gbs=t * (2 * H + 4 * HKV) * D * 2 / ms / 1e6,
-                torch_ms=bench(lambda: rotary_store_kvcache_ref(*ref_args)), tol=ELEM_TOL)
+        add_row(
+            "rotary_store_kvcache",
+            f"T={t}",
+            None,
+            out,
+            ref,
+            ms,
+            gbs=t * (2 * H + 4 * HKV) * D * 2 / ms / 1e6,
+            torch_ms=bench(lambda: rotary_store_kvcache_ref(*ref_args)),
+            tol=ELEM_TOL,
+        )
 
 
 def elementwise_section() -> None:
@@ -183,19 +250,44 @@ def elementwise_section() -> None:
         if not torch.equal(new_res, ref_res):
             print(f"fused_add_rmsnorm T={t}: residual sum differs from torch's (should be exact)")
         ms = bench(lambda: fused_add_rmsnorm(x, res, w, 1e-6, PDL))
-        add_row("fused_add_rmsnorm", f"T={t}", None, out, ref, ms, gbs=4 * x.numel() * 2 / ms / 1e6,
-                torch_ms=bench(lambda: fused_add_rmsnorm_ref(x, res, w, 1e-6)), tol=ELEM_TOL)
+        add_row(
+            "fused_add_rmsnorm",
+            f"T={t}",
+            None,
+            out,
+            ref,
+            ms,
+            gbs=4 * x.numel() * 2 / ms / 1e6,
+            torch_ms=bench(lambda: fused_add_rmsnorm_ref(x, res, w, 1e-6)),
+            tol=ELEM_TOL,
+        )
         ms = bench(lambda: rmsnorm(x, w, 1e-6, PDL))
-        add_row("rmsnorm", f"T={t}", None, rmsnorm(x, w, 1e-6), rmsnorm_ref(x, w, 1e-6), ms,
-                gbs=2 * x.numel() * 2 / ms / 1e6,
-                torch_ms=bench(lambda: rmsnorm_ref(x, w, 1e-6)), tol=ELEM_TOL)
+        add_row(
+            "rmsnorm",
+            f"T={t}",
+            None,
+            rmsnorm(x, w, 1e-6),
+            rmsnorm_ref(x, w, 1e-6),
+            ms,
+            gbs=2 * x.numel() * 2 / ms / 1e6,
+            torch_ms=bench(lambda: rmsnorm_ref(x, w, 1e-6)),
+            tol=ELEM_TOL,
+        )
 
     for t in TOKENS:
         x = torch.randn(t, 2 * INTER, dtype=DTYPE, device=DEV)
         ms = bench(lambda: silu_and_mul(x, PDL))
-        add_row("silu_and_mul", f"T={t}", None, silu_and_mul(x), silu_and_mul_ref(x), ms,
-                gbs=3 * t * INTER * 2 / ms / 1e6, torch_ms=bench(lambda: silu_and_mul_ref(x)),
-                tol=ELEM_TOL)
+        add_row(
+            "silu_and_mul",
+            f"T={t}",
+            None,
+            silu_and_mul(x),
+            silu_and_mul_ref(x),
+            ms,
+            gbs=3 * t * INTER * 2 / ms / 1e6,
+            torch_ms=bench(lambda: silu_and_mul_ref(x)),
+            tol=ELEM_TOL,
+        )
 
 
 MOE_E, MOE_K, MOE_H, MOE_I = 128, 8, 2048, 768
@@ -212,19 +304,29 @@ def window_section() -> None:
     table = block_tables(b, ctx, page, num_blocks)
     lens = torch.full((b,), ctx, dtype=torch.int32, device=DEV)
     q = torch.randn(b, H, D, dtype=DTYPE, device=DEV)
-    args = (q, k_cache, v_cache, table, lens, D ** -0.5, page)
+    args = (q, k_cache, v_cache, table, lens, D**-0.5, page)
     ms = bench(lambda: paged_attention_decode(*args, window=WINDOW, pdl=PDL))
-    add_row("paged_attention_decode", f"B={b} ctx={ctx} window={WINDOW}", None,
-            paged_attention_decode(*args, window=WINDOW),
-            paged_attention_decode_ref(*args, window=WINDOW), ms)
+    add_row(
+        "paged_attention_decode",
+        f"B={b} ctx={ctx} window={WINDOW}",
+        None,
+        paged_attention_decode(*args, window=WINDOW),
+        paged_attention_decode_ref(*args, window=WINDOW),
+        ms,
+    )
     q_len = 1024
     q = torch.randn(q_len, H, D, dtype=DTYPE, device=DEV)
     cu = torch.tensor([0, q_len], dtype=torch.int32, device=DEV)
-    args = (q, k_cache, v_cache, cu, lens[:1], table[:1], D ** -0.5, page)
+    args = (q, k_cache, v_cache, cu, lens[:1], table[:1], D**-0.5, page)
     ms = bench(lambda: prefill_attention(*args, q_len, pdl=PDL, window=WINDOW))
-    add_row("prefill_attention", f"{q_len} after {ctx - q_len} window={WINDOW}", None,
-            prefill_attention(*args, q_len, window=WINDOW),
-            prefill_attention_ref(*args, window=WINDOW), ms)
+    add_row(
+        "prefill_attention",
+        f"{q_len} after {ctx - q_len} window={WINDOW}",
+        None,
+        prefill_attention(*args, q_len, window=WINDOW),
+        prefill_attention_ref(*args, window=WINDOW),
+        ms,
+    )
     del k_cache, v_cache
     torch.cuda.empty_cache()
 
@@ -236,8 +338,8 @@ def moe_section() -> None:
     except ImportError as e:  # labkit's own dependencies missing on this machine
         print(f"fused_moe skipped: {e}")
         return
-    w13 = torch.randn(MOE_E, 2 * MOE_I, MOE_H, dtype=DTYPE, device=DEV) / MOE_H ** 0.5
-    w2 = torch.randn(MOE_E, MOE_H, MOE_I, dtype=DTYPE, device=DEV) / MOE_I ** 0.5
+    w13 = torch.randn(MOE_E, 2 * MOE_I, MOE_H, dtype=DTYPE, device=DEV) / MOE_H**0.5
+    w2 = torch.randn(MOE_E, MOE_H, MOE_I, dtype=DTYPE, device=DEV) / MOE_I**0.5
     for t in MOE_TOKENS:
         x = torch.randn(t, MOE_H, dtype=DTYPE, device=DEV)
         weights, ids = route(torch.randn(t, MOE_E, device=DEV), MOE_K, True, DTYPE)
@@ -245,9 +347,16 @@ def moe_section() -> None:
         ref = fused_moe_ref(x, w13, w2, weights, ids)
         ms = bench(lambda: fused_moe(x, w13, w2, weights, ids, pdl=PDL))
         flops = 2 * t * MOE_K * 3 * MOE_H * MOE_I
-        add_row("fused_moe", f"T={t} E={MOE_E} k={MOE_K}", None, out, ref, ms,
-                tflops=flops / ms / 1e9,
-                torch_ms=bench(lambda: experts_torch(x, w13, w2, weights, ids)))
+        add_row(
+            "fused_moe",
+            f"T={t} E={MOE_E} k={MOE_K}",
+            None,
+            out,
+            ref,
+            ms,
+            tflops=flops / ms / 1e9,
+            torch_ms=bench(lambda: experts_torch(x, w13, w2, weights, ids)),
+        )
 
 
 def backend_section() -> None:
@@ -257,8 +366,8 @@ def backend_section() -> None:
         from labkit.layers.attention import SeqSlice
         from labkit.layers.attention.torch_backend import TorchAttentionBackend
         from labkit.layers.attention.triton_backend import TritonAttentionBackend
-        from labkit.layers.switches import KernelSwitches
         from labkit.layers.rotary import RotaryEmbedding
+        from labkit.layers.switches import KernelSwitches
     except ImportError as e:  # labkit's own dependencies missing on this machine
         print(f"backends skipped: {e}")
         return
@@ -278,15 +387,25 @@ def backend_section() -> None:
             torch_be = TorchAttentionBackend(page, DEV)
             triton_be = TritonAttentionBackend(page, DEV, KernelSwitches(pdl=PDL))
             m_torch, m_triton = torch_be.prepare(seqs), triton_be.prepare(seqs)
-            caches, scale = (k_cache, v_cache), D ** -0.5
+            caches, scale = (k_cache, v_cache), D**-0.5
             ref = torch_be.forward(pos, q, k, v, rotary, *caches, m_torch, scale)
             out = triton_be.forward(pos, q.clone(), k, v, rotary, *caches, m_triton, scale)
             # (q rotates in place again on every timed call: the same work)
             ms = bench(lambda: triton_be.forward(pos, q, k, v, rotary, *caches, m_triton, scale))
-            torch_ms = bench(lambda: torch_be.forward(pos, q, k, v, rotary, *caches, m_torch, scale))
+            torch_ms = bench(
+                lambda: torch_be.forward(pos, q, k, v, rotary, *caches, m_torch, scale)
+            )
             nbytes = 2 * b * ctx * HKV * D * 2 + 2 * b * H * D * 2
-            add_row("TritonAttentionBackend", f"decode B={b} ctx={ctx}", page, out, ref, ms,
-                    gbs=nbytes / ms / 1e6, torch_ms=torch_ms)
+            add_row(
+                "TritonAttentionBackend",
+                f"decode B={b} ctx={ctx}",
+                page,
+                out,
+                ref,
+                ms,
+                gbs=nbytes / ms / 1e6,
+                torch_ms=torch_ms,
+            )
             del k_cache, v_cache, caches
     torch.cuda.empty_cache()
 
@@ -339,9 +458,18 @@ def main() -> None:
     print(f"\n{len(ROWS) - len(bad)}/{len(ROWS)} within tolerance")
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / "gpu_kernels.json"
-        path.write_text(json.dumps(dict(device=name, torch=torch.__version__,
-                                        triton=triton.__version__, copy_gbs=copy_gbs,
-                                        rows=ROWS), indent=1))
+        path.write_text(
+            json.dumps(
+                dict(
+                    device=name,
+                    torch=torch.__version__,
+                    triton=triton.__version__,
+                    copy_gbs=copy_gbs,
+                    rows=ROWS,
+                ),
+                indent=1,
+            )
+        )
         print(f"wrote {path}")
     if bad:
         sys.exit(1)

@@ -7,6 +7,7 @@ Prints the kernels by total GPU time over the profiled steps (per step: count an
 microseconds), the GPU-busy time per step against the wall time per step, and writes the table
 to DIR/profile_b{batch}_tp{tp}.txt.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,18 +28,27 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     from labkit import LLM, SamplingParams
-    llm = LLM(str(REPO / "data/configs/Qwen2.5-7B-Instruct"), load_format="dummy",
-              dtype="bfloat16", tensor_parallel_size=args.tp, skip_tokenizer_init=True,
-              max_model_len=4096, enable_prefix_caching=False)
+
+    llm = LLM(
+        str(REPO / "data/configs/Qwen2.5-7B-Instruct"),
+        load_format="dummy",
+        dtype="bfloat16",
+        tensor_parallel_size=args.tp,
+        skip_tokenizer_init=True,
+        max_model_len=4096,
+        enable_prefix_caching=False,
+    )
     g = torch.Generator().manual_seed(0)
-    prompts = [{"prompt_token_ids": torch.randint(1000, 100000, (args.context,), generator=g).tolist()}
-               for _ in range(args.batch)]
+    prompts = [
+        {"prompt_token_ids": torch.randint(1000, 100000, (args.context,), generator=g).tolist()}
+        for _ in range(args.batch)
+    ]
     sp = SamplingParams(temperature=1.0, max_tokens=args.steps + 1, ignore_eos=True)
-    llm.generate(prompts, sp, use_tqdm=False)                      # warm-up
+    llm.generate(prompts, sp, use_tqdm=False)  # warm-up
     engine = llm.engine
     for p in prompts:
         engine.add_request(None, p, sp)
-    engine.step()                                                   # the prefill, unprofiled
+    engine.step()  # the prefill, unprofiled
     torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
@@ -55,13 +65,17 @@ def main() -> None:
     for e in kernels:
         by_name.setdefault(e.name, []).append(e.device_time)
     busy = sum(sum(v) for v in by_name.values())
-    lines = [f"{torch.cuda.get_device_name()}: batch {args.batch}, context {args.context}, "
-             f"tp {args.tp}, {steps} decode steps",
-             f"wall {wall / steps * 1e3:.3f} ms/step, GPU busy {busy / steps / 1e3:.3f} ms/step "
-             f"({len(kernels) / steps:.0f} kernels/step)",
-             f"{'us/step':>9} {'n/step':>7} {'us each':>8}  kernel"]
+    lines = [
+        f"{torch.cuda.get_device_name()}: batch {args.batch}, context {args.context}, "
+        f"tp {args.tp}, {steps} decode steps",
+        f"wall {wall / steps * 1e3:.3f} ms/step, GPU busy {busy / steps / 1e3:.3f} ms/step "
+        f"({len(kernels) / steps:.0f} kernels/step)",
+        f"{'us/step':>9} {'n/step':>7} {'us each':>8}  kernel",
+    ]
     for name, ts in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:30]:
-        lines.append(f"{sum(ts) / steps:9.1f} {len(ts) / steps:7.1f} {sum(ts) / len(ts):8.2f}  {name[:110]}")
+        lines.append(
+            f"{sum(ts) / steps:9.1f} {len(ts) / steps:7.1f} {sum(ts) / len(ts):8.2f}  {name[:110]}"
+        )
     text = "\n".join(lines)
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)

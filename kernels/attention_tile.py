@@ -6,6 +6,7 @@ callers compile as if the loop body were written out in them. What differs betwe
 which scores count: prefill's causal bound (and a sliding window's lower bound) come in as
 arguments.
 """
+
 from __future__ import annotations
 
 import triton
@@ -13,9 +14,27 @@ import triton.language as tl
 
 
 @triton.jit
-def attend_kv_tile(q_tile, m_i, l_i, acc, n, n_mask, last_key, block_table_row, k_cache, v_cache,
-                   kvh, stride_cs, stride_ch, offs_d, d_mask, scale_log2,
-                   PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr, first_key=None):
+def attend_kv_tile(
+    q_tile,
+    m_i,
+    l_i,
+    acc,
+    n,
+    n_mask,
+    last_key,
+    block_table_row,
+    k_cache,
+    v_cache,
+    kvh,
+    stride_cs,
+    stride_ch,
+    offs_d,
+    d_mask,
+    scale_log2,
+    PAGE_SIZE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    first_key=None,
+):
     """Fold keys `n` ([BLOCK_N] token positions of one sequence) into the running softmax of the
     query rows `q_tile` ([rows, BLOCK_D]) for KV head `kvh`; returns the updated (m_i, l_i, acc).
 

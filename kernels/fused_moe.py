@@ -15,6 +15,7 @@ Launch configurations per card and shape come from configs/fused_moe_<card>.json
 matmul's mechanism, kernels/gemv.py): "E,N,K" -> {row-count bucket: config}; shapes no table
 covers get `default_config`. No table is committed yet: tuning needs the GPU.
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,9 +36,9 @@ CONFIG_DIR = Path(__file__).with_name("configs")
 
 @dataclass(frozen=True)
 class MoeConfig:
-    block_m: int      # (token, slot) rows per tile; the expert runs are padded to it
-    block_n: int      # output features per tile
-    block_k: int      # input features per step
+    block_m: int  # (token, slot) rows per tile; the expert runs are padded to it
+    block_n: int  # output features per tile
+    block_k: int  # input features per step
     group_m: int = 8  # row blocks visited together (L2 reuse of the weight tiles)
     num_warps: int = 4
     num_stages: int = 2
@@ -65,12 +66,31 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int)
 
 
 @triton.jit
-def _grouped_gemm_kernel(a, w, c, sorted_ids, block_experts, total, topk_weights,
-                         N, K, num_valid, stride_am, stride_we, stride_wn, stride_cm,
-                         TOP_K: tl.constexpr, A_PER_SLOT: tl.constexpr,
-                         MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                         PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+def _grouped_gemm_kernel(
+    a,
+    w,
+    c,
+    sorted_ids,
+    block_experts,
+    total,
+    topk_weights,
+    N,
+    K,
+    num_valid,
+    stride_am,
+    stride_we,
+    stride_wn,
+    stride_cm,
+    TOP_K: tl.constexpr,
+    A_PER_SLOT: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
     """c[s, :] = a[row(s), :] @ w[e].T (* topk_weights[s]) for the slots s of one block, e the
     block's expert; row(s) = s // TOP_K (a holds tokens) or s (A_PER_SLOT: a holds slots)."""
     pdl_wait(USE_PDL)
@@ -102,29 +122,66 @@ def _grouped_gemm_kernel(a, w, c, sorted_ids, block_experts, total, topk_weights
         acc = tl.dot(at, wt, acc, input_precision=PRECISION)
     if MUL_WEIGHT:
         acc *= tl.load(topk_weights + slots, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    tl.store(c + slots.to(tl.int64)[:, None] * stride_cm + offs_n[None, :],
-             acc.to(c.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
+    tl.store(
+        c + slots.to(tl.int64)[:, None] * stride_cm + offs_n[None, :],
+        acc.to(c.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_n < N)[None, :],
+    )
 
 
-def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, align, topk_weights,
-                  top_k: int, a_per_slot: bool, cfg: MoeConfig, pdl: int) -> None:
+def _grouped_gemm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    c: torch.Tensor,
+    align,
+    topk_weights,
+    top_k: int,
+    a_per_slot: bool,
+    cfg: MoeConfig,
+    pdl: int,
+) -> None:
     sorted_ids, block_experts, total = align
     n, k = w.shape[1], w.shape[2]
     grid = (block_experts.numel() * triton.cdiv(n, cfg.block_n),)
     _grouped_gemm_kernel[grid](
-        a, w, c, sorted_ids, block_experts, total,
-        topk_weights if topk_weights is not None else a, n, k, c.shape[0], a.stride(0),
-        w.stride(0), w.stride(1), c.stride(0), TOP_K=top_k, A_PER_SLOT=a_per_slot,
-        MUL_WEIGHT=topk_weights is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        a,
+        w,
+        c,
+        sorted_ids,
+        block_experts,
+        total,
+        topk_weights if topk_weights is not None else a,
+        n,
+        k,
+        c.shape[0],
+        a.stride(0),
+        w.stride(0),
+        w.stride(1),
+        c.stride(0),
+        TOP_K=top_k,
+        A_PER_SLOT=a_per_slot,
+        MUL_WEIGHT=topk_weights is not None,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
         # float32 (exact-token tests on CUDA) must not be rounded to TF32; ignored for bf16.
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_args(pdl))
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        **pdl_launch_args(pdl),
+    )
 
 
-def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, config: MoeConfig | None = None,
-              pdl: int = 0) -> torch.Tensor:
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    config: MoeConfig | None = None,
+    pdl: int = 0,
+) -> torch.Tensor:
     """x: [T, H]; w13: [E, 2I, H] (gate rows, then up rows); w2: [E, H, I]; topk_weights,
     topk_ids: [T, k]. Returns [T, H] in x's dtype. `config` defaults to `choose_config`'s; pdl:
     the launch mode (kernels/pdl.py)."""
@@ -146,8 +203,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     return down.view(t, top_k, h).sum(dim=1)
 
 
-def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                  topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+def fused_moe_ref(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
     """Each (token, slot) through its expert in float32, weighted, summed over the slots."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for j in range(topk_ids.shape[1]):
@@ -176,8 +238,9 @@ def _table(device: torch.device) -> dict[str, dict[int, MoeConfig]]:
     if not path.exists():
         return {}
     entries = json.loads(path.read_text())["configs"]
-    return {shape: {int(m): MoeConfig(**c) for m, c in by_m.items()}
-            for shape, by_m in entries.items()}
+    return {
+        shape: {int(m): MoeConfig(**c) for m, c in by_m.items()} for shape, by_m in entries.items()
+    }
 
 
 def default_config(m: int) -> MoeConfig:

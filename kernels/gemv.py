@@ -25,6 +25,7 @@ Both keep the next weight tile's load in flight while the current one is multipl
 configurations per card and shape come from dev/gpu_gemv.py (configs/), which also
 records where cuBLAS is faster: there `choose_config` returns None and the caller uses F.linear.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,10 +46,10 @@ CONFIG_DIR = Path(__file__).with_name("configs")
 
 @dataclass(frozen=True)
 class GemvConfig:
-    block_n: int      # weight rows (outputs) per program
-    block_k: int      # input features per tile
+    block_n: int  # weight rows (outputs) per program
+    block_k: int  # input features per tile
     num_warps: int
-    dot: bool         # tensor cores (rows padded to 16) instead of FMAs
+    dot: bool  # tensor cores (rows padded to 16) instead of FMAs
     split_k: int = 1  # programs per row block, each over a slice of K
     # For a gated input: silu(gate) * up inside this kernel, or by silu_and_mul first. Fused, it
     # is recomputed by every row block: cheap for a wide weight, not for down_proj's 3584 rows.
@@ -81,8 +82,16 @@ def _weight_tile(w_ptr, k0, k_end, K, row_ok, cols, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _prologue(w, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr):
+def _prologue(
+    w,
+    N,
+    K,
+    stride_wn,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
     """This program's rows and K slice, its weight pointers and first weight tile, loaded
     before waiting for the previous kernel."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -102,8 +111,21 @@ def _prologue(w, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 
 
 @triton.jit
-def _epilogue(y, bias, ws, counters, part, rows, row_ok, ms, M, N, stride_ym,
-              HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+def _epilogue(
+    y,
+    bias,
+    ws,
+    counters,
+    part,
+    rows,
+    row_ok,
+    ms,
+    M,
+    N,
+    stride_ym,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
     """Store part ([BLOCK_N, R] float32 sums, column r = row r of x) as y, or with split-K as
     this split's partial; the last split of the row block to arrive writes y."""
     mask = row_ok[:, None] & (ms < M)[None, :]
@@ -125,17 +147,36 @@ def _epilogue(y, bias, ws, counters, part, rows, row_ok, ms, M, N, stride_ym,
     if finish:
         if HAS_BIAS:
             part += tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-        tl.store(y + ms[None, :] * stride_ym + rows[:, None], part.to(y.dtype.element_ty),
-                 mask=mask)
+        tl.store(
+            y + ms[None, :] * stride_ym + rows[:, None], part.to(y.dtype.element_ty), mask=mask
+        )
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gemv_fma_kernel(x, w, bias, y, ws, counters, M, N, K, stride_xm, stride_wn, stride_ym,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     USE_PDL: tl.constexpr):
+def _gemv_fma_kernel(
+    x,
+    w,
+    bias,
+    y,
+    ws,
+    counters,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
     rows, cols, row_ok, w_ptr, w_cur, k_start, k_end = _prologue(
-        w, N, K, stride_wn, BLOCK_N, BLOCK_K, SPLIT_K, USE_PDL)
+        w, N, K, stride_wn, BLOCK_N, BLOCK_K, SPLIT_K, USE_PDL
+    )
     # One accumulator per row of x (BLOCK_M is 1 or 2), each the weight tile's shape.
     acc0 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     acc1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -153,12 +194,30 @@ def _gemv_fma_kernel(x, w, bias, y, ws, counters, M, N, K, stride_xm, stride_wn,
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gemv_dot_kernel(x, w, bias, y, ws, counters, M, N, K, stride_xm, stride_wn, stride_ym,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                     USE_PDL: tl.constexpr):
+def _gemv_dot_kernel(
+    x,
+    w,
+    bias,
+    y,
+    ws,
+    counters,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
     rows, cols, row_ok, w_ptr, w_cur, k_start, k_end = _prologue(
-        w, N, K, stride_wn, BLOCK_N, BLOCK_K, SPLIT_K, USE_PDL)
+        w, N, K, stride_wn, BLOCK_N, BLOCK_K, SPLIT_K, USE_PDL
+    )
     ms = tl.arange(0, 16)
     acc = tl.zeros([BLOCK_N, 16], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -189,7 +248,8 @@ class GemvWorkspace:
                 blocks = max(blocks, cur[1].numel())
             cur = self.current = (
                 torch.empty(partial_elems, dtype=torch.float32, device=self.device),
-                torch.zeros(blocks, dtype=torch.int32, device=self.device))
+                torch.zeros(blocks, dtype=torch.int32, device=self.device),
+            )
         return cur
 
     def close(self) -> None:
@@ -197,9 +257,16 @@ class GemvWorkspace:
         self.current, self.retired = None, []
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-         gated: bool = False, config: GemvConfig | None = None,
-         workspace: GemvWorkspace | None = None, pdl: int = 0) -> torch.Tensor:
+def gemv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    gated: bool = False,
+    config: GemvConfig | None = None,
+    workspace: GemvWorkspace | None = None,
+    pdl: int = 0,
+) -> torch.Tensor:
     """x: [M, K] (gated: [M, 2K], gate first), M <= MAX_ROWS; w: [N, K]; bias: [N] or None; all
     with unit last stride. Returns [M, N] in x's dtype. `config` defaults to
     `heuristic_config`; a split-K config needs a `workspace` on x's device. pdl: the launch mode
@@ -219,23 +286,44 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
         ws, counters = workspace.get(cfg.split_k * MAX_ROWS * n, blocks)
     else:
         ws = counters = y  # never touched: SPLIT_K=1 compiles the split-K path out
-    args = (x, w, bias if bias is not None else w, y, ws, counters, m, n, k, x.stride(0),
-            w.stride(0), y.stride(0))
-    common = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, GATED=gated,
-                  HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=1,
-                  **pdl_launch_args(pdl))
+    args = (
+        x,
+        w,
+        bias if bias is not None else w,
+        y,
+        ws,
+        counters,
+        m,
+        n,
+        k,
+        x.stride(0),
+        w.stride(0),
+        y.stride(0),
+    )
+    common = dict(
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        SPLIT_K=cfg.split_k,
+        GATED=gated,
+        HAS_BIAS=bias is not None,
+        num_warps=cfg.num_warps,
+        num_stages=1,
+        **pdl_launch_args(pdl),
+    )
     grid = (blocks, cfg.split_k)
     if cfg.dot:
         # float32 (exact-token tests on CUDA) must not be rounded to TF32; ignored for bf16.
-        _gemv_dot_kernel[grid](*args, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                               **common)
+        _gemv_dot_kernel[grid](
+            *args, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **common
+        )
     else:
         _gemv_fma_kernel[grid](*args, BLOCK_M=triton.next_power_of_2(m), **common)
     return y
 
 
-def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-             gated: bool = False) -> torch.Tensor:
+def gemv_ref(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, gated: bool = False
+) -> torch.Tensor:
     if gated:
         gate, up = x.float().chunk(2, dim=-1)
         x = (torch.nn.functional.silu(gate) * up).to(x.dtype)
@@ -268,10 +356,12 @@ def _table(device: torch.device) -> dict[str, GemvConfig | None]:
 def heuristic_config(m: int, k: int) -> GemvConfig:
     """For shapes no table covers: FMAs up to FMA_MAX_ROWS rows, tensor cores above."""
     if m <= FMA_MAX_ROWS:
-        return GemvConfig(block_n=4, block_k=min(512, triton.next_power_of_2(k)), num_warps=2,
-                          dot=False)
-    return GemvConfig(block_n=64, block_k=min(128, max(16, triton.next_power_of_2(k))),
-                      num_warps=4, dot=True)
+        return GemvConfig(
+            block_n=4, block_k=min(512, triton.next_power_of_2(k)), num_warps=2, dot=False
+        )
+    return GemvConfig(
+        block_n=64, block_k=min(128, max(16, triton.next_power_of_2(k))), num_warps=4, dot=True
+    )
 
 
 def choose_config(m: int, n: int, k: int, device: torch.device) -> GemvConfig | None:

@@ -21,6 +21,7 @@ rank, so the grid must be the same on every rank (it is: same message size, same
 this process (labkit.distributed.custom_all_reduce sets them up with cudaIpcOpenMemHandle). The reference is the
 plain sum over ranks.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,7 +31,7 @@ import triton.language as tl
 from .pdl import pdl_launch_args, pdl_wait
 
 BLOCK = 2048
-MAX_PROGRAMS = 32     # flags per rank in a signal pad: MAX_PROGRAMS * world
+MAX_PROGRAMS = 32  # flags per rank in a signal pad: MAX_PROGRAMS * world
 
 
 @triton.jit
@@ -50,9 +51,16 @@ def _wait_all(sig_ptrs, pid, RANK: tl.constexpr, WORLD: tl.constexpr, SEM: tl.co
 
 
 @triton.jit(do_not_specialize=["N"])
-def _one_shot_all_reduce_kernel(x, buf_ptrs, sig_ptrs, N, RANK: tl.constexpr,
-                                WORLD: tl.constexpr, BLOCK: tl.constexpr,
-                                USE_PDL: tl.constexpr):
+def _one_shot_all_reduce_kernel(
+    x,
+    buf_ptrs,
+    sig_ptrs,
+    N,
+    RANK: tl.constexpr,
+    WORLD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
     pdl_wait(USE_PDL)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -78,16 +86,31 @@ def _one_shot_all_reduce_kernel(x, buf_ptrs, sig_ptrs, N, RANK: tl.constexpr,
     _wait_all(sig_ptrs, pid, RANK, WORLD, "relaxed")
 
 
-def one_shot_all_reduce(x: torch.Tensor, buf_ptrs: torch.Tensor, sig_ptrs: torch.Tensor,
-                        rank: int, world: int, pdl: int = 0) -> torch.Tensor:
+def one_shot_all_reduce(
+    x: torch.Tensor,
+    buf_ptrs: torch.Tensor,
+    sig_ptrs: torch.Tensor,
+    rank: int,
+    world: int,
+    pdl: int = 0,
+) -> torch.Tensor:
     """Sum x over the ranks, in place. Every rank must call it with the same shape and dtype;
     each rank's staging buffer must hold x.numel() elements. pdl: the launch mode
     (kernels/pdl.py)."""
     assert x.is_contiguous()
     n = x.numel()
     grid = (max(1, min(triton.cdiv(n, BLOCK), MAX_PROGRAMS)),)
-    _one_shot_all_reduce_kernel[grid](x, buf_ptrs, sig_ptrs, n, RANK=rank, WORLD=world,
-                                      BLOCK=BLOCK, num_warps=8, **pdl_launch_args(pdl))
+    _one_shot_all_reduce_kernel[grid](
+        x,
+        buf_ptrs,
+        sig_ptrs,
+        n,
+        RANK=rank,
+        WORLD=world,
+        BLOCK=BLOCK,
+        num_warps=8,
+        **pdl_launch_args(pdl),
+    )
     return x
 
 

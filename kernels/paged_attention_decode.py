@@ -12,6 +12,7 @@ context lengths themselves: each sequence divides its own context among the spli
 is fixed for a captured batch size and the launch fits in a CUDA graph. A context length of 0 (a padding row) gives
 zeros.
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,7 +25,7 @@ import triton.language as tl
 from .attention_tile import attend_kv_tile
 from .pdl import pdl_launch_args, pdl_wait
 
-BLOCK_N = 64                # context tokens per tile: a [64, 128] bf16 K tile is 16 KiB
+BLOCK_N = 64  # context tokens per tile: a [64, 128] bf16 K tile is 16 KiB
 MIN_TOKENS_PER_SPLIT = 128  # below this a split's fixed cost (q load, partial write) dominates
 # The combine kernel is compiled for this many splits whatever the count, and the split count
 # and block-table stride are not specialised on: eager steps of changing batches must never
@@ -33,12 +34,35 @@ MAX_SPLITS = 32
 
 
 @triton.jit(do_not_specialize=["num_splits", "stride_bt", "window"])
-def _decode_kernel(q, k_cache, v_cache, block_table, context_lens, out, part_out, part_lse,
-                   scale_log2, num_splits, window,
-                   stride_qb, stride_qh, stride_ob, stride_oh, stride_cs, stride_ch, stride_bt,
-                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                   DIRECT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+def _decode_kernel(
+    q,
+    k_cache,
+    v_cache,
+    block_table,
+    context_lens,
+    out,
+    part_out,
+    part_lse,
+    scale_log2,
+    num_splits,
+    window,
+    stride_qb,
+    stride_qh,
+    stride_ob,
+    stride_oh,
+    stride_cs,
+    stride_ch,
+    stride_bt,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    DIRECT: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
     pdl_wait(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -57,8 +81,9 @@ def _decode_kernel(q, k_cache, v_cache, block_table, context_lens, out, part_out
     heads = kvh * GROUP + offs_g
     d_mask = offs_d < HEAD_DIM
     qo_mask = (offs_g < GROUP)[:, None] & d_mask[None, :]
-    q_tile = tl.load(q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                     mask=qo_mask, other=0.0)
+    q_tile = tl.load(
+        q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=qo_mask, other=0.0
+    )
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -66,15 +91,34 @@ def _decode_kernel(q, k_cache, v_cache, block_table, context_lens, out, part_out
     for n0 in range(start, end, BLOCK_N):
         n = n0 + offs_n
         n_mask = n < end
-        m_i, l_i, acc = attend_kv_tile(q_tile, m_i, l_i, acc, n, n_mask, None,
-                                       block_table + b * stride_bt, k_cache, v_cache, kvh,
-                                       stride_cs, stride_ch, offs_d, d_mask, scale_log2,
-                                       PAGE_SIZE, PRECISION)
+        m_i, l_i, acc = attend_kv_tile(
+            q_tile,
+            m_i,
+            l_i,
+            acc,
+            n,
+            n_mask,
+            None,
+            block_table + b * stride_bt,
+            k_cache,
+            v_cache,
+            kvh,
+            stride_cs,
+            stride_ch,
+            offs_d,
+            d_mask,
+            scale_log2,
+            PAGE_SIZE,
+            PRECISION,
+        )
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split (or context) gives zeros
     if DIRECT:  # one split: this is the final output
-        tl.store(out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 o.to(out.dtype.element_ty), mask=qo_mask)
+        tl.store(
+            out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+            o.to(out.dtype.element_ty),
+            mask=qo_mask,
+        )
     else:
         # part_out: [B, H, num_splits, BLOCK_D] fp32; part_lse: [B, H, num_splits] (base 2).
         row = (b * GROUP * tl.num_programs(1) + heads) * num_splits + split
@@ -84,9 +128,18 @@ def _decode_kernel(q, k_cache, v_cache, block_table, context_lens, out, part_out
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _combine_kernel(part_out, part_lse, out, num_splits, stride_ob, stride_oh,
-                    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                    USE_PDL: tl.constexpr):
+def _combine_kernel(
+    part_out,
+    part_lse,
+    out,
+    num_splits,
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
     pdl_wait(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -97,12 +150,18 @@ def _combine_kernel(part_out, part_lse, out, num_splits, stride_ob, stride_oh,
     m = tl.max(lse, 0)
     m = tl.where(m > float("-inf"), m, 0.0)  # every split empty: all weights 0, output 0
     w = tl.where(lse > float("-inf"), tl.exp2(lse - m), 0.0)
-    o = tl.load(part_out + row[:, None] * BLOCK_D + offs_d[None, :],
-                mask=(offs_s < num_splits)[:, None], other=0.0)
+    o = tl.load(
+        part_out + row[:, None] * BLOCK_D + offs_d[None, :],
+        mask=(offs_s < num_splits)[:, None],
+        other=0.0,
+    )
     total = tl.sum(w, 0)
     o = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out + b * stride_ob + h * stride_oh + offs_d, o.to(out.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
+    tl.store(
+        out + b * stride_ob + h * stride_oh + offs_d,
+        o.to(out.dtype.element_ty),
+        mask=offs_d < HEAD_DIM,
+    )
 
 
 @functools.cache
@@ -112,8 +171,9 @@ def _num_sms(device: torch.device) -> int:
     return 4  # the interpreter (CPU): a few splits still exercise the combine path
 
 
-def default_num_splits(batch: int, num_kv_heads: int, max_context_len: int,
-                       device: torch.device) -> int:
+def default_num_splits(
+    batch: int, num_kv_heads: int, max_context_len: int, device: torch.device
+) -> int:
     """Enough (batch, KV head, split) programs for about four waves over the SMs (rounded down to
     a power of two), but no split shorter than MIN_TOKENS_PER_SPLIT tokens. Four, not two: on an
     H200 at batch 8 (32 batch x KV-head pairs) 16 splits beat 8 or 9 by 0.6-1.5 us per call for
@@ -122,12 +182,23 @@ def default_num_splits(batch: int, num_kv_heads: int, max_context_len: int,
     return max(1, min(want, MAX_SPLITS, math.ceil(max_context_len / MIN_TOKENS_PER_SPLIT)))
 
 
-def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_table: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           block_size: int, num_splits: int | None = None,
-                           out: torch.Tensor | None = None, *, window: int | None = None,
-                           block_n: int = BLOCK_N, num_warps: int = 4, num_stages: int = 2,
-                           pdl: int = 0) -> torch.Tensor:
+def paged_attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    block_size: int,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    window: int | None = None,
+    block_n: int = BLOCK_N,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    pdl: int = 0,
+) -> torch.Tensor:
     """q: [B, H, D]; caches: [num_blocks * block_size, Hkv, D]; block_table: [B, max_blocks]
     int32; context_lens: [B] int32 (tokens to attend, the current one included). Returns
     [B, H, D] in q's dtype (written into `out` if given). `num_splits` defaults to
@@ -157,27 +228,65 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_out = part_lse = out
     # An eager step's split count follows its block table's width: runtime arguments only.
     _decode_kernel[(b, hkv, num_splits)](
-        q, k_cache, v_cache, block_table, context_lens, out, part_out, part_lse,
-        scale * math.log2(math.e), num_splits, window or 0,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0),
-        k_cache.stride(1), block_table.stride(0),
-        GROUP=group, HEAD_DIM=d, PAGE_SIZE=block_size, DIRECT=num_splits == 1,
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        context_lens,
+        out,
+        part_out,
+        part_lse,
+        scale * math.log2(math.e),
+        num_splits,
+        window or 0,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        block_table.stride(0),
+        GROUP=group,
+        HEAD_DIM=d,
+        PAGE_SIZE=block_size,
+        DIRECT=num_splits == 1,
         # tl.dot needs at least 16 rows: the G query heads are padded up to 16.
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
         # fp32 caches (exact-token tests on CUDA) must not be rounded to TF32; ignored for bf16.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages, **pdl_launch_args(pdl))
+        num_warps=num_warps,
+        num_stages=num_stages,
+        **pdl_launch_args(pdl),
+    )
     if num_splits > 1:
-        _combine_kernel[(b, h)](part_out, part_lse, out, num_splits, out.stride(0),
-                                out.stride(1), HEAD_DIM=d,
-                                BLOCK_S=MAX_SPLITS, BLOCK_D=block_d,
-                                num_warps=4, **pdl_launch_args(pdl))
+        _combine_kernel[(b, h)](
+            part_out,
+            part_lse,
+            out,
+            num_splits,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=d,
+            BLOCK_S=MAX_SPLITS,
+            BLOCK_D=block_d,
+            num_warps=4,
+            **pdl_launch_args(pdl),
+        )
     return out
 
 
-def paged_attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               block_table: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                               block_size: int, window: int | None = None) -> torch.Tensor:
+def paged_attention_decode_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    block_size: int,
+    window: int | None = None,
+) -> torch.Tensor:
     """Gather each sequence's K/V through its block table and attend in float32 (to the last
     `window` keys only, with a window)."""
     out = torch.zeros_like(q)

@@ -15,6 +15,7 @@ every launcher, which takes it as an argument (default 0: off). `LABKIT_PDL=0` t
 `pdl_mode` keeps it off under the Triton interpreter and on GPUs before Hopper, which have no such
 launch.
 """
+
 from __future__ import annotations
 
 import os

@@ -8,6 +8,7 @@ ctx_len tokens, and new token i sees keys 0 .. ctx_len - q_len + i. The grid is
 (query tile, sequence, head) sized by the longest chunk; tiles past a shorter chunk's end exit at
 once. Each tile runs a flash-attention online softmax over the keys its last row can see.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,12 +28,33 @@ BLOCK_N = 64
 
 # The block table's width changes from step to step: not specialised on (no mid-run compiles).
 @triton.jit(do_not_specialize=["stride_bt", "window"])
-def _prefill_kernel(q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens, out,
-                    scale_log2, window,
-                    stride_qt, stride_qh, stride_ot, stride_oh, stride_cs, stride_ch, stride_bt,
-                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_PDL: tl.constexpr):
+def _prefill_kernel(
+    q,
+    k_cache,
+    v_cache,
+    block_table,
+    cu_seqlens_q,
+    context_lens,
+    out,
+    scale_log2,
+    window,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cs,
+    stride_ch,
+    stride_bt,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
     pdl_wait(USE_PDL)
     tile = tl.program_id(0)
     b = tl.program_id(1)
@@ -51,8 +73,9 @@ def _prefill_kernel(q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens
     d_mask = offs_d < HEAD_DIM
     qo_mask = (offs_m < q_len)[:, None] & d_mask[None, :]
     rows = (q_start + offs_m).to(tl.int64)
-    q_tile = tl.load(q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                     mask=qo_mask, other=0.0)
+    q_tile = tl.load(
+        q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=qo_mask, other=0.0
+    )
     # Key n is visible to row m iff n <= prefix + m; rows past q_len see keys < kv_end only and
     # are never stored (every row sees key 0, so no row's softmax is empty).
     last_key = prefix + offs_m
@@ -68,31 +91,76 @@ def _prefill_kernel(q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens
         kv_start = tl.maximum(prefix + tile * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
         for n0 in range(kv_start, kv_end, BLOCK_N):
             n = n0 + offs_n
-            m_i, l_i, acc = attend_kv_tile(q_tile, m_i, l_i, acc, n, n < kv_end, last_key,
-                                           block_table + b * stride_bt, k_cache, v_cache, kvh,
-                                           stride_cs, stride_ch, offs_d, d_mask, scale_log2,
-                                           PAGE_SIZE, PRECISION, first_key)
+            m_i, l_i, acc = attend_kv_tile(
+                q_tile,
+                m_i,
+                l_i,
+                acc,
+                n,
+                n < kv_end,
+                last_key,
+                block_table + b * stride_bt,
+                k_cache,
+                v_cache,
+                kvh,
+                stride_cs,
+                stride_ch,
+                offs_d,
+                d_mask,
+                scale_log2,
+                PAGE_SIZE,
+                PRECISION,
+                first_key,
+            )
     else:
         for n0 in range(0, kv_end, BLOCK_N):
             n = n0 + offs_n
             n_mask = n < kv_end
-            m_i, l_i, acc = attend_kv_tile(q_tile, m_i, l_i, acc, n, n_mask, last_key,
-                                           block_table + b * stride_bt, k_cache, v_cache, kvh,
-                                           stride_cs, stride_ch, offs_d, d_mask, scale_log2,
-                                           PAGE_SIZE, PRECISION)
+            m_i, l_i, acc = attend_kv_tile(
+                q_tile,
+                m_i,
+                l_i,
+                acc,
+                n,
+                n_mask,
+                last_key,
+                block_table + b * stride_bt,
+                k_cache,
+                v_cache,
+                kvh,
+                stride_cs,
+                stride_ch,
+                offs_d,
+                d_mask,
+                scale_log2,
+                PAGE_SIZE,
+                PRECISION,
+            )
 
     if HAS_WINDOW:  # rows past q_len may see no key in the window (never stored)
         l_i = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_i[:, None]
-    tl.store(out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-             o.to(out.dtype.element_ty), mask=qo_mask)
+    tl.store(
+        out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+        o.to(out.dtype.element_ty),
+        mask=qo_mask,
+    )
 
 
-def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
-                      block_table: torch.Tensor, scale: float, block_size: int, max_q_len: int,
-                      out: torch.Tensor | None = None, pdl: int = 0,
-                      window: int | None = None) -> torch.Tensor:
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+    block_size: int,
+    max_q_len: int,
+    out: torch.Tensor | None = None,
+    pdl: int = 0,
+    window: int | None = None,
+) -> torch.Tensor:
     """q: [T, H, D] new tokens of B sequences; cu_seqlens_q: [B+1] int32; context_lens: [B] int32
     (all tokens, the new ones included); block_table: [B, max_blocks] int32; max_q_len: the
     longest chunk (a host int: it sizes the grid); pdl: the launch mode (kernels/pdl.py); window:
@@ -110,22 +178,49 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         return out
     grid = (triton.cdiv(max_q_len, BLOCK_M), b, h)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens, out,
-        scale * math.log2(math.e), window or 0,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0),
-        k_cache.stride(1), block_table.stride(0),
-        GROUP=h // hkv, HEAD_DIM=d, PAGE_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        cu_seqlens_q,
+        context_lens,
+        out,
+        scale * math.log2(math.e),
+        window or 0,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        block_table.stride(0),
+        GROUP=h // hkv,
+        HEAD_DIM=d,
+        PAGE_SIZE=block_size,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
         BLOCK_D=triton.next_power_of_2(d),
         # fp32 caches (exact-token tests on CUDA) must not be rounded to TF32; ignored for bf16.
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_WINDOW=bool(window),
-        num_warps=4, num_stages=2, **pdl_launch_args(pdl))
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_WINDOW=bool(window),
+        num_warps=4,
+        num_stages=2,
+        **pdl_launch_args(pdl),
+    )
     return out
 
 
-def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
-                          block_table: torch.Tensor, scale: float, block_size: int,
-                          window: int | None = None) -> torch.Tensor:
+def prefill_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+    block_size: int,
+    window: int | None = None,
+) -> torch.Tensor:
     """Gather each sequence's K/V through its block table and attend in float32, causally with
     the chunk's offset (and within the sliding window, with one)."""
     out = torch.empty_like(q)
@@ -137,10 +232,10 @@ def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         slots = block_table[i, pos // block_size].long() * block_size + pos % block_size
         k = k_cache[slots].float().repeat_interleave(group, 1)  # [ctx, H, D]
         v = v_cache[slots].float().repeat_interleave(group, 1)
-        s = torch.einsum("mhd,nhd->hmn", q[cu[i]:cu[i + 1]].float(), k) * scale
+        s = torch.einsum("mhd,nhd->hmn", q[cu[i] : cu[i + 1]].float(), k) * scale
         visible = torch.ones(q_len, ctx, dtype=torch.bool, device=q.device).tril(ctx - q_len)
         if window:
             visible = visible.triu(ctx - q_len - window + 1)
         p = s.masked_fill(~visible, float("-inf")).softmax(-1)
-        out[cu[i]:cu[i + 1]] = torch.einsum("hmn,nhd->mhd", p, v).to(q.dtype)
+        out[cu[i] : cu[i + 1]] = torch.einsum("hmn,nhd->mhd", p, v).to(q.dtype)
     return out

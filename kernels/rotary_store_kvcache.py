@@ -11,6 +11,7 @@ Caches are `[num_blocks * block_size, num_kv_heads, head_dim]`: a flat slot axis
 block_id * block_size + offset. One program per token: the position and slot are looked up once
 for all its heads. Slot -1 is padding (CUDA graphs pad the batch): its K/V are not stored.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,9 +22,20 @@ from .pdl import pdl_launch_args, pdl_wait
 
 
 @triton.jit
-def _rotate_heads(src, dst, t_src, stride_sh, dst_row, stride_dh, cos, sin,
-                  NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rotate_heads(
+    src,
+    dst,
+    t_src,
+    stride_sh,
+    dst_row,
+    stride_dh,
+    cos,
+    sin,
+    NUM_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (h < NUM_HEADS) & (d < HALF)
@@ -36,35 +48,95 @@ def _rotate_heads(src, dst, t_src, stride_sh, dst_row, stride_dh, cos, sin,
 
 
 @triton.jit
-def _rotary_store_kernel(positions, slot_mapping, q, k, v, k_cache, v_cache, cos_table, sin_table,
-                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                         stride_cs, stride_ch, stride_table,
-                         NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, BLOCK_QH: tl.constexpr,
-                         BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+def _rotary_store_kernel(
+    positions,
+    slot_mapping,
+    q,
+    k,
+    v,
+    k_cache,
+    v_cache,
+    cos_table,
+    sin_table,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cs,
+    stride_ch,
+    stride_table,
+    NUM_Q_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_QH: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
     pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions + t)
     half = tl.arange(0, BLOCK_D // 2)
-    cos = tl.load(cos_table + pos * stride_table + half, mask=half < HEAD_DIM // 2, other=0.0)[None, :]
-    sin = tl.load(sin_table + pos * stride_table + half, mask=half < HEAD_DIM // 2, other=0.0)[None, :]
-    _rotate_heads(q, q, t * stride_qt, stride_qh, t * stride_qt, stride_qh, cos, sin,
-                  NUM_Q_HEADS, HEAD_DIM // 2, BLOCK_QH, BLOCK_D // 2)
+    cos = tl.load(cos_table + pos * stride_table + half, mask=half < HEAD_DIM // 2, other=0.0)[
+        None, :
+    ]
+    sin = tl.load(sin_table + pos * stride_table + half, mask=half < HEAD_DIM // 2, other=0.0)[
+        None, :
+    ]
+    _rotate_heads(
+        q,
+        q,
+        t * stride_qt,
+        stride_qh,
+        t * stride_qt,
+        stride_qh,
+        cos,
+        sin,
+        NUM_Q_HEADS,
+        HEAD_DIM // 2,
+        BLOCK_QH,
+        BLOCK_D // 2,
+    )
     slot = tl.load(slot_mapping + t).to(tl.int64)  # int64: slot * stride can pass 2**31
     if slot >= 0:
-        _rotate_heads(k, k_cache, t * stride_kt, stride_kh, slot * stride_cs, stride_ch, cos, sin,
-                      NUM_KV_HEADS, HEAD_DIM // 2, BLOCK_KH, BLOCK_D // 2)
+        _rotate_heads(
+            k,
+            k_cache,
+            t * stride_kt,
+            stride_kh,
+            slot * stride_cs,
+            stride_ch,
+            cos,
+            sin,
+            NUM_KV_HEADS,
+            HEAD_DIM // 2,
+            BLOCK_KH,
+            BLOCK_D // 2,
+        )
         h = tl.arange(0, BLOCK_KH)[:, None]
         d = tl.arange(0, BLOCK_D)[None, :]
         mask = (h < NUM_KV_HEADS) & (d < HEAD_DIM)
-        tl.store(v_cache + slot * stride_cs + h * stride_ch + d,
-                 tl.load(v + t * stride_vt + h * stride_vh + d, mask=mask), mask=mask)
+        tl.store(
+            v_cache + slot * stride_cs + h * stride_ch + d,
+            tl.load(v + t * stride_vt + h * stride_vh + d, mask=mask),
+            mask=mask,
+        )
 
 
-def rotary_store_kvcache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                         v: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
-                         k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         slot_mapping: torch.Tensor, pdl: int = 0) -> torch.Tensor:
+def rotary_store_kvcache(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    pdl: int = 0,
+) -> torch.Tensor:
     """positions: [T] int; q: [T, Hq, D], k, v: [T, Hkv, D] (strided views of the qkv projection
     are fine); tables: [max_pos, D] float32; caches: [slots, Hkv, D]; slot_mapping: [T] int32 or
     int64, -1 to skip a row. Rotates q in place and returns it; writes rotated k and v into the
@@ -76,20 +148,40 @@ def rotary_store_kvcache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tens
     assert cos_table.stride(-1) == 1 and cos_table.stride() == sin_table.stride()
     assert positions.shape == slot_mapping.shape == (t,)
     if t:
-        _rotary_store_kernel[(t,)](positions, slot_mapping, q, k, v, k_cache, v_cache,
-                                   cos_table, sin_table, q.stride(0), q.stride(1), k.stride(0),
-                                   k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0),
-                                   k_cache.stride(1), cos_table.stride(0),
-                                   NUM_Q_HEADS=hq, NUM_KV_HEADS=hkv, HEAD_DIM=d,
-                                   BLOCK_QH=triton.next_power_of_2(hq),
-                                   BLOCK_KH=triton.next_power_of_2(hkv),
-                                   BLOCK_D=triton.next_power_of_2(d), num_warps=4,
-                                   **pdl_launch_args(pdl))
+        _rotary_store_kernel[(t,)](
+            positions,
+            slot_mapping,
+            q,
+            k,
+            v,
+            k_cache,
+            v_cache,
+            cos_table,
+            sin_table,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            cos_table.stride(0),
+            NUM_Q_HEADS=hq,
+            NUM_KV_HEADS=hkv,
+            HEAD_DIM=d,
+            BLOCK_QH=triton.next_power_of_2(hq),
+            BLOCK_KH=triton.next_power_of_2(hkv),
+            BLOCK_D=triton.next_power_of_2(d),
+            num_warps=4,
+            **pdl_launch_args(pdl),
+        )
     return q
 
 
-def rotary_ref(positions: torch.Tensor, x: torch.Tensor, cos_table: torch.Tensor,
-               sin_table: torch.Tensor) -> torch.Tensor:
+def rotary_ref(
+    positions: torch.Tensor, x: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor
+) -> torch.Tensor:
     """labkit.layers.rotary's math (HF's): tables cast to x's dtype, math in that dtype."""
     cos = cos_table[positions].unsqueeze(1).to(x.dtype)
     sin = sin_table[positions].unsqueeze(1).to(x.dtype)
@@ -97,8 +189,9 @@ def rotary_ref(positions: torch.Tensor, x: torch.Tensor, cos_table: torch.Tensor
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def rotary_store_kvcache_ref(positions, q, k, v, cos_table, sin_table, k_cache, v_cache,
-                             slot_mapping) -> torch.Tensor:
+def rotary_store_kvcache_ref(
+    positions, q, k, v, cos_table, sin_table, k_cache, v_cache, slot_mapping
+) -> torch.Tensor:
     q.copy_(rotary_ref(positions, q, cos_table, sin_table))
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()

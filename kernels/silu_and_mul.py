@@ -3,6 +3,7 @@
 A grid of (token, column block): Qwen2.5-7B's I = 18944 is 19 blocks of 1024 per token, enough
 programs even at batch 1. Math in float32, one rounding to x's dtype.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,9 @@ BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x, out, stride_x, stride_o, INTER: tl.constexpr, BLOCK: tl.constexpr,
-                         USE_PDL: tl.constexpr):
+def _silu_and_mul_kernel(
+    x, out, stride_x, stride_o, INTER: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
+):
     pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -35,9 +37,16 @@ def silu_and_mul(x: torch.Tensor, pdl: int = 0) -> torch.Tensor:
     assert two_i == 2 * i and x.stride(-1) == 1
     out = torch.empty((t, i), dtype=x.dtype, device=x.device)
     if t:
-        _silu_and_mul_kernel[(t, triton.cdiv(i, BLOCK))](x, out, x.stride(0), out.stride(0),
-                                                          INTER=i, BLOCK=BLOCK, num_warps=4,
-                                                          **pdl_launch_args(pdl))
+        _silu_and_mul_kernel[(t, triton.cdiv(i, BLOCK))](
+            x,
+            out,
+            x.stride(0),
+            out.stride(0),
+            INTER=i,
+            BLOCK=BLOCK,
+            num_warps=4,
+            **pdl_launch_args(pdl),
+        )
     return out
 
 

@@ -11,6 +11,7 @@ floor or lower ones (tests/unit/test_layering.py reads every import to check it)
 May import: entrypoints and everything below them; never bench, lab or cli (the lab's names
 load lazily, through __getattr__).
 """
+
 from labkit.config import EngineConfig
 from labkit.entrypoints.beam_search import BeamSearchOutput, BeamSearchSequence
 from labkit.entrypoints.llm import LLM
@@ -19,19 +20,43 @@ from labkit.sampling_params import BeamSearchParams, RequestOutputKind, Sampling
 from labkit.structured_params import GuidedDecodingParams, StructuredOutputsParams
 from labkit.version import __version__
 
-__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence",
-           "RequestOutputKind", "StructuredOutputsParams", "GuidedDecodingParams", "EngineConfig",
-           "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics", "sweep", "load_sweep",
-           "last_sweep", "serving_sweep", "dashboard", "profile", "__version__"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "BeamSearchParams",
+    "BeamSearchOutput",
+    "BeamSearchSequence",
+    "RequestOutputKind",
+    "StructuredOutputsParams",
+    "GuidedDecodingParams",
+    "EngineConfig",
+    "RequestOutput",
+    "CompletionOutput",
+    "Logprob",
+    "RequestMetrics",
+    "sweep",
+    "load_sweep",
+    "last_sweep",
+    "serving_sweep",
+    "dashboard",
+    "profile",
+    "__version__",
+]
 
 # The lab loads on first use, so `import labkit` does not import plotly or ipywidgets.
-_LAB = {"sweep": "labkit.lab.sweeps", "load_sweep": "labkit.lab.sweeps",
-        "last_sweep": "labkit.lab.sweeps", "serving_sweep": "labkit.lab.serving",
-        "dashboard": "labkit.lab.widgets", "profile": "labkit.lab.profiling"}
+_LAB = {
+    "sweep": "labkit.lab.sweeps",
+    "load_sweep": "labkit.lab.sweeps",
+    "last_sweep": "labkit.lab.sweeps",
+    "serving_sweep": "labkit.lab.serving",
+    "dashboard": "labkit.lab.widgets",
+    "profile": "labkit.lab.profiling",
+}
 
 
 def __getattr__(name: str):
     if name in _LAB:
         import importlib
+
         return getattr(importlib.import_module(_LAB[name]), name)
     raise AttributeError(f"module 'labkit' has no attribute {name!r}")

@@ -1,4 +1,5 @@
 """What generate() returns, with vLLM's class and field names."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ class Logprob:
 @dataclass
 class RequestMetrics:
     """Wall-clock times (time.time()) of a request's life, as vLLM's RequestMetrics."""
+
     arrival_time: float
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -29,7 +31,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: list[dict[int, Logprob]] | None
-    finish_reason: str | None = None   # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None
 
     def finished(self) -> bool:

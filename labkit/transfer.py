@@ -6,6 +6,7 @@ scheduling the host prepares step n+1 while step n runs, so such a copy would th
 away. These go through pinned memory and are queued on the stream like a kernel (torch's pinned
 allocator keeps the buffer alive until the copy has been made).
 """
+
 from __future__ import annotations
 
 import numpy as np

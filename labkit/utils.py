@@ -1,5 +1,6 @@
 """Small helpers with no labkit imports: where labkit keeps files, a free TCP port, and the
 one shape of a bad-option error."""
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ Everything expensive (building checkpoints, loading HF models, loading the 135M 
 HF reference generations) happens once per session; the suite must fit in a few minutes on two
 CPU cores.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -42,8 +43,9 @@ def pytest_collection_modifyitems(items):
 
 def _load_tiny_builder():
     # data/ is not a package: import the script by path.
-    spec = importlib.util.spec_from_file_location("make_tiny_checkpoints",
-                                                  REPO / "data" / "make_tiny_checkpoints.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_tiny_checkpoints", REPO / "data" / "make_tiny_checkpoints.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -59,6 +61,7 @@ def tiny_ckpts(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
     from labkit.default_model import default_model_path
+
     return default_model_path()
 
 
@@ -67,14 +70,15 @@ def hf_models(tiny_ckpts, default_gguf):
     """Lazily loaded HF models by key ("llama", "qwen2", "default"), each loaded at most once:
     the GGUF one takes ~30 s, so only tests that need it pay for it."""
     from transformers import AutoModelForCausalLM
+
     cache: dict[str, torch.nn.Module] = {}
 
     def get(key: str):
         if key not in cache:
             if key == "default":
-                m = AutoModelForCausalLM.from_pretrained(str(default_gguf.parent),
-                                                         gguf_file=default_gguf.name,
-                                                         dtype=torch.float32)
+                m = AutoModelForCausalLM.from_pretrained(
+                    str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32
+                )
             else:
                 m = AutoModelForCausalLM.from_pretrained(str(tiny_ckpts[key]), dtype=torch.float32)
             cache[key] = m.eval()
@@ -96,10 +100,16 @@ def hf_reference(hf_models):
             model = hf_models(key)
             refs = []
             for p in prompts:
-                r = model.generate(torch.tensor([p]), max_new_tokens=max_new_tokens, do_sample=False,
-                                   output_logits=True, return_dict_in_generate=True,
-                                   eos_token_id=None, pad_token_id=0)
-                ids = r.sequences[0, len(p):].tolist()
+                r = model.generate(
+                    torch.tensor([p]),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                )
+                ids = r.sequences[0, len(p) :].tolist()
                 lps = torch.stack(r.logits, 1)[0].float().log_softmax(-1)
                 refs.append((ids, [lps[i, t].item() for i, t in enumerate(ids)]))
             cache[ck] = refs
@@ -130,4 +140,3 @@ def tiny_llms(tiny_ckpts):
     yield get
     for llm in cache.values():
         llm.shutdown()
-

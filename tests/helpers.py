@@ -1,12 +1,17 @@
 """Plain helpers shared by the test modules (fixtures live in conftest.py)."""
+
 from __future__ import annotations
 
 import torch
 
 from labkit import LLM, SamplingParams
 
-QUICKSTART_PROMPTS = ["Hello, my name is", "The president of the United States is",
-                      "The capital of France is", "The future of AI is"]
+QUICKSTART_PROMPTS = [
+    "Hello, my name is",
+    "The president of the United States is",
+    "The capital of France is",
+    "The future of AI is",
+]
 
 
 def random_prompts(vocab_size: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
@@ -24,4 +29,3 @@ def assert_engine_idle(llm: LLM) -> None:
     stats = llm.engine.stats()
     assert stats.num_unfinished_requests == 0
     assert stats.kv_blocks_used == 0
-

@@ -1,5 +1,6 @@
 """Helpers for the server tests: start a real `labkit serve` process on a free loopback port,
 and talk raw HTTP to it (http.client, so tests control every byte and header)."""
+
 from __future__ import annotations
 
 import http.client
@@ -7,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,8 +34,14 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def request(self, method: str, path: str, body: dict | bytes | None = None,
-                headers: dict | None = None, auth: bool = True) -> tuple[int, dict | str]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: dict | bytes | None = None,
+        headers: dict | None = None,
+        auth: bool = True,
+    ) -> tuple[int, dict | str]:
         """One request; returns (status, parsed JSON body or text)."""
         hdrs = dict(headers or {})
         if isinstance(body, dict):
@@ -71,8 +77,11 @@ class Server:
         deadline = time.monotonic() + timeout
         while True:
             m = self.metrics()
-            if (m["labkit:num_requests_running"], m["labkit:num_requests_waiting"],
-                    m["labkit:kv_cache_usage_perc"]) == (0, 0, 0):
+            if (
+                m["labkit:num_requests_running"],
+                m["labkit:num_requests_waiting"],
+                m["labkit:kv_cache_usage_perc"],
+            ) == (0, 0, 0):
                 return m
             assert time.monotonic() < deadline, f"server not idle: {m}"
             time.sleep(0.1)
@@ -88,18 +97,35 @@ class Server:
         return self.proc.returncode
 
 
-def start_server(log_dir: Path, model: str | None, *args: str, api_key: str | None = None,
-                 env: dict[str, str] | None = None) -> Server:
+def start_server(
+    log_dir: Path,
+    model: str | None,
+    *args: str,
+    api_key: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Server:
     """`labkit serve [model] args...` on a free port; returns once /health answers 200."""
     port = free_port()
-    cmd = [sys.executable, "-m", "labkit.cli", "serve", *([model] if model else []),
-           "--port", str(port), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "labkit.cli",
+        "serve",
+        *([model] if model else []),
+        "--port",
+        str(port),
+        *args,
+    ]
     if api_key:
         cmd += ["--api-key", api_key]
     log_path = log_dir / f"server-{port}.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
     server = Server(proc, port, log_path, api_key)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while True:
@@ -120,5 +146,7 @@ def start_server(log_dir: Path, model: str | None, *args: str, api_key: str | No
 def sse_events(raw: bytes) -> list[dict | str]:
     """The data of each SSE event in a raw (possibly chunked) HTTP body: parsed JSON, or the
     string "[DONE]"."""
-    return [d.decode() if d == b"[DONE]" else json.loads(d)
-            for d in re.findall(rb"data: (.*?)\n\n", raw)]
+    return [
+        d.decode() if d == b"[DONE]" else json.loads(d)
+        for d in re.findall(rb"data: (.*?)\n\n", raw)
+    ]

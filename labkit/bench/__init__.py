@@ -10,6 +10,7 @@ reuse a loaded engine, or engine kwargs to build (and close) their own:
 May import: the package root (LLM, SamplingParams), entrypoints, the engine and below; never lab
 or cli.
 """
+
 from labkit.bench import (
     guided,
     hostile,
@@ -23,7 +24,14 @@ from labkit.bench import (
 )
 
 # CLI name -> module, in `labkit bench --help` order.
-BENCHMARKS = {"latency": latency, "throughput": throughput, "serve": serve,
-              "prefix-caching": prefix_caching, "long-doc-qa": long_doc_qa,
-              "prioritization": prioritization, "hostile": hostile, "guided": guided,
-              "serve-guided": serve_guided}
+BENCHMARKS = {
+    "latency": latency,
+    "throughput": throughput,
+    "serve": serve,
+    "prefix-caching": prefix_caching,
+    "long-doc-qa": long_doc_qa,
+    "prioritization": prioritization,
+    "hostile": hostile,
+    "guided": guided,
+    "serve-guided": serve_guided,
+}

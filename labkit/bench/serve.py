@@ -14,6 +14,7 @@ stream_options.include_usage), else the tokenizer's count of the generated text.
 sent as token ids, so the server sees exactly the lengths the dataset drew. A request that fails
 (server down, HTTP error, broken stream) counts in "failed", never aborts the run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ from labkit.bench import common, datasets
 
 log = logging.getLogger("labkit.bench")
 
-BACKENDS = ("openai", "vllm", "labkit")   # all speak OpenAI's streaming completions
+BACKENDS = ("openai", "vllm", "labkit")  # all speak OpenAI's streaming completions
 METRICS = ("ttft", "tpot", "itl", "e2el")
 GOODPUT_METRICS = ("ttft", "tpot", "e2el")
 
@@ -44,8 +45,9 @@ GOODPUT_METRICS = ("ttft", "tpot", "e2el")
 def add_args(p: argparse.ArgumentParser) -> None:
     """A client: no engine flags, vLLM's serving flags."""
     add_client_args(p)
-    p.add_argument("--dataset-name", choices=datasets.DATASET_NAMES, default="random",
-                   dest="dataset_name")
+    p.add_argument(
+        "--dataset-name", choices=datasets.DATASET_NAMES, default="random", dest="dataset_name"
+    )
     p.add_argument("--dataset-path", default=None, dest="dataset_path")
     p.add_argument("--num-prompts", type=int, default=1000, dest="num_prompts")
     p.add_argument("--sharegpt-output-len", type=int, default=None, dest="sharegpt_output_len")
@@ -54,34 +56,62 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-range-ratio", type=float, default=0.0, dest="random_range_ratio")
     p.add_argument("--random-prefix-len", type=int, default=0, dest="random_prefix_len")
     p.add_argument("--save-result", action="store_true", dest="save_result")
-    p.add_argument("--save-detailed", action="store_true", dest="detailed",
-                   help="also each request's input and output length, TTFT, ITLs, E2EL and error")
+    p.add_argument(
+        "--save-detailed",
+        action="store_true",
+        dest="detailed",
+        help="also each request's input and output length, TTFT, ITLs, E2EL and error",
+    )
 
 
 def add_client_args(p: argparse.ArgumentParser) -> None:
     """The flags of any serving client (this one and serve_guided): where the server is, the
     arrival process, the metrics and where the result goes."""
     p.add_argument("--backend", choices=BACKENDS, default="openai")
-    p.add_argument("--base-url", default=None, dest="base_url",
-                   help="e.g. http://127.0.0.1:8000 (overrides --host/--port)")
+    p.add_argument(
+        "--base-url",
+        default=None,
+        dest="base_url",
+        help="e.g. http://127.0.0.1:8000 (overrides --host/--port)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--endpoint", default="/v1/completions")
-    p.add_argument("--model", default=None,
-                   help="model name to request (default: the server's first /v1/models entry)")
-    p.add_argument("--tokenizer", default=None,
-                   help="local checkpoint or tokenizer dir (default: the model's, if it is a local "
-                        "path; else the default model's)")
-    p.add_argument("--request-rate", type=float, default=float("inf"), dest="request_rate",
-                   help="requests per second (inf: all at once)")
-    p.add_argument("--burstiness", type=float, default=1.0,
-                   help="gamma shape of the arrival gaps; 1 = Poisson")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model name to request (default: the server's first /v1/models entry)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="local checkpoint or tokenizer dir (default: the model's, if it is a local "
+        "path; else the default model's)",
+    )
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        dest="request_rate",
+        help="requests per second (inf: all at once)",
+    )
+    p.add_argument(
+        "--burstiness", type=float, default=1.0, help="gamma shape of the arrival gaps; 1 = Poisson"
+    )
     p.add_argument("--max-concurrency", type=int, default=None, dest="max_concurrency")
     p.add_argument("--ignore-eos", action="store_true", dest="ignore_eos")
-    p.add_argument("--percentile-metrics", default="ttft,tpot,itl", dest="percentile_metrics",
-                   help=f"comma-separated, of {','.join(METRICS)}")
-    p.add_argument("--metric-percentiles", default="99", dest="metric_percentiles",
-                   help="comma-separated, e.g. 25,50,99")
+    p.add_argument(
+        "--percentile-metrics",
+        default="ttft,tpot,itl",
+        dest="percentile_metrics",
+        help=f"comma-separated, of {','.join(METRICS)}",
+    )
+    p.add_argument(
+        "--metric-percentiles",
+        default="99",
+        dest="metric_percentiles",
+        help="comma-separated, e.g. 25,50,99",
+    )
     p.add_argument("--goodput", nargs="+", default=None, help="SLOs in ms, e.g. ttft:500 tpot:50")
     p.add_argument("--result-dir", default=None, dest="result_dir")
     p.add_argument("--result-filename", default=None, dest="result_filename")
@@ -94,46 +124,85 @@ class RequestResult:
     prompt_len: int
     success: bool = False
     generated_text: str = ""
-    output_tokens: int | None = None    # the server's usage.completion_tokens, when it sends usage
+    output_tokens: int | None = None  # the server's usage.completion_tokens, when it sends usage
     ttft: float = 0.0
     itl: list[float] = field(default_factory=list)
     latency: float = 0.0
     error: str = ""
 
 
-def run(*, backend: str = "openai", base_url: str | None = None, host: str = "127.0.0.1",
-        port: int = 8000, endpoint: str = "/v1/completions", model: str | None = None,
-        tokenizer: str | None = None, dataset_name: str = "random",
-        dataset_path: str | None = None, num_prompts: int = 1000,
-        sharegpt_output_len: int | None = None, random_input_len: int = 1024,
-        random_output_len: int = 128, random_range_ratio: float = 0.0, random_prefix_len: int = 0,
-        request_rate: float = float("inf"), burstiness: float = 1.0,
-        max_concurrency: int | None = None, ignore_eos: bool = False,
-        percentile_metrics: str = "ttft,tpot,itl", metric_percentiles: str = "99",
-        goodput: list[str] | None = None, save_result: bool = False, result_dir: str | None = None,
-        result_filename: str | None = None, seed: int = 0, disable_tqdm: bool = False,
-        detailed: bool = False) -> dict:
+def run(
+    *,
+    backend: str = "openai",
+    base_url: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    endpoint: str = "/v1/completions",
+    model: str | None = None,
+    tokenizer: str | None = None,
+    dataset_name: str = "random",
+    dataset_path: str | None = None,
+    num_prompts: int = 1000,
+    sharegpt_output_len: int | None = None,
+    random_input_len: int = 1024,
+    random_output_len: int = 128,
+    random_range_ratio: float = 0.0,
+    random_prefix_len: int = 0,
+    request_rate: float = float("inf"),
+    burstiness: float = 1.0,
+    max_concurrency: int | None = None,
+    ignore_eos: bool = False,
+    percentile_metrics: str = "ttft,tpot,itl",
+    metric_percentiles: str = "99",
+    goodput: list[str] | None = None,
+    save_result: bool = False,
+    result_dir: str | None = None,
+    result_filename: str | None = None,
+    seed: int = 0,
+    disable_tqdm: bool = False,
+    detailed: bool = False,
+) -> dict:
     """vLLM's serving result dict (see the module docstring). Safe to call from a notebook: with
     an event loop already running, the benchmark runs on a thread of its own. `detailed`: as
     vLLM's --save-detailed, per request (in the dataset's order) "input_lens", "output_lens",
     "ttfts", "itls", "e2els" (seconds; 0 / [] for a failed request) and "errors" ("" if none)."""
-    metrics, ps, slos = parse_options(percentile_metrics, metric_percentiles, goodput,
-                                      request_rate, burstiness)
+    metrics, ps, slos = parse_options(
+        percentile_metrics, metric_percentiles, goodput, request_rate, burstiness
+    )
     base = (base_url or f"http://{host}:{port}").rstrip("/")
     # Asked first: a labkit server names its model by its path, which then gives the tokenizer.
     model_id = model or run_async(served_model(base))
     tok, tokenizer_id = load_tokenizer(tokenizer, model_id)
     random_set = dataset_name == "random"
-    requests = datasets.load(dataset_name, vocab_size=len(tok), tokenizer=tok,
-                             num_prompts=num_prompts, input_len=random_input_len,
-                             output_len=random_output_len if random_set else sharegpt_output_len,
-                             range_ratio=random_range_ratio, prefix_len=random_prefix_len,
-                             dataset_path=dataset_path, seed=seed)
-    results, duration = run_async(benchmark(
-        base, endpoint, model_id, requests, request_rate, burstiness, max_concurrency, ignore_eos,
-        seed, disable_tqdm))
-    result = result_header(backend, model_id, tokenizer_id, num_prompts, request_rate, burstiness,
-                           max_concurrency)
+    requests = datasets.load(
+        dataset_name,
+        vocab_size=len(tok),
+        tokenizer=tok,
+        num_prompts=num_prompts,
+        input_len=random_input_len,
+        output_len=random_output_len if random_set else sharegpt_output_len,
+        range_ratio=random_range_ratio,
+        prefix_len=random_prefix_len,
+        dataset_path=dataset_path,
+        seed=seed,
+    )
+    results, duration = run_async(
+        benchmark(
+            base,
+            endpoint,
+            model_id,
+            requests,
+            request_rate,
+            burstiness,
+            max_concurrency,
+            ignore_eos,
+            seed,
+            disable_tqdm,
+        )
+    )
+    result = result_header(
+        backend, model_id, tokenizer_id, num_prompts, request_rate, burstiness, max_concurrency
+    )
     result |= compute_metrics(results, duration, tok, metrics, ps, slos)
     if detailed:
         result |= _details(results, tok)
@@ -142,35 +211,65 @@ def run(*, backend: str = "openai", base_url: str | None = None, host: str = "12
     return result
 
 
-def result_header(backend: str, model_id: str | None, tokenizer_id: str, num_prompts: int,
-                  request_rate: float, burstiness: float, max_concurrency: int | None) -> dict:
+def result_header(
+    backend: str,
+    model_id: str | None,
+    tokenizer_id: str,
+    num_prompts: int,
+    request_rate: float,
+    burstiness: float,
+    max_concurrency: int | None,
+) -> dict:
     """The keys of a serving result that describe the run."""
-    return {"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": backend,
-            "model_id": model_id, "tokenizer_id": tokenizer_id, "num_prompts": num_prompts,
-            "request_rate": request_rate if request_rate < float("inf") else "inf",
-            "burstiness": burstiness, "max_concurrency": max_concurrency}
+    return {
+        "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
+        "backend": backend,
+        "model_id": model_id,
+        "tokenizer_id": tokenizer_id,
+        "num_prompts": num_prompts,
+        "request_rate": request_rate if request_rate < float("inf") else "inf",
+        "burstiness": burstiness,
+        "max_concurrency": max_concurrency,
+    }
 
 
 # ---- the client -----------------------------------------------------------------------------
-async def benchmark(base: str, endpoint: str, model: str | None,
-                    requests: list[datasets.SampleRequest], request_rate: float,
-                    burstiness: float, max_concurrency: int | None,
-                    ignore_eos: bool, seed: int, disable_tqdm: bool,
-                    extra_bodies: list[dict | None] | None = None):
+async def benchmark(
+    base: str,
+    endpoint: str,
+    model: str | None,
+    requests: list[datasets.SampleRequest],
+    request_rate: float,
+    burstiness: float,
+    max_concurrency: int | None,
+    ignore_eos: bool,
+    seed: int,
+    disable_tqdm: bool,
+    extra_bodies: list[dict | None] | None = None,
+):
     """Send `requests` as the module docstring says; `extra_bodies[i]`, if given, adds its
     fields to request i's body (serve_guided's constraints). Returns (results, duration)."""
     import aiohttp
+
     rng = np.random.default_rng(seed)
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
     bar = tqdm(total=len(requests), desc="Requests", disable=disable_tqdm)
     # vLLM's client settings: generous timeout, and room for long SSE lines.
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=6 * 3600),
-                                     read_bufsize=10 * 2**20, headers=_auth_headers()) as session:
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=6 * 3600),
+        read_bufsize=10 * 2**20,
+        headers=_auth_headers(),
+    ) as session:
 
         async def one(req: datasets.SampleRequest, extra: dict | None) -> RequestResult:
-            payload = {"prompt": req.prompt_token_ids, "temperature": 0.0,
-                       "max_tokens": req.expected_output_len, "stream": True,
-                       "stream_options": {"include_usage": True}, **(extra or {})}
+            payload = {
+                "prompt": req.prompt_token_ids,
+                "temperature": 0.0,
+                "max_tokens": req.expected_output_len,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                **(extra or {}),
+            }
             if model is not None:
                 payload["model"] = model
             if ignore_eos:
@@ -196,9 +295,11 @@ async def benchmark(base: str, endpoint: str, model: str | None,
 async def served_model(base: str) -> str | None:
     """The server's first model (None when it can't be asked: the requests will say why)."""
     import aiohttp
+
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30),
-                                         headers=_auth_headers()) as session:
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=30), headers=_auth_headers()
+        ) as session:
             async with session.get(base + "/v1/models") as resp:
                 return (await resp.json())["data"][0]["id"]
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError, LookupError, TypeError):
@@ -236,7 +337,7 @@ async def _request(session, url: str, payload: dict, prompt_len: int) -> Request
                     else:
                         out.itl.append(now - last)
                     last = now
-                    out.generated_text += choices[0].get("text") or ""   # empty for a special token
+                    out.generated_text += choices[0].get("text") or ""  # empty for a special token
                 elif usage := chunk.get("usage"):
                     out.output_tokens = usage.get("completion_tokens")
         out.success = got_chunk
@@ -252,33 +353,49 @@ def run_async(coro):
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)
-    with ThreadPoolExecutor(1) as pool:   # inside Jupyter's loop: run ours on another thread
+    with ThreadPoolExecutor(1) as pool:  # inside Jupyter's loop: run ours on another thread
         return pool.submit(asyncio.run, coro).result()
 
 
 # ---- metrics --------------------------------------------------------------------------------
-def compute_metrics(results: list[RequestResult], duration: float, tok, metrics: list[str],
-                    ps: list[float], slos: dict[str, float]) -> dict:
+def compute_metrics(
+    results: list[RequestResult],
+    duration: float,
+    tok,
+    metrics: list[str],
+    ps: list[float],
+    slos: dict[str, float],
+) -> dict:
     """vLLM's calculate_metrics: throughputs over the whole run; TTFT, TPOT, ITL, E2EL over the
     successful requests (each list 0 when empty); goodput = requests within every SLO."""
     done = [r for r in results if r.success]
     out_lens = [_output_len(r, tok) for r in done]
     total_in, total_out = sum(r.prompt_len for r in done), sum(out_lens)
     tpot = [(r.latency - r.ttft) / (n - 1) if n > 1 else 0.0 for r, n in zip(done, out_lens)]
-    values = {"ttft": [r.ttft for r in done], "tpot": [t for t, n in zip(tpot, out_lens) if n > 1],
-              "itl": [x for r in done for x in r.itl], "e2el": [r.latency for r in done]}
+    values = {
+        "ttft": [r.ttft for r in done],
+        "tpot": [t for t, n in zip(tpot, out_lens) if n > 1],
+        "itl": [x for r in done for x in r.itl],
+        "e2el": [r.latency for r in done],
+    }
     # Goodput counts a one-token request's TPOT as 0, as vLLM does.
     per_request = {"ttft": values["ttft"], "tpot": tpot, "e2el": values["e2el"]}
-    good = sum(all(per_request[m][i] * 1000 <= slo for m, slo in slos.items())
-               for i in range(len(done)))
+    good = sum(
+        all(per_request[m][i] * 1000 <= slo for m, slo in slos.items()) for i in range(len(done))
+    )
     if not done and results:
         log.warning("all %d requests failed; the first error: %s", len(results), results[0].error)
-    result = {"duration": duration, "completed": len(done), "failed": len(results) - len(done),
-              "total_input_tokens": total_in, "total_output_tokens": total_out,
-              "request_throughput": len(done) / duration,
-              "request_goodput": good / duration if slos else None,
-              "output_throughput": total_out / duration,
-              "total_token_throughput": (total_in + total_out) / duration}
+    result = {
+        "duration": duration,
+        "completed": len(done),
+        "failed": len(results) - len(done),
+        "total_input_tokens": total_in,
+        "total_output_tokens": total_out,
+        "request_throughput": len(done) / duration,
+        "request_goodput": good / duration if slos else None,
+        "output_throughput": total_out / duration,
+        "total_token_throughput": (total_in + total_out) / duration,
+    }
     for m in metrics:
         ms = np.asarray(values[m] or [0.0]) * 1000
         result[f"mean_{m}_ms"] = float(np.mean(ms))
@@ -289,26 +406,37 @@ def compute_metrics(results: list[RequestResult], duration: float, tok, metrics:
     return result
 
 
-def parse_options(percentile_metrics: str, metric_percentiles: str, goodput: list[str] | None,
-                  request_rate: float, burstiness: float):
+def parse_options(
+    percentile_metrics: str,
+    metric_percentiles: str,
+    goodput: list[str] | None,
+    request_rate: float,
+    burstiness: float,
+):
     """The checked client options: (metrics, percentiles, goodput SLOs)."""
     metrics = _parse_list(percentile_metrics, METRICS, "percentile_metrics")
     ps = [float(p) for p in metric_percentiles.split(",")]
     if not all(0 < p < 100 for p in ps):
-        raise ValueError(f"metric_percentiles={metric_percentiles!r} is invalid: "
-                         "each must be in (0, 100)")
+        raise ValueError(
+            f"metric_percentiles={metric_percentiles!r} is invalid: each must be in (0, 100)"
+        )
     if request_rate <= 0 or burstiness <= 0:
-        raise ValueError(f"request_rate={request_rate!r}, burstiness={burstiness!r}: "
-                         "both must be > 0")
+        raise ValueError(
+            f"request_rate={request_rate!r}, burstiness={burstiness!r}: both must be > 0"
+        )
     return metrics, ps, _parse_goodput(goodput)
 
 
 def _details(results: list[RequestResult], tok) -> dict:
     """Each request's figures, vLLM's detailed keys (plus "e2els")."""
-    return {"input_lens": [r.prompt_len for r in results],
-            "output_lens": [_output_len(r, tok) if r.success else 0 for r in results],
-            "ttfts": [r.ttft for r in results], "itls": [r.itl for r in results],
-            "e2els": [r.latency for r in results], "errors": [r.error for r in results]}
+    return {
+        "input_lens": [r.prompt_len for r in results],
+        "output_lens": [_output_len(r, tok) if r.success else 0 for r in results],
+        "ttfts": [r.ttft for r in results],
+        "itls": [r.itl for r in results],
+        "e2els": [r.latency for r in results],
+        "errors": [r.error for r in results],
+    }
 
 
 def _output_len(r: RequestResult, tok) -> int:
@@ -319,8 +447,9 @@ def _parse_list(text: str, allowed: tuple[str, ...], name: str) -> list[str]:
     items = [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in items if x not in allowed]
     if bad or not items:
-        raise ValueError(f"{name}={text!r} is invalid: a comma-separated list of "
-                         f"{', '.join(allowed)}")
+        raise ValueError(
+            f"{name}={text!r} is invalid: a comma-separated list of {', '.join(allowed)}"
+        )
     return items
 
 
@@ -330,9 +459,11 @@ def _parse_goodput(items: list[str] | None) -> dict[str, float]:
     for item in items or []:
         m = re.fullmatch(rf"({'|'.join(GOODPUT_METRICS)}):(\d+(?:\.\d*)?)", item)
         if m is None:
-            raise ValueError(f"goodput: {item!r} is invalid: give METRIC:MILLISECONDS with "
-                             "METRIC one of "
-                             f"{', '.join(GOODPUT_METRICS)}, e.g. ttft:500 tpot:50")
+            raise ValueError(
+                f"goodput: {item!r} is invalid: give METRIC:MILLISECONDS with "
+                "METRIC one of "
+                f"{', '.join(GOODPUT_METRICS)}, e.g. ttft:500 tpot:50"
+            )
         slos[m[1]] = float(m[2])
     return slos
 
@@ -346,36 +477,46 @@ def load_tokenizer(tokenizer: str | None, model: str | None):
 
     from labkit.models import hub
     from labkit.models.loader import resolve_model_dir
+
     source = tokenizer or model
     if source is not None and hub.is_hub_name(source):
         try:
-            path = hub.snapshot(source, revision=None, download_dir=None,
-                                allow_patterns=hub.patterns("auto", tokenizer_only=True),
-                                what="tokenizer")
+            path = hub.snapshot(
+                source,
+                revision=None,
+                download_dir=None,
+                allow_patterns=hub.patterns("auto", tokenizer_only=True),
+                what="tokenizer",
+            )
             return AutoTokenizer.from_pretrained(str(path)), source
         except ValueError:
             if tokenizer is not None:
                 raise
-            source = None   # a served name that is no repo: fall back to the default model
+            source = None  # a served name that is no repo: fall back to the default model
     if source is None:
         from labkit.default_model import DEFAULT_MODEL_NAME, default_model_path
+
         path = resolve_model_dir(str(default_model_path()))
         return AutoTokenizer.from_pretrained(str(path)), DEFAULT_MODEL_NAME
     path = Path(source).expanduser()
-    has_tokenizer = path.is_dir() and any((path / f).exists()
-                                          for f in ("tokenizer.json", "tokenizer_config.json"))
+    has_tokenizer = path.is_dir() and any(
+        (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")
+    )
     # A .gguf file (or a directory of one) holds its tokenizer inside: use labkit's conversion.
     tokenizer_dir = path if has_tokenizer else resolve_model_dir(source)
     return AutoTokenizer.from_pretrained(str(tokenizer_dir)), source
 
 
 def write_result(result: dict, result_dir: str | None, result_filename: str | None) -> Path:
-    concurrency = (f"-concurrency{result['max_concurrency']}"
-                   if result["max_concurrency"] is not None else "")
+    concurrency = (
+        f"-concurrency{result['max_concurrency']}" if result["max_concurrency"] is not None else ""
+    )
     model = str(result["model_id"] or "unknown").split("/")[-1]
-    name = (result_filename
-            or f"{result['backend']}-{result['request_rate']}qps{concurrency}-{model}-"
-               f"{result['date']}.json")
+    name = (
+        result_filename
+        or f"{result['backend']}-{result['request_rate']}qps{concurrency}-{model}-"
+        f"{result['date']}.json"
+    )
     path = Path(result_dir or ".") / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=4) + "\n")

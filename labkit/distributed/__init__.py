@@ -9,6 +9,7 @@ PeerAllReduce, a one-shot kernel over NVLink peer memory, and the rest through N
 
 May import: kernels, observe and the foundation modules; never layers or above.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,7 +24,7 @@ log = logging.getLogger("labkit")
 
 TIMEOUT = datetime.timedelta(seconds=600)
 COMMUNICATION_LABEL = "labkit::communication"
-_NO_RANGE = contextlib.nullcontext()   # reusable: no allocation per collective
+_NO_RANGE = contextlib.nullcontext()  # reusable: no allocation per collective
 
 
 def _labelled() -> contextlib.AbstractContextManager:
@@ -38,13 +39,21 @@ def _labelled() -> contextlib.AbstractContextManager:
 class TPGroup:
     rank: int = 0
     size: int = 1
-    pg: object = None      # the process group, None for a single rank
-    store: object = None   # keeps the rendezvous store alive as long as the group
-    peer: object = None    # PeerAllReduce for small CUDA messages, if set up
+    pg: object = None  # the process group, None for a single rank
+    store: object = None  # keeps the rendezvous store alive as long as the group
+    peer: object = None  # PeerAllReduce for small CUDA messages, if set up
 
     @classmethod
-    def create(cls, rank: int, size: int, host: str, port: int, device: torch.device,
-               custom_all_reduce: bool = True, pdl: int = 0) -> "TPGroup":
+    def create(
+        cls,
+        rank: int,
+        size: int,
+        host: str,
+        port: int,
+        device: torch.device,
+        custom_all_reduce: bool = True,
+        pdl: int = 0,
+    ) -> TPGroup:
         """`pdl`: the programmatic-dependent-launch mode of the peer all-reduce kernel (see
         labkit.kernels.pdl; 0: off)."""
         if size == 1:
@@ -55,6 +64,7 @@ class TPGroup:
         group = cls(rank, size, dist.ProcessGroupNCCL(store, rank, size), store)
         if custom_all_reduce:
             from labkit.distributed.custom_all_reduce import PeerAllReduce
+
             if PeerAllReduce.supported(size):
                 group.peer = PeerAllReduce.setup(rank, size, store, device, pdl)
             elif rank == 0:

@@ -1,6 +1,7 @@
 """The few CUDA runtime calls that torch does not expose: raw device allocations and their IPC
 handles, so that one process can map another process's GPU buffer (same host) and a kernel can
 read it over NVLink. Called through ctypes on the libcudart that torch itself loaded."""
+
 from __future__ import annotations
 
 import ctypes
@@ -40,8 +41,11 @@ class CudaRT:
         if CudaRT._lib is None:
             lib = ctypes.CDLL(_find_cudart())
             lib.cudaGetErrorString.restype = ctypes.c_char_p
-            lib.cudaIpcOpenMemHandle.argtypes = [ctypes.POINTER(ctypes.c_void_p), IpcHandle,
-                                                 ctypes.c_uint]
+            lib.cudaIpcOpenMemHandle.argtypes = [
+                ctypes.POINTER(ctypes.c_void_p),
+                IpcHandle,
+                ctypes.c_uint,
+            ]
             CudaRT._lib = lib
         self.lib = CudaRT._lib
 
@@ -54,14 +58,20 @@ class CudaRT:
 
     def can_access_peer(self, device: int, peer: int) -> bool:
         ok = ctypes.c_int(0)
-        self._check(self.lib.cudaDeviceCanAccessPeer(ctypes.byref(ok), ctypes.c_int(device),
-                                                     ctypes.c_int(peer)), "cudaDeviceCanAccessPeer")
+        self._check(
+            self.lib.cudaDeviceCanAccessPeer(
+                ctypes.byref(ok), ctypes.c_int(device), ctypes.c_int(peer)
+            ),
+            "cudaDeviceCanAccessPeer",
+        )
         return bool(ok.value)
 
     def malloc_zeroed(self, nbytes: int) -> int:
         ptr = ctypes.c_void_p()
         self._check(self.lib.cudaMalloc(ctypes.byref(ptr), ctypes.c_size_t(nbytes)), "cudaMalloc")
-        self._check(self.lib.cudaMemset(ptr, ctypes.c_int(0), ctypes.c_size_t(nbytes)), "cudaMemset")
+        self._check(
+            self.lib.cudaMemset(ptr, ctypes.c_int(0), ctypes.c_size_t(nbytes)), "cudaMemset"
+        )
         self._check(self.lib.cudaDeviceSynchronize(), "cudaDeviceSynchronize")
         return ptr.value
 
@@ -70,8 +80,10 @@ class CudaRT:
 
     def ipc_handle(self, ptr: int) -> bytes:
         h = IpcHandle()
-        self._check(self.lib.cudaIpcGetMemHandle(ctypes.byref(h), ctypes.c_void_p(ptr)),
-                    "cudaIpcGetMemHandle")
+        self._check(
+            self.lib.cudaIpcGetMemHandle(ctypes.byref(h), ctypes.c_void_p(ptr)),
+            "cudaIpcGetMemHandle",
+        )
         return bytes(h.reserved)
 
     def ipc_open(self, handle: bytes) -> int:
@@ -79,8 +91,10 @@ class CudaRT:
         ctypes.memmove(h.reserved, handle, 64)
         ptr = ctypes.c_void_p()
         # cudaIpcMemLazyEnablePeerAccess = 1: map it for this (the current) device
-        self._check(self.lib.cudaIpcOpenMemHandle(ctypes.byref(ptr), h, ctypes.c_uint(1)),
-                    "cudaIpcOpenMemHandle")
+        self._check(
+            self.lib.cudaIpcOpenMemHandle(ctypes.byref(ptr), h, ctypes.c_uint(1)),
+            "cudaIpcOpenMemHandle",
+        )
         return ptr.value
 
     def ipc_close(self, ptr: int) -> None:

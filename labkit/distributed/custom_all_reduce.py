@@ -7,6 +7,7 @@ the group's rendezvous store, and maps every peer's; the one-shot kernel
 when every pair of GPUs can access each other's memory and every rank managed to (a container
 may refuse CUDA IPC); otherwise, or with `disable_custom_all_reduce=True`, NCCL does everything.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,15 +26,16 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 class PeerAllReduce:
     @classmethod
-    def setup(cls, rank: int, world: int, store, device: torch.device,
-              pdl: int = 0) -> "PeerAllReduce | None":
+    def setup(
+        cls, rank: int, world: int, store, device: torch.device, pdl: int = 0
+    ) -> PeerAllReduce | None:
         """Every rank tries; the kernel is used only if all of them succeeded (each rank must
         take the same path, or their collectives would never meet). Else NCCL does everything.
         `pdl`: the kernel's launch mode (labkit.kernels.pdl; 0: off)."""
         peer, error = None, ""
         try:
             peer = cls(rank, world, store, device, pdl)
-        except (RuntimeError, OSError) as e:   # OSError: no libcudart to load
+        except (RuntimeError, OSError) as e:  # OSError: no libcudart to load
             error = str(e) or type(e).__name__
         store.set(f"peer_all_reduce/error/{rank}", error.encode())
         errors = [store.get(f"peer_all_reduce/error/{r}").decode() for r in range(world)]
@@ -48,6 +50,7 @@ class PeerAllReduce:
 
     def __init__(self, rank: int, world: int, store, device: torch.device, pdl: int = 0):
         from labkit.kernels.one_shot_all_reduce import MAX_PROGRAMS
+
         self.rank, self.world, self.device, self.pdl = rank, world, device, pdl
         self.own: list[int] = []
         self.opened: list[int] = []
@@ -59,7 +62,7 @@ class PeerAllReduce:
                 self.own.append(self.rt.malloc_zeroed(nbytes))
             handles = b"".join(self.rt.ipc_handle(p) for p in self.own)
         except (RuntimeError, OSError):
-            store.set(key(rank), b"")   # the peers must not wait for handles that never come
+            store.set(key(rank), b"")  # the peers must not wait for handles that never come
             self.close()
             raise
         store.set(key(rank), handles)
@@ -91,13 +94,14 @@ class PeerAllReduce:
         return all(rt.can_access_peer(a, b) for a in range(world) for b in range(world) if a != b)
 
     def can_run(self, x: torch.Tensor) -> bool:
-        return (x.dtype in DTYPES and x.is_contiguous()
-                and x.numel() * x.element_size() <= MAX_BYTES)
+        return x.dtype in DTYPES and x.is_contiguous() and x.numel() * x.element_size() <= MAX_BYTES
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from labkit.kernels.one_shot_all_reduce import one_shot_all_reduce
-        return one_shot_all_reduce(x, self.buf_ptrs, self.sig_ptrs, self.rank, self.world,
-                                   pdl=self.pdl)
+
+        return one_shot_all_reduce(
+            x, self.buf_ptrs, self.sig_ptrs, self.rank, self.world, pdl=self.pdl
+        )
 
     def close(self) -> None:
         if self.opened or self.own:

@@ -7,6 +7,7 @@ cached full block of its prompt. Blocks are refcounted; a block whose count drop
 the back of the free queue but keeps its hash, so it can still be reused until it reaches the
 front and is handed out again (least recently used first).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,7 +33,7 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.hashes: list[bytes | None] = [None] * num_blocks
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.cached: dict[bytes, int] = {}   # block hash -> block id
+        self.cached: dict[bytes, int] = {}  # block hash -> block id
 
     @property
     def num_free(self) -> int:
@@ -49,7 +50,7 @@ class BlockManager:
             return 0
         bs, parent = self.block_size, None
         for i in range((req.num_tokens - 1) // bs):
-            parent = chain_hash(parent, req.token_ids[i * bs:(i + 1) * bs])
+            parent = chain_hash(parent, req.token_ids[i * bs : (i + 1) * bs])
             block_id = self.cached.get(parent)
             if block_id is None:
                 break
@@ -89,7 +90,7 @@ class BlockManager:
         # Under async scheduling the last computed token's id may not have reached the host yet.
         for i in range(len(req.block_hashes), min(req.num_computed_tokens, req.num_tokens) // bs):
             parent = req.block_hashes[-1] if req.block_hashes else None
-            h = chain_hash(parent, req.token_ids[i * bs:(i + 1) * bs])
+            h = chain_hash(parent, req.token_ids[i * bs : (i + 1) * bs])
             req.block_hashes.append(h)
             block_id = req.block_table[i]
             self.hashes[block_id] = h

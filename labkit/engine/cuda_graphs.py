@@ -7,6 +7,7 @@ replays. Padding rows write no KV and attend to nothing.
 This module owns the graphs, the static input ids / positions and the hidden-state output; the
 attention backend owns its static metadata (GraphCaptureBackend's hooks) and fills it per step.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,9 +21,15 @@ def batch_ladder(max_bs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: nn.Module, backend: GraphCaptureBackend,
-                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], max_bs: int,
-                 max_blocks: int, device: torch.device):
+    def __init__(
+        self,
+        model: nn.Module,
+        backend: GraphCaptureBackend,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        max_bs: int,
+        max_blocks: int,
+        device: torch.device,
+    ):
         self.model, self.backend, self.kv_caches = model, backend, kv_caches
         self.sizes = batch_ladder(max_bs)
         max_bs = self.sizes[-1]
@@ -40,8 +47,8 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _capture(self) -> None:
         pool = None
-        for bs in reversed(self.sizes):          # largest first: the others reuse its memory
-            self._forward(bs)                    # warm up: compile kernels, settle allocations
+        for bs in reversed(self.sizes):  # largest first: the others reuse its memory
+            self._forward(bs)  # warm up: compile kernels, settle allocations
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
@@ -56,8 +63,13 @@ class DecodeGraphs:
     def can_run(self, seqs: list[SeqSlice]) -> bool:
         return len(seqs) <= self.sizes[-1] and all(s.q_len == 1 for s in seqs)
 
-    def run(self, input_ids: list[int], positions: list[int], seqs: list[SeqSlice],
-            pending: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def run(
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        seqs: list[SeqSlice],
+        pending: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """`pending`: (rows, ids) of input tokens that are already on the device."""
         n = len(seqs)
         bs = next(b for b in self.sizes if b >= n)

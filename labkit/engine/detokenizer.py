@@ -5,6 +5,7 @@ window ends in an incomplete UTF-8 sequence (U+FFFD), it waits for the next toke
 starts a few tokens back so that tokenizers that drop a leading space decode the same as
 decoding everything at once.
 """
+
 from __future__ import annotations
 
 _CONTEXT = 5
@@ -23,9 +24,9 @@ class IncrementalDetokenizer:
 
     def step(self, token_id: int) -> str:
         self.ids.append(token_id)
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        text = self._decode(self.ids[self.prefix_offset:])
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset :])
         if len(text) > len(prefix) and not text.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return text[len(prefix):]
+            return text[len(prefix) :]
         return ""

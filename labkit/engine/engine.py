@@ -6,6 +6,7 @@ sampled tokens become RequestOutputs in the OutputProcessor (output_processor.py
 read the engine through `stats()` and `step_records()` (stats.py). Structured outputs
 (structured_output.py): a constrained request waits outside the scheduler until its grammar has
 compiled, and its rows of the logits are masked before sampling."""
+
 from __future__ import annotations
 
 import logging
@@ -44,14 +45,15 @@ log = logging.getLogger("labkit")
 @dataclass(eq=False)
 class _Step:
     """A launched engine step: its forward is queued (or done), its sampling maybe in flight."""
+
     batch: ScheduledBatch
     work: list[SeqWork]
-    start: float                               # time.time() when the launching call began
+    start: float  # time.time() when the launching call began
     logits: torch.Tensor | None
     to_sample: list[Request] = field(default_factory=list)
     sample: PendingSample | None = None
     marks: Marks = field(default_factory=list)
-    call_ms: float | None = None               # wall time of the launching step() call
+    call_ms: float | None = None  # wall time of the launching step() call
     prefix_queries: int = 0
     prefix_hits: int = 0
 
@@ -62,33 +64,47 @@ class LLMEngine:
         tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config)
         self.workers = start_workers(config)
         try:
-            self.runner = ModelRunner(config, self.workers.rank0_placement() if self.workers
-                                      else RankPlacement())
+            self.runner = ModelRunner(
+                config, self.workers.rank0_placement() if self.workers else RankPlacement()
+            )
             if self.workers:
                 self.workers.wait_ready()
         except BaseException:
             if self.workers:
                 self.workers.shutdown()
             raise
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
-                                          config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens, config.enable_chunked_prefill,
-                                   config.scheduling_policy, config.max_model_len)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.enable_chunked_prefill,
+            config.scheduling_policy,
+            config.max_model_len,
+        )
         eos = eos_token_ids(config, tokenizer)
-        limits = RequestLimits(config.max_logprobs, config.max_num_seqs,
-                               config.model_config.vocab_size)
+        limits = RequestLimits(
+            config.max_logprobs, config.max_num_seqs, config.model_config.vocab_size
+        )
         self.input_processor = InputProcessor(
-            tokenizer, eos, limits=limits, max_model_len=config.max_model_len,
-            block_size=config.block_size, num_kv_blocks=self.block_manager.num_blocks,
-            device=self.runner.device)
+            tokenizer,
+            eos,
+            limits=limits,
+            max_model_len=config.max_model_len,
+            block_size=config.block_size,
+            num_kv_blocks=self.block_manager.num_blocks,
+            device=self.runner.device,
+        )
         self.output_processor = OutputProcessor(tokenizer, eos, config.max_model_len)
         self.sampler = Sampler(config.seed, eos, self.runner.device)
-        self.structured = StructuredOutputManager(tokenizer, config.model_config.vocab_size, eos,
-                                                  self.runner.device)
+        self.structured = StructuredOutputManager(
+            tokenizer, config.model_config.vocab_size, eos, self.runner.device
+        )
         self._compiling = GrammarWaitlist()
         self._history = StepHistory()
-        self._inflight: _Step | None = None   # async scheduling: launched, not yet completed
+        self._inflight: _Step | None = None  # async scheduling: launched, not yet completed
         self.timer = self.runner.timer
         self._closed = False
 
@@ -113,16 +129,23 @@ class LLMEngine:
         if params.structured_outputs is not None:
             self.structured.validate(params.structured_outputs)
 
-    def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
-                    arrival_time: float | None = None, priority: int = 0) -> str:
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+        priority: int = 0,
+    ) -> str:
         params = params or SamplingParams()
         text, ids = self.tokenize(prompt)
         self.validate(ids, params)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.output_processor.requests:
             raise ValueError(f"request_id: {request_id!r} is already in use")
-        seqs = self.input_processor.build_requests(request_id, text, ids, params,
-                                                   arrival_time or time.time(), priority)
+        seqs = self.input_processor.build_requests(
+            request_id, text, ids, params, arrival_time or time.time(), priority
+        )
         # Tracked first: should adding to the scheduler fail, abort_request finds every part.
         self.output_processor.add_request(request_id, seqs)
         so = params.structured_outputs
@@ -150,7 +173,7 @@ class LLMEngine:
         if not self._compiling:
             return
         ready, failed = self._compiling.take_compiled()
-        for req, err in failed:   # validated, so rare: it fails this request, not the engine
+        for req, err in failed:  # validated, so rare: it fails this request, not the engine
             self._fail_request(req, err)
         for req in ready:
             self.scheduler.add(req)
@@ -166,11 +189,14 @@ class LLMEngine:
     # ---- what neighbours read -------------------------------------------------------------
     def stats(self) -> EngineStats:
         return EngineStats(
-            num_steps=self._history.num_steps, num_running=len(self.scheduler.running),
+            num_steps=self._history.num_steps,
+            num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting) + len(self._compiling),
             num_unfinished_requests=len(self.output_processor.requests),
             kv_blocks_used=self.block_manager.num_used,
-            kv_blocks_total=self.block_manager.num_blocks, last_step=self._history.last)
+            kv_blocks_total=self.block_manager.num_blocks,
+            last_step=self._history.last,
+        )
 
     def step_records(self, since: int = 0) -> list[StepRecord]:
         """The records of steps `since` and later (the most recent ones are kept: stats.py)."""
@@ -207,8 +233,13 @@ class LLMEngine:
             self._inflight.call_ms = (time.time() - call_start) * 1e3
         return outputs
 
-    def _run(self, batch: ScheduledBatch, prev: _Step | None, call_start: float,
-             prefix_before: tuple[int, int]) -> set[str]:
+    def _run(
+        self,
+        batch: ScheduledBatch,
+        prev: _Step | None,
+        call_start: float,
+        prefix_before: tuple[int, int],
+    ) -> set[str]:
         """Launch `batch` (if any) and complete `prev` (if any), and `batch` too unless it stays
         in flight. Returns the parent ids whose requests were touched."""
         launched = None
@@ -232,8 +263,9 @@ class LLMEngine:
         flight) with finish_reason "error" and go on with the others. Re-raises when the engine's
         state cannot be trusted any more: with TP workers (a rank may be left inside a
         collective) or after a device error (the CUDA context is lost); the engine is dead."""
-        device_error = isinstance(exc, getattr(torch, "AcceleratorError", ())) \
-            or "CUDA error" in str(exc)
+        device_error = isinstance(
+            exc, getattr(torch, "AcceleratorError", ())
+        ) or "CUDA error" in str(exc)
         if self.workers is not None or device_error:
             raise exc
         log.exception("an engine step failed; its requests end with an error")
@@ -262,15 +294,21 @@ class LLMEngine:
         work = []
         for r, n in batch.work:
             c = r.num_computed_tokens
-            ids = r.token_ids[c:c + n]
+            ids = r.token_ids[c : c + n]
             pending_row = -1
-            if len(ids) < n:   # the last input token was sampled last step: still on the device
+            if len(ids) < n:  # the last input token was sampled last step: still on the device
                 ids.append(0)
                 pending_row = r.pending_row
-            work.append(SeqWork(
-                ids, c, r.block_table, sample=c + n == r.num_tokens + r.num_pending,
-                all_logits=r.prompt_logprobs is not None and c < r.num_prompt_tokens,
-                pending_row=pending_row))
+            work.append(
+                SeqWork(
+                    ids,
+                    c,
+                    r.block_table,
+                    sample=c + n == r.num_tokens + r.num_pending,
+                    all_logits=r.prompt_logprobs is not None and c < r.num_prompt_tokens,
+                    pending_row=pending_row,
+                )
+            )
             r.num_computed_tokens = c + n
             if r.metrics.first_scheduled_time is None:
                 r.metrics.first_scheduled_time = call_start
@@ -297,8 +335,9 @@ class LLMEngine:
         if constrained:
             # Every token before this one has been accepted (step n-1 completed first).
             with self.timer.phase("structured", host=True):
-                bitmask = self.structured.fill([to_sample[j].grammar for j in constrained],
-                                               constrained, len(to_sample))
+                bitmask = self.structured.fill(
+                    [to_sample[j].grammar for j in constrained], constrained, len(to_sample)
+                )
             with self.timer.phase("structured"):
                 self.structured.apply(rows, bitmask, constrained)
         step.to_sample = to_sample
@@ -326,18 +365,29 @@ class LLMEngine:
         ms = self.timer.resolve(step.marks + self.timer.take())
         batch = step.batch
         total = step.call_ms if step.call_ms is not None else (time.time() - step.start) * 1e3
-        self._history.add(StepRecord(
-            step=self._history.num_steps, start_time=step.start,
-            schedule_ms=ms.get("schedule", 0.0), prepare_ms=ms.get("prepare", 0.0),
-            forward_ms=ms.get("forward", 0.0), sample_ms=ms.get("sample", 0.0),
-            structured_ms=ms.get("structured", 0.0),
-            postprocess_ms=ms.get("postprocess", 0.0), total_ms=total,
-            num_prefill_tokens=batch.num_prefill_tokens,
-            num_prefill_seqs=len(batch.work) - batch.num_decode, num_decode_seqs=batch.num_decode,
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            kv_blocks_used=self.block_manager.num_used, kv_blocks_free=self.block_manager.num_free,
-            num_preemptions=batch.num_preempted,
-            prefix_cache_queries=step.prefix_queries, prefix_cache_hits=step.prefix_hits))
+        self._history.add(
+            StepRecord(
+                step=self._history.num_steps,
+                start_time=step.start,
+                schedule_ms=ms.get("schedule", 0.0),
+                prepare_ms=ms.get("prepare", 0.0),
+                forward_ms=ms.get("forward", 0.0),
+                sample_ms=ms.get("sample", 0.0),
+                structured_ms=ms.get("structured", 0.0),
+                postprocess_ms=ms.get("postprocess", 0.0),
+                total_ms=total,
+                num_prefill_tokens=batch.num_prefill_tokens,
+                num_prefill_seqs=len(batch.work) - batch.num_decode,
+                num_decode_seqs=batch.num_decode,
+                num_running=len(self.scheduler.running),
+                num_waiting=len(self.scheduler.waiting),
+                kv_blocks_used=self.block_manager.num_used,
+                kv_blocks_free=self.block_manager.num_free,
+                num_preemptions=batch.num_preempted,
+                prefix_cache_queries=step.prefix_queries,
+                prefix_cache_hits=step.prefix_hits,
+            )
+        )
         return {r.parent_id for r, _ in batch.work}
 
     def _advance_grammars(self, reqs: list[Request], now: float) -> None:
@@ -363,9 +413,10 @@ class LLMEngine:
         for (r, n), w in zip(scheduled, work):
             if w.all_logits:
                 try:
-                    self.output_processor.record_prompt_logprobs(r, w.start_pos, n,
-                                                                 logits[at:at + n])
-                except Exception as e:   # this request's entries, not the engine's state
+                    self.output_processor.record_prompt_logprobs(
+                        r, w.start_pos, n, logits[at : at + n]
+                    )
+                except Exception as e:  # this request's entries, not the engine's state
                     self._fail_request(r, e)
                 at += n
                 if w.sample:
@@ -377,7 +428,7 @@ class LLMEngine:
                 at += 1
         if not to_sample:
             return None, to_sample
-        if rows == list(range(logits.shape[0])):   # the usual case: every row, in order
+        if rows == list(range(logits.shape[0])):  # the usual case: every row, in order
             return logits, to_sample
         return logits[to_device(rows, torch.long, logits.device)], to_sample
 

@@ -2,6 +2,7 @@
 engine's Requests. Owns the tokenizer and the EOS ids; tokenizes prompts, checks them against the
 model and the KV cache, and builds the n sequences of one parent request (seeded generators,
 detokenizers, bad-words ids, prompt-logprob setup)."""
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,12 @@ def load_tokenizer(config: ResolvedConfig):
     a lone config.json for `load_format="dummy"`, runs without one: token-id prompts only."""
     path = config.tokenizer_dir
     if config.tokenizer is None and not any((path / f).exists() for f in TOKENIZER_FILES):
-        log.info("no tokenizer files in %s: running without a tokenizer (token-id prompts only)",
-                 path)
+        log.info(
+            "no tokenizer files in %s: running without a tokenizer (token-id prompts only)", path
+        )
         return None
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(path))
 
 
@@ -49,24 +52,31 @@ def eos_token_ids(config: ResolvedConfig, tokenizer) -> set[int]:
 class RequestLimits:
     """What one request may ask for, checked before any work is done for it (the server checks
     these before it tokenizes)."""
-    max_logprobs: int    # -1: up to the vocabulary size
-    max_n: int           # the engine's max_num_seqs
+
+    max_logprobs: int  # -1: up to the vocabulary size
+    max_n: int  # the engine's max_num_seqs
     vocab_size: int
 
     def check(self, params: SamplingParams, logprobs_field: str = "logprobs") -> None:
         """Raise ValueError naming the field; `logprobs_field` is the name the caller gave
         `params.logprobs` (the chat API calls it top_logprobs)."""
         if params.n > self.max_n:
-            raise ValueError(f"n={params.n} is invalid: at most max_num_seqs ({self.max_n}) "
-                             "choices per request")
-        cap = self.vocab_size if self.max_logprobs == -1 else min(self.max_logprobs,
-                                                                 self.vocab_size)
-        for name, k in ((logprobs_field, params.logprobs),
-                        ("prompt_logprobs", params.prompt_logprobs)):
+            raise ValueError(
+                f"n={params.n} is invalid: at most max_num_seqs ({self.max_n}) choices per request"
+            )
+        cap = (
+            self.vocab_size if self.max_logprobs == -1 else min(self.max_logprobs, self.vocab_size)
+        )
+        for name, k in (
+            (logprobs_field, params.logprobs),
+            ("prompt_logprobs", params.prompt_logprobs),
+        ):
             if k is not None and k > cap:
-                raise ValueError(f"{name}={k} is invalid: at most {cap} (the engine's "
-                                 f"max_logprobs is {self.max_logprobs}; the vocabulary has "
-                                 f"{self.vocab_size} tokens)")
+                raise ValueError(
+                    f"{name}={k} is invalid: at most {cap} (the engine's "
+                    f"max_logprobs is {self.max_logprobs}; the vocabulary has "
+                    f"{self.vocab_size} tokens)"
+                )
 
 
 class InputProcessor:
@@ -74,9 +84,17 @@ class InputProcessor:
     are given explicitly: the longest sequence, the KV cache's block size and block count, and
     the vocabulary size. Generators of seeded requests live on `device`."""
 
-    def __init__(self, tokenizer, eos_token_ids: set[int], *, limits: RequestLimits,
-                 max_model_len: int, block_size: int, num_kv_blocks: int,
-                 device: torch.device):
+    def __init__(
+        self,
+        tokenizer,
+        eos_token_ids: set[int],
+        *,
+        limits: RequestLimits,
+        max_model_len: int,
+        block_size: int,
+        num_kv_blocks: int,
+        device: torch.device,
+    ):
         self.tokenizer = tokenizer
         self.limits = limits
         self.eos_token_ids = eos_token_ids
@@ -98,14 +116,17 @@ class InputProcessor:
                 raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("prompt: text prompts need a tokenizer and this engine has none "
-                                 "(skip_tokenizer_init=True, or no tokenizer files in the model "
-                                 "directory): pass token ids or tokenizer=<path>")
+                raise ValueError(
+                    "prompt: text prompts need a tokenizer and this engine has none "
+                    "(skip_tokenizer_init=True, or no tokenizer files in the model "
+                    "directory): pass token ids or tokenizer=<path>"
+                )
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         if isinstance(prompt, (list, tuple)):
             return None, list(prompt)
-        raise ValueError("prompt: expected a string, a list of token ids or a dict, "
-                         f"got {type(prompt).__name__}")
+        raise ValueError(
+            f"prompt: expected a string, a list of token ids or a dict, got {type(prompt).__name__}"
+        )
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError, naming the field, for a prompt or params the engine cannot run."""
@@ -118,21 +139,33 @@ class InputProcessor:
             raise ValueError(f"prompt_token_ids: every id must be an integer in [0, {vocab})")
         max_len = self.max_model_len
         if n >= max_len:
-            raise ValueError(f"prompt: the prompt has {n} tokens; max_model_len is {max_len}, "
-                             "so it must be shorter than that to leave room for an output token")
+            raise ValueError(
+                f"prompt: the prompt has {n} tokens; max_model_len is {max_len}, "
+                "so it must be shorter than that to leave room for an output token"
+            )
         blocks = -(-(n + 1) // self.block_size)
         if blocks > self.num_kv_blocks:
-            raise ValueError(f"prompt: {n} tokens need {blocks} KV blocks but the cache holds "
-                             f"{self.num_kv_blocks}; raise the KV cache size")
-        for name, ids in (("allowed_token_ids", params.allowed_token_ids or []),
-                          ("stop_token_ids", params.stop_token_ids),
-                          ("logit_bias", list(params.logit_bias or {}))):
+            raise ValueError(
+                f"prompt: {n} tokens need {blocks} KV blocks but the cache holds "
+                f"{self.num_kv_blocks}; raise the KV cache size"
+            )
+        for name, ids in (
+            ("allowed_token_ids", params.allowed_token_ids or []),
+            ("stop_token_ids", params.stop_token_ids),
+            ("logit_bias", list(params.logit_bias or {})),
+        ):
             if any(not 0 <= t < vocab for t in ids):
                 raise ValueError(f"{name}: every token id must be in [0, {vocab})")
 
-    def build_requests(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                       params: SamplingParams, arrival_time: float,
-                       priority: int) -> list[Request]:
+    def build_requests(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float,
+        priority: int,
+    ) -> list[Request]:
         """The `params.n` sequences of one validated parent request; sequence i of a seeded
         request samples with seed + i."""
         bad_words = self._bad_words_ids(params.bad_words or [])
@@ -141,15 +174,25 @@ class InputProcessor:
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
-            req = Request(f"{request_id}-{i}" if params.n > 1 else request_id, request_id, i,
-                          prompt, prompt_token_ids, params, priority, arrival_time, generator=gen)
+            req = Request(
+                f"{request_id}-{i}" if params.n > 1 else request_id,
+                request_id,
+                i,
+                prompt,
+                prompt_token_ids,
+                params,
+                priority,
+                arrival_time,
+                generator=gen,
+            )
             req.bad_words_token_ids = bad_words
             if params.prompt_logprobs is not None:
-                req.skip_prefix_cache = True   # cached positions would have no logits
+                req.skip_prefix_cache = True  # cached positions would have no logits
                 req.prompt_logprobs = [None]
             if self.tokenizer is not None:
-                req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
-                                                         params.skip_special_tokens)
+                req.detokenizer = IncrementalDetokenizer(
+                    self.tokenizer, prompt_token_ids, params.skip_special_tokens
+                )
             seqs.append(req)
         return seqs
 

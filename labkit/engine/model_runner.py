@@ -5,6 +5,7 @@ of the rows to sample (on rank 0).
 Start-up is a sequence of named steps (ModelRunner.__init__ lists them in order): device, kernel
 switches, TP group, model, attention backend, activation profile, KV cache size and allocation,
 CUDA graphs."""
+
 from __future__ import annotations
 
 import gc
@@ -36,11 +37,12 @@ MAX_GRAPH_BATCH = 512
 @dataclass
 class SeqWork:
     """What one sequence computes in a step (plain data: it is sent to the TP workers)."""
+
     token_ids: list[int]
     start_pos: int
     block_table: list[int]
-    sample: bool               # the last row's logits pick the next token
-    all_logits: bool = False   # every row's logits are wanted (prompt logprobs)
+    sample: bool  # the last row's logits pick the next token
+    all_logits: bool = False  # every row's logits are wanted (prompt logprobs)
     # Async scheduling: the last token was sampled last step and is still on the device; it is
     # row `pending_row` of that step's sampled ids (`token_ids` holds a 0 in its place).
     pending_row: int = -1
@@ -50,10 +52,11 @@ class SeqWork:
 class RankPlacement:
     """Where one tensor-parallel rank runs and how it meets the others (plain data: it is sent
     to the TP workers)."""
+
     rank: int = 0
-    host: str = "127.0.0.1"         # the TP group's rendezvous: rank 0's address ...
-    port: int = 0                   # ... and port (unused for a single rank)
-    cuda_index: int | None = None   # this rank's CUDA card; None: card `rank`
+    host: str = "127.0.0.1"  # the TP group's rendezvous: rank 0's address ...
+    port: int = 0  # ... and port (unused for a single rank)
+    cuda_index: int | None = None  # this rank's CUDA card; None: card `rank`
     custom_all_reduce: bool = True  # may use the NVLink peer all-reduce (same-host cards 0..N-1)
 
 
@@ -69,7 +72,7 @@ class ModelRunner:
         self._init_attention_backend()
         activation_bytes = self._profile_activation_memory()
         self.num_blocks = self._count_kv_blocks(activation_bytes)
-        self._kv_map: mmap.mmap | None = None   # the CPU cache's memory (see _allocate_kv_cache)
+        self._kv_map: mmap.mmap | None = None  # the CPU cache's memory (see _allocate_kv_cache)
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
         self.graphs = self._capture_cuda_graphs()
 
@@ -78,8 +81,9 @@ class ModelRunner:
         shared by several ranks this process's share of the cores."""
         c = self.config
         index = self.placement.cuda_index
-        self.device = torch.device(c.device if c.device == "cpu"
-                                   else f"cuda:{self.rank if index is None else index}")
+        self.device = torch.device(
+            c.device if c.device == "cpu" else f"cuda:{self.rank if index is None else index}"
+        )
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self._prev_threads = torch.get_num_threads()
@@ -95,23 +99,31 @@ class ModelRunner:
         self.gemv_workspace = None
         if self.device.type == "cuda":
             from labkit.kernels.gemv import GemvWorkspace
+
             self.gemv_workspace = GemvWorkspace(self.device)
 
     def _init_tp_group(self) -> None:
         """This rank's tensor-parallel group (a single rank when TP is 1); ranks meet at the
         placement's host and port."""
         c, p = self.config, self.placement
-        self.tp = TPGroup.create(self.rank, c.tensor_parallel_size, p.host, p.port, self.device,
-                                 p.custom_all_reduce and not c.disable_custom_all_reduce,
-                                 self.switches.pdl)
+        self.tp = TPGroup.create(
+            self.rank,
+            c.tensor_parallel_size,
+            p.host,
+            p.port,
+            self.device,
+            p.custom_all_reduce and not c.disable_custom_all_reduce,
+            self.switches.pdl,
+        )
 
     def _load_model(self) -> None:
         """Build the model with this engine's group, switches and workspace, and load it."""
         c = self.config
         torch.manual_seed(c.seed)
         parts = ModelParts(self.tp, self.switches, self.gemv_workspace)
-        self.model = build_model(c.model_dir, c.model_config, c.dtype, self.device,
-                                 c.load_format, parts, c.seed)
+        self.model = build_model(
+            c.model_dir, c.model_config, c.dtype, self.device, c.load_format, parts, c.seed
+        )
 
     def _init_attention_backend(self) -> None:
         """The one attention seam: Triton kernels on CUDA, the torch reference elsewhere."""
@@ -120,6 +132,7 @@ class ModelRunner:
         self.backend: AttentionBackend
         if self.device.type == "cuda":
             from labkit.layers.attention.triton_backend import TritonAttentionBackend
+
             self.backend = TritonAttentionBackend(self.block_size, self.device, self.switches)
         else:
             self.backend = TorchAttentionBackend(self.block_size, self.device)
@@ -134,9 +147,13 @@ class ModelRunner:
         shape = (num_blocks * self.block_size, self.num_kv_heads, c.model_config.head_dim)
         layers = c.model_config.num_hidden_layers
         if self.device.type != "cpu":
-            return [(torch.zeros(shape, dtype=c.dtype, device=self.device),
-                     torch.zeros(shape, dtype=c.dtype, device=self.device))
-                    for _ in range(layers)]
+            return [
+                (
+                    torch.zeros(shape, dtype=c.dtype, device=self.device),
+                    torch.zeros(shape, dtype=c.dtype, device=self.device),
+                )
+                for _ in range(layers)
+            ]
         per_cache = math.prod(shape)
         self._kv_map = mmap.mmap(-1, 2 * layers * per_cache * c.dtype.itemsize)
         flat = torch.frombuffer(self._kv_map, dtype=c.dtype)
@@ -160,8 +177,11 @@ class ModelRunner:
         ids = torch.randint(0, c.model_config.vocab_size, (tokens,), device=self.device)
         meta = self.backend.prepare([SeqSlice(tokens, tokens, list(range(blocks)))])
         with torch.inference_mode():
-            hidden = self.model(ids, torch.arange(tokens, device=self.device),
-                                AttentionInputs(self.backend, meta, kv))
+            hidden = self.model(
+                ids,
+                torch.arange(tokens, device=self.device),
+                AttentionInputs(self.backend, meta, kv),
+            )
             self.model.compute_logits(hidden[-1:])
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(self.device) - base - kv_bytes
@@ -193,11 +213,18 @@ class ModelRunner:
             useful = c.max_num_seqs * -(-c.max_model_len // self.block_size)
             n = min(int(budget // per_block), useful)
         if n < 1:
-            raise ValueError("the KV cache has no room for a single block: raise "
-                             "gpu_memory_utilization / kv_cache_memory_bytes or num_kv_blocks")
+            raise ValueError(
+                "the KV cache has no room for a single block: raise "
+                "gpu_memory_utilization / kv_cache_memory_bytes or num_kv_blocks"
+            )
         if self.tp.rank == 0:
-            log.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB per rank)", n,
-                     self.block_size, n * self.block_size, n * per_block / 2**20)
+            log.info(
+                "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB per rank)",
+                n,
+                self.block_size,
+                n * self.block_size,
+                n * per_block / 2**20,
+            )
         return n
 
     def _capture_cuda_graphs(self) -> DecodeGraphs | None:
@@ -205,15 +232,21 @@ class ModelRunner:
         c = self.config
         if self.device.type != "cuda" or c.enforce_eager:
             return None
-        graphs = DecodeGraphs(self.model, self.backend, self.kv_caches,
-                              min(c.max_num_seqs, MAX_GRAPH_BATCH),
-                              -(-c.max_model_len // self.block_size), self.device)
+        graphs = DecodeGraphs(
+            self.model,
+            self.backend,
+            self.kv_caches,
+            min(c.max_num_seqs, MAX_GRAPH_BATCH),
+            -(-c.max_model_len // self.block_size),
+            self.device,
+        )
         log.info("captured CUDA graphs for decode batch sizes %s", graphs.sizes)
         return graphs
 
     @torch.inference_mode()
-    def execute(self, work: list[SeqWork],
-                sampled: torch.Tensor | None = None) -> torch.Tensor | None:
+    def execute(
+        self, work: list[SeqWork], sampled: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Forward one step; returns on rank 0 the logits of the wanted rows, in order (all rows
         of an `all_logits` item, else its last row if `sample`); None elsewhere. `sampled`
         (rank 0): the previous step's sampled ids, where `pending_row`s point."""
@@ -233,8 +266,9 @@ class ModelRunner:
                 if w.pending_row >= 0:
                     pending_dst.append(row - 1)
                     pending_src.append(w.pending_row)
-            pending = (self._pending_inputs(pending_dst, pending_src, sampled) if pending_dst
-                       else None)
+            pending = (
+                self._pending_inputs(pending_dst, pending_src, sampled) if pending_dst else None
+            )
             rows = to_device(sample_rows, torch.long, self.device)
             graphed = self.graphs is not None and self.graphs.can_run(seqs)
             if not graphed:
@@ -247,8 +281,9 @@ class ModelRunner:
             if graphed:
                 hidden = self.graphs.run(ids, pos, seqs, pending)
             else:
-                hidden = self.model(input_ids, positions,
-                                    AttentionInputs(self.backend, meta, self.kv_caches))
+                hidden = self.model(
+                    input_ids, positions, AttentionInputs(self.backend, meta, self.kv_caches)
+                )
             logits = self.model.compute_logits(hidden[rows]) if sample_rows else None
         return logits
 
@@ -263,8 +298,8 @@ class ModelRunner:
 
     def close(self) -> None:
         self.model = self.kv_caches = self.graphs = None
-        self._kv_map = None   # unmapped once the last view of it is gone
-        if self.gemv_workspace is not None:   # after the graphs that point into it
+        self._kv_map = None  # unmapped once the last view of it is gone
+        if self.gemv_workspace is not None:  # after the graphs that point into it
             self.gemv_workspace.close()
         self.tp.close()
         torch.set_num_threads(self._prev_threads)

@@ -5,6 +5,7 @@ RequestOutputs, shaped by their output kind (CUMULATIVE, DELTA, FINAL_ONLY).
 
 It never frees anything itself: the calls that end requests return them, and the engine core
 releases them in the scheduler."""
+
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,7 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
-        self.requests: dict[str, list[Request]] = {}   # parent id -> its n sequences
+        self.requests: dict[str, list[Request]] = {}  # parent id -> its n sequences
         self._finished_parents: set[str] = set()
 
     # ---- the parents ----------------------------------------------------------------------
@@ -56,12 +57,13 @@ class OutputProcessor:
         self._finished_parents.add(r.parent_id)
 
     # ---- a step's results -----------------------------------------------------------------
-    def record_prompt_logprobs(self, r: Request, start_pos: int, num_tokens: int,
-                               logits: torch.Tensor) -> None:
+    def record_prompt_logprobs(
+        self, r: Request, start_pos: int, num_tokens: int, logits: torch.Tensor
+    ) -> None:
         """Prompt logprob entries from the logits of the `num_tokens` positions from
         `start_pos` on."""
         # Row i predicts the token after it; only rows whose next token is a prompt token count.
-        nxt = r.token_ids[start_pos + 1:min(start_pos + num_tokens + 1, r.num_prompt_tokens)]
+        nxt = r.token_ids[start_pos + 1 : min(start_pos + num_tokens + 1, r.num_prompt_tokens)]
         if not nxt:
             return
         lps = logits[: len(nxt)].float().log_softmax(-1).cpu()
@@ -77,18 +79,17 @@ class OutputProcessor:
                     entry.setdefault(tid, Logprob(lp, j, self._token_text(tid)))
             r.prompt_logprobs.append(entry)
 
-    def append_tokens(self, reqs: list[Request], result: SampleResult,
-                      now: float) -> list[Request]:
+    def append_tokens(self, reqs: list[Request], result: SampleResult, now: float) -> list[Request]:
         """Append each request's sampled token (row i of `result` is `reqs[i]`'s) and run the
         stop checks; returns the requests that this ended, in order."""
         ended = []
         for i, r in enumerate(reqs):
             r.num_pending = 0
-            if r.finished:   # aborted while its step was in flight
+            if r.finished:  # aborted while its step was in flight
                 continue
             try:
                 self._append_token(r, i, result, now)
-            except Exception as e:   # this request's text or logprobs, not the engine's state
+            except Exception as e:  # this request's text or logprobs, not the engine's state
                 self.fail(r, e, now)
             if r.finish_reason is not None:
                 ended.append(r)
@@ -108,8 +109,9 @@ class OutputProcessor:
             r.output_logprobs.append(entry)
         self._check_stop_token(r, tok)
         # As vLLM V1: a stop token's (or EOS's) text stays out unless asked for.
-        if r.detokenizer is not None and (r.finish_reason is None
-                                          or r.params.include_stop_str_in_output):
+        if r.detokenizer is not None and (
+            r.finish_reason is None or r.params.include_stop_str_in_output
+        ):
             r.output_text += r.detokenizer.step(tok)
         if r.finish_reason is None:
             self._check_stop_text(r)
@@ -138,8 +140,9 @@ class OutputProcessor:
                     r.output_text = r.output_text[:cut]
                     r.finish_reason, r.stop_reason = "stop", s
                     return
-        if (p.max_tokens is not None and r.num_output_tokens >= p.max_tokens) \
-                or r.num_tokens >= self.max_model_len:
+        if (
+            p.max_tokens is not None and r.num_output_tokens >= p.max_tokens
+        ) or r.num_tokens >= self.max_model_len:
             r.finish_reason = "length"
 
     # ---- outputs --------------------------------------------------------------------------
@@ -155,12 +158,19 @@ class OutputProcessor:
             kind = seqs[0].params.output_kind
             if kind == RequestOutputKind.FINAL_ONLY and not done:
                 continue
-            outs.append(RequestOutput(
-                request_id=pid, prompt=seqs[0].prompt, prompt_token_ids=seqs[0].prompt_token_ids,
-                outputs=[_completion(s, kind == RequestOutputKind.DELTA) for s in seqs],
-                finished=done, metrics=seqs[0].metrics, prompt_logprobs=seqs[0].prompt_logprobs,
-                num_cached_tokens=seqs[0].num_cached_tokens,
-                error=next((s.error for s in seqs if s.error is not None), None)))
+            outs.append(
+                RequestOutput(
+                    request_id=pid,
+                    prompt=seqs[0].prompt,
+                    prompt_token_ids=seqs[0].prompt_token_ids,
+                    outputs=[_completion(s, kind == RequestOutputKind.DELTA) for s in seqs],
+                    finished=done,
+                    metrics=seqs[0].metrics,
+                    prompt_logprobs=seqs[0].prompt_logprobs,
+                    num_cached_tokens=seqs[0].num_cached_tokens,
+                    error=next((s.error for s in seqs if s.error is not None), None),
+                )
+            )
             if done:
                 del self.requests[pid]
         return outs
@@ -168,8 +178,11 @@ class OutputProcessor:
     def _drain_finished(self) -> set[str]:
         """Parents whose every sequence has finished since the last call (only those that just
         finished are looked at: a scan of all requests costs O(batch) every step)."""
-        done = {pid for pid in self._finished_parents
-                if pid in self.requests and all(s.finished for s in self.requests[pid])}
+        done = {
+            pid
+            for pid in self._finished_parents
+            if pid in self.requests and all(s.finished for s in self.requests[pid])
+        }
         self._finished_parents.clear()
         return done
 
@@ -181,8 +194,9 @@ def _completion(s: Request, delta: bool) -> CompletionOutput:
         # would be cut from the final text.
         hold = 0 if s.finished or not s.params.stop else max(map(len, s.params.stop)) - 1
         end = max(s.sent_text_len, len(text) - hold)
-        text, tokens = text[s.sent_text_len:end], tokens[s.sent_token_len:]
-        lps = None if lps is None else lps[s.sent_token_len:]
+        text, tokens = text[s.sent_text_len : end], tokens[s.sent_token_len :]
+        lps = None if lps is None else lps[s.sent_token_len :]
         s.sent_text_len, s.sent_token_len = end, s.num_output_tokens
-    return CompletionOutput(s.index, text, tokens, s.cumulative_logprob, lps,
-                            s.finish_reason, s.stop_reason)
+    return CompletionOutput(
+        s.index, text, tokens, s.cumulative_logprob, lps, s.finish_reason, s.stop_reason
+    )

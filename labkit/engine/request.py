@@ -1,5 +1,6 @@
 """Per-request state as the engine sees it: one Request per output sequence (a prompt with
 n > 1 becomes n Requests sharing a parent id)."""
+
 from __future__ import annotations
 
 import enum
@@ -32,8 +33,8 @@ class Request:
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks, in order
-    num_cached_tokens: int = 0           # prompt tokens found in the prefix cache
-    skip_prefix_cache: bool = False      # prompt_logprobs need every prompt position computed
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    skip_prefix_cache: bool = False  # prompt_logprobs need every prompt position computed
     status: RequestStatus = RequestStatus.WAITING
     generator: torch.Generator | None = None
     output_text: str = ""
@@ -41,15 +42,15 @@ class Request:
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    error: str | None = None             # why it ended with finish_reason "error"
+    error: str | None = None  # why it ended with finish_reason "error"
     num_preemptions: int = 0
-    order: int = 0                       # admission counter: breaks ties in arrival time
-    sched_key: tuple = ()                # (priority, arrival, order): the scheduler's rank
+    order: int = 0  # admission counter: breaks ties in arrival time
+    sched_key: tuple = ()  # (priority, arrival, order): the scheduler's rank
     metrics: RequestMetrics | None = None
     detokenizer: object = None
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
-    prompt_logprobs: list | None = None   # per prompt position, filled as its chunks run
-    sent_text_len: int = 0                # for DELTA outputs: how much was returned already
+    prompt_logprobs: list | None = None  # per prompt position, filled as its chunks run
+    sent_text_len: int = 0  # for DELTA outputs: how much was returned already
     sent_token_len: int = 0
     num_prompt_tokens: int = field(init=False, default=0)
     # Async scheduling: a token sampled on the device whose id the host has not seen yet (0 or
@@ -73,7 +74,7 @@ class Request:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def num_output_tokens(self) -> int:

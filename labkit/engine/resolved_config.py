@@ -8,6 +8,7 @@ the positions) and fills in the defaults that depend on the device. The user's E
 kept unchanged as `options`; the engine, the model runner of every rank, the benchmarks and the
 lab read this.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,17 +25,22 @@ from labkit.models.model_config import ModelConfig
 from labkit.models.registry import model_class
 from labkit.utils import check_field
 
-TORCH_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-                "float16": torch.float16, "half": torch.float16}
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
 
 
 @dataclass(frozen=True)
 class ResolvedConfig:
-    options: EngineConfig        # as the user gave them
-    model_dir: Path              # an HF-style checkpoint directory
-    tokenizer_dir: Path          # where the tokenizer's files are (model_dir unless `tokenizer`)
-    model_config: ModelConfig    # its config.json
-    device: str                  # "cuda" or "cpu"
+    options: EngineConfig  # as the user gave them
+    model_dir: Path  # an HF-style checkpoint directory
+    tokenizer_dir: Path  # where the tokenizer's files are (model_dir unless `tokenizer`)
+    model_config: ModelConfig  # its config.json
+    device: str  # "cuda" or "cpu"
     dtype: torch.dtype
     max_model_len: int
     max_num_batched_tokens: int
@@ -53,34 +59,65 @@ def resolve(options: EngineConfig) -> ResolvedConfig:
     device = options.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model_dir = resolve_model_dir(_local(options.model or str(default_model_path()), "model",
-                                         options.revision, options))
-    tokenizer_dir = model_dir if options.tokenizer is None else \
-        Path(_local(options.tokenizer, "tokenizer", options.tokenizer_revision, options))
+    model_dir = resolve_model_dir(
+        _local(options.model or str(default_model_path()), "model", options.revision, options)
+    )
+    tokenizer_dir = (
+        model_dir
+        if options.tokenizer is None
+        else Path(_local(options.tokenizer, "tokenizer", options.tokenizer_revision, options))
+    )
     raw = json.loads((model_dir / "config.json").read_text())
     # Unsupported architectures fail here, before their config's fields are read.
     model_class((raw.get("architectures") or ["(none given)"])[0])
     mc = ModelConfig.from_dict(raw)
     tp = options.tensor_parallel_size
-    valid = [d for d in range(1, mc.num_key_value_heads + 1)
-             if mc.num_attention_heads % d == 0 and mc.num_key_value_heads % d == 0]
-    for name, n in (("num_attention_heads", mc.num_attention_heads),
-                    ("num_key_value_heads", mc.num_key_value_heads)):
-        check_field(n % tp == 0, "tensor_parallel_size", tp,
-               f"a divisor of the model's {name} ({n}); valid sizes: {valid}")
+    valid = [
+        d
+        for d in range(1, mc.num_key_value_heads + 1)
+        if mc.num_attention_heads % d == 0 and mc.num_key_value_heads % d == 0
+    ]
+    for name, n in (
+        ("num_attention_heads", mc.num_attention_heads),
+        ("num_key_value_heads", mc.num_key_value_heads),
+    ):
+        check_field(
+            n % tp == 0,
+            "tensor_parallel_size",
+            tp,
+            f"a divisor of the model's {name} ({n}); valid sizes: {valid}",
+        )
     if mc.num_experts:  # every rank holds a slice of each expert's intermediate dimension
-        check_field(mc.moe_intermediate_size % tp == 0, "tensor_parallel_size", tp,
-                    f"a divisor of the experts' intermediate size ({mc.moe_intermediate_size})")
+        check_field(
+            mc.moe_intermediate_size % tp == 0,
+            "tensor_parallel_size",
+            tp,
+            f"a divisor of the experts' intermediate size ({mc.moe_intermediate_size})",
+        )
     max_model_len = options.max_model_len or mc.max_position_embeddings
-    check_field(max_model_len <= mc.max_position_embeddings, "max_model_len", max_model_len,
-           f"in [1, {mc.max_position_embeddings}] (the model's max_position_embeddings)")
+    check_field(
+        max_model_len <= mc.max_position_embeddings,
+        "max_model_len",
+        max_model_len,
+        f"in [1, {mc.max_position_embeddings}] (the model's max_position_embeddings)",
+    )
     batched = options.max_num_batched_tokens or (16384 if device == "cuda" else 8192)
     if not options.enable_chunked_prefill:
         batched = max(batched, max_model_len)
-    async_scheduling = (device == "cuda" if options.async_scheduling is None
-                        else options.async_scheduling)
-    return ResolvedConfig(options, model_dir, tokenizer_dir, mc, device, _dtype(options.dtype, device, mc),
-                          max_model_len, batched, async_scheduling)
+    async_scheduling = (
+        device == "cuda" if options.async_scheduling is None else options.async_scheduling
+    )
+    return ResolvedConfig(
+        options,
+        model_dir,
+        tokenizer_dir,
+        mc,
+        device,
+        _dtype(options.dtype, device, mc),
+        max_model_len,
+        batched,
+        async_scheduling,
+    )
 
 
 def _local(name: str, what: str, revision: str | None, options: EngineConfig) -> str:
@@ -88,8 +125,15 @@ def _local(name: str, what: str, revision: str | None, options: EngineConfig) ->
     if not hub.is_hub_name(name):
         return name
     files = hub.patterns(options.load_format, tokenizer_only=what == "tokenizer")
-    return str(hub.snapshot(name, revision=revision, download_dir=options.download_dir,
-                            allow_patterns=files, what=what))
+    return str(
+        hub.snapshot(
+            name,
+            revision=revision,
+            download_dir=options.download_dir,
+            allow_patterns=files,
+            what=what,
+        )
+    )
 
 
 def _dtype(name: str, device: str, mc: ModelConfig) -> torch.dtype:

@@ -4,6 +4,7 @@ Logprobs are those of the raw model distribution (vLLM's default `raw_logprobs`)
 temperature and truncation. Each seeded request samples from its own generator, so its text does
 not depend on what else is in the batch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,13 +18,14 @@ from labkit.transfer import to_device
 @dataclass
 class SampleResult:
     token_ids: list[int]
-    logprobs: list[float]                       # of each chosen token
+    logprobs: list[float]  # of each chosen token
     top_logprobs: list[list[tuple[int, float]] | None]  # requested top-k, per row
     ranks: list[int | None]
 
 
-def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                            min_p: torch.Tensor) -> torch.Tensor:
+def apply_top_k_top_p_min_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
     """Mask (to -inf) what top-k, top-p and min-p cut, row by row; k <= 0 means no top-k."""
     sorted_logits, idx = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
@@ -43,12 +45,22 @@ class PendingSample:
     (`token_ids`: the next step's inputs under async scheduling); everything the host needs is
     copied back in the background. `result()` waits for that copy only, not for later work."""
 
-    def __init__(self, token_ids: torch.Tensor, token_lp: torch.Tensor, ranks, top_v, top_i,
-                 want: list[int], top_counts: list[int]):
+    def __init__(
+        self,
+        token_ids: torch.Tensor,
+        token_lp: torch.Tensor,
+        ranks,
+        top_v,
+        top_i,
+        want: list[int],
+        top_counts: list[int],
+    ):
         self.token_ids = token_ids
         self._want, self._top_counts = want, top_counts
-        self._host = [_to_host(t) for t in (torch.stack([token_ids.double(), token_lp.double()]),
-                                             ranks, top_v, top_i)]
+        self._host = [
+            _to_host(t)
+            for t in (torch.stack([token_ids.double(), token_lp.double()]), ranks, top_v, top_i)
+        ]
         self._event = None
         if token_ids.is_cuda:
             self._event = torch.cuda.Event()
@@ -101,9 +113,12 @@ class Sampler:
             rows = logits if every else logits[idx]
             rows = rows / to_device([x.temperature for x in p], torch.float32, dev)[:, None]
             if any(x.top_k > 0 or x.top_p < 1 or x.min_p > 0 for x in p):
-                rows = apply_top_k_top_p_min_p(rows, to_device([x.top_k for x in p], torch.long, dev),
-                                               to_device([x.top_p for x in p], torch.float32, dev),
-                                               to_device([x.min_p for x in p], torch.float32, dev))
+                rows = apply_top_k_top_p_min_p(
+                    rows,
+                    to_device([x.top_k for x in p], torch.long, dev),
+                    to_device([x.top_p for x in p], torch.float32, dev),
+                    to_device([x.min_p for x in p], torch.float32, dev),
+                )
             probs = rows.softmax(-1)
             # Gumbel-style race: argmax(p / E) with E ~ Exp(1) samples from p. Unseeded rows
             # draw together from the engine's generator; seeded rows from their own.
@@ -131,8 +146,13 @@ class Sampler:
 
     def _needs_processing(self, r: Request) -> bool:
         p = r.params
-        return bool(p.allowed_token_ids is not None or r.bad_words_token_ids or p.logit_bias
-                    or p.has_penalties or r.num_output_tokens < p.min_tokens)
+        return bool(
+            p.allowed_token_ids is not None
+            or r.bad_words_token_ids
+            or p.logit_bias
+            or p.has_penalties
+            or r.num_output_tokens < p.min_tokens
+        )
 
     def process(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """Allowed tokens, bad words, min_tokens, logit bias and penalties, in vLLM's order.
@@ -143,29 +163,45 @@ class Sampler:
                 keep = torch.full_like(logits[i], float("-inf"))
                 keep[to_device(p.allowed_token_ids, torch.long, logits.device)] = 0
                 logits[i] += keep
-            banned = [seq[-1] for seq in r.bad_words_token_ids
-                      if len(seq) == 1 or r.output_token_ids[-(len(seq) - 1):] == seq[:-1]]
+            banned = [
+                seq[-1]
+                for seq in r.bad_words_token_ids
+                if len(seq) == 1 or r.output_token_ids[-(len(seq) - 1) :] == seq[:-1]
+            ]
             if r.num_output_tokens < p.min_tokens:
                 banned += p.stop_token_ids + ([] if p.ignore_eos else list(self.eos_token_ids))
             if banned:
                 logits[i, to_device(banned, torch.long, logits.device)] = float("-inf")
             if p.logit_bias:
                 ids = to_device(list(p.logit_bias), torch.long, logits.device)
-                logits[i, ids] += to_device(list(p.logit_bias.values()), logits.dtype, logits.device)
+                logits[i, ids] += to_device(
+                    list(p.logit_bias.values()), logits.dtype, logits.device
+                )
             if p.has_penalties:
-                apply_penalties(logits[i], r.prompt_token_ids, r.output_token_ids, p.presence_penalty,
-                                p.frequency_penalty, p.repetition_penalty)
+                apply_penalties(
+                    logits[i],
+                    r.prompt_token_ids,
+                    r.output_token_ids,
+                    p.presence_penalty,
+                    p.frequency_penalty,
+                    p.repetition_penalty,
+                )
         return logits
 
 
-def apply_penalties(row: torch.Tensor, prompt_ids: list[int], output_ids: list[int],
-                    presence: float, frequency: float, repetition: float) -> None:
+def apply_penalties(
+    row: torch.Tensor,
+    prompt_ids: list[int],
+    output_ids: list[int],
+    presence: float,
+    frequency: float,
+    repetition: float,
+) -> None:
     """vLLM's formulas, in place on one row of logits: repetition divides positive and
     multiplies negative logits of every token seen in the prompt or the output; frequency
     subtracts count x penalty and presence subtracts the penalty once, over output tokens."""
     vocab, dev = row.shape[0], row.device
-    out_counts = torch.bincount(to_device(output_ids, torch.long, dev),
-                                minlength=vocab)[:vocab]
+    out_counts = torch.bincount(to_device(output_ids, torch.long, dev), minlength=vocab)[:vocab]
     if repetition != 1:
         seen = out_counts > 0
         if prompt_ids:

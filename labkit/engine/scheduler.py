@@ -13,6 +13,7 @@ request waits until its token lands before it is readmitted.
 Rank: with policy "fcfs", arrival order; with "priority", (priority, arrival): a lower value is
 served first, and a waiting request may preempt running requests ranked below it.
 """
+
 from __future__ import annotations
 
 import operator
@@ -44,9 +45,15 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True, policy: str = "fcfs",
-                 max_model_len: int | None = None):
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enable_chunked_prefill: bool = True,
+        policy: str = "fcfs",
+        max_model_len: int | None = None,
+    ):
         self.bm = block_manager
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
@@ -56,8 +63,8 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._order = 0
-        self.prefix_queries = 0   # prompt tokens looked up in the prefix cache at admission
-        self.prefix_hits = 0      # of which were found there
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache at admission
+        self.prefix_hits = 0  # of which were found there
 
     # A request's rank never changes once added: kept on it, read by a C-level key function (the
     # running batch is sorted every step; a Python key costs ~1 us a request).
@@ -103,14 +110,18 @@ class Scheduler:
         self.waiting.sort(key=self._rank)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            if req.num_pending:   # preempted with a token in flight: readmitted once it lands
+            if req.num_pending:  # preempted with a token in flight: readmitted once it lands
                 break
             cached = self.bm.match_prefix(req)
             remaining = req.num_tokens - req.num_computed_tokens
             n = min(remaining, budget)
             fits = self.bm.can_allocate(req, n)
-            while not fits and self.policy == "priority" and self.running \
-                    and self._rank(max(self.running, key=self._rank)) > self._rank(req):
+            while (
+                not fits
+                and self.policy == "priority"
+                and self.running
+                and self._rank(max(self.running, key=self._rank)) > self._rank(req)
+            ):
                 preempt_lowest()
                 fits = self.bm.can_allocate(req, n)
             if (n < remaining and not self.chunked) or not fits:
@@ -118,7 +129,9 @@ class Scheduler:
                 break
             self.waiting.pop(0)
             if self.bm.caching and not req.skip_prefix_cache:
-                self.prefix_queries += (req.num_tokens - 1) // self.bm.block_size * self.bm.block_size
+                self.prefix_queries += (
+                    (req.num_tokens - 1) // self.bm.block_size * self.bm.block_size
+                )
                 self.prefix_hits += cached
             if req.num_preemptions == 0:
                 req.num_cached_tokens = cached
@@ -137,8 +150,9 @@ class Scheduler:
             return False
         total = req.num_tokens + req.num_pending
         max_tokens = req.params.max_tokens
-        return (self.max_model_len is not None and total >= self.max_model_len) or \
-            (max_tokens is not None and total - req.num_prompt_tokens >= max_tokens)
+        return (self.max_model_len is not None and total >= self.max_model_len) or (
+            max_tokens is not None and total - req.num_prompt_tokens >= max_tokens
+        )
 
     def _release(self, req: Request) -> None:
         """Give back blocks a waiting request holds (its prefix-cache matches) and its progress."""

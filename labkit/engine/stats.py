@@ -1,6 +1,7 @@
 """The engine's read-only surface for its neighbours (the server's metrics, the benchmarks, the
 lab, tests): `LLMEngine.stats()` returns an `EngineStats` snapshot, `LLMEngine.step_records()`
 the recent steps' records, which a `StepHistory` keeps."""
+
 from __future__ import annotations
 
 import itertools
@@ -15,13 +16,13 @@ MAX_STEP_RECORDS = 200_000
 
 @dataclass(frozen=True)
 class EngineStats:
-    num_steps: int                 # steps completed so far: the number the next step record gets
-    num_running: int               # sequences being scheduled
-    num_waiting: int               # sequences queued (new or preempted)
-    num_unfinished_requests: int   # parent requests added and not yet returned finished or aborted
+    num_steps: int  # steps completed so far: the number the next step record gets
+    num_running: int  # sequences being scheduled
+    num_waiting: int  # sequences queued (new or preempted)
+    num_unfinished_requests: int  # parent requests added and not yet returned finished or aborted
     kv_blocks_used: int
     kv_blocks_total: int
-    last_step: StepRecord | None   # the latest step's record; None before the first step
+    last_step: StepRecord | None  # the latest step's record; None before the first step
 
     @property
     def kv_blocks_free(self) -> int:
@@ -50,5 +51,5 @@ class StepHistory:
 
     def since(self, step: int) -> list[StepRecord]:
         """The kept records of steps `step` and later, in order."""
-        first = self.num_steps - len(self._records)   # the oldest kept record's step
+        first = self.num_steps - len(self._records)  # the oldest kept record's step
         return list(itertools.islice(self._records, max(0, step - first), None))

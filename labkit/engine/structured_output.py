@@ -14,6 +14,7 @@ next sampling step fills a mask (the engine samples step n only after completing
 Masks are filled on the host for the constrained rows only and applied where the logits are:
 xgrammar's kernel on CUDA, torch on the CPU.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,7 @@ import torch
 
 try:
     import xgrammar as xgr
-except ImportError:   # a base install has it; an environment without it runs unconstrained only
+except ImportError:  # a base install has it; an environment without it runs unconstrained only
     xgr = None
 
 from labkit.structured_params import StructuredOutputsParams
@@ -38,7 +39,7 @@ log = logging.getLogger("labkit")
 # JSON's free whitespace comes in runs of at most this many characters (deep indentation fits):
 # unbounded, a small model at temperature 0 can emit newlines until max_tokens runs out.
 MAX_WHITESPACE = 16
-CACHE_SIZE = 256    # compiled constraints kept (LRU); a compiled JSON schema is ~100 kB
+CACHE_SIZE = 256  # compiled constraints kept (LRU); a compiled JSON schema is ~100 kB
 _BITS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: ": the user needs the rest.
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
@@ -47,9 +48,10 @@ _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false:
 @dataclass(eq=False)
 class GrammarState:
     """One sequence's constraint: its compile future, then its matcher."""
+
     future: Future
     matcher: xgr.GrammarMatcher | None = None
-    num_accepted: int = 0       # output tokens the matcher has taken
+    num_accepted: int = 0  # output tokens the matcher has taken
 
     @property
     def ready(self) -> bool:
@@ -65,7 +67,7 @@ class GrammarWaitlist:
     so that the batch runs on without them."""
 
     def __init__(self):
-        self._waiting: list = []   # Requests, in arrival order
+        self._waiting: list = []  # Requests, in arrival order
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -96,8 +98,9 @@ class GrammarWaitlist:
 
     def wait(self, timeout: float) -> None:
         """Until one grammar is compiled, or `timeout` seconds."""
-        wait_futures([r.grammar.future for r in self._waiting], timeout=timeout,
-                     return_when=FIRST_COMPLETED)
+        wait_futures(
+            [r.grammar.future for r in self._waiting], timeout=timeout, return_when=FIRST_COMPLETED
+        )
 
 
 class StructuredOutputManager:
@@ -110,30 +113,32 @@ class StructuredOutputManager:
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
         self.device = device
-        self.num_compiled = 0           # constraints compiled (cache misses), for tests and logs
+        self.num_compiled = 0  # constraints compiled (cache misses), for tests and logs
         self._compiler: xgr.GrammarCompiler | None = None
         self._thread: ThreadPoolExecutor | None = None
         self._futures: OrderedDict[tuple, Future] = OrderedDict()
         self._batch: xgr.BatchGrammarMatcher | None = None
-        self._pinned: list[torch.Tensor] = []   # CUDA: two host buffers, used in turn
+        self._pinned: list[torch.Tensor] = []  # CUDA: two host buffers, used in turn
         self._turn = 0
 
     # ---- requests -----------------------------------------------------------------------
     def validate(self, so: StructuredOutputsParams) -> None:
         """ValueError, naming the field, for a constraint that cannot compile."""
         if xgr is None:
-            raise ValueError("structured_outputs: needs xgrammar, which is not installed "
-                             "(pip install xgrammar)")
+            raise ValueError(
+                "structured_outputs: needs xgrammar, which is not installed (pip install xgrammar)"
+            )
         if self.tokenizer is None:
             raise ValueError("structured_outputs: needs a tokenizer (this engine has none)")
-        if _key(so) in self._futures:   # compiled before: nothing to check
+        if _key(so) in self._futures:  # compiled before: nothing to check
             return
         try:
             _parse(so)
         except (RuntimeError, ValueError, TypeError, KeyError) as e:
             detail = _CPP_PREFIX.sub("", str(e).strip()).strip()
-            raise ValueError(f"structured_outputs: the {so.kind} cannot be compiled: "
-                             f"{detail}") from None
+            raise ValueError(
+                f"structured_outputs: the {so.kind} cannot be compiled: {detail}"
+            ) from None
 
     def state(self, so: StructuredOutputsParams) -> GrammarState:
         """A new sequence's state; its grammar compiles in the background unless cached."""
@@ -152,8 +157,9 @@ class StructuredOutputManager:
     def _get_compiler(self) -> xgr.GrammarCompiler:
         if self._compiler is None:
             # Built on the engine's thread: the HF tokenizer is not shared across threads.
-            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
-                                                      stop_token_ids=self.eos_token_ids)
+            info = xgr.TokenizerInfo.from_huggingface(
+                self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.eos_token_ids
+            )
             self._compiler = xgr.GrammarCompiler(info, max_threads=1)
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="labkit-grammar")
             self._batch = xgr.BatchGrammarMatcher()
@@ -163,7 +169,7 @@ class StructuredOutputManager:
     def sync(self, st: GrammarState, output_token_ids: list[int]) -> bool:
         """Feed the matcher the output tokens it has not seen. False if one breaks the grammar
         (only possible when nothing was allowed, e.g. min_tokens forbidding the stop token)."""
-        for tok in output_token_ids[st.num_accepted:]:
+        for tok in output_token_ids[st.num_accepted :]:
             if not st.matcher.accept_token(tok):
                 return False
             st.num_accepted += 1
@@ -174,8 +180,9 @@ class StructuredOutputManager:
         buffer of `num_rows` rows, as many as the logits have (xgrammar's kernel reads the mask
         rows by the logits' row indices); the other rows are left unfilled."""
         bitmask = self._host_buffer(num_rows)
-        self._batch.batch_fill_next_token_bitmask([s.matcher for s in states], bitmask,
-                                                  indices=rows)
+        self._batch.batch_fill_next_token_bitmask(
+            [s.matcher for s in states], bitmask, indices=rows
+        )
         return bitmask
 
     def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
@@ -184,8 +191,9 @@ class StructuredOutputManager:
         with torch.inference_mode():
             if logits.is_cuda:
                 mask = bitmask.to(logits.device, non_blocking=True)
-                xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=self.vocab_size,
-                                                indices=rows)
+                xgr.apply_token_bitmask_inplace(
+                    logits, mask, vocab_size=self.vocab_size, indices=rows
+                )
             else:
                 apply_bitmask(logits, bitmask, rows)
 
@@ -255,8 +263,9 @@ def _compile(compiler: xgr.GrammarCompiler, so: StructuredOutputsParams) -> xgr.
     if kind == "json_object":
         # Any object: a schema without strict mode (which would allow only {}), for the same
         # bound on whitespace as a schema's.
-        return compiler.compile_json_schema('{"type": "object"}', strict_mode=False,
-                                            **_json_options(so))
+        return compiler.compile_json_schema(
+            '{"type": "object"}', strict_mode=False, **_json_options(so)
+        )
     if kind == "regex":
         return compiler.compile_regex(so.regex)
     if kind == "choice":
@@ -288,7 +297,9 @@ def _structural_tag_args(text: str) -> tuple:
     one), or xgrammar's own structural tag JSON, passed as it is."""
     tag = json.loads(text)
     if isinstance(tag, dict) and "structures" in tag:
-        items = [xgr.StructuralTagItem(begin=s["begin"], schema=json.dumps(s["schema"]),
-                                       end=s["end"]) for s in tag["structures"]]
+        items = [
+            xgr.StructuralTagItem(begin=s["begin"], schema=json.dumps(s["schema"]), end=s["end"])
+            for s in tag["structures"]
+        ]
         return items, list(tag["triggers"])
     return (text,)

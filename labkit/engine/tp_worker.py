@@ -1,5 +1,6 @@
 """Entry point of a tensor-parallel worker process of the "mp" backend (rank >= 1): a RankWorker
 fed over the pipe whose descriptor is the first argument; see executor/mp.py."""
+
 from __future__ import annotations
 
 import multiprocessing.connection as mpc

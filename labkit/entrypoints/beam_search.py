@@ -2,6 +2,7 @@
 beam is a one-token request asking for its top 2*beam_width logprobs; the best beam_width
 continuations survive. Beams of one prompt share their prompt's KV blocks through the prefix
 cache, so a round recomputes only each beam's last, partial block."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,16 +13,16 @@ from labkit.sampling_params import BeamSearchParams, RequestOutputKind, Sampling
 
 @dataclass
 class BeamSearchSequence:
-    tokens: list[int]               # prompt + generated, as vLLM
+    tokens: list[int]  # prompt + generated, as vLLM
     cum_logprob: float = 0.0
     logprobs: list[float] = field(default_factory=list)
-    text: str | None = None         # decoded generated tokens
+    text: str | None = None  # decoded generated tokens
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.tokens[self.num_prompt_tokens:]
+        return self.tokens[self.num_prompt_tokens :]
 
 
 @dataclass
@@ -35,13 +36,19 @@ def beam_score(seq: BeamSearchSequence, length_penalty: float) -> float:
     return seq.cum_logprob / (max(1, len(seq.output_token_ids)) ** length_penalty)
 
 
-def beam_search(run, tokenize, eos_ids: set[int], decode, prompts: list, params: BeamSearchParams
-                ) -> list[BeamSearchOutput]:
+def beam_search(
+    run, tokenize, eos_ids: set[int], decode, prompts: list, params: BeamSearchParams
+) -> list[BeamSearchOutput]:
     """`run(prompt_dicts, sampling_params) -> list[RequestOutput]` is the engine; `tokenize`
     turns a prompt into (text, ids); `decode` turns ids into text."""
     bw = params.beam_width
-    sp = SamplingParams(max_tokens=1, logprobs=2 * bw, temperature=params.temperature,
-                        ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+    sp = SamplingParams(
+        max_tokens=1,
+        logprobs=2 * bw,
+        temperature=params.temperature,
+        ignore_eos=True,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
     live, done = [], []
     for p in prompts:
         _, ids = tokenize(p)
@@ -57,12 +64,17 @@ def beam_search(run, tokenize, eos_ids: set[int], decode, prompts: list, params:
             cands = []
             for b in beams:
                 for tok, lp in next(it).outputs[0].logprobs[0].items():
-                    cands.append(BeamSearchSequence(b.tokens + [tok], b.cum_logprob + lp.logprob,
-                                                    b.logprobs + [lp.logprob],
-                                                    num_prompt_tokens=b.num_prompt_tokens))
+                    cands.append(
+                        BeamSearchSequence(
+                            b.tokens + [tok],
+                            b.cum_logprob + lp.logprob,
+                            b.logprobs + [lp.logprob],
+                            num_prompt_tokens=b.num_prompt_tokens,
+                        )
+                    )
             cands.sort(key=lambda c: c.cum_logprob, reverse=True)
             nxt = []
-            for c in cands[:2 * bw]:
+            for c in cands[: 2 * bw]:
                 if not params.ignore_eos and c.tokens[-1] in eos_ids:
                     c.finish_reason = "stop"
                     done[pi].append(c)
@@ -73,8 +85,9 @@ def beam_search(run, tokenize, eos_ids: set[int], decode, prompts: list, params:
     for pi in range(len(prompts)):
         for b in live[pi]:
             b.finish_reason = "length"
-        ranked = sorted(done[pi] + live[pi], key=lambda s: beam_score(s, params.length_penalty),
-                        reverse=True)[:bw]
+        ranked = sorted(
+            done[pi] + live[pi], key=lambda s: beam_score(s, params.length_penalty), reverse=True
+        )[:bw]
         for s in ranked:
             s.text = decode(s.output_token_ids)
         results.append(BeamSearchOutput(ranked))

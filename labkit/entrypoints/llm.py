@@ -1,5 +1,6 @@
 """LLM: vLLM's offline API (generate, chat) over the engine, safe to build and close many times
 in one notebook kernel."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,8 +8,8 @@ import gc
 import itertools
 
 from labkit.config import EngineConfig
-from labkit.engine.resolved_config import resolve
 from labkit.engine.engine import LLMEngine
+from labkit.engine.resolved_config import resolve
 from labkit.entrypoints.beam_search import BeamSearchOutput, beam_search
 from labkit.outputs import RequestOutput
 from labkit.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
@@ -26,11 +27,18 @@ class LLM:
         self.engine = LLMEngine(self.config)
 
     # ---- generation -----------------------------------------------------------------------
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 *, use_tqdm: bool = True, priority: list[int] | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        priority: list[int] | None = None,
+    ) -> list[RequestOutput]:
         engine = self._engine()
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
-                                                and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]
         prompts = list(prompts)
         params = sampling_params or SamplingParams()
@@ -38,8 +46,10 @@ class LLM:
         # generate() returns finished outputs only: the engine need not build the others.
         params = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
         if len(params) != len(prompts):
-            raise ValueError(f"sampling_params: got {len(params)} for {len(prompts)} prompts; "
-                             "give one, or one per prompt")
+            raise ValueError(
+                f"sampling_params: got {len(params)} for {len(prompts)} prompts; "
+                "give one, or one per prompt"
+            )
         priority = list(priority) if priority is not None else [0] * len(prompts)
         if len(priority) != len(prompts):
             raise ValueError(f"priority: got {len(priority)} values for {len(prompts)} prompts")
@@ -50,38 +60,59 @@ class LLM:
             engine.validate(ids, sp)
         ids = []
         for (text, tok_ids), sp, prio in zip(tokenized, params, priority):
-            prompt = {"prompt_token_ids": tok_ids} if text is None else {"prompt": text, "prompt_token_ids": tok_ids}
+            prompt = (
+                {"prompt_token_ids": tok_ids}
+                if text is None
+                else {"prompt": text, "prompt_token_ids": tok_ids}
+            )
             ids.append(engine.add_request(str(next(self._ids)), prompt, sp, priority=prio))
         return self._run(ids, use_tqdm)
 
-    def chat(self, messages, sampling_params=None, *, chat_template: str | None = None,
-             add_generation_prompt: bool = True, continue_final_message: bool = False,
-             use_tqdm: bool = True) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages,
+        sampling_params=None,
+        *,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"}) or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.get_tokenizer()
         prompts = []
         for conv in conversations:
-            text = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=False,
-                                           add_generation_prompt=add_generation_prompt,
-                                           continue_final_message=continue_final_message)
+            text = tok.apply_chat_template(
+                conv,
+                chat_template=chat_template,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+            )
             # The template already holds any special tokens: don't add a BOS on top.
-            prompts.append({"prompt": text,
-                            "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+            prompts.append(
+                {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+            )
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def beam_search(self, prompts, params: BeamSearchParams, *, use_tqdm: bool = False
-                    ) -> list[BeamSearchOutput]:
+    def beam_search(
+        self, prompts, params: BeamSearchParams, *, use_tqdm: bool = False
+    ) -> list[BeamSearchOutput]:
         """Per prompt, the `beam_width` best sequences, best first (`.sequences[i].tokens`,
         `.text`, `.cum_logprob`)."""
         engine = self._engine()
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         tok = engine.tokenizer
-        return beam_search(lambda ps, sp: self.generate(ps, sp, use_tqdm=use_tqdm), engine.tokenize,
-                           engine.eos_token_ids,
-                           (lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok else (lambda ids: None),
-                           list(prompts), params)
+        return beam_search(
+            lambda ps, sp: self.generate(ps, sp, use_tqdm=use_tqdm),
+            engine.tokenize,
+            engine.eos_token_ids,
+            (lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok else (lambda ids: None),
+            list(prompts),
+            params,
+        )
 
     def reset_prefix_cache(self) -> bool:
         """Forget the prefix cache (False, and nothing done, while requests hold blocks)."""
@@ -94,6 +125,7 @@ class LLM:
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
+
             bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True)
         try:
             while pending:
@@ -119,6 +151,7 @@ class LLM:
     def step_log(self):
         """Every engine step so far as a pandas DataFrame (timings in ms)."""
         from labkit.observe.step_log import to_dataframe
+
         return to_dataframe(self._engine().step_records())
 
     # ---- life cycle -----------------------------------------------------------------------
@@ -134,7 +167,7 @@ class LLM:
             engine.shutdown()
         gc.collect()
 
-    def __enter__(self) -> "LLM":
+    def __enter__(self) -> LLM:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -3,6 +3,7 @@
 Every function takes the DataFrame it draws (a sweep's `df`, a profile's step log or category
 table), so a saved and reloaded result draws the same.
 """
+
 from __future__ import annotations
 
 import html
@@ -40,6 +41,7 @@ class Charts(dict):
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
+
         for fig in self.values():
             display(fig)
 
@@ -65,65 +67,127 @@ def point_labels(df: pd.DataFrame, tp_sizes=()) -> pd.Series:
 
 def _short_labels(df: pd.DataFrame) -> pd.Series:
     """Compact point labels for marker text: b4 i32 o16 (tp2)."""
-    label = ("b" + df.batch_size.astype(str) + " i" + df.input_len.astype(str)
-             + " o" + df.output_len.astype(str))
+    label = (
+        "b"
+        + df.batch_size.astype(str)
+        + " i"
+        + df.input_len.astype(str)
+        + " o"
+        + df.output_len.astype(str)
+    )
     if df.tensor_parallel_size.nunique() > 1:
         label = label + " tp" + df.tensor_parallel_size.astype(str)
     return label
 
 
-def _lines(df: pd.DataFrame, y: str, title: str, ytitle: str, tp_sizes=(), low: str | None = None,
-           high: str | None = None, scale: float = 1.0) -> go.Figure:
+def _lines(
+    df: pd.DataFrame,
+    y: str,
+    title: str,
+    ytitle: str,
+    tp_sizes=(),
+    low: str | None = None,
+    high: str | None = None,
+    scale: float = 1.0,
+) -> go.Figure:
     """y against batch size, a line per series; error bars from the `low` / `high` columns
     (the 95 % confidence interval) where they are known."""
-    fig = go.Figure(layout=dict(template=TEMPLATE, title=title, xaxis_title="batch size",
-                                yaxis_title=ytitle))
+    fig = go.Figure(
+        layout=dict(template=TEMPLATE, title=title, xaxis_title="batch size", yaxis_title=ytitle)
+    )
     for name, part in df.assign(series=series(df, tp_sizes)).groupby("series", sort=False):
         part = part.sort_values("batch_size")
         error = None
         if low and high and part[low].notna().any():
-            error = dict(type="data", symmetric=False, array=(part[high] - part[y]) * scale,
-                         arrayminus=(part[y] - part[low]) * scale)
-        fig.add_scatter(x=part.batch_size, y=part[y] * scale, name=name, mode="lines+markers",
-                        error_y=error, customdata=part.warnings,
-                        hovertemplate="batch %{x}: %{y:.4g}<br>%{customdata}<extra>%{fullData.name}"
-                                      "</extra>")
+            error = dict(
+                type="data",
+                symmetric=False,
+                array=(part[high] - part[y]) * scale,
+                arrayminus=(part[y] - part[low]) * scale,
+            )
+        fig.add_scatter(
+            x=part.batch_size,
+            y=part[y] * scale,
+            name=name,
+            mode="lines+markers",
+            error_y=error,
+            customdata=part.warnings,
+            hovertemplate="batch %{x}: %{y:.4g}<br>%{customdata}<extra>%{fullData.name}</extra>",
+        )
     fig.update_xaxes(type="log", tickvals=sorted(df.batch_size.unique()))
     return fig
 
 
 def latency(df: pd.DataFrame, ceilings: dict | None = None, tp_sizes=()) -> go.Figure:
-    return _lines(df, "avg_latency_s", "Latency vs batch size (95% CI)", "batch latency (s)",
-                  tp_sizes, "latency_ci_low_s", "latency_ci_high_s")
+    return _lines(
+        df,
+        "avg_latency_s",
+        "Latency vs batch size (95% CI)",
+        "batch latency (s)",
+        tp_sizes,
+        "latency_ci_low_s",
+        "latency_ci_high_s",
+    )
 
 
 def throughput(df: pd.DataFrame, ceilings: dict | None = None, tp_sizes=()) -> go.Figure:
-    return _lines(df, "output_tok_s", "Output throughput vs batch size (95% CI)",
-                  "output tokens / s", tp_sizes, "output_tok_s_ci_low", "output_tok_s_ci_high")
+    return _lines(
+        df,
+        "output_tok_s",
+        "Output throughput vs batch size (95% CI)",
+        "output tokens / s",
+        tp_sizes,
+        "output_tok_s_ci_low",
+        "output_tok_s_ci_high",
+    )
 
 
 def floor(df: pd.DataFrame, ceilings: dict | None = None, tp_sizes=()) -> go.Figure:
     """The fraction of the floor each point reached (floor time / measured time; 100 % = the
     fastest the measured ceilings allow)."""
-    d = df.assign(floor_low=df.floor_latency_s / df.latency_ci_high_s,
-                  floor_high=df.floor_latency_s / df.latency_ci_low_s)
-    fig = _lines(d, "floor_fraction", "% of the floor reached (100% = the machine's floor)",
-                 "% of floor", tp_sizes, "floor_low", "floor_high", scale=100)
+    d = df.assign(
+        floor_low=df.floor_latency_s / df.latency_ci_high_s,
+        floor_high=df.floor_latency_s / df.latency_ci_low_s,
+    )
+    fig = _lines(
+        d,
+        "floor_fraction",
+        "% of the floor reached (100% = the machine's floor)",
+        "% of floor",
+        tp_sizes,
+        "floor_low",
+        "floor_high",
+        scale=100,
+    )
     fig.add_hline(y=100, line=dict(color="black", dash="dash"), annotation_text="floor")
     return fig
 
 
-def heatmap(df: pd.DataFrame, ceilings: dict | None = None, tp_sizes=(),
-            metric: str = "output_tok_s") -> go.Figure:
+def heatmap(
+    df: pd.DataFrame, ceilings: dict | None = None, tp_sizes=(), metric: str = "output_tok_s"
+) -> go.Figure:
     """Batch size × sequence lengths (input/output); other keys that vary are averaged over."""
     seq = df.input_len.astype(str) + "/" + df.output_len.astype(str)
-    grid = df.assign(seq=seq).pivot_table(index="seq", columns="batch_size", values=metric,
-                                          aggfunc="mean", sort=False)
-    fig = go.Figure(go.Heatmap(z=grid.values, x=[str(c) for c in grid.columns], y=list(grid.index),
-                               text=grid.map(lambda v: f"{v:.3g}").values, texttemplate="%{text}",
-                               colorbar_title=metric, colorscale="Viridis"))
-    fig.update_layout(template=TEMPLATE, title=f"{metric} by batch size and sequence length",
-                      xaxis_title="batch size", yaxis_title="input / output tokens")
+    grid = df.assign(seq=seq).pivot_table(
+        index="seq", columns="batch_size", values=metric, aggfunc="mean", sort=False
+    )
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.values,
+            x=[str(c) for c in grid.columns],
+            y=list(grid.index),
+            text=grid.map(lambda v: f"{v:.3g}").values,
+            texttemplate="%{text}",
+            colorbar_title=metric,
+            colorscale="Viridis",
+        )
+    )
+    fig.update_layout(
+        template=TEMPLATE,
+        title=f"{metric} by batch size and sequence length",
+        xaxis_title="batch size",
+        yaxis_title="input / output tokens",
+    )
     return fig
 
 
@@ -131,12 +195,27 @@ def ttft_tpot(df: pd.DataFrame, ceilings: dict | None = None, tp_sizes=()) -> go
     """Each point's batch latency split into time to first token and the decode after it."""
     x = point_labels(df, tp_sizes)
     decode = df.tpot_s * (df.output_len - 1)
-    fig = go.Figure(layout=dict(template=TEMPLATE, barmode="stack",
-                                title="Latency split: TTFT and decode", yaxis_title="seconds"))
-    fig.add_bar(x=x, y=df.ttft_s, name="TTFT (prefill)",
-                error_y=dict(type="data", array=df.ttft_std_s, visible=True))
-    fig.add_bar(x=x, y=decode, name="decode", customdata=df.tpot_s * 1e3,
-                hovertemplate="%{y:.3f} s, TPOT %{customdata:.1f} ms<extra>decode</extra>")
+    fig = go.Figure(
+        layout=dict(
+            template=TEMPLATE,
+            barmode="stack",
+            title="Latency split: TTFT and decode",
+            yaxis_title="seconds",
+        )
+    )
+    fig.add_bar(
+        x=x,
+        y=df.ttft_s,
+        name="TTFT (prefill)",
+        error_y=dict(type="data", array=df.ttft_std_s, visible=True),
+    )
+    fig.add_bar(
+        x=x,
+        y=decode,
+        name="decode",
+        customdata=df.tpot_s * 1e3,
+        hovertemplate="%{y:.3f} s, TPOT %{customdata:.1f} ms<extra>decode</extra>",
+    )
     return fig
 
 
@@ -144,26 +223,48 @@ def roofline(df: pd.DataFrame, ceilings: dict | None = None, tp_sizes=()) -> go.
     """Achieved FLOP rate vs arithmetic intensity of each point's prefill and decode, under this
     machine's measured ceilings (their values and the ridge point marked). Markers are labelled
     by point; the hover gives the fraction of the ceiling that binds there."""
-    fig = go.Figure(layout=dict(template=TEMPLATE, title="Roofline (measured ceilings)",
-                                xaxis_title="arithmetic intensity (FLOP / byte)",
-                                yaxis_title="GFLOP/s"))
+    fig = go.Figure(
+        layout=dict(
+            template=TEMPLATE,
+            title="Roofline (measured ceilings)",
+            xaxis_title="arithmetic intensity (FLOP / byte)",
+            yaxis_title="GFLOP/s",
+        )
+    )
     decode_s = df.tpot_s * (df.output_len - 1)
     # phase: (FLOP per byte, achieved GFLOP/s, fraction of its ceiling, which ceiling)
-    phases = {"prefill": (df.prefill_gflop / df.prefill_gb, df.prefill_gflop / df.ttft_s,
-                          df.flops_fraction, "compute"),
-              "decode": (df.decode_gflop / df.decode_gb, df.decode_gflop / decode_s,
-                         df.bw_fraction, "bandwidth")}
+    phases = {
+        "prefill": (
+            df.prefill_gflop / df.prefill_gb,
+            df.prefill_gflop / df.ttft_s,
+            df.flops_fraction,
+            "compute",
+        ),
+        "decode": (
+            df.decode_gflop / df.decode_gb,
+            df.decode_gflop / decode_s,
+            df.bw_fraction,
+            "bandwidth",
+        ),
+    }
     labels, short = point_labels(df, tp_sizes), _short_labels(df)
     # Alternate the label sides so neighbouring points' labels don't sit on each other.
     sides = ["top center", "bottom center", "middle right", "middle left"]
     for name, (ai, gflops, frac, ceiling) in phases.items():
         order = ai.rank(method="first").fillna(0).astype(int)
-        fig.add_scatter(x=ai, y=gflops, name=name, mode="markers+text", text=short,
-                        textposition=[sides[k % len(sides)] for k in order],
-                        textfont=dict(size=9), customdata=list(zip(labels, frac * 100)),
-                        hovertemplate=f"%{{customdata[0]}}: %{{y:.3g}} GFLOP/s, "
-                                      f"%{{customdata[1]:.0f}}% of the {ceiling} ceiling"
-                                      f"<extra>{name}</extra>")
+        fig.add_scatter(
+            x=ai,
+            y=gflops,
+            name=name,
+            mode="markers+text",
+            text=short,
+            textposition=[sides[k % len(sides)] for k in order],
+            textfont=dict(size=9),
+            customdata=list(zip(labels, frac * 100)),
+            hovertemplate=f"%{{customdata[0]}}: %{{y:.3g}} GFLOP/s, "
+            f"%{{customdata[1]:.0f}}% of the {ceiling} ceiling"
+            f"<extra>{name}</extra>",
+        )
     if ceilings:
         bw, peak = ceilings["bytes_per_s"] / 1e9, ceilings["flops_per_s"] / 1e9
         ridge = peak / bw
@@ -172,20 +273,47 @@ def roofline(df: pd.DataFrame, ceilings: dict | None = None, tp_sizes=()) -> go.
         lo = min([ridge, *ai_all]) / 4
         hi = max([ridge, *ai_all]) * 4
         xs = [lo, ridge, hi]
-        fig.add_scatter(x=xs, y=[min(peak, bw * x) for x in xs], name="ceiling", mode="lines",
-                        line=dict(color="black", dash="dash"),
-                        hovertemplate=f"copy {bw:.3g} GB/s, matmul {peak:.3g} GFLOP/s"
-                                      "<extra>ceiling</extra>")
-        fig.add_scatter(x=[ridge], y=[peak], name="ridge", mode="markers",
-                        marker=dict(symbol="diamond", size=10, color="black"),
-                        hovertemplate=f"ridge: {ridge:.3g} FLOP/byte<extra></extra>")
-        fig.add_annotation(x=np.log10(ridge), y=np.log10(peak), text=f"ridge {ridge:.3g} FLOP/B",
-                           showarrow=True, ay=-30)
-        fig.add_annotation(x=np.log10(hi), y=np.log10(peak), text=f"matmul {peak:.3g} GFLOP/s",
-                           showarrow=False, xanchor="right", yanchor="bottom")
-        fig.add_annotation(x=np.log10(lo), y=np.log10(bw * lo), text=f"copy {bw:.3g} GB/s",
-                           showarrow=False, xanchor="left", yanchor="bottom", textangle=-20)
-    fig.update_xaxes(type="log", dtick="D2")   # 1, 2, 5 in every decade
+        fig.add_scatter(
+            x=xs,
+            y=[min(peak, bw * x) for x in xs],
+            name="ceiling",
+            mode="lines",
+            line=dict(color="black", dash="dash"),
+            hovertemplate=f"copy {bw:.3g} GB/s, matmul {peak:.3g} GFLOP/s<extra>ceiling</extra>",
+        )
+        fig.add_scatter(
+            x=[ridge],
+            y=[peak],
+            name="ridge",
+            mode="markers",
+            marker=dict(symbol="diamond", size=10, color="black"),
+            hovertemplate=f"ridge: {ridge:.3g} FLOP/byte<extra></extra>",
+        )
+        fig.add_annotation(
+            x=np.log10(ridge),
+            y=np.log10(peak),
+            text=f"ridge {ridge:.3g} FLOP/B",
+            showarrow=True,
+            ay=-30,
+        )
+        fig.add_annotation(
+            x=np.log10(hi),
+            y=np.log10(peak),
+            text=f"matmul {peak:.3g} GFLOP/s",
+            showarrow=False,
+            xanchor="right",
+            yanchor="bottom",
+        )
+        fig.add_annotation(
+            x=np.log10(lo),
+            y=np.log10(bw * lo),
+            text=f"copy {bw:.3g} GB/s",
+            showarrow=False,
+            xanchor="left",
+            yanchor="bottom",
+            textangle=-20,
+        )
+    fig.update_xaxes(type="log", dtick="D2")  # 1, 2, 5 in every decade
     fig.update_yaxes(type="log", dtick="D2")
     return fig
 
@@ -193,12 +321,24 @@ def roofline(df: pd.DataFrame, ceilings: dict | None = None, tp_sizes=()) -> go.
 def tp_speedup(df: pd.DataFrame, ceilings: dict | None = None, tp_sizes=()) -> go.Figure:
     """Latency at the smallest TP size / latency at each TP size, a line per point (ideal:
     the dashed line, speed-up = TP ratio)."""
-    fig = go.Figure(layout=dict(template=TEMPLATE, title="Speed-up vs tensor-parallel size",
-                                xaxis_title="tensor-parallel size", yaxis_title="speed-up"))
+    fig = go.Figure(
+        layout=dict(
+            template=TEMPLATE,
+            title="Speed-up vs tensor-parallel size",
+            xaxis_title="tensor-parallel size",
+            yaxis_title="speed-up",
+        )
+    )
     sizes = sorted(df.tensor_parallel_size.unique())
     if len(sizes) < 2:
-        fig.add_annotation(text="one TP size in this sweep: nothing to compare", showarrow=False,
-                           xref="paper", yref="paper", x=0.5, y=0.5)
+        fig.add_annotation(
+            text="one TP size in this sweep: nothing to compare",
+            showarrow=False,
+            xref="paper",
+            yref="paper",
+            x=0.5,
+            y=0.5,
+        )
         return fig
     keys = ["backend", "batch_size", "input_len", "output_len"]
     base = df[df.tensor_parallel_size == sizes[0]].set_index(keys).avg_latency_s
@@ -206,16 +346,32 @@ def tp_speedup(df: pd.DataFrame, ceilings: dict | None = None, tp_sizes=()) -> g
         if key not in base.index:
             continue
         part = part.sort_values("tensor_parallel_size")
-        fig.add_scatter(x=part.tensor_parallel_size, y=base[key] / part.avg_latency_s,
-                        mode="lines+markers", name=f"b={key[1]} in={key[2]} out={key[3]}")
-    fig.add_scatter(x=sizes, y=[s / sizes[0] for s in sizes], mode="lines", name="ideal",
-                    line=dict(color="black", dash="dash"))
+        fig.add_scatter(
+            x=part.tensor_parallel_size,
+            y=base[key] / part.avg_latency_s,
+            mode="lines+markers",
+            name=f"b={key[1]} in={key[2]} out={key[3]}",
+        )
+    fig.add_scatter(
+        x=sizes,
+        y=[s / sizes[0] for s in sizes],
+        mode="lines",
+        name="ideal",
+        line=dict(color="black", dash="dash"),
+    )
     fig.update_xaxes(tickvals=sizes)
     return fig
 
 
-KINDS = {"latency": latency, "throughput": throughput, "floor": floor, "heatmap": heatmap,
-         "ttft_tpot": ttft_tpot, "roofline": roofline, "tp_speedup": tp_speedup}
+KINDS = {
+    "latency": latency,
+    "throughput": throughput,
+    "floor": floor,
+    "heatmap": heatmap,
+    "ttft_tpot": ttft_tpot,
+    "roofline": roofline,
+    "tp_speedup": tp_speedup,
+}
 
 
 def sweep_charts(df: pd.DataFrame, ceilings: dict | None, kind: str | None = None, tp_sizes=()):
@@ -229,47 +385,107 @@ def sweep_charts(df: pd.DataFrame, ceilings: dict | None, kind: str | None = Non
 def comparison(df: pd.DataFrame, labels: tuple[str, str], metric: str) -> go.Figure:
     """A SweepComparison's metric for both labels per point, the ratio in the hover."""
     x = point_labels(df.assign(model="", backend=""))
-    fig = go.Figure(layout=dict(template=TEMPLATE, barmode="group",
-                                title=f"{metric}: {labels[0]} vs {labels[1]}", yaxis_title=metric))
+    fig = go.Figure(
+        layout=dict(
+            template=TEMPLATE,
+            barmode="group",
+            title=f"{metric}: {labels[0]} vs {labels[1]}",
+            yaxis_title=metric,
+        )
+    )
     for lab in labels:
         ratio = f"{labels[1]} / {labels[0]} = %{{customdata:.2f}}x"
-        fig.add_bar(x=x, y=df[f"{metric}_{lab}"], name=lab, customdata=df[f"{metric}_ratio"],
-                    hovertemplate=f"%{{y:.4g}} ({ratio})<extra>{lab}</extra>")
+        fig.add_bar(
+            x=x,
+            y=df[f"{metric}_{lab}"],
+            name=lab,
+            customdata=df[f"{metric}_ratio"],
+            hovertemplate=f"%{{y:.4g}} ({ratio})<extra>{lab}</extra>",
+        )
     return fig
 
 
 # An empty sweep frame: what a live chart draws before the first point.
-EMPTY = pd.DataFrame({c: pd.Series(dtype=t) for c, t in
-                      [("model", str), ("tensor_parallel_size", int), ("backend", str),
-                       ("batch_size", int), ("input_len", int), ("output_len", int),
-                       ("avg_latency_s", float), ("latency_ci_low_s", float),
-                       ("latency_ci_high_s", float), ("output_tok_s", float),
-                       ("output_tok_s_ci_low", float), ("output_tok_s_ci_high", float),
-                       ("floor_latency_s", float), ("floor_fraction", float),
-                       ("warnings", str)]})
+EMPTY = pd.DataFrame(
+    {
+        c: pd.Series(dtype=t)
+        for c, t in [
+            ("model", str),
+            ("tensor_parallel_size", int),
+            ("backend", str),
+            ("batch_size", int),
+            ("input_len", int),
+            ("output_len", int),
+            ("avg_latency_s", float),
+            ("latency_ci_low_s", float),
+            ("latency_ci_high_s", float),
+            ("output_tok_s", float),
+            ("output_tok_s_ci_low", float),
+            ("output_tok_s_ci_high", float),
+            ("floor_latency_s", float),
+            ("floor_fraction", float),
+            ("warnings", str),
+        ]
+    }
+)
 
 
 # ---- profiles -----------------------------------------------------------------------------------
 def step_timeline(steps: pd.DataFrame) -> go.Figure:
     """Per engine step: its phases stacked (ms); below, the batch's prefill and decode sequences
     and the KV cache in use; preempting steps marked."""
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35],
-                        vertical_spacing=0.06, specs=[[{}], [{"secondary_y": True}]])
+    fig = make_subplots(
+        rows=2,
+        cols=1,
+        shared_xaxes=True,
+        row_heights=[0.65, 0.35],
+        vertical_spacing=0.06,
+        specs=[[{}], [{"secondary_y": True}]],
+    )
     for col in PHASES:
         fig.add_bar(x=steps.step, y=steps[col], name=col.removesuffix("_ms"), row=1, col=1)
     pre = steps[steps.num_preemptions > 0]
     if len(pre):
-        fig.add_scatter(x=pre.step, y=pre.total_ms, mode="markers", name="preemption", row=1,
-                        col=1, marker=dict(symbol="x", size=11, color="red"),
-                        customdata=pre.num_preemptions,
-                        hovertemplate="step %{x}: %{customdata} preempted<extra></extra>")
-    fig.add_bar(x=steps.step, y=steps.num_prefill_seqs, name="prefill seqs", row=2, col=1,
-                marker_color="#636efa", opacity=0.6)
-    fig.add_bar(x=steps.step, y=steps.num_decode_seqs, name="decode seqs", row=2, col=1,
-                marker_color="#00cc96", opacity=0.6)
+        fig.add_scatter(
+            x=pre.step,
+            y=pre.total_ms,
+            mode="markers",
+            name="preemption",
+            row=1,
+            col=1,
+            marker=dict(symbol="x", size=11, color="red"),
+            customdata=pre.num_preemptions,
+            hovertemplate="step %{x}: %{customdata} preempted<extra></extra>",
+        )
+    fig.add_bar(
+        x=steps.step,
+        y=steps.num_prefill_seqs,
+        name="prefill seqs",
+        row=2,
+        col=1,
+        marker_color="#636efa",
+        opacity=0.6,
+    )
+    fig.add_bar(
+        x=steps.step,
+        y=steps.num_decode_seqs,
+        name="decode seqs",
+        row=2,
+        col=1,
+        marker_color="#00cc96",
+        opacity=0.6,
+    )
     kv = 100 * steps.kv_blocks_used / (steps.kv_blocks_used + steps.kv_blocks_free)
-    fig.add_scatter(x=steps.step, y=kv, name="KV cache used (%)", mode="lines", line_color="black",
-                    row=2, col=1, secondary_y=True)
+    fig.add_scatter(
+        x=steps.step,
+        y=kv,
+        name="KV cache used (%)",
+        mode="lines",
+        line_color="black",
+        row=2,
+        col=1,
+        secondary_y=True,
+    )
     fig.update_layout(template=TEMPLATE, barmode="stack", title="Engine steps", height=560)
     fig.update_yaxes(title_text="ms", row=1, col=1)
     fig.update_yaxes(title_text="sequences", row=2, col=1)
@@ -281,11 +497,18 @@ def step_timeline(steps: pd.DataFrame) -> go.Figure:
 def category_times(categories: pd.DataFrame) -> go.Figure:
     """A profile's category table as stacked bars, one per phase (prefill, decode)."""
     phases = [c for c in categories.columns if c.endswith("_ms") and c != "total_ms"]
-    fig = go.Figure(layout=dict(template=TEMPLATE, barmode="stack",
-                                title="Time by operator category", xaxis_title="ms"))
+    fig = go.Figure(
+        layout=dict(
+            template=TEMPLATE, barmode="stack", title="Time by operator category", xaxis_title="ms"
+        )
+    )
     for cat, row in categories.iterrows():
-        fig.add_bar(y=[p.removesuffix("_ms") for p in phases], x=[row[p] for p in phases],
-                    name=str(cat), orientation="h")
+        fig.add_bar(
+            y=[p.removesuffix("_ms") for p in phases],
+            x=[row[p] for p in phases],
+            name=str(cat),
+            orientation="h",
+        )
     return fig
 
 
@@ -294,17 +517,25 @@ def write_report(path: str | Path, title: str, figures: dict, df: pd.DataFrame, 
     """One HTML file, plotly.js inlined once, so it opens offline."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0))
-             for i, fig in enumerate(figures.values())]
-    env = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-                  for k, v in {**meta.get("environment", {}), **meta.get("params", {})}.items())
-    path.write_text("<!doctype html><html><head><meta charset='utf-8'>"
-                    f"<title>{html.escape(title)}</title>"
-                    "<style>body{font-family:sans-serif;margin:2em} "
-                    "table{border-collapse:collapse;font-size:13px}"
-                    "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
-                    "</style></head><body>"
-                    f"<h1>{html.escape(title)}</h1><table>{env}</table>" + "".join(parts)
-                    + "<h2>Points</h2>" + df.to_html(index=False, float_format=lambda x: f"{x:.4g}")
-                    + "</body></html>")
+    parts = [
+        fig.to_html(full_html=False, include_plotlyjs=(i == 0))
+        for i, fig in enumerate(figures.values())
+    ]
+    env = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+        for k, v in {**meta.get("environment", {}), **meta.get("params", {})}.items()
+    )
+    path.write_text(
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em} "
+        "table{border-collapse:collapse;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+        "</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><table>{env}</table>"
+        + "".join(parts)
+        + "<h2>Points</h2>"
+        + df.to_html(index=False, float_format=lambda x: f"{x:.4g}")
+        + "</body></html>"
+    )
     return path

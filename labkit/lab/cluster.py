@@ -19,6 +19,7 @@ ones; an interrupt (Ctrl-C, the notebook's stop button) and the sweep's end kill
 
 Ray is imported here only, when a sweep asks for a cluster.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,16 +36,17 @@ from labkit.lab.sweep_run import SweepRun, beats_ceilings
 
 log = logging.getLogger("labkit.lab")
 
-ATTEMPTS = 2        # a point's first run and its one retry
-POLL_S = 0.2        # how often the driver checks stop() while points run
+ATTEMPTS = 2  # a point's first run and its one retry
+POLL_S = 0.2  # how often the driver checks stop() while points run
 ERROR_CHARS = 1000  # an error row keeps this much of the error
 
 
 @dataclass
 class Finished:
     """A measured point as a worker sends it back."""
+
     record: PointRecord
-    ceilings: dict                  # its node's device ceilings (roofline.Ceilings, as a dict)
+    ceilings: dict  # its node's device ceilings (roofline.Ceilings, as a dict)
     # Rows of the worker's earlier points, derived again under ceilings measured again.
     rederived: dict[Point, dict] = field(default_factory=dict)
 
@@ -90,8 +92,10 @@ def connect(address: str):
     instance ("local": every GPU of this machine, every CPU without) or the cluster at
     `address` ("auto": the one `ray start` runs here)."""
     if not isinstance(address, str) or not address:
-        raise ValueError(f"cluster={address!r} is invalid: None, 'local', 'auto' or a Ray "
-                         "address such as 'ray://host:10001'")
+        raise ValueError(
+            f"cluster={address!r} is invalid: None, 'local', 'auto' or a Ray "
+            "address such as 'ray://host:10001'"
+        )
     try:
         import ray
     except ImportError as e:
@@ -101,10 +105,12 @@ def connect(address: str):
     elif address == "local" and threading.current_thread() is not threading.main_thread():
         # Ray's local processes get SIGKILL when the thread that started them ends (Linux's
         # parent-death signal): started from a sweep's thread, Ray would die with the sweep.
-        raise RuntimeError("cluster='local' from a thread: a Ray started here would stop when "
-                           "the thread ends. Call labkit.lab.cluster.connect('local') (or "
-                           "ray.init()) on the main thread first, or join a `ray start` "
-                           "cluster with cluster='auto'")
+        raise RuntimeError(
+            "cluster='local' from a thread: a Ray started here would stop when "
+            "the thread ends. Call labkit.lab.cluster.connect('local') (or "
+            "ray.init()) on the main thread first, or join a `ray start` "
+            "cluster with cluster='auto'"
+        )
     else:
         log.info("sweep on Ray: ray.init(address=%r)", address)
         ray.init(address=address)
@@ -114,14 +120,15 @@ def connect(address: str):
 @dataclass
 class _Group:
     """The driver's view of one engine group: its points to run and its worker."""
+
     group: EngineGroup
     todo: deque[Point]
     actor: object | None = None
     where: dict = field(default_factory=dict)
-    starting: object | None = None                   # the ref of the worker's start()
-    running: tuple[Point, object] | None = None      # the point in flight and its ref
+    starting: object | None = None  # the ref of the worker's start()
+    running: tuple[Point, object] | None = None  # the point in flight and its ref
     failures: dict[Point, int] = field(default_factory=dict)
-    workers: int = 0                                  # started so far (their names count them)
+    workers: int = 0  # started so far (their names count them)
 
 
 def run(sweep: SweepRun, todo: list[Point], address: str) -> None:
@@ -132,6 +139,7 @@ def run(sweep: SweepRun, todo: list[Point], address: str) -> None:
 class _Cluster:
     def __init__(self, sweep: SweepRun, ray, address: str):
         from labkit.engine.executor.ray_actors import ACTOR_NAMESPACE, actor_env
+
         self.sweep, self.ray = sweep, ray
         self.namespace, self.env = ACTOR_NAMESPACE, actor_env()
         self.token = uuid.uuid4().hex[:8]
@@ -143,16 +151,22 @@ class _Cluster:
         self.profile_dir = None if sweep.profile_dir is None else str(sweep.profile_dir)
 
     def run(self, todo: list[Point]) -> None:
-        groups = [_Group(g, deque(p for p in todo if p.tensor_parallel_size == tp))
-                  for tp, g in self.sweep.groups.items()]
+        groups = [
+            _Group(g, deque(p for p in todo if p.tensor_parallel_size == tp))
+            for tp, g in self.sweep.groups.items()
+        ]
         self.groups = groups = [g for g in groups if g.todo]
         try:
             while True:
                 stopping = self.sweep.should_stop()
                 for g in groups:
                     self._advance(g, stopping)
-                waiting = {ref: g for g in groups
-                           for ref in (g.starting, g.running and g.running[1]) if ref}
+                waiting = {
+                    ref: g
+                    for g in groups
+                    for ref in (g.starting, g.running and g.running[1])
+                    if ref
+                }
                 if not waiting:
                     return
                 ready, _ = self.ray.wait(list(waiting), num_returns=1, timeout=POLL_S)
@@ -181,8 +195,10 @@ class _Cluster:
         gpu = self.gpu and g.group.engine_args.get("device") != "cpu"
         unit = "GPU" if gpu else "CPU"
         if not self._fits(unit, tp):
-            why = (f"no node of the Ray cluster has {tp} {unit}s for tensor_parallel_size={tp} "
-                   "(a group's ranks share a node)")
+            why = (
+                f"no node of the Ray cluster has {tp} {unit}s for tensor_parallel_size={tp} "
+                "(a group's ranks share a node)"
+            )
             log.warning("%s: its %d points are rows with that error", why, len(g.todo))
             while g.todo:
                 self._keep_failed(g, g.todo.popleft(), why, {})
@@ -191,14 +207,18 @@ class _Cluster:
         g.workers += 1
         spec = {f.name: getattr(g.group, f.name) for f in fields(g.group) if f.init}
         g.actor = self.worker.options(
-            **options, runtime_env={"env_vars": self.env}, namespace=self.namespace,
+            **options,
+            runtime_env={"env_vars": self.env},
+            namespace=self.namespace,
             # Named, so the cluster's tools (`ray list actors`) say whose they are.
-            name=f"labkit-sweep-{self.token}-tp{tp}-{g.workers}").remote(spec)
+            name=f"labkit-sweep-{self.token}-tp{tp}-{g.workers}",
+        ).remote(spec)
         g.starting = g.actor.start.remote()
 
     def _fits(self, unit: str, n: int) -> bool:
-        return any(node["Alive"] and node["Resources"].get(unit, 0) >= n
-                   for node in self.ray.nodes())
+        return any(
+            node["Alive"] and node["Resources"].get(unit, 0) >= n for node in self.ray.nodes()
+        )
 
     def _arrived(self, g: _Group, ref) -> None:
         starting = ref is g.starting
@@ -243,13 +263,18 @@ class _Cluster:
         g.failures[point] = g.failures.get(point, 0) + 1
         error = _describe(e)
         if g.failures[point] < ATTEMPTS:
-            log.warning("point %s failed on %s (%s); running it again on a fresh worker", point,
-                        where.get("node", "a worker"), error)
+            log.warning(
+                "point %s failed on %s (%s); running it again on a fresh worker",
+                point,
+                where.get("node", "a worker"),
+                error,
+            )
             if requeue:
                 g.todo.appendleft(point)
             return
-        log.warning("point %s failed %d times; kept as a row with its error: %s", point,
-                    ATTEMPTS, error)
+        log.warning(
+            "point %s failed %d times; kept as a row with its error: %s", point, ATTEMPTS, error
+        )
         if not requeue:
             g.todo.popleft()
         self._keep_failed(g, point, error, where)
@@ -263,14 +288,14 @@ class _Cluster:
         if g.actor is not None:
             try:
                 self.ray.kill(g.actor, no_restart=True)
-            except Exception as e:   # already gone (its node lost): nothing left to free
+            except Exception as e:  # already gone (its node lost): nothing left to free
                 log.debug("killing a sweep worker: %s", e)
         g.actor, g.starting, g.running, g.where = None, None, None, {}
 
 
 def _describe(e: Exception) -> str:
     """An error as a row says it: the point's own exception, or what happened to its worker."""
-    cause = getattr(e, "cause", None)   # a RayTaskError's: the exception the point raised
+    cause = getattr(e, "cause", None)  # a RayTaskError's: the exception the point raised
     if isinstance(cause, BaseException):
         return f"{type(cause).__name__}: {cause}"
     lines = str(e).strip().splitlines()

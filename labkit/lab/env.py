@@ -1,4 +1,5 @@
 """Where a result came from: device, versions and git commit, saved with every sweep."""
+
 from __future__ import annotations
 
 import os
@@ -36,10 +37,20 @@ def git_commit() -> str | None:
     if repo is None or not (repo / ".git").exists():
         return None
     try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("-dirty" if dirty else "")
@@ -47,9 +58,17 @@ def git_commit() -> str | None:
 
 def environment(device: str) -> dict:
     import labkit
-    return {"device": device, "device_name": device_name(device),
-            "num_gpus": torch.cuda.device_count() if device.startswith("cuda") else 0,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "labkit": labkit.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "git_commit": git_commit(), "date": datetime.now().astimezone().isoformat(timespec="seconds")}
+
+    return {
+        "device": device,
+        "device_name": device_name(device),
+        "num_gpus": torch.cuda.device_count() if device.startswith("cuda") else 0,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "labkit": labkit.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": git_commit(),
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }

@@ -5,6 +5,7 @@ place; the chart is a plotly FigureWidget while the sweep runs and is replaced b
 figure when it ends, so a saved or exported notebook (nbconvert, GitHub) shows the chart, not a
 widget's text. Outside a notebook the status is a tqdm bar and there is no chart.
 """
+
 from __future__ import annotations
 
 import html
@@ -22,9 +23,12 @@ def mimebundle(fig: go.Figure) -> dict:
     an HTML fallback with plotly.js from its CDN (nbconvert's HTML, GitHub shows neither
     widget nor script, but keeps the text)."""
     import json
-    return {"application/vnd.plotly.v1+json": json.loads(fig.to_json()) | {"config": {}},
-            "text/html": fig.to_html(full_html=False, include_plotlyjs="cdn"),
-            "text/plain": f"<plotly figure: {fig.layout.title.text or ''}>"}
+
+    return {
+        "application/vnd.plotly.v1+json": json.loads(fig.to_json()) | {"config": {}},
+        "text/html": fig.to_html(full_html=False, include_plotlyjs="cdn"),
+        "text/plain": f"<plotly figure: {fig.layout.title.text or ''}>",
+    }
 
 
 class LiveChart:
@@ -41,6 +45,7 @@ class LiveChart:
 
     def show(self) -> None:
         from IPython.display import display
+
         self.handle = display(self.widget, display_id=True)
 
     def update(self, df: pd.DataFrame) -> None:
@@ -72,14 +77,17 @@ class Status:
         self.handle = self.bar = None
         if enabled and notebook:
             from IPython.display import HTML, display
+
             self.handle = display(HTML(self._html("starting")), display_id=True)
         elif enabled:
             self.bar = tqdm(total=total, desc=desc)
 
     def _html(self, what: str) -> str:
         elapsed = time.monotonic() - self.start
-        return (f"<b>{html.escape(self.desc)}</b>: {self.done} / {self.total} points, "
-                f"{elapsed:.0f} s; {html.escape(what)}")
+        return (
+            f"<b>{html.escape(self.desc)}</b>: {self.done} / {self.total} points, "
+            f"{elapsed:.0f} s; {html.escape(what)}"
+        )
 
     def running(self, point) -> None:
         self._show(f"running {point}")
@@ -100,4 +108,5 @@ class Status:
     def _show(self, what: str) -> None:
         if self.handle is not None:
             from IPython.display import HTML
+
             self.handle.update(HTML(self._html(what)))

@@ -13,6 +13,7 @@ workers), as a fraction of all cores; on CUDA the GPU's utilisation, SM clock an
 `warnings()` names what makes a point untrustworthy: a wide interval, other work on the machine,
 a load average above the core count.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,14 +27,48 @@ import numpy as np
 log = logging.getLogger("labkit.lab")
 
 # Two-sided 95 % Student's t for 1..30 degrees of freedom; beyond, the normal's 1.96 is close.
-_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-        2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+_T95 = [
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+]
 
-MAX_CI_FRACTION = 0.10       # the interval's half-width beyond 10 % of the mean
-MAX_OTHER_CPU = 0.20         # other processes used more than a fifth of the machine's cores
-MACHINE_COLUMNS = ["load_avg_1m", "other_cpu_frac", "gpu_util_pct", "gpu_clock_mhz",
-                   "gpu_mem_used_gb"]
+MAX_CI_FRACTION = 0.10  # the interval's half-width beyond 10 % of the mean
+MAX_OTHER_CPU = 0.20  # other processes used more than a fifth of the machine's cores
+MACHINE_COLUMNS = [
+    "load_avg_1m",
+    "other_cpu_frac",
+    "gpu_util_pct",
+    "gpu_clock_mhz",
+    "gpu_mem_used_gb",
+]
 # Where a point ran: the node's host name and the device's name ("cpu" on the CPU); on a Ray
 # cluster (labkit.lab.cluster) the points of one sweep run on several nodes.
 WHERE_COLUMNS = ["node", "device"]
@@ -50,10 +85,10 @@ def t95(n: int) -> float:
 class Spread:
     n: int
     mean: float
-    std: float            # sample standard deviation (NaN for one sample)
+    std: float  # sample standard deviation (NaN for one sample)
     ci_low: float
     ci_high: float
-    half_width: float     # the t interval's half-width, before clamping
+    half_width: float  # the t interval's half-width, before clamping
 
     @classmethod
     def of(cls, values) -> Spread:
@@ -65,8 +100,14 @@ class Spread:
         half = t95(len(v)) * std / math.sqrt(len(v))
         # Clamped to the samples' range: with two or three wild timings the t interval can reach
         # below zero, and no mean of timings lies outside what was measured by much.
-        return cls(len(v), mean, std, max(mean - half, float(v.min())),
-                   min(mean + half, float(v.max())), half)
+        return cls(
+            len(v),
+            mean,
+            std,
+            max(mean - half, float(v.min())),
+            min(mean + half, float(v.max())),
+            half,
+        )
 
     @property
     def ci_fraction(self) -> float:
@@ -87,6 +128,7 @@ def percentile(values, p: float) -> float:
 class Sample:
     """CPU counters at one moment: wall clock, the machine's busy CPU seconds, this process
     tree's."""
+
     wall: float
     busy: float
     own: float
@@ -109,7 +151,7 @@ def _own_cpu(psutil) -> float:
     for child in me.children(recursive=True):
         try:
             total += sum(child.cpu_times()[:2])
-        except psutil.Error:   # it exited between listing and asking
+        except psutil.Error:  # it exited between listing and asking
             pass
     return total
 
@@ -117,8 +159,10 @@ def _own_cpu(psutil) -> float:
 def where(device: str) -> dict:
     """WHERE_COLUMNS of this process's `device`."""
     import socket
+
     if device.startswith("cuda"):
         import torch
+
         name = torch.cuda.get_device_name(torch.device(device))
     else:
         name = "cpu"
@@ -131,9 +175,13 @@ def state(since: Sample, device: str) -> dict:
     wall = now.wall - since.wall
     other = (now.busy - since.busy) - (now.own - since.own)
     cpus = os.cpu_count() or 1
-    out = {"load_avg_1m": _load_avg(),
-           "other_cpu_frac": max(other, 0.0) / (wall * cpus) if wall > 0 else math.nan,
-           "gpu_util_pct": math.nan, "gpu_clock_mhz": math.nan, "gpu_mem_used_gb": math.nan}
+    out = {
+        "load_avg_1m": _load_avg(),
+        "other_cpu_frac": max(other, 0.0) / (wall * cpus) if wall > 0 else math.nan,
+        "gpu_util_pct": math.nan,
+        "gpu_clock_mhz": math.nan,
+        "gpu_mem_used_gb": math.nan,
+    }
     if device.startswith("cuda"):
         out.update(_gpu_state(device))
     return out | where(device)
@@ -142,21 +190,25 @@ def state(since: Sample, device: str) -> dict:
 def _load_avg() -> float:
     try:
         return os.getloadavg()[0]
-    except (OSError, AttributeError):   # not on every platform
+    except (OSError, AttributeError):  # not on every platform
         return math.nan
 
 
 def _gpu_state(device: str) -> dict:
     import torch
+
     out = {}
-    readers = {"gpu_util_pct": lambda: torch.cuda.utilization(device),   # these two need pynvml
-               "gpu_clock_mhz": lambda: torch.cuda.clock_rate(device),
-               "gpu_mem_used_gb": lambda: (lambda free, total: (total - free) / 1e9)(
-                   *torch.cuda.mem_get_info(device))}
+    readers = {
+        "gpu_util_pct": lambda: torch.cuda.utilization(device),  # these two need pynvml
+        "gpu_clock_mhz": lambda: torch.cuda.clock_rate(device),
+        "gpu_mem_used_gb": lambda: (lambda free, total: (total - free) / 1e9)(
+            *torch.cuda.mem_get_info(device)
+        ),
+    }
     for key, read in readers.items():
         try:
             out[key] = float(read())
-        except Exception:   # no pynvml, no permission, an unsupported card: leave it NaN
+        except Exception:  # no pynvml, no permission, an unsupported card: leave it NaN
             out[key] = math.nan
     return out
 
@@ -167,8 +219,9 @@ def warnings(latency: Spread, machine: dict) -> list[str]:
     if latency.n < 2:
         out.append("1 timed iteration: spread unknown")
     elif latency.ci_fraction > MAX_CI_FRACTION:
-        out.append(f"noisy: 95% CI ±{latency.ci_fraction:.0%} of the mean over {latency.n} "
-                   "iterations")
+        out.append(
+            f"noisy: 95% CI ±{latency.ci_fraction:.0%} of the mean over {latency.n} iterations"
+        )
     other = machine.get("other_cpu_frac", math.nan)
     if other > MAX_OTHER_CPU:
         out.append(f"busy machine: other processes used {other:.0%} of the CPU")
@@ -182,11 +235,21 @@ def warn_untrustworthy(df) -> None:
     """One warning for a sweep's points (a DataFrame with the warnings column) that beat the
     ceilings even measured again, or ran noisy or on a busy machine."""
     if len(df) and ((df.flops_fraction > 1).any() or (df.bw_fraction > 1).any()):
-        log.warning("some points beat this machine's ceilings even measured again: the copy and "
-                    "matmul microbenchmarks are not the limit there (caches?)")
+        log.warning(
+            "some points beat this machine's ceilings even measured again: the copy and "
+            "matmul microbenchmarks are not the limit there (caches?)"
+        )
     noisy = df[df.warnings.str.contains("noisy|busy|load average", na=False)]
     if len(noisy):
-        said = dict.fromkeys(w.split(":")[0] for ws in noisy.warnings for w in ws.split("; ")
-                             if not w.startswith("1 timed"))
-        log.warning("%d of %d points may not be trustworthy (%s; see the warnings column)",
-                    len(noisy), len(df), ", ".join(said))
+        said = dict.fromkeys(
+            w.split(":")[0]
+            for ws in noisy.warnings
+            for w in ws.split("; ")
+            if not w.startswith("1 timed")
+        )
+        log.warning(
+            "%d of %d points may not be trustworthy (%s; see the warnings column)",
+            len(noisy),
+            len(df),
+            ", ".join(said),
+        )

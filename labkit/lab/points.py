@@ -17,6 +17,7 @@ and it has no KV-cache figures.
 Every figure comes with its spread and the machine's state (labkit.lab.machine); the raw
 timings are kept (`PointRecord.raw`), so the row can be derived again under other ceilings.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,23 +31,72 @@ import pandas as pd
 from labkit.bench import common, latency, throughput
 from labkit.lab import machine, roofline
 
-POINT_KEYS = ["model", "tensor_parallel_size", "backend", "mode", "batch_size", "input_len",
-              "output_len"]
-METRIC_COLUMNS = ["avg_latency_s", "p50_latency_s", "p90_latency_s", "p99_latency_s", "ttft_s",
-                  "tpot_s", "prefill_tok_s", "decode_tok_s", "output_tok_s", "peak_kv_usage",
-                  "prefill_gflop", "prefill_gb", "decode_gflop", "decode_gb",
-                  "prefill_gflops", "decode_gbps", "flops_fraction", "bw_fraction",
-                  "floor_latency_s", "floor_fraction"]
-SPREAD_COLUMNS = ["num_iters", "latency_std_s", "latency_ci_low_s", "latency_ci_high_s",
-                  "ttft_std_s", "tpot_std_s", "output_tok_s_ci_low", "output_tok_s_ci_high"]
+POINT_KEYS = [
+    "model",
+    "tensor_parallel_size",
+    "backend",
+    "mode",
+    "batch_size",
+    "input_len",
+    "output_len",
+]
+METRIC_COLUMNS = [
+    "avg_latency_s",
+    "p50_latency_s",
+    "p90_latency_s",
+    "p99_latency_s",
+    "ttft_s",
+    "tpot_s",
+    "prefill_tok_s",
+    "decode_tok_s",
+    "output_tok_s",
+    "peak_kv_usage",
+    "prefill_gflop",
+    "prefill_gb",
+    "decode_gflop",
+    "decode_gb",
+    "prefill_gflops",
+    "decode_gbps",
+    "flops_fraction",
+    "bw_fraction",
+    "floor_latency_s",
+    "floor_fraction",
+]
+SPREAD_COLUMNS = [
+    "num_iters",
+    "latency_std_s",
+    "latency_ci_low_s",
+    "latency_ci_high_s",
+    "ttft_std_s",
+    "tpot_std_s",
+    "output_tok_s_ci_low",
+    "output_tok_s_ci_high",
+]
 # `error`: empty, or why the point has no figures (a sweep on a Ray cluster keeps a point that
 # failed twice as a row, labkit.lab.cluster).
-COLUMNS = (POINT_KEYS + METRIC_COLUMNS + SPREAD_COLUMNS + machine.MACHINE_COLUMNS
-           + machine.WHERE_COLUMNS + ["warnings", "error"])
-DTYPES = {**{c: "float64" for c in COLUMNS}, "model": "object", "backend": "object",
-          "mode": "object", "warnings": "object", "node": "object", "device": "object",
-          "error": "object", "tensor_parallel_size": "int64",
-          "batch_size": "int64", "input_len": "int64", "output_len": "int64", "num_iters": "int64"}
+COLUMNS = (
+    POINT_KEYS
+    + METRIC_COLUMNS
+    + SPREAD_COLUMNS
+    + machine.MACHINE_COLUMNS
+    + machine.WHERE_COLUMNS
+    + ["warnings", "error"]
+)
+DTYPES = {
+    **{c: "float64" for c in COLUMNS},
+    "model": "object",
+    "backend": "object",
+    "mode": "object",
+    "warnings": "object",
+    "node": "object",
+    "device": "object",
+    "error": "object",
+    "tensor_parallel_size": "int64",
+    "batch_size": "int64",
+    "input_len": "int64",
+    "output_len": "int64",
+    "num_iters": "int64",
+}
 
 
 @dataclass(frozen=True)
@@ -58,12 +108,18 @@ class Point:
 
     @classmethod
     def of_row(cls, row) -> Point:
-        return cls(int(row["tensor_parallel_size"]), int(row["batch_size"]), int(row["input_len"]),
-                   int(row["output_len"]))
+        return cls(
+            int(row["tensor_parallel_size"]),
+            int(row["batch_size"]),
+            int(row["input_len"]),
+            int(row["output_len"]),
+        )
 
     def __str__(self) -> str:
-        return (f"tp={self.tensor_parallel_size} in={self.input_len} out={self.output_len} "
-                f"batch={self.batch_size}")
+        return (
+            f"tp={self.tensor_parallel_size} in={self.input_len} out={self.output_len} "
+            f"batch={self.batch_size}"
+        )
 
 
 @dataclass
@@ -71,6 +127,7 @@ class PointRecord:
     """A measured point: its row (COLUMNS), the raw timings it was derived from, the step log
     of its batches (warm-up included; `iteration` numbers them, negative for warm-up) and, when
     profiled, its operator categories, operators and trace file."""
+
     row: dict
     raw: dict
     steps: pd.DataFrame | None = None
@@ -81,6 +138,7 @@ class PointRecord:
 class EngineGroup:
     """What the points of one engine share: its resolved config, the model's shape, the machine's
     ceilings, and how each point is measured."""
+
     model: str | None
     tp: int
     backend: str
@@ -95,6 +153,7 @@ class EngineGroup:
     def __post_init__(self):
         from labkit import EngineConfig
         from labkit.engine.resolved_config import resolve
+
         self.engine_kwargs = dict(self.engine_args, model=self.model, tensor_parallel_size=self.tp)
         # Resolved as the benchmarks' engine will be (common.engine): the same config and
         # device. This reads the model's config only: bad engine arguments fail here, before
@@ -126,8 +185,9 @@ class EngineGroup:
         return common.engine(None, self.seed, self.engine_kwargs)
 
 
-def run_point(group: EngineGroup, llm, point: Point, *, profile_dir: str | Path | None = None
-              ) -> PointRecord:
+def run_point(
+    group: EngineGroup, llm, point: Point, *, profile_dir: str | Path | None = None
+) -> PointRecord:
     """Measure one point on `llm` (None for the hf backend). With `profile_dir`, one more
     untimed batch runs under torch.profiler, its trace written there."""
     before = machine.sample()
@@ -146,28 +206,52 @@ def derive(group: EngineGroup, point: Point, raw: dict) -> dict:
     """The row of a point from its raw timings, under the group's current ceilings."""
     b, i, o = point.batch_size, point.input_len, point.output_len
     lat, ttft, tpot = (machine.Spread.of(raw[k]) for k in ("latencies", "ttfts", "tpots"))
-    row = dict(model=group.model_name, tensor_parallel_size=group.tp, backend=group.backend,
-               mode=group.mode, batch_size=b, input_len=i, output_len=o)
+    row = dict(
+        model=group.model_name,
+        tensor_parallel_size=group.tp,
+        backend=group.backend,
+        mode=group.mode,
+        batch_size=b,
+        input_len=i,
+        output_len=o,
+    )
     decode_s = tpot.mean * (o - 1) if o > 1 else math.nan
     prefill, decode = roofline.batch_work(group.shape, b, i, o, group.ceilings)
     c = group.ceilings
-    row.update(avg_latency_s=lat.mean, p50_latency_s=machine.percentile(raw["latencies"], 50),
-               p90_latency_s=machine.percentile(raw["latencies"], 90),
-               p99_latency_s=machine.percentile(raw["latencies"], 99),
-               ttft_s=ttft.mean, tpot_s=tpot.mean, prefill_tok_s=b * i / ttft.mean,
-               decode_tok_s=b / tpot.mean, output_tok_s=b * o / lat.mean,
-               peak_kv_usage=raw["peak_kv"],
-               prefill_gflop=prefill.flops / 1e9, prefill_gb=prefill.bytes / 1e9,
-               decode_gflop=decode.flops / 1e9, decode_gb=decode.bytes / 1e9,
-               prefill_gflops=prefill.flops / ttft.mean / 1e9,
-               decode_gbps=decode.bytes / decode_s / 1e9)
-    row.update(flops_fraction=row["prefill_gflops"] * 1e9 / c.flops_per_s,
-               bw_fraction=row["decode_gbps"] * 1e9 / c.bytes_per_s,
-               floor_latency_s=prefill.floor_s + decode.floor_s)
+    row.update(
+        avg_latency_s=lat.mean,
+        p50_latency_s=machine.percentile(raw["latencies"], 50),
+        p90_latency_s=machine.percentile(raw["latencies"], 90),
+        p99_latency_s=machine.percentile(raw["latencies"], 99),
+        ttft_s=ttft.mean,
+        tpot_s=tpot.mean,
+        prefill_tok_s=b * i / ttft.mean,
+        decode_tok_s=b / tpot.mean,
+        output_tok_s=b * o / lat.mean,
+        peak_kv_usage=raw["peak_kv"],
+        prefill_gflop=prefill.flops / 1e9,
+        prefill_gb=prefill.bytes / 1e9,
+        decode_gflop=decode.flops / 1e9,
+        decode_gb=decode.bytes / 1e9,
+        prefill_gflops=prefill.flops / ttft.mean / 1e9,
+        decode_gbps=decode.bytes / decode_s / 1e9,
+    )
+    row.update(
+        flops_fraction=row["prefill_gflops"] * 1e9 / c.flops_per_s,
+        bw_fraction=row["decode_gbps"] * 1e9 / c.bytes_per_s,
+        floor_latency_s=prefill.floor_s + decode.floor_s,
+    )
     row["floor_fraction"] = row["floor_latency_s"] / lat.mean
-    row.update(num_iters=lat.n, latency_std_s=lat.std, latency_ci_low_s=lat.ci_low,
-               latency_ci_high_s=lat.ci_high, ttft_std_s=ttft.std, tpot_std_s=tpot.std,
-               output_tok_s_ci_low=b * o / lat.ci_high, output_tok_s_ci_high=b * o / lat.ci_low)
+    row.update(
+        num_iters=lat.n,
+        latency_std_s=lat.std,
+        latency_ci_low_s=lat.ci_low,
+        latency_ci_high_s=lat.ci_high,
+        ttft_std_s=ttft.std,
+        tpot_std_s=tpot.std,
+        output_tok_s_ci_low=b * o / lat.ci_high,
+        output_tok_s_ci_high=b * o / lat.ci_low,
+    )
     row.update(raw["machine"])
     row["warnings"] = "; ".join(machine.warnings(lat, raw["machine"]))
     row["error"] = ""
@@ -177,9 +261,18 @@ def derive(group: EngineGroup, point: Point, raw: dict) -> dict:
 def failed_record(group: EngineGroup, point: Point, error: str, where: dict) -> PointRecord:
     """The row of a point that could not be measured: its keys, where it last ran, why."""
     row = dict.fromkeys(COLUMNS, math.nan)
-    row.update(model=group.model_name, tensor_parallel_size=group.tp, backend=group.backend,
-               mode=group.mode, batch_size=point.batch_size, input_len=point.input_len,
-               output_len=point.output_len, num_iters=0, warnings="", error=error)
+    row.update(
+        model=group.model_name,
+        tensor_parallel_size=group.tp,
+        backend=group.backend,
+        mode=group.mode,
+        batch_size=point.batch_size,
+        input_len=point.input_len,
+        output_len=point.output_len,
+        num_iters=0,
+        warnings="",
+        error=error,
+    )
     row.update(where)
     return PointRecord(row, {})
 
@@ -199,41 +292,58 @@ def _run_labkit(group: EngineGroup, llm, point: Point) -> tuple[dict, pd.DataFra
     first = common.num_steps(llm)
     kw = dict(input_len=i, output_len=o, seed=group.seed, llm=llm, disable_tqdm=True)
     if group.mode == "latency":
-        latencies = latency.run(batch_size=b, num_iters_warmup=group.warmup,
-                                num_iters=group.num_iters, **kw)["latencies"]
+        latencies = latency.run(
+            batch_size=b, num_iters_warmup=group.warmup, num_iters=group.num_iters, **kw
+        )["latencies"]
     else:
         runs = [throughput.run(num_prompts=b, **kw) for _ in range(group.warmup + group.num_iters)]
-        latencies = [r["elapsed_time"] for r in runs[group.warmup:]]
+        latencies = [r["elapsed_time"] for r in runs[group.warmup :]]
     steps = llm.step_log().iloc[first:]
     bursts = split_batches(steps)
     if len(bursts) != group.warmup + group.num_iters:
-        raise RuntimeError(f"expected {group.warmup + group.num_iters} batches in the step log, "
-                           f"found {len(bursts)}: was the engine busy with other requests?")
+        raise RuntimeError(
+            f"expected {group.warmup + group.num_iters} batches in the step log, "
+            f"found {len(bursts)}: was the engine busy with other requests?"
+        )
     steps = pd.concat([s.assign(iteration=k - group.warmup) for k, s in enumerate(bursts)])
-    timed = [batch_times(s) for s in bursts[group.warmup:]]
+    timed = [batch_times(s) for s in bursts[group.warmup :]]
     ttfts = [t[0] for t in timed]
     tpots = [(t[1] - t[0]) / (o - 1) if o > 1 else math.nan for t in timed]
-    raw = {"latencies": list(latencies), "ttfts": ttfts, "tpots": tpots,
-           "peak_kv": max(t[2] for t in timed)}
+    raw = {
+        "latencies": list(latencies),
+        "ttfts": ttfts,
+        "tpots": tpots,
+        "peak_kv": max(t[2] for t in timed),
+    }
     return raw, steps.reset_index(drop=True)
 
 
 def _run_hf(group: EngineGroup, point: Point) -> dict:
     from transformers.utils import logging as hf_logging
+
     b, i, o = point.batch_size, point.input_len, point.output_len
-    kw = dict(group.engine_kwargs, backend="hf", num_prompts=b, input_len=i, hf_max_batch_size=b,
-              seed=group.seed, disable_tqdm=True)
+    kw = dict(
+        group.engine_kwargs,
+        backend="hf",
+        num_prompts=b,
+        input_len=i,
+        hf_max_batch_size=b,
+        seed=group.seed,
+        disable_tqdm=True,
+    )
     # Each run loads the model: its progress bars would fill a notebook.
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        runs = [throughput.run(output_len=o, **kw)["elapsed_time"]
-                for _ in range(group.warmup + group.num_iters)]
+        runs = [
+            throughput.run(output_len=o, **kw)["elapsed_time"]
+            for _ in range(group.warmup + group.num_iters)
+        ]
         ttft = throughput.run(output_len=1, **kw)["elapsed_time"]
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    latencies = runs[group.warmup:]
+    latencies = runs[group.warmup :]
     tpots = [(lat - ttft) / (o - 1) if o > 1 else math.nan for lat in latencies]
     return {"latencies": latencies, "ttfts": [ttft], "tpots": tpots, "peak_kv": math.nan}
 
@@ -241,18 +351,32 @@ def _run_hf(group: EngineGroup, point: Point) -> dict:
 def _profile(group: EngineGroup, llm, point: Point, trace_dir) -> dict:
     """One more batch of the point under torch.profiler: its categories, operators and trace."""
     from labkit.lab.profiling import profiling
+
     with profiling(llm, trace_dir) as cap:
-        latency.run(batch_size=point.batch_size, num_iters_warmup=0, num_iters=1,
-                    input_len=point.input_len, output_len=point.output_len, seed=group.seed,
-                    llm=llm, disable_tqdm=True)
+        latency.run(
+            batch_size=point.batch_size,
+            num_iters_warmup=0,
+            num_iters=1,
+            input_len=point.input_len,
+            output_len=point.output_len,
+            seed=group.seed,
+            llm=llm,
+            disable_tqdm=True,
+        )
     p = cap.result
-    return {"categories": p.categories, "operators": p.operators, "wall_ms": p.wall_ms,
-            "trace_path": str(p.trace_path), "steps": p.steps}
+    return {
+        "categories": p.categories,
+        "operators": p.operators,
+        "wall_ms": p.wall_ms,
+        "trace_path": str(p.trace_path),
+        "steps": p.steps,
+    }
 
 
 def model_name(model: str | None) -> str:
     if model is None:
         from labkit.default_model import DEFAULT_MODEL_NAME
+
         return DEFAULT_MODEL_NAME
     return Path(model).name
 

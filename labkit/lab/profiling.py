@@ -28,6 +28,7 @@ with enforce_eager=True to split their time by category.
 The capture and the attribution are labkit.observe.profiler and labkit.observe.attribution; this
 module runs them on an LLM (its engine's `profile_labels()`, its step log) and shows the result.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,27 +53,41 @@ __all__ = ["CATEGORIES", "Capture", "ProfileResult", "profile", "profiling"]
 class ProfileResult(Profile):
     """A Profile with the run's outputs, shown in a notebook as the step timeline, the category
     chart and the category table."""
+
     outputs: list = field(default_factory=list)
 
     def timeline(self) -> go.Figure:
         from labkit.lab import charts
+
         return charts.step_timeline(self.steps)
 
     def category_chart(self) -> go.Figure:
         from labkit.lab import charts
+
         return charts.category_times(self.categories)
 
     def _ipython_display_(self) -> None:
         from IPython.display import HTML, display
-        display(HTML(f"<b>labkit profile</b>: {len(self.steps)} steps, "
-                     f"{self.wall_ms:.0f} ms wall, {self.coverage:.0%} attributed to operator "
-                     f"categories; trace: <code>{self.trace_path}</code> "
-                     "(open in ui.perfetto.dev)"))
+
+        display(
+            HTML(
+                f"<b>labkit profile</b>: {len(self.steps)} steps, "
+                f"{self.wall_ms:.0f} ms wall, {self.coverage:.0%} attributed to operator "
+                f"categories; trace: <code>{self.trace_path}</code> "
+                "(open in ui.perfetto.dev)"
+            )
+        )
         display(self.timeline(), self.category_chart(), self.categories.round(2))
 
 
-def profile(llm: LLM, prompts, sampling_params=None, *, trace_dir: str | Path | None = None,
-            use_tqdm: bool = False) -> ProfileResult:
+def profile(
+    llm: LLM,
+    prompts,
+    sampling_params=None,
+    *,
+    trace_dir: str | Path | None = None,
+    use_tqdm: bool = False,
+) -> ProfileResult:
     """Profile `llm.generate(prompts, sampling_params)`; the outputs are in `.outputs`."""
     with profiling(llm, trace_dir) as capture:
         outputs = llm.generate(prompts, sampling_params, use_tqdm=use_tqdm)
@@ -86,7 +101,8 @@ def profiling(llm: LLM, trace_dir: str | Path | None = None) -> Iterator[Capture
     `cap.result` is the ProfileResult."""
     capture = Capture()
     cuda = llm.config.device.startswith("cuda")
-    with profiler.profiling(llm.engine.profile_labels(), llm.step_log, cuda=cuda,
-                            trace_dir=trace_dir) as inner:
+    with profiler.profiling(
+        llm.engine.profile_labels(), llm.step_log, cuda=cuda, trace_dir=trace_dir
+    ) as inner:
         yield capture
     capture.result = ProfileResult(**vars(inner.result))

@@ -9,14 +9,15 @@ every context token, and does 2 FLOPs per weight per token plus attention (QK^T 
 per head dimension per query-key pair). A phase's floor is, step by step, the larger of
 bytes / bandwidth and FLOPs / FLOP rate; `floor / measured` is the fraction of the floor reached.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -28,22 +29,29 @@ from labkit.utils import cache_root
 class Ceilings:
     device_name: str
     dtype: str
-    bytes_per_s: float      # copy: bytes read + bytes written per second
-    flops_per_s: float      # square matmul
+    bytes_per_s: float  # copy: bytes read + bytes written per second
+    flops_per_s: float  # square matmul
     threads: int
 
-    def scaled(self, n: int) -> "Ceilings":
+    def scaled(self, n: int) -> Ceilings:
         """n such devices working in parallel (tensor parallel ranks on n GPUs)."""
         return replace(self, bytes_per_s=self.bytes_per_s * n, flops_per_s=self.flops_per_s * n)
 
 
-def ceilings(device: str = "cpu", dtype: torch.dtype = torch.float32, *, refresh: bool = False,
-             cache_file: Path | None = None) -> Ceilings:
+def ceilings(
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    refresh: bool = False,
+    cache_file: Path | None = None,
+) -> Ceilings:
     """This machine's ceilings, measured on first use (about a second on a CPU) and cached.
     `refresh=True` measures again and keeps the better of each figure: a ceiling is the best the
     machine has shown, and a measurement taken while other work ran comes out low."""
     path = cache_file or cache_root() / "ceilings.json"
-    key = f"{device_name(device)}|{dtype}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    key = (
+        f"{device_name(device)}|{dtype}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    )
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -51,8 +59,11 @@ def ceilings(device: str = "cpu", dtype: torch.dtype = torch.float32, *, refresh
     if refresh or key not in cache:
         new, old = measure(device, dtype), cache.get(key)
         if old:
-            new = replace(new, bytes_per_s=max(new.bytes_per_s, old["bytes_per_s"]),
-                          flops_per_s=max(new.flops_per_s, old["flops_per_s"]))
+            new = replace(
+                new,
+                bytes_per_s=max(new.bytes_per_s, old["bytes_per_s"]),
+                flops_per_s=max(new.flops_per_s, old["flops_per_s"]),
+            )
         cache[key] = asdict(new)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")  # atomic: parallel runs may share the cache
@@ -62,8 +73,13 @@ def ceilings(device: str = "cpu", dtype: torch.dtype = torch.float32, *, refresh
 
 
 def measure(device: str, dtype: torch.dtype) -> Ceilings:
-    return Ceilings(device_name(device), str(dtype).removeprefix("torch."), _copy_rate(device, dtype),
-                    _matmul_rate(device, dtype), torch.get_num_threads())
+    return Ceilings(
+        device_name(device),
+        str(dtype).removeprefix("torch."),
+        _copy_rate(device, dtype),
+        _matmul_rate(device, dtype),
+        torch.get_num_threads(),
+    )
 
 
 def _copy_rate(device: str, dtype: torch.dtype) -> float:
@@ -77,7 +93,7 @@ def _copy_rate(device: str, dtype: torch.dtype) -> float:
 def _matmul_rate(device: str, dtype: torch.dtype) -> float:
     n = 8192 if device.startswith("cuda") else 1024
     x, y = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    return 2 * n ** 3 / _best(lambda: x @ y, device)
+    return 2 * n**3 / _best(lambda: x @ y, device)
 
 
 def _best(fn: Callable[[], object], device: str, repeats: int = 20) -> float:
@@ -107,17 +123,27 @@ class ModelShape:
     elem_bytes: int
 
     @classmethod
-    def from_config(cls, config) -> "ModelShape":
+    def from_config(cls, config) -> ModelShape:
         """From a ResolvedConfig (its model_config and dtype)."""
         hc = config.model_config
-        return cls(hc.num_hidden_layers, hc.hidden_size, hc.num_attention_heads, hc.num_key_value_heads,
-                   hc.head_dim, hc.intermediate_size, hc.vocab_size,
-                   torch.empty((), dtype=config.dtype).element_size())
+        return cls(
+            hc.num_hidden_layers,
+            hc.hidden_size,
+            hc.num_attention_heads,
+            hc.num_key_value_heads,
+            hc.head_dim,
+            hc.intermediate_size,
+            hc.vocab_size,
+            torch.empty((), dtype=config.dtype).element_size(),
+        )
 
     @property
     def body_params(self) -> int:
         """Matmul weights of the decoder layers: q, k, v, o, gate, up, down."""
-        attn = 2 * self.hidden * self.heads * self.head_dim + 2 * self.hidden * self.kv_heads * self.head_dim
+        attn = (
+            2 * self.hidden * self.heads * self.head_dim
+            + 2 * self.hidden * self.kv_heads * self.head_dim
+        )
         return self.layers * (attn + 3 * self.hidden * self.intermediate)
 
     @property
@@ -141,6 +167,7 @@ class ModelShape:
 @dataclass
 class Work:
     """What a phase must do: FLOPs, bytes moved, and the time that takes at the ceilings."""
+
     flops: float = 0.0
     bytes: float = 0.0
     floor_s: float = 0.0
@@ -151,18 +178,26 @@ class Work:
         self.floor_s += max(flops / ceil.flops_per_s, bytes_ / ceil.bytes_per_s)
 
 
-def batch_work(shape: ModelShape, batch: int, input_len: int, output_len: int,
-               ceil: Ceilings) -> tuple[Work, Work]:
+def batch_work(
+    shape: ModelShape, batch: int, input_len: int, output_len: int, ceil: Ceilings
+) -> tuple[Work, Work]:
     """(prefill, decode) for `batch` prompts of `input_len` tokens generating `output_len` each:
     the prefill computes every prompt token (the LM head only for the last) and makes the first
     token; each of the output_len - 1 decode steps makes one token per sequence."""
     prefill, decode = Work(), Work()
     # Causal attention: prompt position i sees i keys, so sum(1..input_len) pairs per sequence.
-    prefill.add(2 * shape.body_params * batch * input_len + 2 * shape.head_params * batch
-                + batch * shape.attention_flops(input_len * (input_len + 1) // 2),
-                shape.weight_bytes + batch * input_len * shape.kv_bytes_per_token, ceil)
+    prefill.add(
+        2 * shape.body_params * batch * input_len
+        + 2 * shape.head_params * batch
+        + batch * shape.attention_flops(input_len * (input_len + 1) // 2),
+        shape.weight_bytes + batch * input_len * shape.kv_bytes_per_token,
+        ceil,
+    )
     for k in range(1, output_len):
         context = input_len + k
-        decode.add(batch * (2 * (shape.body_params + shape.head_params) + shape.attention_flops(context)),
-                   shape.weight_bytes + batch * context * shape.kv_bytes_per_token, ceil)
+        decode.add(
+            batch * (2 * (shape.body_params + shape.head_params) + shape.attention_flops(context)),
+            shape.weight_bytes + batch * context * shape.kv_bytes_per_token,
+            ceil,
+        )
     return prefill, decode

@@ -13,6 +13,7 @@ load. As labkit.sweep(): every argument is checked before the server starts, `ou
 line per finished point, an interrupt returns the points so far (`meta["interrupted"]`) and the
 server it started is stopped however the sweep ends.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,6 +45,7 @@ METRICS = ("ttft", "tpot", "itl", "e2el")
 class ServerProcess:
     """`labkit serve [model] [args]` as a child process on a free loopback port; a context
     manager that waits for /health and stops it (SIGTERM) at the end."""
+
     model: str | None = None
     args: tuple[str, ...] = ()
     startup_timeout_s: float = 300
@@ -57,17 +59,32 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         self.port = free_port()
-        cmd = [sys.executable, "-m", "labkit.cli", "serve", *([self.model] if self.model else []),
-               "--host", "127.0.0.1", "--port", str(self.port), "--disable-log-requests",
-               *self.args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "labkit.cli",
+            "serve",
+            *([self.model] if self.model else []),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-log-requests",
+            *self.args,
+        ]
         with open(self.log_path, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         deadline = time.monotonic() + self.startup_timeout_s
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"labkit serve exited with {self.proc.returncode}:\n"
-                                   f"{self.log()[-3000:]}")
+                raise RuntimeError(
+                    f"labkit serve exited with {self.proc.returncode}:\n{self.log()[-3000:]}"
+                )
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -76,8 +93,10 @@ class ServerProcess:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError(f"labkit serve: no /health after {self.startup_timeout_s} s:\n"
-                                   f"{self.log()[-3000:]}")
+                raise TimeoutError(
+                    f"labkit serve: no /health after {self.startup_timeout_s} s:\n"
+                    f"{self.log()[-3000:]}"
+                )
             time.sleep(0.2)
 
     def log(self) -> str:
@@ -106,6 +125,7 @@ class ServingSweepResult:
     """`df`: a row per (request rate, max concurrency) point; `requests`: a row per request
     (point index, ttft_ms, tpot_ms, e2el_ms, output_len, error); `itls`: (point, itl_ms) per
     inter-token gap; `meta`: the arguments, SLOs and environment."""
+
     df: pd.DataFrame
     requests: pd.DataFrame
     itls: pd.DataFrame
@@ -118,6 +138,7 @@ class ServingSweepResult:
     def plot(self, kind: str | None = None):
         """One figure (`kind` one of labkit.lab.serving_charts.KINDS) or all of them."""
         from labkit.lab import serving_charts
+
         return serving_charts.charts(self, kind)
 
     def save(self, path: str | Path) -> Path:
@@ -125,18 +146,26 @@ class ServingSweepResult:
         path.parent.mkdir(parents=True, exist_ok=True)
         lines = [{"format": FORMAT, "meta": self.meta}]
         for i, row in enumerate(self.df.to_dict("records")):
-            lines.append({"point": row, "requests": self.requests[self.requests.point == i]
-                          .drop(columns="point").to_dict("list"),
-                          "itls": self.itls[self.itls.point == i].itl_ms.tolist()})
+            lines.append(
+                {
+                    "point": row,
+                    "requests": self.requests[self.requests.point == i]
+                    .drop(columns="point")
+                    .to_dict("list"),
+                    "itls": self.itls[self.itls.point == i].itl_ms.tolist(),
+                }
+            )
         path.write_text("".join(json.dumps(_strict(x)) + "\n" for x in lines))
         return path
 
     def _repr_html_(self) -> str:
         state = " <b style='color:#c00'>interrupted</b>" if self.interrupted else ""
         cols = [c for c in self.df.columns if not c.startswith(("std_", "mean_itl"))]
-        return (f"<b>labkit serving sweep</b>: {len(self.df)} points{state}, "
-                f"{len(self.requests)} requests"
-                + self.df[cols].to_html(index=False, float_format=lambda x: f"{x:.4g}"))
+        return (
+            f"<b>labkit serving sweep</b>: {len(self.df)} points{state}, "
+            f"{len(self.requests)} requests"
+            + self.df[cols].to_html(index=False, float_format=lambda x: f"{x:.4g}")
+        )
 
 
 def load_serving_sweep(path: str | Path) -> ServingSweepResult:
@@ -161,12 +190,22 @@ def _strict(obj):
 def _build(points: list[tuple[dict, dict, list]], meta: dict) -> ServingSweepResult:
     rows = [dict(p, request_rate=float(p["request_rate"])) for p, _, _ in points]
     df = pd.DataFrame(rows)
-    if len(df):   # None (no limit) as a missing integer
+    if len(df):  # None (no limit) as a missing integer
         df["max_concurrency"] = pd.array(df.max_concurrency.tolist(), dtype="Int64")
-    requests = pd.concat([pd.DataFrame(r).assign(point=i) for i, (_, r, _) in enumerate(points)],
-                         ignore_index=True) if points else pd.DataFrame(columns=REQUEST_COLUMNS)
-    itls = pd.DataFrame({"point": [i for i, (_, _, g) in enumerate(points) for _ in g],
-                         "itl_ms": [x for _, _, g in points for x in g]})
+    requests = (
+        pd.concat(
+            [pd.DataFrame(r).assign(point=i) for i, (_, r, _) in enumerate(points)],
+            ignore_index=True,
+        )
+        if points
+        else pd.DataFrame(columns=REQUEST_COLUMNS)
+    )
+    itls = pd.DataFrame(
+        {
+            "point": [i for i, (_, _, g) in enumerate(points) for _ in g],
+            "itl_ms": [x for _, _, g in points for x in g],
+        }
+    )
     return ServingSweepResult(df, requests[REQUEST_COLUMNS], itls, meta)
 
 
@@ -179,38 +218,65 @@ def _check(request_rates, max_concurrencies, num_prompts, input_len, output_len,
     if not rates or any(not r > 0 for r in rates):
         raise ValueError(f"request_rates={request_rates!r} is invalid: each > 0 (inf: all at once)")
     conc = list(max_concurrencies) or [None]
-    if any(c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1)
-           for c in conc):
-        raise ValueError(f"max_concurrencies={max_concurrencies!r} is invalid: positive integers "
-                         "or None (no limit)")
-    for name, v in (("num_prompts", num_prompts), ("input_len", input_len),
-                    ("output_len", output_len)):
+    if any(
+        c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1) for c in conc
+    ):
+        raise ValueError(
+            f"max_concurrencies={max_concurrencies!r} is invalid: positive integers "
+            "or None (no limit)"
+        )
+    for name, v in (
+        ("num_prompts", num_prompts),
+        ("input_len", input_len),
+        ("output_len", output_len),
+    ):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}={v!r} is invalid: must be a positive integer")
     slos = [f"{k}:{v}" for k, v in (goodput or {}).items()]
-    serve._parse_goodput(slos)   # raises on a bad metric or value
+    serve._parse_goodput(slos)  # raises on a bad metric or value
     return [(r, c) for c in conc for r in rates], slos
 
 
-def serving_sweep(model: str | None = None, *, url: str | None = None,
-                  request_rates=(1.0, 4.0, math.inf), max_concurrencies=(None,),
-                  num_prompts: int = 32, input_len: int = 128, output_len: int = 32,
-                  goodput: dict[str, float] | None = None, server_args=(), seed: int = 0,
-                  output: str | Path | None = None, progress: bool = True,
-                  on_point: Callable[[pd.DataFrame], None] | None = None,
-                  stop: Callable[[], bool] | None = None,
-                  startup_timeout_s: float = 300) -> ServingSweepResult:
+def serving_sweep(
+    model: str | None = None,
+    *,
+    url: str | None = None,
+    request_rates=(1.0, 4.0, math.inf),
+    max_concurrencies=(None,),
+    num_prompts: int = 32,
+    input_len: int = 128,
+    output_len: int = 32,
+    goodput: dict[str, float] | None = None,
+    server_args=(),
+    seed: int = 0,
+    output: str | Path | None = None,
+    progress: bool = True,
+    on_point: Callable[[pd.DataFrame], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+    startup_timeout_s: float = 300,
+) -> ServingSweepResult:
     """Every (request rate, max concurrency) pair, one serving benchmark run each: `num_prompts`
     random prompts of `input_len` tokens generating `output_len` (EOS ignored). `url`: a running
     server (else `labkit serve model *server_args` is started and stopped). `goodput`: SLOs in
     ms, e.g. {"ttft": 500, "tpot": 50}: a request counts when within every one."""
-    grid, slos = _check(request_rates, max_concurrencies, num_prompts, input_len, output_len,
-                        goodput)
-    meta = {"params": dict(model=model, url=url, request_rates=[_strict(r) for r, _ in grid],
-                           max_concurrencies=[c for _, c in grid], num_prompts=num_prompts,
-                           input_len=input_len, output_len=output_len, seed=seed,
-                           server_args=list(server_args)),
-            "goodput_slos_ms": goodput or {}, "environment": env.environment("cpu")}
+    grid, slos = _check(
+        request_rates, max_concurrencies, num_prompts, input_len, output_len, goodput
+    )
+    meta = {
+        "params": dict(
+            model=model,
+            url=url,
+            request_rates=[_strict(r) for r, _ in grid],
+            max_concurrencies=[c for _, c in grid],
+            num_prompts=num_prompts,
+            input_len=input_len,
+            output_len=output_len,
+            seed=seed,
+            server_args=list(server_args),
+        ),
+        "goodput_slos_ms": goodput or {},
+        "environment": env.environment("cpu"),
+    }
     points: list[tuple[dict, dict, list]] = []
     out = Path(output) if output else None
     if out is not None:
@@ -225,26 +291,46 @@ def serving_sweep(model: str | None = None, *, url: str | None = None,
                 meta["interrupted"] = True
                 break
             if progress:
-                log.warning("serving sweep: point %d / %d: request_rate=%s max_concurrency=%s",
-                            k + 1, len(grid), rate, conc)
-            r = serve.run(base_url=base, tokenizer=model, num_prompts=num_prompts,
-                          random_input_len=input_len, random_output_len=output_len,
-                          request_rate=rate, max_concurrency=conc, ignore_eos=True,
-                          percentile_metrics=",".join(METRICS), metric_percentiles="50,90,99",
-                          goodput=slos or None, seed=seed, disable_tqdm=True, detailed=True)
+                log.warning(
+                    "serving sweep: point %d / %d: request_rate=%s max_concurrency=%s",
+                    k + 1,
+                    len(grid),
+                    rate,
+                    conc,
+                )
+            r = serve.run(
+                base_url=base,
+                tokenizer=model,
+                num_prompts=num_prompts,
+                random_input_len=input_len,
+                random_output_len=output_len,
+                request_rate=rate,
+                max_concurrency=conc,
+                ignore_eos=True,
+                percentile_metrics=",".join(METRICS),
+                metric_percentiles="50,90,99",
+                goodput=slos or None,
+                seed=seed,
+                disable_tqdm=True,
+                detailed=True,
+            )
             points.append(_point(r, rate, conc, num_prompts))
             if out is not None:
                 with open(out, "a") as f:
                     p = points[-1]
-                    f.write(json.dumps(_strict({"point": p[0], "requests": p[1], "itls": p[2]}))
-                            + "\n")
+                    f.write(
+                        json.dumps(_strict({"point": p[0], "requests": p[1], "itls": p[2]})) + "\n"
+                    )
             result = _build(points, meta)
             if on_point is not None:
                 on_point(result.df)
     except KeyboardInterrupt:
         meta["interrupted"] = True
-        log.warning("serving sweep interrupted after %d of %d points: the rows so far are in "
-                    "the result", len(points), len(grid))
+        log.warning(
+            "serving sweep interrupted after %d of %d points: the rows so far are in the result",
+            len(points),
+            len(grid),
+        )
     finally:
         if server is not None:
             server.stop()
@@ -261,18 +347,32 @@ def _point(r: dict, rate: float, conc: int | None, num_prompts: int):
     row = {"request_rate": rate, "max_concurrency": conc}
     row |= {k: v for k, v in r.items() if k in SUMMARY_KEYS or k.endswith("_ms")}
     row["request_goodput"] = math.nan if r["request_goodput"] is None else r["request_goodput"]
-    row["goodput_fraction"] = row["request_goodput"] / r["request_throughput"] \
-        if r["request_throughput"] else math.nan
-    tpot = [(e - t) / (n - 1) * 1e3 if ok_ and n > 1 else math.nan
-            for e, t, n, ok_ in zip(r["e2els"], r["ttfts"], r["output_lens"], ok)]
-    requests = {"input_len": r["input_lens"], "output_len": r["output_lens"],
-                "ttft_ms": [t * 1e3 if o else math.nan for t, o in zip(r["ttfts"], ok)],
-                "tpot_ms": tpot,
-                "e2el_ms": [t * 1e3 if o else math.nan for t, o in zip(r["e2els"], ok)],
-                "error": r["errors"]}
+    row["goodput_fraction"] = (
+        row["request_goodput"] / r["request_throughput"] if r["request_throughput"] else math.nan
+    )
+    tpot = [
+        (e - t) / (n - 1) * 1e3 if ok_ and n > 1 else math.nan
+        for e, t, n, ok_ in zip(r["e2els"], r["ttfts"], r["output_lens"], ok)
+    ]
+    requests = {
+        "input_len": r["input_lens"],
+        "output_len": r["output_lens"],
+        "ttft_ms": [t * 1e3 if o else math.nan for t, o in zip(r["ttfts"], ok)],
+        "tpot_ms": tpot,
+        "e2el_ms": [t * 1e3 if o else math.nan for t, o in zip(r["e2els"], ok)],
+        "error": r["errors"],
+    }
     itls = [x * 1e3 for gaps, o in zip(r["itls"], ok) if o for x in gaps]
     return row, requests, itls
 
 
-SUMMARY_KEYS = ("duration", "completed", "failed", "total_input_tokens", "total_output_tokens",
-                "request_throughput", "output_throughput", "total_token_throughput")
+SUMMARY_KEYS = (
+    "duration",
+    "completed",
+    "failed",
+    "total_input_tokens",
+    "total_output_tokens",
+    "request_throughput",
+    "output_throughput",
+    "total_token_throughput",
+)

@@ -11,6 +11,7 @@ Python's json, the shortest exact repr, NaN as null), so a reloaded sweep equals
 A last line cut short by a crash is skipped. Files of the earlier one-document format
 ("labkit-sweep/1") load too, without step logs.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,12 @@ log = logging.getLogger("labkit.lab")
 def table(df: pd.DataFrame) -> dict:
     """Columns, dtypes and values of a DataFrame, strict JSON."""
     data = {c: [_clean(v) for v in df[c].tolist()] for c in df.columns}
-    return {"columns": list(df.columns), "dtypes": {c: str(t) for c, t in df.dtypes.items()},
-            "data": data, "index": [_clean(v) for v in df.index.tolist()]}
+    return {
+        "columns": list(df.columns),
+        "dtypes": {c: str(t) for c, t in df.dtypes.items()},
+        "data": data,
+        "index": [_clean(v) for v in df.index.tolist()],
+    }
 
 
 def from_table(t: dict) -> pd.DataFrame:
@@ -44,7 +49,7 @@ def from_table(t: dict) -> pd.DataFrame:
 def _clean(v):
     if isinstance(v, float) and math.isnan(v):
         return None
-    if hasattr(v, "item"):   # numpy scalars
+    if hasattr(v, "item"):  # numpy scalars
         return _clean(v.item())
     return v
 
@@ -94,8 +99,14 @@ def _nan(obj):
 
 
 def point_line(rec: PointRecord) -> str:
-    return _json({"point": _strict(rec.row), "raw": _strict(rec.raw), "steps": rec.steps,
-                  "profile": rec.profile and _strict_profile(rec.profile)})
+    return _json(
+        {
+            "point": _strict(rec.row),
+            "raw": _strict(rec.raw),
+            "steps": rec.steps,
+            "profile": rec.profile and _strict_profile(rec.profile),
+        }
+    )
 
 
 def _strict_profile(p: dict) -> dict:
@@ -151,7 +162,7 @@ def read(path: str | Path) -> tuple[dict, list[PointRecord]]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError:
-            if n == len(lines):   # cut short by a crash mid-write: the points before it stand
+            if n == len(lines):  # cut short by a crash mid-write: the points before it stand
                 log.warning("%s: line %d is incomplete; skipped", path, n)
                 continue
             raise ValueError(f"{path}: line {n} is not JSON") from None
@@ -159,8 +170,11 @@ def read(path: str | Path) -> tuple[dict, list[PointRecord]]:
             row = {k: (math.nan if v is None else v) for k, v in item["point"].items()}
             row["warnings"] = item["point"].get("warnings") or ""
             row["error"] = item["point"].get("error") or ""
-            records.append(PointRecord(row, _nan(item["raw"]), _decode(item["steps"]),
-                                       _decode(item.get("profile"))))
+            records.append(
+                PointRecord(
+                    row, _nan(item["raw"]), _decode(item["steps"]), _decode(item.get("profile"))
+                )
+            )
         elif "meta" in item:
             meta = item["meta"]
     return meta, records

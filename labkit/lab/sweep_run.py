@@ -2,6 +2,7 @@
 callbacks, the status line and the live chart) and says how the sweep ended; `local()` runs the
 points in this process, one engine at a time (labkit.lab.cluster runs them on Ray and hands each
 record to the same `keep`)."""
+
 from __future__ import annotations
 
 import logging
@@ -20,12 +21,23 @@ log = logging.getLogger("labkit.lab")
 class SweepRun:
     """Runs the points group by group (`local`), or is handed them (`keep`) as they finish."""
 
-    def __init__(self, result, groups: dict[int, EngineGroup], writer: sweep_file.Writer | None,
-                 *, live: bool | None, progress: bool, total: int, desc: str,
-                 on_point: Callable[[pd.DataFrame], None] | None,
-                 on_start: Callable[[Point], None] | None, stop: Callable[[], bool] | None,
-                 profile_dir: str | Path | None):
+    def __init__(
+        self,
+        result,
+        groups: dict[int, EngineGroup],
+        writer: sweep_file.Writer | None,
+        *,
+        live: bool | None,
+        progress: bool,
+        total: int,
+        desc: str,
+        on_point: Callable[[pd.DataFrame], None] | None,
+        on_start: Callable[[Point], None] | None,
+        stop: Callable[[], bool] | None,
+        profile_dir: str | Path | None,
+    ):
         from labkit.lab import charts
+
         self.result, self.groups, self.writer = result, groups, writer
         self.on_point, self.on_start, self.stop = on_point, on_start, stop
         self.profile_dir = profile_dir
@@ -34,9 +46,11 @@ class SweepRun:
         self.chart = None
         if live or (live is None and notebook and charts.has_widgets()):
             from labkit.lab.live import LiveChart
+
             self.chart = LiveChart(tp_sizes=list(groups))
             self.chart.show()
         from labkit.lab.live import Status
+
         self.status = Status(total, desc, notebook=notebook, enabled=progress)
 
     def local(self, todo: list[Point]) -> None:
@@ -46,7 +60,7 @@ class SweepRun:
                 continue
             if self.should_stop():
                 return
-            with group.engine() as llm:   # closed (KV cache freed) however the block ends
+            with group.engine() as llm:  # closed (KV cache freed) however the block ends
                 for point in mine:
                     if self.should_stop():
                         return

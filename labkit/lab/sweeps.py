@@ -16,6 +16,7 @@ the points it lacks. `cluster=` runs the engines on a Ray cluster instead, side 
 The prefix cache is off unless you pass enable_prefix_caching=True: the same prompts run in every
 iteration, and a cache would serve their prefills after the first.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,9 +44,22 @@ from labkit.lab.points import (
 from labkit.lab.sweep_run import SweepRun
 from labkit.observe.trace import DEFAULT_PROFILE_DIR
 
-__all__ = ["COLUMNS", "METRIC_COLUMNS", "POINT_KEYS", "SPREAD_COLUMNS", "DEFAULTS", "MODES",
-           "SweepGrid", "SweepResult", "SweepComparison", "sweep", "load_sweep", "last_sweep",
-           "batch_times", "split_batches"]
+__all__ = [
+    "COLUMNS",
+    "METRIC_COLUMNS",
+    "POINT_KEYS",
+    "SPREAD_COLUMNS",
+    "DEFAULTS",
+    "MODES",
+    "SweepGrid",
+    "SweepResult",
+    "SweepComparison",
+    "sweep",
+    "load_sweep",
+    "last_sweep",
+    "batch_times",
+    "split_batches",
+]
 
 log = logging.getLogger("labkit.lab")
 
@@ -57,6 +71,7 @@ FILE_FORMAT = sweep_file.FORMAT
 class SweepGrid:
     """A sweep's points and how each is measured: the defaults of sweep(), `labkit sweep` and
     the dashboard alike."""
+
     batch_sizes: tuple[int, ...] = (1, 4)
     input_lens: tuple[int, ...] = (32, 128)
     output_lens: tuple[int, ...] = (16,)
@@ -75,6 +90,7 @@ class SweepResult:
     """One row per point (points.COLUMNS) and where it was measured: `meta` holds the sweep's
     arguments, the environment and the machine's ceilings; `records` (one per row, in order)
     the raw timings, step logs and profiles behind the rows: `.point(i)` opens one."""
+
     df: pd.DataFrame
     meta: dict = field(default_factory=dict)
     records: list[PointRecord] = field(default_factory=list)
@@ -91,12 +107,14 @@ class SweepResult:
         """One plotly figure (`kind` one of labkit.lab.charts.KINDS), or all of them as a dict
         that displays every figure in a notebook."""
         from labkit.lab import charts
+
         tp = self.meta.get("params", {}).get("tensor_parallel_sizes", ())
         return charts.sweep_charts(self.df, self.meta.get("ceilings"), kind, tp)
 
     def point(self, index: int):
         """Row `index`'s drill-down: its step timeline, operator breakdown and trace."""
         from labkit.lab.drilldown import PointDetail
+
         return PointDetail(self.df.iloc[index], self.records[index])
 
     def slowest(self, metric: str = "floor_fraction"):
@@ -111,18 +129,27 @@ class SweepResult:
         """A self-contained report (plotly.js inlined: viewable offline): charts, table,
         environment."""
         from labkit.lab import charts
-        return charts.write_report(path, f"labkit sweep: {self.label}", self.plot(), self.df,
-                                   self.meta)
 
-    def compare(self, other: SweepResult, labels: tuple[str, str] | None = None, *,
-                allow_mode_mismatch: bool = False) -> SweepComparison:
+        return charts.write_report(
+            path, f"labkit sweep: {self.label}", self.plot(), self.df, self.meta
+        )
+
+    def compare(
+        self,
+        other: SweepResult,
+        labels: tuple[str, str] | None = None,
+        *,
+        allow_mode_mismatch: bool = False,
+    ) -> SweepComparison:
         """The points both sweeps ran, side by side (labkit vs hf, before vs after). Sweeps of
         different modes time different things (a latency batch vs a throughput run): refused
         unless allow_mode_mismatch=True, and then said in a warning."""
         modes = [r.meta.get("params", {}).get("mode") for r in (self, other)]
         if modes[0] != modes[1]:
-            msg = (f"comparing a mode={modes[0]!r} sweep with a mode={modes[1]!r} one: they time "
-                   "different things; run both in one mode")
+            msg = (
+                f"comparing a mode={modes[0]!r} sweep with a mode={modes[1]!r} one: they time "
+                "different things; run both in one mode"
+            )
             if not allow_mode_mismatch:
                 raise ValueError(msg + " (or pass allow_mode_mismatch=True)")
             log.warning(msg)
@@ -131,8 +158,10 @@ class SweepResult:
             if labels[0] == labels[1]:
                 labels = ("before", "after")
         keys = ["tensor_parallel_size", "batch_size", "input_len", "output_len"]
-        a, b = (r.df[keys + COMPARED].rename(columns={m: f"{m}_{lab}" for m in COMPARED})
-                for r, lab in zip((self, other), labels))
+        a, b = (
+            r.df[keys + COMPARED].rename(columns={m: f"{m}_{lab}" for m in COMPARED})
+            for r, lab in zip((self, other), labels)
+        )
         df = a.merge(b, on=keys)
         for m in COMPARED:
             df[f"{m}_ratio"] = df[f"{m}_{labels[1]}"] / df[f"{m}_{labels[0]}"]
@@ -141,10 +170,12 @@ class SweepResult:
     def _repr_html_(self) -> str:
         e = self.meta.get("environment", {})
         state = " <b style='color:#c00'>interrupted</b>" if self.interrupted else ""
-        return (f"<b>labkit sweep</b> ({self.label}): {len(self.df)} points{state} on "
-                f"{e.get('device_name')} (torch {e.get('torch')}, labkit {e.get('labkit')}, "
-                f"commit {e.get('git_commit')})"
-                + _compact(self.df).to_html(index=False, float_format=lambda x: f"{x:.4g}"))
+        return (
+            f"<b>labkit sweep</b> ({self.label}): {len(self.df)} points{state} on "
+            f"{e.get('device_name')} (torch {e.get('torch')}, labkit {e.get('labkit')}, "
+            f"commit {e.get('git_commit')})"
+            + _compact(self.df).to_html(index=False, float_format=lambda x: f"{x:.4g}")
+        )
 
 
 def _compact(df: pd.DataFrame) -> pd.DataFrame:
@@ -152,25 +183,35 @@ def _compact(df: pd.DataFrame) -> pd.DataFrame:
     so it shows as its first words (the DataFrame keeps it whole)."""
     if "warnings" not in df:
         return df
-    short = df.warnings.map(lambda w: w if not isinstance(w, str) or len(w) <= 40
-                            else w[:37] + "...")
+    short = df.warnings.map(
+        lambda w: w if not isinstance(w, str) or len(w) <= 40 else w[:37] + "..."
+    )
     return df.assign(warnings=short)
 
 
-COMPARED = ["avg_latency_s", "ttft_s", "tpot_s", "prefill_tok_s", "decode_tok_s", "output_tok_s",
-            "floor_fraction"]
+COMPARED = [
+    "avg_latency_s",
+    "ttft_s",
+    "tpot_s",
+    "prefill_tok_s",
+    "decode_tok_s",
+    "output_tok_s",
+    "floor_fraction",
+]
 
 
 @dataclass
 class SweepComparison:
     """Per common point: each metric of COMPARED under both labels, and `<metric>_ratio` =
     second / first. `mixed_modes`: the sweeps ran in different modes (compare with care)."""
+
     df: pd.DataFrame
     labels: tuple[str, str]
     mixed_modes: bool = False
 
     def plot(self, metric: str = "output_tok_s"):
         from labkit.lab import charts
+
         fig = charts.comparison(self.df, self.labels, metric)
         if self.mixed_modes:
             fig.update_layout(title=fig.layout.title.text + " (different modes!)")
@@ -208,23 +249,35 @@ def _check(grid: SweepGrid, on_interrupt: str) -> list[Point]:
     if grid.mode not in MODES:
         raise ValueError(f"mode={grid.mode!r} is invalid: must be one of {', '.join(MODES)}")
     if grid.backend not in throughput.BACKENDS:
-        raise ValueError(f"backend={grid.backend!r} is invalid: must be one of "
-                         f"{', '.join(throughput.BACKENDS)}")
+        raise ValueError(
+            f"backend={grid.backend!r} is invalid: must be one of {', '.join(throughput.BACKENDS)}"
+        )
     if grid.backend == "hf" and grid.mode != "throughput":
-        raise ValueError("backend='hf' runs through the throughput benchmark: pass "
-                         "mode='throughput'")
-    if (not isinstance(grid.num_iters, int) or grid.num_iters < 1
-            or not isinstance(grid.num_iters_warmup, int) or grid.num_iters_warmup < 0):
-        raise ValueError(f"num_iters={grid.num_iters!r}, num_iters_warmup="
-                         f"{grid.num_iters_warmup!r}: need num_iters >= 1 and "
-                         "num_iters_warmup >= 0")
+        raise ValueError(
+            "backend='hf' runs through the throughput benchmark: pass mode='throughput'"
+        )
+    if (
+        not isinstance(grid.num_iters, int)
+        or grid.num_iters < 1
+        or not isinstance(grid.num_iters_warmup, int)
+        or grid.num_iters_warmup < 0
+    ):
+        raise ValueError(
+            f"num_iters={grid.num_iters!r}, num_iters_warmup="
+            f"{grid.num_iters_warmup!r}: need num_iters >= 1 and "
+            "num_iters_warmup >= 0"
+        )
     if on_interrupt not in ("return", "raise"):
         raise ValueError(f"on_interrupt={on_interrupt!r} is invalid: 'return' or 'raise'")
-    lists = {k: getattr(grid, k) for k in ("tensor_parallel_sizes", "input_lens", "output_lens",
-                                           "batch_sizes")}
+    lists = {
+        k: getattr(grid, k)
+        for k in ("tensor_parallel_sizes", "input_lens", "output_lens", "batch_sizes")
+    }
     if any(len(list(v)) == 0 for v in lists.values()):
-        raise ValueError("empty sweep: every list (batch_sizes, input_lens, output_lens, "
-                         "tensor_parallel_sizes) needs at least one value")
+        raise ValueError(
+            "empty sweep: every list (batch_sizes, input_lens, output_lens, "
+            "tensor_parallel_sizes) needs at least one value"
+        )
     tps, ins, outs, bs = (_positive_ints(k, v) for k, v in lists.items())
     return [Point(tp, b, i, o) for tp in tps for i in ins for o in outs for b in bs]
 
@@ -236,28 +289,45 @@ def _resumed(path: str | Path, meta: dict) -> tuple[list[PointRecord], bool]:
     old, new = old_meta.get("params", {}), meta["params"]
     for key in ("model", "mode", "backend", "num_iters", "num_iters_warmup", "seed"):
         if old.get(key) != new.get(key):
-            raise ValueError(f"resume={str(path)!r}: that sweep ran {key}={old.get(key)!r}, this "
-                             f"one asks for {new.get(key)!r}")
+            raise ValueError(
+                f"resume={str(path)!r}: that sweep ran {key}={old.get(key)!r}, this "
+                f"one asks for {new.get(key)!r}"
+            )
     if old_meta.get("engine_args") != meta["engine_args"]:
-        raise ValueError(f"resume={str(path)!r}: that sweep's engine arguments "
-                         f"{old_meta.get('engine_args')} differ from {meta['engine_args']}")
+        raise ValueError(
+            f"resume={str(path)!r}: that sweep's engine arguments "
+            f"{old_meta.get('engine_args')} differ from {meta['engine_args']}"
+        )
     kept = [r for r in records if not failed(r.row)]
     return kept, len(kept) < len(records)
 
 
 # ---- running a sweep --------------------------------------------------------------------------
-def sweep(model: str | None = None, batch_sizes=DEFAULTS.batch_sizes,
-          input_lens=DEFAULTS.input_lens,
-          output_lens=DEFAULTS.output_lens, tensor_parallel_sizes=DEFAULTS.tensor_parallel_sizes,
-          mode: str = DEFAULTS.mode, backend: str = DEFAULTS.backend,
-          num_iters: int = DEFAULTS.num_iters, num_iters_warmup: int = DEFAULTS.num_iters_warmup,
-          seed: int = 0, label: str | None = None, progress: bool = True, live: bool | None = None,
-          on_point: Callable[[pd.DataFrame], None] | None = None,
-          on_start: Callable[[Point], None] | None = None, output: str | Path | None = None,
-          resume: str | Path | None = None, stop: Callable[[], bool] | None = None,
-          on_interrupt: str = "return", profile: bool = False,
-          profile_dir: str | Path | None = None, cluster: str | None = None,
-          **engine_args) -> SweepResult:
+def sweep(
+    model: str | None = None,
+    batch_sizes=DEFAULTS.batch_sizes,
+    input_lens=DEFAULTS.input_lens,
+    output_lens=DEFAULTS.output_lens,
+    tensor_parallel_sizes=DEFAULTS.tensor_parallel_sizes,
+    mode: str = DEFAULTS.mode,
+    backend: str = DEFAULTS.backend,
+    num_iters: int = DEFAULTS.num_iters,
+    num_iters_warmup: int = DEFAULTS.num_iters_warmup,
+    seed: int = 0,
+    label: str | None = None,
+    progress: bool = True,
+    live: bool | None = None,
+    on_point: Callable[[pd.DataFrame], None] | None = None,
+    on_start: Callable[[Point], None] | None = None,
+    output: str | Path | None = None,
+    resume: str | Path | None = None,
+    stop: Callable[[], bool] | None = None,
+    on_interrupt: str = "return",
+    profile: bool = False,
+    profile_dir: str | Path | None = None,
+    cluster: str | None = None,
+    **engine_args,
+) -> SweepResult:
     """Every combination of the lists, one row each. mode="latency" runs
     labkit.bench.latency, mode="throughput" labkit.bench.throughput (the only one with
     backend="hf", transformers' generate).
@@ -273,33 +343,54 @@ def sweep(model: str | None = None, batch_sizes=DEFAULTS.batch_sizes,
     `cluster`: None runs here; "local" (a Ray instance on this machine's GPUs, or CPUs) or a Ray
     address ("auto", "ray://host:10001") runs each engine on the cluster, side by side
     (labkit.lab.cluster)."""
-    grid = SweepGrid(tuple(batch_sizes), tuple(input_lens), tuple(output_lens),
-                     tuple(tensor_parallel_sizes), mode, backend, num_iters, num_iters_warmup)
+    grid = SweepGrid(
+        tuple(batch_sizes),
+        tuple(input_lens),
+        tuple(output_lens),
+        tuple(tensor_parallel_sizes),
+        mode,
+        backend,
+        num_iters,
+        num_iters_warmup,
+    )
     points = _check(grid, on_interrupt)
     tp_sizes = list(dict.fromkeys(p.tensor_parallel_size for p in points))
     engine_args.setdefault("enable_prefix_caching", False)
-    meta = {"label": label,
-            "params": dict(model=model, batch_sizes=_positive_ints("batch_sizes", batch_sizes),
-                           input_lens=_positive_ints("input_lens", input_lens),
-                           output_lens=_positive_ints("output_lens", output_lens),
-                           tensor_parallel_sizes=tp_sizes, mode=mode, backend=backend,
-                           num_iters=num_iters, num_iters_warmup=num_iters_warmup, seed=seed),
-            "engine_args": {k: v if sweep_file.jsonable(v) else repr(v)
-                            for k, v in engine_args.items()}}
+    meta = {
+        "label": label,
+        "params": dict(
+            model=model,
+            batch_sizes=_positive_ints("batch_sizes", batch_sizes),
+            input_lens=_positive_ints("input_lens", input_lens),
+            output_lens=_positive_ints("output_lens", output_lens),
+            tensor_parallel_sizes=tp_sizes,
+            mode=mode,
+            backend=backend,
+            num_iters=num_iters,
+            num_iters_warmup=num_iters_warmup,
+            seed=seed,
+        ),
+        "engine_args": {
+            k: v if sweep_file.jsonable(v) else repr(v) for k, v in engine_args.items()
+        },
+    }
     records, dropped = _resumed(resume, meta) if resume is not None else ([], False)
     if resume is not None and output is None:
         output = resume
     # Every engine's config resolved (and the ceilings measured) before any model loads.
-    groups = {tp: EngineGroup(model, tp, backend, mode, num_iters, num_iters_warmup, seed,
-                              engine_args) for tp in tp_sizes}
+    groups = {
+        tp: EngineGroup(model, tp, backend, mode, num_iters, num_iters_warmup, seed, engine_args)
+        for tp in tp_sizes
+    }
     first = groups[tp_sizes[0]]
     meta["environment"] = env.environment(first.device)
     meta["ceilings"] = asdict(first.device_ceilings)
     done = {Point.of_row(r.row) for r in records}
     todo = [p for p in points if p not in done]
     if records:
-        log.info("resuming: %d of %d points already in %s", len(points) - len(todo), len(points),
-                 resume)
+        log.info(
+            "resuming: %d of %d points already in %s", len(points) - len(todo), len(points), resume
+        )
     writer = None
     if output is not None:
         same = resume is not None and Path(output).resolve() == Path(resume).resolve()
@@ -307,20 +398,35 @@ def sweep(model: str | None = None, batch_sizes=DEFAULTS.batch_sizes,
         writer = sweep_file.Writer(Path(output), meta, records, append=same and not dropped)
     result = SweepResult(sweep_file.rows_frame(records), meta, records)
     _last[:] = [result]
-    run = SweepRun(result, groups, writer, live=live, progress=progress, total=len(todo),
-                   desc=f"sweep ({mode}, {backend})", on_point=on_point, on_start=on_start,
-                   stop=stop, profile_dir=(profile_dir or DEFAULT_PROFILE_DIR) if profile else None)
+    run = SweepRun(
+        result,
+        groups,
+        writer,
+        live=live,
+        progress=progress,
+        total=len(todo),
+        desc=f"sweep ({mode}, {backend})",
+        on_point=on_point,
+        on_start=on_start,
+        stop=stop,
+        profile_dir=(profile_dir or DEFAULT_PROFILE_DIR) if profile else None,
+    )
     try:
         if cluster is None:
             run.local(todo)
         else:
             from labkit.lab import cluster as ray_cluster
+
             ray_cluster.run(run, todo, cluster)
     except KeyboardInterrupt:
         run.end("interrupted", interrupted=True)
-        log.warning("sweep interrupted after %d of %d points: the rows so far are in the "
-                    "result%s (and labkit.last_sweep())", run.finished, len(todo),
-                    f" and {output}" if output else "")
+        log.warning(
+            "sweep interrupted after %d of %d points: the rows so far are in the "
+            "result%s (and labkit.last_sweep())",
+            run.finished,
+            len(todo),
+            f" and {output}" if output else "",
+        )
         if on_interrupt == "raise":
             raise
         return result

@@ -1,4 +1,5 @@
 """Vocabulary-parallel embedding and LM head: each rank holds a contiguous slice of the vocab."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -28,7 +29,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        shard = loaded[self.start:self.start + self.shard_size]
+        shard = loaded[self.start : self.start + self.shard_size]
         param.data.zero_()  # the last rank's shard may run past the vocab: pad with zeros
         param.data[: shard.shape[0]].copy_(shard)
 
@@ -46,10 +47,18 @@ CPU_VOCAB_ROWS_MAX = 64
 
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits for the rows that will be sampled; the full vocab is gathered on rank 0 only."""
-    profile_category = "matmul"   # a matmul, though it shares the embedding's sharding
 
-    def __init__(self, vocab_size: int, hidden_size: int, *, tp: TPGroup,
-                 switches: KernelSwitches, workspace: GemvWorkspace | None):
+    profile_category = "matmul"  # a matmul, though it shares the embedding's sharding
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        *,
+        tp: TPGroup,
+        switches: KernelSwitches,
+        workspace: GemvWorkspace | None,
+    ):
         super().__init__(vocab_size, hidden_size, tp=tp)
         self.switches, self.workspace = switches, workspace
 

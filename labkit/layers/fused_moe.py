@@ -13,6 +13,7 @@ On CUDA (KernelSwitches.use_fused_moe) the experts run in labkit.kernels.fused_m
 by expert, one grouped GEMM for gate/up and one for down. Elsewhere: a torch loop over the
 experts that have tokens, the sums in HF's order (expert by expert into zeros).
 """
+
 from __future__ import annotations
 
 import re
@@ -25,8 +26,14 @@ from labkit.distributed import TPGroup, divide
 from labkit.layers.switches import KernelSwitches
 
 # checkpoint projection name -> (our parameter, its shard): Qwen/HF names and Mixtral's.
-_EXPERT_SHARDS = {"gate_proj": ("w13", 0), "w1": ("w13", 0), "up_proj": ("w13", 1),
-                  "w3": ("w13", 1), "down_proj": ("w2", None), "w2": ("w2", None)}
+_EXPERT_SHARDS = {
+    "gate_proj": ("w13", 0),
+    "w1": ("w13", 0),
+    "up_proj": ("w13", 1),
+    "w3": ("w13", 1),
+    "down_proj": ("w2", None),
+    "w2": ("w2", None),
+}
 _PER_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)\.weight$")
 _FUSED = re.compile(r"(.*\.experts)\.(gate_up_proj|down_proj)$")
 
@@ -42,8 +49,9 @@ def expert_param_name(name: str) -> tuple[str, tuple[int | None, int | None]] | 
     return None
 
 
-def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
-          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def route(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, k] in `dtype`, expert ids [T, k]): softmax in float32, top-k, and with
     `renormalize` the k weights divided by their sum (as transformers does)."""
     probs = torch.softmax(router_logits.float(), dim=-1)
@@ -53,8 +61,13 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     return weights.to(dtype), ids
 
 
-def experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                  topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+def experts_torch(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
     """sum_k weight_k * expert_k(x) per token, one expert at a time: x [T, H] -> [T, H]."""
     t, k = topk_ids.shape
     flat = topk_ids.flatten()
@@ -66,7 +79,7 @@ def experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     for e, n in enumerate(counts):
         if not n:
             continue
-        slots = order[start:start + n]
+        slots = order[start : start + n]
         start += n
         rows = slots // k
         gate, up = F.linear(x[rows], w13[e]).chunk(2, dim=-1)
@@ -78,22 +91,35 @@ def experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 class FusedMoE(nn.Module):
     """The experts of one layer, this rank's slice of each; forward(x, router_logits) -> the
     all-reduced output [T, H]."""
+
     profile_category = "matmul"
 
-    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
-                 renormalize: bool, *, tp: TPGroup, switches: KernelSwitches):
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        intermediate_size: int,
+        renormalize: bool,
+        *,
+        tp: TPGroup,
+        switches: KernelSwitches,
+    ):
         super().__init__()
         self.top_k, self.renormalize = top_k, renormalize
         self.tp, self.switches = tp, switches
         self.inter = divide(intermediate_size, tp.size, "moe intermediate size")
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.inter, hidden_size),
-                                requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, self.inter),
-                               requires_grad=False)
+        self.w13 = nn.Parameter(
+            torch.empty(num_experts, 2 * self.inter, hidden_size), requires_grad=False
+        )
+        self.w2 = nn.Parameter(
+            torch.empty(num_experts, hidden_size, self.inter), requires_grad=False
+        )
         self.w13.weight_loader = self.w2.weight_loader = self.weight_loader
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
-                      shard: tuple[int | None, int | None]) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard: tuple[int | None, int | None]
+    ) -> None:
         """`loaded`: one expert's gate, up or down weight, or all experts' fused gate/up or down
         (see `expert_param_name`); this rank keeps its slice of the intermediate dimension."""
         expert, half = shard
@@ -112,6 +138,7 @@ class FusedMoE(nn.Module):
         weights, ids = route(router_logits, self.top_k, self.renormalize, x.dtype)
         if self.switches.use_fused_moe and x.is_cuda:
             from labkit.kernels.fused_moe import fused_moe
+
             out = fused_moe(x, self.w13, self.w2, weights, ids, pdl=self.switches.pdl)
         else:
             out = experts_torch(x, self.w13, self.w2, weights, ids)
@@ -122,13 +149,29 @@ class SparseMoeBlock(nn.Module):
     """Router (`gate`, replicated on every rank) and experts: the feed-forward of a sparse
     layer, named as the checkpoints name it (`mlp.gate`, `mlp.experts`)."""
 
-    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
-                 renormalize: bool, *, tp: TPGroup, switches: KernelSwitches):
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        intermediate_size: int,
+        renormalize: bool,
+        *,
+        tp: TPGroup,
+        switches: KernelSwitches,
+    ):
         super().__init__()
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.gate.weight.requires_grad_(False)
-        self.experts = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, renormalize,
-                                tp=tp, switches=switches)
+        self.experts = FusedMoE(
+            num_experts,
+            top_k,
+            hidden_size,
+            intermediate_size,
+            renormalize,
+            tp=tp,
+            switches=switches,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.experts(x, self.gate(x))

@@ -12,6 +12,7 @@ kernel's split-K partials.
 
 Every layer takes its engine's TPGroup, switches and workspace when it is built and keeps them.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -28,21 +29,35 @@ if TYPE_CHECKING:  # the kernels import triton: only CUDA engines load them
     from labkit.kernels.gemv import GemvWorkspace
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           act: SiluAndMul | None = None, *, switches: KernelSwitches,
-           workspace: GemvWorkspace | None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    act: SiluAndMul | None = None,
+    *,
+    switches: KernelSwitches,
+    workspace: GemvWorkspace | None,
+) -> torch.Tensor:
     """x @ weight.T (+ bias) by the fastest path for x's rows. `act`: the MLP's SiLU-and-mul, to
     apply to x first (x is then the merged gate/up output); the decode kernel fuses it where its
     configuration says so (`fuse_act`), else it runs first. `switches.use_gemv` allows the decode
     kernel, whose split-K configurations keep their partials in `workspace`."""
     if switches.use_gemv and x.is_cuda and x.dim() == 2 and x.stride(1) == 1:
         from labkit.kernels.gemv import choose_config, gemv
+
         cfg = choose_config(x.shape[0], weight.shape[0], weight.shape[1], x.device)
         if cfg is not None:
             if act is not None and not cfg.fuse_act:
                 x, act = act(x), None
-            return gemv(x, weight, bias, gated=act is not None, config=cfg, workspace=workspace,
-                        pdl=switches.pdl)
+            return gemv(
+                x,
+                weight,
+                bias,
+                gated=act is not None,
+                config=cfg,
+                workspace=workspace,
+                pdl=switches.pdl,
+            )
     if act is not None:
         x = act(x)
     if weight.is_mkldnn:
@@ -53,8 +68,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class _ParallelLinear(nn.Module):
     profile_category = "matmul"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, shard_dim: int | None,
-                 tp: TPGroup, switches: KernelSwitches, workspace: GemvWorkspace | None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        shard_dim: int | None,
+        tp: TPGroup,
+        switches: KernelSwitches,
+        workspace: GemvWorkspace | None,
+    ):
         super().__init__()
         self.tp, self.switches, self.workspace = tp, switches, workspace
         self.shard_dim = shard_dim
@@ -79,22 +102,42 @@ class _ParallelLinear(nn.Module):
         reads the dense one at a decode step's 1-32 rows, and as fast at a prefill's thousands
         (PERF_NOTES.md, CPU). GPUs and other dtypes keep the dense weight."""
         w = self.weight
-        if w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        if (
+            w.device.type == "cpu"
+            and w.dtype == torch.float32
+            and torch.backends.mkldnn.is_available()
+        ):
             # The row count is only a hint for the layout; any number of rows works.
-            self.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(w.detach(), 8),
-                                       requires_grad=False)
+            self.weight = nn.Parameter(
+                torch.ops.mkldnn._reorder_linear_weight(w.detach(), 8), requires_grad=False
+            )
 
-    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None,
-                act: SiluAndMul | None = None) -> torch.Tensor:
-        return linear(x, self.weight, bias, act, switches=self.switches,
-                      workspace=self.workspace)
+    def _matmul(
+        self, x: torch.Tensor, bias: torch.Tensor | None, act: SiluAndMul | None = None
+    ) -> torch.Tensor:
+        return linear(x, self.weight, bias, act, switches=self.switches, workspace=self.workspace)
 
 
 class ColumnParallelLinear(_ParallelLinear):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, tp: TPGroup,
-                 switches: KernelSwitches, workspace: GemvWorkspace | None):
-        super().__init__(in_features, divide(out_features, tp.size, "output features"), bias, 0,
-                         tp, switches, workspace)
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        *,
+        tp: TPGroup,
+        switches: KernelSwitches,
+        workspace: GemvWorkspace | None,
+    ):
+        super().__init__(
+            in_features,
+            divide(out_features, tp.size, "output features"),
+            bias,
+            0,
+            tp,
+            switches,
+            workspace,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, self.bias)
@@ -103,11 +146,20 @@ class ColumnParallelLinear(_ParallelLinear):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input in one matmul (gate and up)."""
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, *,
-                 tp: TPGroup, switches: KernelSwitches, workspace: GemvWorkspace | None):
+    def __init__(
+        self,
+        in_features: int,
+        output_sizes: list[int],
+        bias: bool = False,
+        *,
+        tp: TPGroup,
+        switches: KernelSwitches,
+        workspace: GemvWorkspace | None,
+    ):
         self.output_sizes = output_sizes
-        super().__init__(in_features, sum(output_sizes), bias, tp=tp, switches=switches,
-                         workspace=workspace)
+        super().__init__(
+            in_features, sum(output_sizes), bias, tp=tp, switches=switches, workspace=workspace
+        )
 
     def weight_loader(self, param, loaded, shard_id: int) -> None:
         n = self.tp.size
@@ -119,14 +171,29 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v in one matmul; each rank holds its share of query and key/value heads."""
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = False, *, tp: TPGroup, switches: KernelSwitches,
-                 workspace: GemvWorkspace | None):
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool = False,
+        *,
+        tp: TPGroup,
+        switches: KernelSwitches,
+        workspace: GemvWorkspace | None,
+    ):
         self.head_dim = head_dim
         self.num_heads = divide(num_heads, tp.size, "num_attention_heads")
         self.num_kv_heads = divide(num_kv_heads, tp.size, "num_key_value_heads")
-        super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias, tp=tp,
-                         switches=switches, workspace=workspace)
+        super().__init__(
+            hidden_size,
+            (num_heads + 2 * num_kv_heads) * head_dim,
+            bias,
+            tp=tp,
+            switches=switches,
+            workspace=workspace,
+        )
 
     def weight_loader(self, param, loaded, shard_id: str) -> None:
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -135,10 +202,25 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(_ParallelLinear):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, tp: TPGroup,
-                 switches: KernelSwitches, workspace: GemvWorkspace | None):
-        super().__init__(divide(in_features, tp.size, "input features"), out_features, bias, 1,
-                         tp, switches, workspace)
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        *,
+        tp: TPGroup,
+        switches: KernelSwitches,
+        workspace: GemvWorkspace | None,
+    ):
+        super().__init__(
+            divide(in_features, tp.size, "input features"),
+            out_features,
+            bias,
+            1,
+            tp,
+            switches,
+            workspace,
+        )
 
     def forward(self, x: torch.Tensor, act: SiluAndMul | None = None) -> torch.Tensor:
         """act: the MLP's SiLU-and-mul, applied to x (the merged gate/up output) first."""

@@ -1,4 +1,5 @@
 """RMSNorm, with the residual add fused in."""
+
 from __future__ import annotations
 
 import torch
@@ -10,6 +11,7 @@ from labkit.layers.switches import KernelSwitches
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32, with the residual add fused in (returns the new residual)."""
+
     profile_category = "norm/rope/activation"
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, *, switches: KernelSwitches):
@@ -20,6 +22,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if x.is_cuda:  # one fused Triton kernel instead of ~8 elementwise launches
             from labkit.kernels.fused_add_rmsnorm import fused_add_rmsnorm, rmsnorm
+
             if residual is None:
                 return rmsnorm(x, self.weight, self.eps, self.switches.pdl)
             return fused_add_rmsnorm(x, residual, self.weight, self.eps, self.switches.pdl)

@@ -1,4 +1,5 @@
 """Rotary position embedding (neox/HF "rotate half" layout), with Llama-3 frequency scaling."""
+
 from __future__ import annotations
 
 import math
@@ -28,13 +29,17 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict | None = None):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        inv_freq = 1.0 / (
+            base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+        )
         rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
         if rope_type == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, scaling)
         elif rope_type != "default":
-            raise ValueError(f"rope_scaling type {rope_type!r} is not supported; "
-                             f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+            raise ValueError(
+                f"rope_scaling type {rope_type!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
@@ -52,11 +57,16 @@ class RotaryEmbedding(nn.Module):
             self._step = (positions, cos, sin)
         _, cos, sin = self._step
         hq = q.shape[1]
-        if k.stride() == q.stride() and k.storage_offset() == q.storage_offset() + hq * q.shape[2] \
-                and k.untyped_storage().data_ptr() == q.untyped_storage().data_ptr():
+        if (
+            k.stride() == q.stride()
+            and k.storage_offset() == q.storage_offset() + hq * q.shape[2]
+            and k.untyped_storage().data_ptr() == q.untyped_storage().data_ptr()
+        ):
             # k's heads follow q's in the same rows (both views of the qkv output): rotate them
             # as one tensor, half the ops of two calls (per-op overhead dominates at decode).
-            qk = _rotate(q.as_strided((q.shape[0], hq + k.shape[1], q.shape[2]), q.stride()), cos, sin)
+            qk = _rotate(
+                q.as_strided((q.shape[0], hq + k.shape[1], q.shape[2]), q.stride()), cos, sin
+            )
             return qk[:, :hq], qk[:, hq:]
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

@@ -5,6 +5,7 @@ building its tokenizer take ~15 s on two cores, so the result is cached as a pla
 directory (config.json, float32 safetensors, tokenizer files) keyed by the file's path, size and
 mtime. Everything after this step is the ordinary safetensors path.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,17 +19,25 @@ import numpy as np
 from labkit.utils import cache_root
 
 _LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
 _ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 def _hf_name(name: str) -> str:
-    top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
+    top = {
+        "token_embd.weight": "model.embed_tokens.weight",
+        "output_norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+    }
     if name in top:
         return top[name]
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
@@ -39,7 +48,11 @@ def _hf_name(name: str) -> str:
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     # llama.cpp's converter interleaves the two rotary halves of each Llama q/k head; undo it.
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def convert_gguf(gguf_path: str | Path) -> Path:
@@ -63,13 +76,19 @@ def convert_gguf(gguf_path: str | Path) -> Path:
 
     arch = field("general.architecture")
     if arch not in _ARCHS:
-        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(_ARCHS)}")
+        raise ValueError(
+            f"GGUF architecture {arch!r} is not supported; supported: {', '.join(_ARCHS)}"
+        )
     n_head = field(f"{arch}.attention.head_count")
     n_kv = field(f"{arch}.attention.head_count_kv", n_head)
     tensors = {}
     for t in reader.tensors:
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        if arch == "llama" and t.name.startswith("blk.") and (".attn_q." in t.name or ".attn_k." in t.name):
+        if (
+            arch == "llama"
+            and t.name.startswith("blk.")
+            and (".attn_q." in t.name or ".attn_k." in t.name)
+        ):
             w = _unpermute(w, n_head if ".attn_q." in t.name else n_kv)
         tensors[_hf_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w))
     hidden = field(f"{arch}.embedding_length")
@@ -105,5 +124,6 @@ def convert_gguf(gguf_path: str | Path) -> Path:
         tmp.rename(out)
     except OSError:  # another process finished first; its copy is as good as ours
         import shutil
+
         shutil.rmtree(tmp, ignore_errors=True)
     return out

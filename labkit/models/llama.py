@@ -11,6 +11,7 @@ Every class takes its engine's ModelParts (TP group, kernel switches, gemv works
 them down to the layers; the forward takes the step's AttentionInputs down to each attention
 layer.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,24 +28,32 @@ from labkit.models.model_parts import ModelParts
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding,
-                 parts: ModelParts):
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, parts: ModelParts
+    ):
         super().__init__()
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads,
-                                          cfg.num_key_value_heads, bias=cfg.attention_bias,
-                                          **parts.linear_args())
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size,
+            cfg.head_dim,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            bias=cfg.attention_bias,
+            **parts.linear_args(),
+        )
         h, hkv, d = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = h * d, hkv * d
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size,
-                                        **parts.linear_args())
+        self.o_proj = RowParallelLinear(
+            cfg.num_attention_heads * d, cfg.hidden_size, **parts.linear_args()
+        )
         self.attn = Attention(layer_idx, h, hkv, d, rotary, cfg.layer_window(layer_idx))
 
     def qk_heads(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, H, D] and k [T, Hkv, D] on their way to rotary (Qwen3 normalises them here)."""
         return q, k
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor,
-                attn: AttentionInputs) -> torch.Tensor:
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, attn: AttentionInputs
+    ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         t, d = x.shape[0], self.attn.head_dim
         q, k = self.qk_heads(q.view(t, -1, d), k.view(t, -1, d))
@@ -55,11 +64,12 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, parts: ModelParts):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size,
-                                                       [cfg.intermediate_size] * 2,
-                                                       **parts.linear_args())
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size,
-                                           **parts.linear_args())
+        self.gate_up_proj = MergedColumnParallelLinear(
+            cfg.hidden_size, [cfg.intermediate_size] * 2, **parts.linear_args()
+        )
+        self.down_proj = RowParallelLinear(
+            cfg.intermediate_size, cfg.hidden_size, **parts.linear_args()
+        )
         self.act = SiluAndMul(parts.switches)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,22 +79,28 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     attention_cls: type[LlamaAttention] = LlamaAttention
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding,
-                 parts: ModelParts):
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, parts: ModelParts
+    ):
         super().__init__()
         self.self_attn = self.attention_cls(cfg, layer_idx, rotary, parts)
         self.mlp = self.make_mlp(cfg, layer_idx, parts)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
-                                       switches=parts.switches)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
-                                                switches=parts.switches)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, switches=parts.switches)
+        self.post_attention_layernorm = RMSNorm(
+            cfg.hidden_size, cfg.rms_norm_eps, switches=parts.switches
+        )
 
     def make_mlp(self, cfg: ModelConfig, layer_idx: int, parts: ModelParts) -> nn.Module:
         """The feed-forward block of layer `layer_idx` (the MoE families build experts here)."""
         return LlamaMLP(cfg, parts)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-                attn: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        attn: AttentionInputs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
@@ -101,14 +117,17 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp=parts.tp)
         # One rotary table for all layers (it is a buffer; sharing saves memory).
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
-                                 cfg.rope_scaling)
-        self.layers = nn.ModuleList(self.layer_cls(cfg, i, rotary, parts)
-                                    for i in range(cfg.num_hidden_layers))
+        rotary = RotaryEmbedding(
+            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
+        )
+        self.layers = nn.ModuleList(
+            self.layer_cls(cfg, i, rotary, parts) for i in range(cfg.num_hidden_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, switches=parts.switches)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn: AttentionInputs) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs
+    ) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, attn)
@@ -119,8 +138,11 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     model_cls: type[LlamaModel] = LlamaModel
     packed_modules = {
-        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
     }
 
     def __init__(self, cfg: ModelConfig, parts: ModelParts):
@@ -131,8 +153,9 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn: AttentionInputs) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs
+    ) -> torch.Tensor:
         """Final hidden states [T, hidden]; `attn`: this step's backend, metadata and caches."""
         return self.model(input_ids, positions, attn)
 

@@ -4,6 +4,7 @@ Formats: an HF directory with safetensors (one file or sharded with the index), 
 (converted once, see gguf_convert), `load_format="dummy"` (random weights from config.json alone),
 and pickled `*.bin` only when the user asks for it with `load_format="pt"`.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,10 @@ def resolve_model_dir(model: str) -> Path:
     """A checkpoint directory for `model`: a directory, a .gguf file, or a directory with one."""
     path = Path(model).expanduser()
     if not path.exists():
-        raise ValueError(f"model: path {model!r} does not exist (labkit loads local checkpoints: "
-                         "a directory with config.json, or a .gguf file; it downloads nothing)")
+        raise ValueError(
+            f"model: path {model!r} does not exist (labkit loads local checkpoints: "
+            "a directory with config.json, or a .gguf file; it downloads nothing)"
+        )
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"model: {model!r} is a file but not a .gguf file")
@@ -34,7 +37,9 @@ def resolve_model_dir(model: str) -> Path:
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return convert_gguf(ggufs[0])
-        raise ValueError(f"model: directory {model!r} has no config.json (nor exactly one .gguf file)")
+        raise ValueError(
+            f"model: directory {model!r} has no config.json (nor exactly one .gguf file)"
+        )
     return path
 
 
@@ -46,6 +51,7 @@ def _checkpoint_tensors(model_dir: Path, load_format: str):
         files = [model_dir / n for n in names]
     if files:
         from safetensors import safe_open
+
         for f in files:
             with safe_open(str(f), framework="pt") as fh:
                 for name in fh.keys():
@@ -53,8 +59,10 @@ def _checkpoint_tensors(model_dir: Path, load_format: str):
         return
     bins = sorted(model_dir.glob("*.bin"))
     if bins and load_format != "pt":
-        raise ValueError(f"model: {model_dir} has only pickled *.bin weights, which can run code "
-                         "when loaded; pass load_format='pt' if you trust them")
+        raise ValueError(
+            f"model: {model_dir} has only pickled *.bin weights, which can run code "
+            "when loaded; pass load_format='pt' if you trust them"
+        )
     if not bins:
         raise ValueError(f"model: no *.safetensors weights in {model_dir}")
     for f in bins:
@@ -63,8 +71,10 @@ def _checkpoint_tensors(model_dir: Path, load_format: str):
 
 def _copy_whole(param: nn.Parameter, loaded: torch.Tensor) -> None:
     if param.shape != loaded.shape:
-        raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit a "
-                         f"parameter of shape {tuple(param.shape)}")
+        raise ValueError(
+            f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit a "
+            f"parameter of shape {tuple(param.shape)}"
+        )
     param.data.copy_(loaded)
 
 
@@ -111,8 +121,15 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
             p.data.uniform_(-0.02, 0.02, generator=g)
 
 
-def build_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                load_format: str, parts: ModelParts, seed: int = 0) -> nn.Module:
+def build_model(
+    model_dir: Path,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    load_format: str,
+    parts: ModelParts,
+    seed: int = 0,
+) -> nn.Module:
     """The model for `cfg`, its layers built with `parts` (this engine's TP group, kernel
     switches and gemv workspace), weights loaded (or drawn), on `device`, ready to run."""
     cls = model_class(cfg.architecture)

@@ -5,6 +5,7 @@ Checkpoints name the block `block_sparse_moe` (experts `w1` gate, `w3` up, `w2` 
 transformers 5 calls it `mlp`. Ours is `mlp` (one decoder layer for every MoE family), and the
 checkpoint's name is mapped onto it.
 """
+
 from __future__ import annotations
 
 from torch import nn

@@ -4,6 +4,7 @@ Read from the JSON directly (not via transformers' config classes), so that conf
 by any transformers version load the same way (`rope_scaling` vs v5's `rope_parameters`,
 Qwen3-MoE's `num_experts` written back as `num_local_experts`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -36,8 +37,8 @@ class ModelConfig:
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
-    norm_topk_prob: bool = False          # renormalise the top-k router probabilities
-    decoder_sparse_step: int = 1          # every n-th layer is sparse ...
+    norm_topk_prob: bool = False  # renormalise the top-k router probabilities
+    decoder_sparse_step: int = 1  # every n-th layer is sparse ...
     mlp_only_layers: list[int] = field(default_factory=list)  # ... except these (dense MLP)
 
     def layer_window(self, layer_idx: int) -> int | None:
@@ -48,14 +49,19 @@ class ModelConfig:
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether layer `layer_idx` has experts (Qwen3-MoE's rule; Mixtral: every layer)."""
-        return (self.num_experts > 0 and layer_idx not in self.mlp_only_layers
-                and (layer_idx + 1) % self.decoder_sparse_step == 0)
+        return (
+            self.num_experts > 0
+            and layer_idx not in self.mlp_only_layers
+            and (layer_idx + 1) % self.decoder_sparse_step == 0
+        )
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         arch = (d.get("architectures") or ["?"])[0]
         rope = d.get("rope_parameters") or {}
-        scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        scaling = d.get("rope_scaling") or (
+            rope if rope.get("rope_type", "default") != "default" else None
+        )
         heads = d["num_attention_heads"]
         eos = d.get("eos_token_id")
         dtype = d.get("torch_dtype") or d.get("dtype") or "float32"
@@ -92,7 +98,6 @@ class ModelConfig:
             decoder_sparse_step=d.get("decoder_sparse_step") or 1,
             mlp_only_layers=list(d.get("mlp_only_layers") or []),
         )
-
 
 
 def _sliding_window(arch: str, d: dict, layers: int) -> tuple[int | None, list[str]]:

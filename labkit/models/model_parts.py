@@ -1,4 +1,5 @@
 """ModelParts: the per-engine objects a model hands to the layers it builds."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ if TYPE_CHECKING:  # the kernels import triton: only CUDA engines load them
 class ModelParts:
     """What an engine hands to every layer it builds: its TP group, kernel switches and (on
     CUDA) the gemv kernel's split-K workspace."""
+
     tp: TPGroup
     switches: KernelSwitches
     workspace: GemvWorkspace | None = None

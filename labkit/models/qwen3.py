@@ -4,6 +4,7 @@ no q/k/v biases, and an explicit head_dim (num_heads * head_dim need not equal h
 Only the attention differs: the norms are per head (weight [head_dim], shared by all heads), so
 tensor parallelism leaves them whole on every rank.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,9 @@ from labkit.models.model_parts import ModelParts
 
 
 class Qwen3Attention(LlamaAttention):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding,
-                 parts: ModelParts):
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, parts: ModelParts
+    ):
         super().__init__(cfg, layer_idx, rotary, parts)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, switches=parts.switches)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, switches=parts.switches)
@@ -25,8 +27,10 @@ class Qwen3Attention(LlamaAttention):
     def qk_heads(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # As rows of head_dim: the CUDA norm kernel takes 2-D input.
         d = q.shape[-1]
-        return (self.q_norm(q.reshape(-1, d)).view(q.shape),
-                self.k_norm(k.reshape(-1, d)).view(k.shape))
+        return (
+            self.q_norm(q.reshape(-1, d)).view(q.shape),
+            self.k_norm(k.reshape(-1, d)).view(k.shape),
+        )
 
 
 class Qwen3DecoderLayer(LlamaDecoderLayer):

@@ -2,6 +2,7 @@
 feed-forward of its sparse layers (every `decoder_sparse_step`-th, except `mlp_only_layers`,
 which keep a dense MLP of `intermediate_size`). The router's top-k weights are renormalised
 when `norm_topk_prob` says so."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -17,9 +18,15 @@ def make_moe_mlp(cfg: ModelConfig, layer_idx: int, parts: ModelParts) -> nn.Modu
     """Layer `layer_idx`'s feed-forward: experts where the config makes it sparse, else dense."""
     if not cfg.is_moe_layer(layer_idx):
         return LlamaMLP(cfg, parts)
-    return SparseMoeBlock(cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size,
-                          cfg.moe_intermediate_size, cfg.norm_topk_prob, tp=parts.tp,
-                          switches=parts.switches)
+    return SparseMoeBlock(
+        cfg.num_experts,
+        cfg.num_experts_per_tok,
+        cfg.hidden_size,
+        cfg.moe_intermediate_size,
+        cfg.norm_topk_prob,
+        tp=parts.tp,
+        switches=parts.switches,
+    )
 
 
 class Qwen3MoeDecoderLayer(Qwen3DecoderLayer):

@@ -22,5 +22,7 @@ def model_class(architecture: str) -> type[nn.Module]:
     try:
         return MODEL_REGISTRY[architecture]
     except KeyError:
-        raise ValueError(f"model architecture {architecture!r} is not supported; supported "
-                         f"architectures: {', '.join(sorted(MODEL_REGISTRY))}") from None
+        raise ValueError(
+            f"model architecture {architecture!r} is not supported; supported "
+            f"architectures: {', '.join(sorted(MODEL_REGISTRY))}"
+        ) from None

@@ -7,6 +7,7 @@ category's time is the self time (CPU; device time on CUDA) of every event attri
 ranges included, so the Python between operators counts where it runs. Each step is prefill
 (it computed prompt tokens) or decode by its step-log row.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -15,10 +16,24 @@ import pandas as pd
 
 from labkit.observe.labels import LABEL_PREFIX
 
-CATEGORIES = ("attention", "matmul", "norm/rope/activation", "sampling", "structured output",
-              "communication", "engine", "other")
-PHASE_CATEGORY = {"schedule": "engine", "prepare": "engine", "postprocess": "engine",
-                  "sample": "sampling", "structured": "structured output", "forward": "other"}
+CATEGORIES = (
+    "attention",
+    "matmul",
+    "norm/rope/activation",
+    "sampling",
+    "structured output",
+    "communication",
+    "engine",
+    "other",
+)
+PHASE_CATEGORY = {
+    "schedule": "engine",
+    "prepare": "engine",
+    "postprocess": "engine",
+    "sample": "sampling",
+    "structured": "structured output",
+    "forward": "other",
+}
 # Collectives by operator name: those that bypass the labelled ranges still count here.
 COLLECTIVES = ("allreduce", "all_reduce", "allgather", "all_gather", "broadcast", "nccl", "gloo")
 _HOST_EVENTS = ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver")
@@ -31,15 +46,21 @@ def attribute(events: list[dict], steps: pd.DataFrame, cuda: bool) -> pd.DataFra
     intervals. Steps are found by their phase ranges: each starts with a `schedule` range, and
     only the steps that ran a `forward` have a step-log row (an idle schedule logs none). On CUDA
     a kernel's time goes to the operator whose range launched it."""
-    main = next((e["tid"] for e in events if e.get("name") == "schedule" and e.get("ph") == "X"),
-                None)
-    cpu = sorted((e for e in events if e.get("ph") == "X" and e.get("tid") == main
-                  and e.get("cat") in _HOST_EVENTS),
-                 key=lambda e: (e["ts"], -e["dur"]))
+    main = next(
+        (e["tid"] for e in events if e.get("name") == "schedule" and e.get("ph") == "X"), None
+    )
+    cpu = sorted(
+        (
+            e
+            for e in events
+            if e.get("ph") == "X" and e.get("tid") == main and e.get("cat") in _HOST_EVENTS
+        ),
+        key=lambda e: (e["ts"], -e["dur"]),
+    )
     # One walk: each event's parent is the innermost open one around it; its category is its
     # own label or its parent's; its self time is its duration less its children's.
-    records, stack, roots = [], [], []   # records: [name, category, root index, self µs]
-    launches: dict[int, int] = {}        # CUDA correlation id -> index in records
+    records, stack, roots = [], [], []  # records: [name, category, root index, self µs]
+    launches: dict[int, int] = {}  # CUDA correlation id -> index in records
     for e in cpu:
         while stack and e["ts"] >= stack[-1][0]:
             stack.pop()
@@ -57,7 +78,7 @@ def attribute(events: list[dict], steps: pd.DataFrame, cuda: bool) -> pd.DataFra
         stack.append((e["ts"] + e["dur"], len(records) - 1))
         if cuda and "correlation" in e.get("args", {}):
             launches[e["args"]["correlation"]] = len(records) - 1
-    if cuda:   # device time: each kernel's duration to the record that launched it
+    if cuda:  # device time: each kernel's duration to the record that launched it
         for r in records:
             r[3] = 0.0
         for e in events:
@@ -72,8 +93,9 @@ def attribute(events: list[dict], steps: pd.DataFrame, cuda: bool) -> pd.DataFra
         slot[0] += 1
         slot[1] += self_us / 1e3
     rows = [(n, c, p, calls, ms) for (n, c, p), (calls, ms) in acc.items()]
-    return (pd.DataFrame(rows, columns=["name", "category", "phase", "calls", "self_ms"])
-            .sort_values("self_ms", ascending=False, ignore_index=True))
+    return pd.DataFrame(
+        rows, columns=["name", "category", "phase", "calls", "self_ms"]
+    ).sort_values("self_ms", ascending=False, ignore_index=True)
 
 
 def _root_phases(roots: list[str], steps: pd.DataFrame) -> list[str]:
@@ -96,8 +118,9 @@ def _root_phases(roots: list[str], steps: pd.DataFrame) -> list[str]:
 
 def category_table(operators: pd.DataFrame) -> pd.DataFrame:
     """ms per category and phase, every category listed, with the total and its share."""
-    t = operators.pivot_table(index="category", columns="phase", values="self_ms",
-                              aggfunc="sum", fill_value=0.0)
+    t = operators.pivot_table(
+        index="category", columns="phase", values="self_ms", aggfunc="sum", fill_value=0.0
+    )
     t = t.reindex(index=list(CATEGORIES), columns=["prefill", "decode", "other"], fill_value=0.0)
     t.columns = [f"{c}_ms" for c in t.columns]
     t["total_ms"] = t.sum(axis=1)

@@ -7,10 +7,11 @@ named `labkit::<category>`, which labkit.profile() reads. Collectives label them
 (`labkit::communication`, see labkit.distributed). Nothing is labelled outside the block: the
 hooks cost a range per layer call.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -26,6 +27,7 @@ def label_layers(model: torch.nn.Module) -> Iterator[None]:
             rf = torch.profiler.record_function(name)
             rf.__enter__()
             open_ranges.append(rf)
+
         return hook
 
     def leave(module, args, output):
@@ -35,8 +37,10 @@ def label_layers(model: torch.nn.Module) -> Iterator[None]:
     for m in model.modules():
         category = getattr(m, "profile_category", None)
         if category is not None:
-            handles += [m.register_forward_pre_hook(enter(LABEL_PREFIX + category)),
-                        m.register_forward_hook(leave)]
+            handles += [
+                m.register_forward_pre_hook(enter(LABEL_PREFIX + category)),
+                m.register_forward_hook(leave),
+            ]
     try:
         yield
     finally:

@@ -6,6 +6,7 @@ step log, and whether the device is CUDA. Only this process is traced: with tens
 rank 0. CUDA graphs replay without the layer labels; profile with eager execution to split
 their time by category.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,11 +28,11 @@ from labkit.observe.trace import DEFAULT_PROFILE_DIR
 
 @dataclass(repr=False)
 class Profile:
-    steps: pd.DataFrame        # the step-log rows of the profiled region
-    categories: pd.DataFrame   # ms per category (rows) for prefill, decode, other steps, and total
-    operators: pd.DataFrame    # per operator name, category and phase: calls and self ms
-    wall_ms: float             # the profiled region, end to end
-    trace_path: Path           # Chrome / Perfetto JSON (gzip): open in ui.perfetto.dev
+    steps: pd.DataFrame  # the step-log rows of the profiled region
+    categories: pd.DataFrame  # ms per category (rows) for prefill, decode, other steps, and total
+    operators: pd.DataFrame  # per operator name, category and phase: calls and self ms
+    wall_ms: float  # the profiled region, end to end
+    trace_path: Path  # Chrome / Perfetto JSON (gzip): open in ui.perfetto.dev
 
     @property
     def coverage(self) -> float:
@@ -41,28 +42,36 @@ class Profile:
     def summary(self) -> str:
         """A few lines: the region, its steps, where the time went, and the trace."""
         top = self.categories.total_ms.sort_values(ascending=False).head(5)
-        lines = [f"profile: {len(self.steps)} steps, {self.wall_ms:.1f} ms wall, "
-                 f"{self.coverage:.0%} attributed to operator categories"]
+        lines = [
+            f"profile: {len(self.steps)} steps, {self.wall_ms:.1f} ms wall, "
+            f"{self.coverage:.0%} attributed to operator categories"
+        ]
         lines += [f"  {name:<20}{ms:10.2f} ms" for name, ms in top.items()]
         lines.append(f"trace: {self.trace_path} (open in ui.perfetto.dev)")
         return "\n".join(lines)
 
-    def __repr__(self) -> str:   # the DataFrames stay attributes: printing shows the summary
+    def __repr__(self) -> str:  # the DataFrames stay attributes: printing shows the summary
         return self.summary()
 
 
 @dataclass
 class Capture:
-    result: Profile | None = None   # set when the `with` block ends without an exception
+    result: Profile | None = None  # set when the `with` block ends without an exception
 
 
 @contextlib.contextmanager
-def profiling(labels: AbstractContextManager, step_rows: Callable[[], pd.DataFrame], *, cuda: bool,
-              trace_dir: str | Path | None = None) -> Iterator[Capture]:
+def profiling(
+    labels: AbstractContextManager,
+    step_rows: Callable[[], pd.DataFrame],
+    *,
+    cuda: bool,
+    trace_dir: str | Path | None = None,
+) -> Iterator[Capture]:
     """`with profiling(engine.profile_labels(), llm.step_log, cuda=...) as cap: ...` traces the
     block with `labels` entered; then `cap.result` is its Profile. `step_rows()` returns the
     whole step log; the rows the block added are the profiled steps."""
     from torch.profiler import ProfilerActivity
+
     capture, first = Capture(), len(step_rows())
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with labels, torch.profiler.profile(activities=activities) as prof:

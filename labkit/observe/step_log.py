@@ -1,4 +1,5 @@
 """One record per engine step, the raw material of the profiling dashboard and benchmarks."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -7,12 +8,12 @@ from dataclasses import asdict, dataclass
 @dataclass
 class StepRecord:
     step: int
-    start_time: float          # time.time() at the step's start
+    start_time: float  # time.time() at the step's start
     schedule_ms: float
     prepare_ms: float
     forward_ms: float
     sample_ms: float
-    structured_ms: float       # structured outputs: filling and applying the token masks
+    structured_ms: float  # structured outputs: filling and applying the token masks
     postprocess_ms: float
     total_ms: float
     num_prefill_tokens: int
@@ -24,10 +25,11 @@ class StepRecord:
     kv_blocks_free: int
     num_preemptions: int
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache this step
-    prefix_cache_hits: int     # of which were found
+    prefix_cache_hits: int  # of which were found
 
 
 def to_dataframe(records):
     import pandas as pd
+
     cols = list(StepRecord.__dataclass_fields__)
     return pd.DataFrame([asdict(r) for r in records], columns=cols)

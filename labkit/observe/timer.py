@@ -4,6 +4,7 @@ the host to launch the kernels. Host-only phases (schedule, postprocess) use the
 they launch nothing, and with async scheduling they run while the device is busy with the
 previous step, where events would time the device's queue instead. Each phase is also a
 torch.profiler `record_function` range, so traces show the phases by name."""
+
 from __future__ import annotations
 
 import contextlib

@@ -3,13 +3,14 @@
 `trace_region` is what the benchmarks' `--profile` records: the engine's record_function ranges
 (schedule, prepare, forward, sample, postprocess) label each step in the trace.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -28,16 +29,20 @@ def trace_region(name: str, enabled: bool, profile_dir: str | None) -> Iterator[
         yield
         return
     from torch.profiler import ProfilerActivity, profile
+
     cuda = torch.cuda.is_available()
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    ) as prof:
         yield
     out = Path(profile_dir or DEFAULT_PROFILE_DIR)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{name}-{datetime.now():%Y%m%d-%H%M%S-%f}"
     trace, table_path = Path(f"{stem}.trace.json.gz"), Path(f"{stem}.ops.txt")
     prof.export_chrome_trace(str(trace))
-    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                      row_limit=25)
+    table = prof.key_averages().table(
+        sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=25
+    )
     table_path.write_text(table)
     print(table)
     log.info("profile: trace %s (open in ui.perfetto.dev), operator table %s", trace, table_path)

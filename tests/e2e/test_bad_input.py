@@ -1,5 +1,6 @@
 """Bad input fails early with a ValueError that names the offending field, and leaves nothing
 behind: the same LLM serves the next valid batch as if nothing had happened."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,8 @@ import re
 
 import psutil
 import pytest
-
 from helpers import assert_engine_idle, greedy_params, random_prompts
+
 from labkit import LLM, SamplingParams
 
 
@@ -16,10 +17,21 @@ def _names(field: str) -> str:
     return rf"\b{re.escape(field)}\b"
 
 
-@pytest.mark.parametrize("field,value", [
-    ("max_tokens", 0), ("max_tokens", -3), ("temperature", -0.5), ("top_p", 0), ("top_p", 1.5),
-    ("top_k", -2), ("n", 0), ("min_p", 1.5), ("min_tokens", -1), ("logprobs", -1),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("max_tokens", 0),
+        ("max_tokens", -3),
+        ("temperature", -0.5),
+        ("top_p", 0),
+        ("top_p", 1.5),
+        ("top_k", -2),
+        ("n", 0),
+        ("min_p", 1.5),
+        ("min_tokens", -1),
+        ("logprobs", -1),
+    ],
+)
 def test_bad_sampling_params_raise_at_construction(field, value):
     with pytest.raises(ValueError, match=_names(field)):
         SamplingParams(**{field: value})
@@ -42,17 +54,20 @@ def _valid_batch(llm: LLM):
     return [o.outputs[0].token_ids for o in llm.generate(prompts, greedy_params(6), use_tqdm=False)]
 
 
-@pytest.mark.parametrize("prompt,field", [
-    pytest.param("", "prompt", id="empty_text"),
-    pytest.param({"prompt_token_ids": []}, "prompt", id="empty_ids"),
-    # exactly max_model_len leaves no room for an output token
-    pytest.param(list(range(100, 164)), "prompt", id="max_model_len_ids"),
-    pytest.param(list(range(100, 300)), "prompt", id="too_long_ids"),
-    pytest.param("word " * 100, "prompt", id="too_long_text"),
-    pytest.param([5, -1, 7], "prompt_token_ids", id="negative_id"),
-    pytest.param([5, 10**7], "prompt_token_ids", id="id_past_vocab"),
-    pytest.param({"text": "no such key"}, "prompt", id="dict_without_prompt"),
-])
+@pytest.mark.parametrize(
+    "prompt,field",
+    [
+        pytest.param("", "prompt", id="empty_text"),
+        pytest.param({"prompt_token_ids": []}, "prompt", id="empty_ids"),
+        # exactly max_model_len leaves no room for an output token
+        pytest.param(list(range(100, 164)), "prompt", id="max_model_len_ids"),
+        pytest.param(list(range(100, 300)), "prompt", id="too_long_ids"),
+        pytest.param("word " * 100, "prompt", id="too_long_text"),
+        pytest.param([5, -1, 7], "prompt_token_ids", id="negative_id"),
+        pytest.param([5, 10**7], "prompt_token_ids", id="id_past_vocab"),
+        pytest.param({"text": "no such key"}, "prompt", id="dict_without_prompt"),
+    ],
+)
 def test_bad_prompt_fails_generate_and_leaves_engine_clean(short_llm, prompt, field):
     ref = _valid_batch(short_llm)
     n_steps = short_llm.engine.stats().num_steps
@@ -70,8 +85,9 @@ def test_logprobs_beyond_vocab_fail_at_generate(short_llm, field):
     ref = _valid_batch(short_llm)
     vocab = short_llm.config.model_config.vocab_size
     with pytest.raises(ValueError, match=_names(field)):
-        short_llm.generate("Hello, my name is", SamplingParams(max_tokens=2, **{field: vocab + 1}),
-                           use_tqdm=False)
+        short_llm.generate(
+            "Hello, my name is", SamplingParams(max_tokens=2, **{field: vocab + 1}), use_tqdm=False
+        )
     assert_engine_idle(short_llm)
     assert _valid_batch(short_llm) == ref
 
@@ -81,10 +97,14 @@ def test_logprobs_above_max_logprobs_are_refused(short_llm, field):
     # vLLM's --max-logprobs (20): a request for more is refused before any work.
     with pytest.raises(ValueError, match=rf"{field}=21 .*max_logprobs is 20"):
         short_llm.generate("Hello", SamplingParams(max_tokens=2, **{field: 21}), use_tqdm=False)
-    out = short_llm.generate("Hello, my name is", SamplingParams(max_tokens=2, **{field: 20}),
-                             use_tqdm=False)
-    assert len(out[0].outputs[0].logprobs[0]) >= 20 if field == "logprobs" \
+    out = short_llm.generate(
+        "Hello, my name is", SamplingParams(max_tokens=2, **{field: 20}), use_tqdm=False
+    )
+    assert (
+        len(out[0].outputs[0].logprobs[0]) >= 20
+        if field == "logprobs"
         else len(out[0].prompt_logprobs[1]) >= 20
+    )
     assert_engine_idle(short_llm)
 
 
@@ -96,8 +116,10 @@ def test_max_logprobs_is_the_engines_option(tiny_ckpts):
         # The n choices of one request are bounded by the batch: at most max_num_seqs.
         with pytest.raises(ValueError, match=r"\bn=5 is invalid: at most max_num_seqs \(4\)"):
             llm.generate("Hello", SamplingParams(max_tokens=1, n=5), use_tqdm=False)
-        assert len(llm.generate("Hi", SamplingParams(max_tokens=1, n=4),
-                                use_tqdm=False)[0].outputs) == 4
+        assert (
+            len(llm.generate("Hi", SamplingParams(max_tokens=1, n=4), use_tqdm=False)[0].outputs)
+            == 4
+        )
     with pytest.raises(ValueError, match=_names("max_logprobs")):
         LLM(str(tiny_ckpts["llama"]), max_logprobs=-2)
 
@@ -109,7 +131,9 @@ def test_logprobs_beyond_vocab_fail_at_add_request(short_llm):
     vocab = short_llm.config.model_config.vocab_size
     try:
         with pytest.raises(ValueError, match=_names("logprobs")):
-            eng.add_request("too-many-logprobs", "Hello", SamplingParams(max_tokens=2, logprobs=vocab + 1))
+            eng.add_request(
+                "too-many-logprobs", "Hello", SamplingParams(max_tokens=2, logprobs=vocab + 1)
+            )
     finally:
         eng.abort_request("too-many-logprobs")  # keep the shared engine usable for later tests
     assert_engine_idle(short_llm)
@@ -117,7 +141,9 @@ def test_logprobs_beyond_vocab_fail_at_add_request(short_llm):
 
 def test_stop_token_ids_outside_vocab_fail_at_generate(short_llm):
     with pytest.raises(ValueError, match=_names("stop_token_ids")):
-        short_llm.generate("Hello", SamplingParams(max_tokens=2, stop_token_ids=[10**9]), use_tqdm=False)
+        short_llm.generate(
+            "Hello", SamplingParams(max_tokens=2, stop_token_ids=[10**9]), use_tqdm=False
+        )
     assert_engine_idle(short_llm)
 
 
@@ -131,25 +157,36 @@ def test_mismatched_sampling_params_and_priority_lists(short_llm):
 
 def _write_config(path, **overrides):
     path.mkdir(parents=True, exist_ok=True)
-    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=256,
-               hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=128)
+    cfg = dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     cfg.update(overrides)
     (path / "config.json").write_text(json.dumps(cfg))
     return path
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    (dict(tensor_parallel_size=3), "tensor_parallel_size"),   # 4 query / 2 KV heads
-    (dict(tensor_parallel_size=0), "tensor_parallel_size"),
-    (dict(block_size=0), "block_size"),
-    (dict(max_model_len=10**6), "max_model_len"),
-    (dict(dtype="int8"), "dtype"),
-    (dict(load_format="onnx"), "load_format"),
-    (dict(num_kv_blocks=0), "num_kv_blocks"),
-    (dict(max_num_seqs=0), "max_num_seqs"),
-    (dict(device="tpu"), "device"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(tensor_parallel_size=3), "tensor_parallel_size"),  # 4 query / 2 KV heads
+        (dict(tensor_parallel_size=0), "tensor_parallel_size"),
+        (dict(block_size=0), "block_size"),
+        (dict(max_model_len=10**6), "max_model_len"),
+        (dict(dtype="int8"), "dtype"),
+        (dict(load_format="onnx"), "load_format"),
+        (dict(num_kv_blocks=0), "num_kv_blocks"),
+        (dict(max_num_seqs=0), "max_num_seqs"),
+        (dict(device="tpu"), "device"),
+    ],
+)
 def test_bad_engine_arguments_raise_before_any_work(tiny_ckpts, kwargs, field):
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     with pytest.raises(ValueError, match=_names(field)):

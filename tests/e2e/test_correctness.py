@@ -1,12 +1,13 @@
 """Greedy outputs equal HF transformers' generate(), token for token, with logprobs within 1e-4,
 under every KV-cache layout and scheduling path: odd block sizes, chunked prefill, preemption."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
-
 from helpers import assert_engine_idle, greedy_params, random_prompts
+
 from labkit import LLM, SamplingParams
 
 # 16 prompt lengths from 1 to 300. None is a multiple of 7 (so with block_size=7 every prompt
@@ -38,8 +39,9 @@ def preemption_blocks(lengths: list[int], max_tokens: int, block_size: int) -> i
 
 
 def compare_with_hf(llm: LLM, prompts, refs, max_tokens: int) -> None:
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy_params(max_tokens),
-                        use_tqdm=False)
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], greedy_params(max_tokens), use_tqdm=False
+    )
     assert len(outs) == len(prompts)
     problems = []
     for p, out, (ref_ids, ref_lps) in zip(prompts, outs, refs):
@@ -65,17 +67,26 @@ TINY_CONFIGS = {
     "block7": dict(block_size=7),
     "chunked64": dict(max_num_batched_tokens=64),
     "preempt": dict(num_kv_blocks=preemption_blocks(TINY_LENGTHS, TINY_MAX_TOKENS, 16)),
-    "block7_chunked_preempt": dict(block_size=7, max_num_batched_tokens=64,
-                                   num_kv_blocks=preemption_blocks(TINY_LENGTHS, TINY_MAX_TOKENS, 7)),
+    "block7_chunked_preempt": dict(
+        block_size=7,
+        max_num_batched_tokens=64,
+        num_kv_blocks=preemption_blocks(TINY_LENGTHS, TINY_MAX_TOKENS, 7),
+    ),
     # Async scheduling (step n+1 scheduled while step n runs; inputs taken from the device):
     # the same tokens, also when chunks, odd blocks and preemption meet tokens in flight.
     "async": dict(async_scheduling=True),
-    "async_block7_chunked_preempt": dict(async_scheduling=True, block_size=7, max_num_batched_tokens=64,
-                                         num_kv_blocks=preemption_blocks(TINY_LENGTHS, TINY_MAX_TOKENS, 7)),
+    "async_block7_chunked_preempt": dict(
+        async_scheduling=True,
+        block_size=7,
+        max_num_batched_tokens=64,
+        num_kv_blocks=preemption_blocks(TINY_LENGTHS, TINY_MAX_TOKENS, 7),
+    ),
     # With prefix caching a preempted request mostly finds its own blocks again; without it,
     # preemption means a true recompute of prompt and output so far.
-    "preempt_no_prefix_cache": dict(enable_prefix_caching=False,
-                                    num_kv_blocks=preemption_blocks(TINY_LENGTHS, TINY_MAX_TOKENS, 16)),
+    "preempt_no_prefix_cache": dict(
+        enable_prefix_caching=False,
+        num_kv_blocks=preemption_blocks(TINY_LENGTHS, TINY_MAX_TOKENS, 16),
+    ),
 }
 
 
@@ -108,7 +119,8 @@ def test_tiny_rerun_from_prefix_cache_matches_hf(kind, tiny_ckpts, hf_models, hf
         # The same prompts again: their full blocks now come from the prefix cache.
         compare_with_hf(llm, prompts, refs, TINY_MAX_TOKENS)
         assert llm.step_log().prefix_cache_hits.iloc[first_run:].sum() >= sum(
-            (n - 1) // 7 * 7 for n in TINY_LENGTHS)
+            (n - 1) // 7 * 7 for n in TINY_LENGTHS
+        )
 
 
 @pytest.mark.slow
@@ -139,7 +151,8 @@ def test_default_model_knows_the_capital_of_france(default_llm):
     greedy = SamplingParams(temperature=0, max_tokens=24)
     out = default_llm.generate("The capital of France is", greedy, use_tqdm=False)[0]
     assert "Paris" in out.outputs[0].text
-    chat = default_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                            greedy, use_tqdm=False)[0]
+    chat = default_llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}], greedy, use_tqdm=False
+    )[0]
     assert "Paris" in chat.outputs[0].text
     assert_engine_idle(default_llm)

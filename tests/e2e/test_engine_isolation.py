@@ -2,11 +2,12 @@
 request (its text, its logprobs) ends that request with finish_reason "error" and the others run
 on unchanged; a step that fails as a whole ends that step's requests and the engine serves on.
 Faults are injected where they would arise (a request's detokenizer, the model runner)."""
+
 from __future__ import annotations
 
 import pytest
-
 from helpers import assert_engine_idle, greedy_params, random_prompts
+
 from labkit import LLM, SamplingParams
 
 
@@ -33,8 +34,9 @@ def _run(llm: LLM, ids: list[str]) -> dict:
 
 def test_a_failing_request_ends_alone(llm):
     prompts = random_prompts(llm.config.model_config.vocab_size, [5, 9, 7], seed=3)
-    alone = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy_params(8),
-                                                          use_tqdm=False)]
+    alone = [
+        o.outputs[0].token_ids for o in llm.generate(prompts, greedy_params(8), use_tqdm=False)
+    ]
     eng = llm.engine
     for k, p in enumerate(prompts):
         eng.add_request(f"r{k}", p, greedy_params(8))
@@ -47,15 +49,17 @@ def test_a_failing_request_ends_alone(llm):
     assert all(done[f"r{k}"].error is None for k in (0, 2))
     assert_engine_idle(llm)
     # The engine serves on, with the same results.
-    again = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy_params(8),
-                                                          use_tqdm=False)]
+    again = [
+        o.outputs[0].token_ids for o in llm.generate(prompts, greedy_params(8), use_tqdm=False)
+    ]
     assert again == alone
 
 
 def test_a_failing_step_ends_its_requests_and_the_engine_serves_on(llm, monkeypatch):
     prompts = random_prompts(llm.config.model_config.vocab_size, [6, 4], seed=4)
-    alone = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy_params(6),
-                                                          use_tqdm=False)]
+    alone = [
+        o.outputs[0].token_ids for o in llm.generate(prompts, greedy_params(6), use_tqdm=False)
+    ]
     runner = llm.engine.runner
     execute = runner.execute
     calls = {"n": 0}
@@ -72,6 +76,7 @@ def test_a_failing_step_ends_its_requests_and_the_engine_serves_on(llm, monkeypa
     assert all(o.error == "MemoryError: activations do not fit" for o in outs)
     assert_engine_idle(llm)
     monkeypatch.setattr(runner, "execute", execute)
-    again = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy_params(6),
-                                                          use_tqdm=False)]
+    again = [
+        o.outputs[0].token_ids for o in llm.generate(prompts, greedy_params(6), use_tqdm=False)
+    ]
     assert again == alone

@@ -1,5 +1,6 @@
 """The lab: labkit.sweep() and its charts and files, the dashboard, labkit.profile(),
 and `labkit sweep`."""
+
 from __future__ import annotations
 
 import gzip
@@ -21,8 +22,14 @@ from labkit.lab.profiling import CATEGORIES
 @pytest.fixture(scope="module")
 def default_sweep():
     """The issue's acceptance call on the default model, at one timed iteration per point."""
-    return labkit.sweep(batch_sizes=[1, 4], input_lens=[32, 128], output_lens=[16], num_iters=1,
-                        num_iters_warmup=0, progress=False)
+    return labkit.sweep(
+        batch_sizes=[1, 4],
+        input_lens=[32, 128],
+        output_lens=[16],
+        num_iters=1,
+        num_iters_warmup=0,
+        progress=False,
+    )
 
 
 @pytest.mark.slow
@@ -84,9 +91,14 @@ def test_labkit_vs_hf_on_a_tiny_checkpoint(tiny_ckpts):
     grid = dict(batch_sizes=[1, 2], input_lens=[8], output_lens=[4], num_iters=1, progress=False)
     lk = labkit.sweep(model, mode="throughput", **grid)
     hf = labkit.sweep(model, mode="throughput", backend="hf", num_iters_warmup=0, **grid)
-    assert hf.df.peak_kv_usage.isna().all()   # transformers has no paged cache to report
-    measured = hf.df[[c for c in sweeps.METRIC_COLUMNS if c not in ("peak_kv_usage", "p90_latency_s",
-                                                                    "p99_latency_s")]]
+    assert hf.df.peak_kv_usage.isna().all()  # transformers has no paged cache to report
+    measured = hf.df[
+        [
+            c
+            for c in sweeps.METRIC_COLUMNS
+            if c not in ("peak_kv_usage", "p90_latency_s", "p99_latency_s")
+        ]
+    ]
     assert measured.notna().all().all()
     cmp = lk.compare(hf)
     assert cmp.labels == ("labkit", "hf") and list(cmp.df.batch_size) == [1, 2]
@@ -94,10 +106,17 @@ def test_labkit_vs_hf_on_a_tiny_checkpoint(tiny_ckpts):
 
 
 def test_batches_are_cut_where_the_engine_idles():
-    log = pd.DataFrame({  # two batches: prefill, 2 decodes / prefill, decode
-        "start_time": [0.0, 0.1, 0.2, 1.0, 1.3], "total_ms": [100.0, 50, 50, 300, 50],
-        "num_prefill_tokens": [8, 0, 0, 8, 0], "num_running": [2, 2, 0, 2, 0],
-        "num_waiting": [0, 0, 0, 0, 0], "kv_blocks_used": [2, 2, 0, 4, 0], "kv_blocks_free": [6, 6, 8, 4, 8]})
+    log = pd.DataFrame(
+        {  # two batches: prefill, 2 decodes / prefill, decode
+            "start_time": [0.0, 0.1, 0.2, 1.0, 1.3],
+            "total_ms": [100.0, 50, 50, 300, 50],
+            "num_prefill_tokens": [8, 0, 0, 8, 0],
+            "num_running": [2, 2, 0, 2, 0],
+            "num_waiting": [0, 0, 0, 0, 0],
+            "kv_blocks_used": [2, 2, 0, 4, 0],
+            "kv_blocks_free": [6, 6, 8, 4, 8],
+        }
+    )
     first, second = sweeps.split_batches(log)
     assert len(first) == 3 and len(second) == 2
     assert sweeps.batch_times(first) == pytest.approx((0.1, 0.25, 0.25))
@@ -105,26 +124,39 @@ def test_batches_are_cut_where_the_engine_idles():
 
 
 def test_floor_counts_weights_kv_and_flops():
-    shape = roofline.ModelShape(layers=2, hidden=8, heads=2, kv_heads=1, head_dim=4, intermediate=16,
-                                vocab=32, elem_bytes=4)
+    shape = roofline.ModelShape(
+        layers=2, hidden=8, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=32, elem_bytes=4
+    )
     assert shape.body_params == 2 * (2 * 8 * 8 + 2 * 8 * 4 + 3 * 8 * 16)
     ceil = roofline.Ceilings("test", "float32", bytes_per_s=1e9, flops_per_s=1e9, threads=1)
-    prefill, decode = roofline.batch_work(shape, 3, 5, 3, ceil)   # batch 3, input 5, output 3
+    prefill, decode = roofline.batch_work(shape, 3, 5, 3, ceil)  # batch 3, input 5, output 3
     params = shape.body_params + shape.head_params
     # Two decode steps, contexts 6 and 7: every weight once, every context token's K and V.
     assert decode.bytes == 2 * shape.weight_bytes + 3 * (6 + 7) * shape.kv_bytes_per_token
-    assert decode.flops == 2 * 3 * 2 * params + 3 * (shape.attention_flops(6) + shape.attention_flops(7))
-    assert prefill.flops == (2 * shape.body_params * 15 + 2 * shape.head_params * 3
-                             + 3 * shape.attention_flops(15))   # 1 + 2 + ... + 5 query-key pairs
+    assert decode.flops == 2 * 3 * 2 * params + 3 * (
+        shape.attention_flops(6) + shape.attention_flops(7)
+    )
+    assert prefill.flops == (
+        2 * shape.body_params * 15 + 2 * shape.head_params * 3 + 3 * shape.attention_flops(15)
+    )  # 1 + 2 + ... + 5 query-key pairs
     # Step by step the slower of moving the bytes and doing the FLOPs, at 1e9 of each per second.
-    assert decode.floor_s == pytest.approx(sum(
-        max(shape.weight_bytes + 3 * ctx * shape.kv_bytes_per_token, 3 * (2 * params + shape.attention_flops(ctx)))
-        for ctx in (6, 7)) / 1e9)
+    assert decode.floor_s == pytest.approx(
+        sum(
+            max(
+                shape.weight_bytes + 3 * ctx * shape.kv_bytes_per_token,
+                3 * (2 * params + shape.attention_flops(ctx)),
+            )
+            for ctx in (6, 7)
+        )
+        / 1e9
+    )
 
 
 def test_ceilings_are_measured_once_and_cached(tmp_path, monkeypatch):
-    measured = [roofline.Ceilings("cpu0", "float32", 1e10, 1e11, 2),
-                roofline.Ceilings("cpu0", "float32", 2e10, 5e10, 2)]
+    measured = [
+        roofline.Ceilings("cpu0", "float32", 1e10, 1e11, 2),
+        roofline.Ceilings("cpu0", "float32", 2e10, 5e10, 2),
+    ]
     monkeypatch.setattr(roofline, "measure", lambda device, dtype: measured.pop(0))
     cache = tmp_path / "ceilings.json"
     assert roofline.ceilings("cpu", cache_file=cache).flops_per_s == 1e11
@@ -137,8 +169,12 @@ def test_ceilings_are_measured_once_and_cached(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_profile_attributes_the_wall_time(default_llm, tmp_path):
     prompts = ["The capital of France is", "Hello, my name is", "The future of AI is", "One, two,"]
-    report = labkit.profile(default_llm, prompts, SamplingParams(temperature=0, max_tokens=8), trace_dir=tmp_path)
-    assert isinstance(report.timeline(), go.Figure) and isinstance(report.category_chart(), go.Figure)
+    report = labkit.profile(
+        default_llm, prompts, SamplingParams(temperature=0, max_tokens=8), trace_dir=tmp_path
+    )
+    assert isinstance(report.timeline(), go.Figure) and isinstance(
+        report.category_chart(), go.Figure
+    )
     table = report.categories
     assert list(table.index) == list(CATEGORIES)
     # The acceptance: category times sum to within 10% of the profiled region's wall time.
@@ -146,21 +182,30 @@ def test_profile_attributes_the_wall_time(default_llm, tmp_path):
     assert len(report.steps) == 8 and report.steps.num_prefill_tokens.iloc[0] > 0
     for cat in ("attention", "matmul", "norm/rope/activation", "sampling", "engine"):
         assert table.loc[cat, "prefill_ms"] > 0 and table.loc[cat, "decode_ms"] > 0, cat
-    assert table.loc["communication", "total_ms"] == 0   # one rank
+    assert table.loc["communication", "total_ms"] == 0  # one rank
     assert json.loads(gzip.open(report.trace_path).read())["traceEvents"]
     assert [o.outputs[0].token_ids for o in report.outputs] and len(report.outputs) == 4
-    text = repr(report)   # printing shows a summary, not the DataFrames
+    text = repr(report)  # printing shows a summary, not the DataFrames
     assert text.startswith("profile: 8 steps") and len(text.splitlines()) <= 7, text
-    model = default_llm.engine.runner.model   # the labelling hooks are gone again
+    model = default_llm.engine.runner.model  # the labelling hooks are gone again
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_dashboard_runs_stops_and_exports(tiny_ckpts, tmp_path):
-    d = labkit.dashboard(str(tiny_ckpts["llama"]), batch_sizes=[1, 2], input_lens=[8], output_lens=[3],
-                         export_dir=tmp_path)
-    d.run_button.click()   # the sweep runs on a thread: the kernel stays free for Stop
+    d = labkit.dashboard(
+        str(tiny_ckpts["llama"]),
+        batch_sizes=[1, 2],
+        input_lens=[8],
+        output_lens=[3],
+        export_dir=tmp_path,
+    )
+    d.run_button.click()  # the sweep runs on a thread: the kernel stays free for Stop
     d.wait(300)
-    assert len(d.result.df) == 2 and d.progress.value == 2 and d.status.value.startswith("done: 2 points")
+    assert (
+        len(d.result.df) == 2
+        and d.progress.value == 2
+        and d.status.value.startswith("done: 2 points")
+    )
     assert set(d.charts) == {"latency", "throughput", "floor"}
     assert all([len(t.x) for t in c.widget.data] == [2] for c in d.charts.values())
     d.csv_button.click()
@@ -175,18 +220,40 @@ def test_dashboard_runs_stops_and_exports(tiny_ckpts, tmp_path):
     d.stop_button.click()
     d.wait(300)
     assert 1 <= len(d.result.df) < 4 and d.result.interrupted
-    assert d.status.value.startswith(f"stopped after {len(d.result.df)} of 4 points"), d.status.value
+    assert d.status.value.startswith(f"stopped after {len(d.result.df)} of 4 points"), (
+        d.status.value
+    )
     assert not d.run_button.disabled and d.stop_button.disabled
     d.batch_sizes.value = "one"
-    d.run_button.click()    # a bad field is reported beside the controls, not raised
+    d.run_button.click()  # a bad field is reported beside the controls, not raised
     assert "ValueError" in d.status.value and not d.run_button.disabled
 
 
 def test_cli_sweep_writes_dataframe_and_offline_report(tiny_ckpts, tmp_path):
     from labkit.cli import main
+
     out = tmp_path / "out"
-    assert main(["sweep", "--model", str(tiny_ckpts["llama"]), "--batch-sizes", "1", "2", "--input-lens", "8",
-                 "--output-lens", "4", "--num-iters", "1", "--output-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--model",
+                str(tiny_ckpts["llama"]),
+                "--batch-sizes",
+                "1",
+                "2",
+                "--input-lens",
+                "8",
+                "--output-lens",
+                "4",
+                "--num-iters",
+                "1",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = labkit.load_sweep(out / "sweep.jsonl")
     assert len(result.df) == 2 and len(pd.read_csv(out / "sweep.csv")) == 2
     html = (out / "sweep.html").read_text()
@@ -195,6 +262,8 @@ def test_cli_sweep_writes_dataframe_and_offline_report(tiny_ckpts, tmp_path):
 
 
 def test_import_labkit_stays_light():
-    code = ("import sys, labkit; heavy = [m for m in sys.modules if m.split('.')[0] in "
-            "('plotly', 'ipywidgets', 'IPython')]; assert not heavy, heavy; labkit.sweep")
+    code = (
+        "import sys, labkit; heavy = [m for m in sys.modules if m.split('.')[0] in "
+        "('plotly', 'ipywidgets', 'IPython')]; assert not heavy, heavy; labkit.sweep"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -3,6 +3,7 @@
 here, arriving as points finish; a killed worker's point run again, one failing twice kept as a
 row with its error; an interrupt that leaves no worker behind, and resume= that runs only the
 missing points. Every test ends with no sweep worker left on the cluster."""
+
 from __future__ import annotations
 
 import _thread
@@ -40,8 +41,12 @@ def local_ray():
 
 def _sweep_workers() -> list[str]:
     from labkit.engine.executor.ray_actors import ACTOR_NAMESPACE
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == ACTOR_NAMESPACE and a["name"].startswith("labkit-sweep-")]
+
+    return [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == ACTOR_NAMESPACE and a["name"].startswith("labkit-sweep-")
+    ]
 
 
 def _worker_processes() -> list[psutil.Process]:
@@ -60,8 +65,10 @@ def _assert_clean() -> None:
     """No sweep worker left: none named in Ray's GCS, no such process, every CPU free again."""
     assert _sweep_workers() == []
     deadline = time.monotonic() + 20
-    while (_worker_processes() or ray.available_resources().get("CPU")
-           != ray.cluster_resources()["CPU"]) and time.monotonic() < deadline:
+    while (
+        _worker_processes()
+        or ray.available_resources().get("CPU") != ray.cluster_resources()["CPU"]
+    ) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _worker_processes() == []
     assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
@@ -78,14 +85,17 @@ def test_cluster_sweep_gives_the_rows_of_a_local_one_as_they_finish(local_ray, t
     model = str(tiny_ckpts["llama"])
     here = labkit.sweep(model, **kw)
     arrivals = []
-    there = labkit.sweep(model, cluster="local",
-                         on_point=lambda df: arrivals.append((time.time(), len(df))), **kw)
+    there = labkit.sweep(
+        model, cluster="local", on_point=lambda df: arrivals.append((time.time(), len(df))), **kw
+    )
     assert list(there.df.columns) == list(here.df.columns) == sweeps.COLUMNS
     keys = ["tensor_parallel_size", "batch_size", "input_len", "output_len"]
-    mine = {tuple(r[k] for k in keys): rec for r, rec in zip(here.df.to_dict("records"),
-                                                             here.records)}
-    theirs = {tuple(r[k] for k in keys): rec for r, rec in zip(there.df.to_dict("records"),
-                                                               there.records)}
+    mine = {
+        tuple(r[k] for k in keys): rec for r, rec in zip(here.df.to_dict("records"), here.records)
+    }
+    theirs = {
+        tuple(r[k] for k in keys): rec for r, rec in zip(there.df.to_dict("records"), there.records)
+    }
     assert len(there.df) == 6 and mine.keys() == theirs.keys()
     for point, rec in theirs.items():
         assert _tokens(rec) == _tokens(mine[point]), point
@@ -116,21 +126,34 @@ def test_a_killed_workers_point_runs_again_and_twice_is_a_row(local_ray, tiny_ck
 
     path = tmp_path / "s.jsonl"
     # 64 output tokens: the point still runs when the kill lands.
-    r = labkit.sweep(str(tiny_ckpts["llama"]), cluster="local", batch_sizes=[1, 2, 3],
-                     output_lens=[64], on_start=on_start, output=path, **TINY)
+    r = labkit.sweep(
+        str(tiny_ckpts["llama"]),
+        cluster="local",
+        batch_sizes=[1, 2, 3],
+        output_lens=[64],
+        on_start=on_start,
+        output=path,
+        **TINY,
+    )
     assert started == [1, 2, 2, 3, 3]
     assert list(r.df.batch_size) == [1, 2, 3] and not r.interrupted
     assert list(r.df.error.iloc[:2]) == ["", ""] and (r.df.avg_latency_s.iloc[:2] > 0).all()
     failed = r.df.iloc[2]
     assert "Actor" in failed.error and failed.num_iters == 0, failed.error
-    assert failed.avg_latency_s != failed.avg_latency_s   # NaN: nothing measured
+    assert failed.avg_latency_s != failed.avg_latency_s  # NaN: nothing measured
     _assert_clean()
     # The file has the failed row; resume= runs that point again (here, in this process) and
     # the file keeps the point once.
     assert labkit.load_sweep(path).df.error.iloc[2] == failed.error
     again = []
-    resumed = labkit.sweep(str(tiny_ckpts["llama"]), batch_sizes=[1, 2, 3], output_lens=[64],
-                           resume=path, on_start=again.append, **TINY)
+    resumed = labkit.sweep(
+        str(tiny_ckpts["llama"]),
+        batch_sizes=[1, 2, 3],
+        output_lens=[64],
+        resume=path,
+        on_start=again.append,
+        **TINY,
+    )
     assert [p.batch_size for p in again] == [3]
     reloaded = labkit.load_sweep(path)
     assert sorted(reloaded.df.batch_size) == [1, 2, 3] and (reloaded.df.error == "").all()
@@ -161,8 +184,10 @@ def test_interrupted_cluster_sweep_leaves_no_worker_and_resumes(local_ray, tiny_
 
 
 def test_the_cluster_module_imports_ray_only_when_a_sweep_asks():
-    code = ("import sys, labkit, labkit.lab.sweeps, labkit.lab.cluster\n"
-            "assert 'ray' not in sys.modules, 'ray was imported'\n")
+    code = (
+        "import sys, labkit, labkit.lab.sweeps, labkit.lab.cluster\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'\n"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
@@ -171,10 +196,29 @@ def test_cli_sweep_joins_a_running_cluster_by_its_address(local_ray, tiny_ckpts,
     # `labkit sweep --cluster ADDRESS` in another process joins this module's Ray.
     address = ray.get_runtime_context().gcs_address
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "labkit.cli", "sweep", "--model", str(tiny_ckpts["llama"]),
-           "--batch-sizes", "1", "2", "--input-lens", "8", "--output-lens", "4",
-           "--num-iters", "1", "--num-iters-warmup", "0", "--output-dir", str(out),
-           "--cluster", address]
+    cmd = [
+        sys.executable,
+        "-m",
+        "labkit.cli",
+        "sweep",
+        "--model",
+        str(tiny_ckpts["llama"]),
+        "--batch-sizes",
+        "1",
+        "2",
+        "--input-lens",
+        "8",
+        "--output-lens",
+        "4",
+        "--num-iters",
+        "1",
+        "--num-iters-warmup",
+        "0",
+        "--output-dir",
+        str(out),
+        "--cluster",
+        address,
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -189,11 +233,18 @@ def test_a_group_no_node_can_hold_is_rows_with_that_error(local_ray, tiny_ckpts,
     # (A copy whose config allows TP 4: 4 KV heads. Its weights never load.)
     import json
     import shutil
+
     model = shutil.copytree(tiny_ckpts["llama"], tmp_path / "ckpt")
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 4}))
-    r = labkit.sweep(str(model), cluster="local", batch_sizes=[1, 2], output_lens=[4],
-                     tensor_parallel_sizes=[4], **TINY)
+    r = labkit.sweep(
+        str(model),
+        cluster="local",
+        batch_sizes=[1, 2],
+        output_lens=[4],
+        tensor_parallel_sizes=[4],
+        **TINY,
+    )
     assert list(r.df.batch_size) == [1, 2] and not r.interrupted
     assert r.df.error.str.contains("no node of the Ray cluster has 4 CPUs").all()
     _assert_clean()
@@ -201,8 +252,15 @@ def test_a_group_no_node_can_hold_is_rows_with_that_error(local_ray, tiny_ckpts,
 
 def test_dashboard_sweeps_on_the_cluster(local_ray, tiny_ckpts, tmp_path):
     # The dashboard's sweep runs on a thread: rows reach its progress bar and charts.
-    d = labkit.dashboard(str(tiny_ckpts["llama"]), batch_sizes=[1, 2], input_lens=[8],
-                         output_lens=[3], export_dir=tmp_path, cluster="local", dtype="float32")
+    d = labkit.dashboard(
+        str(tiny_ckpts["llama"]),
+        batch_sizes=[1, 2],
+        input_lens=[8],
+        output_lens=[3],
+        export_dir=tmp_path,
+        cluster="local",
+        dtype="float32",
+    )
     d.run_button.click()
     d.wait(300)
     assert len(d.result.df) == 2 and d.progress.value == 2, d.status.value
@@ -213,10 +271,12 @@ def test_dashboard_sweeps_on_the_cluster(local_ray, tiny_ckpts, tmp_path):
 
 def test_a_local_ray_is_not_started_from_a_thread():
     # Its processes would die with the thread (Linux's parent-death signal): a clear error.
-    code = ("import threading\nfrom labkit.lab.cluster import connect\nout = []\n"
-            "def go():\n    try:\n        connect('local')\n    except RuntimeError as e:\n"
-            "        out.append(str(e))\n"
-            "t = threading.Thread(target=go); t.start(); t.join()\n"
-            "import ray\nassert not ray.is_initialized() and 'main thread' in out[0], out\n")
+    code = (
+        "import threading\nfrom labkit.lab.cluster import connect\nout = []\n"
+        "def go():\n    try:\n        connect('local')\n    except RuntimeError as e:\n"
+        "        out.append(str(e))\n"
+        "t = threading.Thread(target=go); t.start(); t.join()\n"
+        "import ray\nassert not ray.is_initialized() and 'main thread' in out[0], out\n"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)

@@ -1,5 +1,6 @@
 """labkit.serving_sweep() against a real `labkit serve`: the trade-off between offered load and
 latency, with each metric's distribution and goodput."""
+
 from __future__ import annotations
 
 import math
@@ -13,10 +14,17 @@ from labkit.lab import serving, serving_charts
 
 def test_serving_sweep_against_a_real_server(tiny_ckpts, tmp_path):
     model = str(tiny_ckpts["llama"])
-    r = labkit.serving_sweep(model, request_rates=[20.0, math.inf], max_concurrencies=[None, 2],
-                             num_prompts=6, input_len=16, output_len=6,
-                             goodput={"ttft": 60_000, "tpot": 60_000}, output=tmp_path / "s.jsonl",
-                             progress=False)
+    r = labkit.serving_sweep(
+        model,
+        request_rates=[20.0, math.inf],
+        max_concurrencies=[None, 2],
+        num_prompts=6,
+        input_len=16,
+        output_len=6,
+        goodput={"ttft": 60_000, "tpot": 60_000},
+        output=tmp_path / "s.jsonl",
+        progress=False,
+    )
     assert not r.interrupted and len(r.df) == 4
     assert r.df.max_concurrency.isna().tolist() == [True, True, False, False]
     assert (r.df.completed == 6).all() and (r.df.failed == 0).all()

@@ -1,6 +1,7 @@
 """Engine life cycle: KV blocks all come back (after generate, aborts and interrupts), TP engines
 can be built and closed again and again without leaking processes or memory, request metrics are
 ordered, and the step log adds up."""
+
 from __future__ import annotations
 
 import ctypes
@@ -10,14 +11,27 @@ import sys
 import psutil
 import pytest
 import torch
-
 from helpers import assert_engine_idle, greedy_params, random_prompts
+
 from labkit import LLM, SamplingParams
 
-STEP_LOG_COLUMNS = ["step", "schedule_ms", "prepare_ms", "forward_ms", "sample_ms", "postprocess_ms",
-                    "total_ms", "num_prefill_tokens", "num_prefill_seqs", "num_decode_seqs",
-                    "num_running", "num_waiting", "kv_blocks_used", "kv_blocks_free",
-                    "num_preemptions"]
+STEP_LOG_COLUMNS = [
+    "step",
+    "schedule_ms",
+    "prepare_ms",
+    "forward_ms",
+    "sample_ms",
+    "postprocess_ms",
+    "total_ms",
+    "num_prefill_tokens",
+    "num_prefill_seqs",
+    "num_decode_seqs",
+    "num_running",
+    "num_waiting",
+    "kv_blocks_used",
+    "kv_blocks_free",
+    "num_preemptions",
+]
 
 
 def _rss_mib() -> float:
@@ -50,7 +64,9 @@ def test_tp2_build_use_close_five_times_leaks_no_processes_or_memory(tiny_ckpts)
 
     def use(llm: LLM) -> list[list[int]]:
         assert len(_children() - before) == 1  # the rank-1 worker
-        return [o.outputs[0].token_ids for o in llm.generate(prompts, greedy_params(8), use_tqdm=False)]
+        return [
+            o.outputs[0].token_ids for o in llm.generate(prompts, greedy_params(8), use_tqdm=False)
+        ]
 
     rss, first = {}, None
     for cycle in range(1, 6):
@@ -97,12 +113,12 @@ def test_every_block_is_free_after_generate_and_aborts(tiny_llms):
     assert eng.stats().kv_blocks_used > 0
     eng.add_request("waiting", {"prompt_token_ids": prompts[3]}, long_run)
     eng.abort_request("waiting")  # never scheduled
-    eng.abort_request("b")        # running, two sequences
+    eng.abort_request("b")  # running, two sequences
     finished = {}
     for _ in range(2):
         finished.update({o.request_id: o for o in eng.step() if o.finished})
-    assert not finished and eng.stats().num_unfinished_requests == 2   # "a" and "c"
-    eng.abort_request("c")        # while "a" keeps running
+    assert not finished and eng.stats().num_unfinished_requests == 2  # "a" and "c"
+    eng.abort_request("c")  # while "a" keeps running
     while eng.has_unfinished_requests():
         finished.update({o.request_id: o for o in eng.step() if o.finished})
     assert set(finished) == {"a"}
@@ -138,12 +154,19 @@ def test_request_metrics_are_ordered(tiny_llms):
     outs = llm.generate(prompts, greedy_params(5), use_tqdm=False)
     for o in outs:
         m = o.metrics
-        assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time \
-            <= m.last_token_time <= m.finished_time
+        assert (
+            m.arrival_time
+            <= m.first_scheduled_time
+            <= m.first_token_time
+            <= m.last_token_time
+            <= m.finished_time
+        )
         assert m.time_in_queue == pytest.approx(m.first_scheduled_time - m.arrival_time)
 
 
-@pytest.mark.parametrize("lengths", [[1, 5, 130], [65]], ids=["one_token_prompt", "one_token_last_chunk"])
+@pytest.mark.parametrize(
+    "lengths", [[1, 5, 130], [65]], ids=["one_token_prompt", "one_token_last_chunk"]
+)
 def test_step_log_columns_and_prefill_token_accounting(tiny_ckpts, lengths):
     # A 1-token prompt, and the 1-token last chunk of a 65-token prompt under a 64-token
     # budget, are prefills (they yield a request's first token), not decodes.

@@ -2,6 +2,7 @@
 safetensors, pickled *.bin only on request, experts stored fused, GGUF paths, unsupported
 architectures.
 (That GGUF weights compute what HF computes is test_correctness' default-model test.)"""
+
 from __future__ import annotations
 
 import json
@@ -10,19 +11,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import greedy_params, random_prompts
 from safetensors.torch import load_file, save_file
 
-from helpers import greedy_params, random_prompts
 from labkit import LLM, EngineConfig
 from labkit.engine.resolved_config import resolve
 
 REPO = Path(__file__).resolve().parents[2]
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM",
-             "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+SUPPORTED = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+)
 
 
 def _tokens(llm: LLM, prompts, max_tokens: int = 8):
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, greedy_params(max_tokens), use_tqdm=False)]
+    return [
+        o.outputs[0].token_ids
+        for o in llm.generate(prompts, greedy_params(max_tokens), use_tqdm=False)
+    ]
 
 
 def _copy_without_weights(src: Path, dst: Path) -> Path:
@@ -64,9 +74,14 @@ def test_dummy_weights_from_config_json_alone(tiny_ckpts, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "data" / "configs").iterdir()))
 def test_shipped_benchmark_configs_resolve(name):
-    cfg = resolve(EngineConfig.from_kwargs(model=str(REPO / "data" / "configs" / name),
-                                           load_format="dummy", skip_tokenizer_init=True,
-                                           device="cpu"))
+    cfg = resolve(
+        EngineConfig.from_kwargs(
+            model=str(REPO / "data" / "configs" / name),
+            load_format="dummy",
+            skip_tokenizer_init=True,
+            device="cpu",
+        )
+    )
     assert cfg.model_config.architecture in SUPPORTED
     assert cfg.max_model_len == cfg.model_config.max_position_embeddings
 
@@ -109,14 +124,16 @@ def test_fused_expert_checkpoint_loads_like_per_expert(kind, tiny_ckpts, tiny_ll
         parts = name.replace(".block_sparse_moe.", ".mlp.").split(".")
         if "experts" in parts:  # model.layers.L.mlp.experts.E.PROJ.weight
             i = parts.index("experts")
-            experts.setdefault(".".join(parts[:i + 1]), {})[(int(parts[i + 1]),
-                                                             names[parts[i + 2]])] = t
+            experts.setdefault(".".join(parts[: i + 1]), {})[
+                (int(parts[i + 1]), names[parts[i + 2]])
+            ] = t
         else:
             tensors[name] = t
     for prefix, ws in experts.items():
         n = max(e for e, _ in ws) + 1
         tensors[f"{prefix}.gate_up_proj"] = torch.stack(
-            [torch.cat([ws[e, 0], ws[e, 1]]) for e in range(n)])
+            [torch.cat([ws[e, 0], ws[e, 1]]) for e in range(n)]
+        )
         tensors[f"{prefix}.down_proj"] = torch.stack([ws[e, 2] for e in range(n)])
     save_file(tensors, str(fused_dir / "model.safetensors"), metadata={"format": "pt"})
     prompts = random_prompts(tiny_llms(kind).config.model_config.vocab_size, [5, 40], seed=33)
@@ -132,20 +149,34 @@ def test_gguf_file_or_its_directory_resolve_like_the_default(default_gguf):
 
 
 GPT2_CONFIG = {  # as published with the gpt2 checkpoint: no Llama-style field names
-    "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-    "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12, "n_positions": 1024,
-    "layer_norm_epsilon": 1e-05, "vocab_size": 50257, "bos_token_id": 50256, "eos_token_id": 50256,
+    "activation_function": "gelu_new",
+    "architectures": ["GPT2LMHeadModel"],
+    "model_type": "gpt2",
+    "n_ctx": 1024,
+    "n_embd": 768,
+    "n_head": 12,
+    "n_layer": 12,
+    "n_positions": 1024,
+    "layer_norm_epsilon": 1e-05,
+    "vocab_size": 50257,
+    "bos_token_id": 50256,
+    "eos_token_id": 50256,
 }
 
 
-@pytest.mark.parametrize("config", [
-    pytest.param(GPT2_CONFIG, id="real_gpt2_config"),
-    pytest.param(None, id="llama_shaped_config"),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(GPT2_CONFIG, id="real_gpt2_config"),
+        pytest.param(None, id="llama_shaped_config"),
+    ],
+)
 def test_unsupported_architecture_lists_the_supported_ones(tiny_ckpts, tmp_path, config):
     if config is None:
-        config = {**json.loads((tiny_ckpts["llama"] / "config.json").read_text()),
-                  "architectures": ["GPT2LMHeadModel"]}
+        config = {
+            **json.loads((tiny_ckpts["llama"] / "config.json").read_text()),
+            "architectures": ["GPT2LMHeadModel"],
+        }
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="GPT2LMHeadModel") as e:
         LLM(str(tmp_path), load_format="dummy", skip_tokenizer_init=True)

@@ -1,5 +1,6 @@
 """The server's engine loop in-process (no HTTP): what happens when the engine raises, when the
 server drains for shutdown, and when one prompt of a batch is refused."""
+
 from __future__ import annotations
 
 import asyncio
@@ -20,8 +21,13 @@ from labkit.sampling_params import RequestOutputKind, SamplingParams
 def engine_loop(tiny_ckpts, request):
     # With async scheduling a step is always in flight while requests run: failures, drains and
     # refusals must still leave nothing behind.
-    engine = LLMEngine(resolve(EngineConfig(model=str(tiny_ckpts["llama"]), num_kv_blocks=64,
-                                            async_scheduling=request.param)))
+    engine = LLMEngine(
+        resolve(
+            EngineConfig(
+                model=str(tiny_ckpts["llama"]), num_kv_blocks=64, async_scheduling=request.param
+            )
+        )
+    )
     loop = EngineLoop(engine, ServerMetrics("tiny"))
     loop.start()
     yield loop
@@ -34,8 +40,9 @@ def _prompt(ids: list[int]) -> dict:
 
 
 def _long() -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=500, ignore_eos=True,
-                          output_kind=RequestOutputKind.DELTA)
+    return SamplingParams(
+        temperature=0, max_tokens=500, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+    )
 
 
 async def _first_update(handle):
@@ -49,7 +56,9 @@ def test_engine_failure_fails_requests_and_reports_unhealthy(engine_loop, monkey
         raise RuntimeError("device lost")
 
     async def main():
-        it = await _first_update(await engine_loop.submit("a", [_prompt([1, 2, 3])], _long(), time.time()))
+        it = await _first_update(
+            await engine_loop.submit("a", [_prompt([1, 2, 3])], _long(), time.time())
+        )
         monkeypatch.setattr(engine_loop.engine, "step", broken_step)
         with pytest.raises(APIError) as err:
             async for _ in it:
@@ -66,7 +75,9 @@ def test_engine_failure_fails_requests_and_reports_unhealthy(engine_loop, monkey
 
 def test_drain_ends_in_flight_requests_and_refuses_new_ones(engine_loop):
     async def main():
-        it = await _first_update(await engine_loop.submit("a", [_prompt([1, 2, 3])], _long(), time.time()))
+        it = await _first_update(
+            await engine_loop.submit("a", [_prompt([1, 2, 3])], _long(), time.time())
+        )
         engine_loop.begin_drain(0.0)
         with pytest.raises(APIError) as err:
             async for _ in it:
@@ -85,9 +96,13 @@ def test_a_refused_prompt_leaves_nothing_behind(engine_loop):
     async def main():
         max_len = engine_loop.engine.config.max_model_len
         with pytest.raises(ValueError, match="prompt"):
-            await engine_loop.submit("a", [_prompt([1, 2]), _prompt([1] * max_len)], _long(), time.time())
+            await engine_loop.submit(
+                "a", [_prompt([1, 2]), _prompt([1] * max_len)], _long(), time.time()
+            )
         params = SamplingParams(max_tokens=3, n=2, output_kind=RequestOutputKind.DELTA)
-        handle = await engine_loop.submit("b", [_prompt([1, 2]), _prompt([3, 4])], params, time.time())
+        handle = await engine_loop.submit(
+            "b", [_prompt([1, 2]), _prompt([3, 4])], params, time.time()
+        )
         tokens: dict[int, list[int]] = {}
         async for update in handle:
             for d in update.choices:
@@ -95,7 +110,7 @@ def test_a_refused_prompt_leaves_nothing_behind(engine_loop):
         return tokens
 
     tokens = asyncio.run(main())
-    assert sorted(tokens) == [0, 1, 2, 3]   # 2 prompts x n=2, indexed as vLLM does
+    assert sorted(tokens) == [0, 1, 2, 3]  # 2 prompts x n=2, indexed as vLLM does
     assert all(1 <= len(t) <= 3 for t in tokens.values())
     assert not engine_loop.engine.has_unfinished_requests()
     assert engine_loop.engine.stats().kv_blocks_used == 0
@@ -107,8 +122,9 @@ class _ExplodingDetokenizer:
 
 
 def test_one_failing_request_gets_a_500_and_the_others_run_on(engine_loop):
-    short = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
-                           output_kind=RequestOutputKind.DELTA)
+    short = SamplingParams(
+        temperature=0, max_tokens=6, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+    )
 
     async def tokens_of(handle) -> list[int]:
         tokens = []
@@ -118,13 +134,16 @@ def test_one_failing_request_gets_a_500_and_the_others_run_on(engine_loop):
         return tokens
 
     async def main():
-        alone = await tokens_of(await engine_loop.submit("ref", [_prompt([5, 6, 7])], short,
-                                                         time.time()))
-        bad = await engine_loop.submit("bad", [_prompt([1, 2, 3]), _prompt([4, 5])], _long(),
-                                       time.time())
+        alone = await tokens_of(
+            await engine_loop.submit("ref", [_prompt([5, 6, 7])], short, time.time())
+        )
+        bad = await engine_loop.submit(
+            "bad", [_prompt([1, 2, 3]), _prompt([4, 5])], _long(), time.time()
+        )
         # The engine thread owns the requests; an attribute swap is what a fault looks like.
-        engine_loop.engine.output_processor.requests["bad-1"][0].detokenizer = \
-            _ExplodingDetokenizer()
+        engine_loop.engine.output_processor.requests["bad-1"][
+            0
+        ].detokenizer = _ExplodingDetokenizer()
         good = await engine_loop.submit("good", [_prompt([5, 6, 7])], short, time.time())
         with pytest.raises(APIError) as err:
             await tokens_of(bad)

@@ -1,5 +1,6 @@
 """Tensor parallelism on the CPU: TP=2 reproduces TP=1 token for token, the quickstart runs with
 TP=1 and TP=2 (also as an unguarded script), and models whose heads don't split are refused."""
+
 from __future__ import annotations
 
 import subprocess
@@ -8,8 +9,8 @@ import time
 
 import psutil
 import pytest
-
 from helpers import QUICKSTART_PROMPTS, greedy_params, random_prompts
+
 from labkit import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -26,9 +27,13 @@ def tp2_llama(tiny_ckpts):
 
 def _tokens_and_logprobs(llm: LLM, prompts, max_tokens: int):
     outs = llm.generate(prompts, greedy_params(max_tokens), use_tqdm=False)
-    return ([o.outputs[0].token_ids for o in outs],
-            [[d[t].logprob for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
-             for o in outs])
+    return (
+        [o.outputs[0].token_ids for o in outs],
+        [
+            [d[t].logprob for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+            for o in outs
+        ],
+    )
 
 
 def _assert_same(tp1, tp2):
@@ -42,8 +47,10 @@ def _assert_same(tp1, tp2):
 def test_tp2_matches_tp1_llama(tp2_llama, tiny_llms):
     vocab = tp2_llama.config.model_config.vocab_size
     prompts = QUICKSTART_PROMPTS + random_prompts(vocab, [1, 9, 40, 150], seed=4)
-    _assert_same(_tokens_and_logprobs(tiny_llms("llama"), prompts, 10),
-                 _tokens_and_logprobs(tp2_llama, prompts, 10))
+    _assert_same(
+        _tokens_and_logprobs(tiny_llms("llama"), prompts, 10),
+        _tokens_and_logprobs(tp2_llama, prompts, 10),
+    )
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3", "qwen3_moe", "mixtral", "mistral"])
@@ -56,8 +63,9 @@ def test_tp2_matches_tp1_with_chunks_and_odd_blocks(kind, tiny_ckpts):
     kwargs = dict(dtype="float32", block_size=7, max_num_batched_tokens=48)
     path = str(tiny_ckpts[kind])
     with LLM(path, **kwargs) as tp1:
-        prompts = QUICKSTART_PROMPTS + random_prompts(tp1.config.model_config.vocab_size,
-                                                      [1, 9, 40, 150], seed=5)
+        prompts = QUICKSTART_PROMPTS + random_prompts(
+            tp1.config.model_config.vocab_size, [1, 9, 40, 150], seed=5
+        )
         ref = _tokens_and_logprobs(tp1, prompts, 10)
     with LLM(path, tensor_parallel_size=2, **kwargs) as tp2:
         _assert_same(ref, _tokens_and_logprobs(tp2, prompts, 10))
@@ -65,7 +73,9 @@ def test_tp2_matches_tp1_with_chunks_and_odd_blocks(kind, tiny_ckpts):
 
 
 def test_quickstart_tp2_on_tiny_checkpoint(tp2_llama):
-    outs = tp2_llama.generate(QUICKSTART_PROMPTS, SamplingParams(**QUICKSTART_PARAMS), use_tqdm=False)
+    outs = tp2_llama.generate(
+        QUICKSTART_PROMPTS, SamplingParams(**QUICKSTART_PARAMS), use_tqdm=False
+    )
     assert [o.prompt for o in outs] == QUICKSTART_PROMPTS
     for o in outs:
         assert o.finished and o.outputs[0].text
@@ -74,7 +84,9 @@ def test_quickstart_tp2_on_tiny_checkpoint(tp2_llama):
 
 
 def test_quickstart_tp1_on_default_model(default_llm):
-    outs = default_llm.generate(QUICKSTART_PROMPTS, SamplingParams(**QUICKSTART_PARAMS), use_tqdm=False)
+    outs = default_llm.generate(
+        QUICKSTART_PROMPTS, SamplingParams(**QUICKSTART_PARAMS), use_tqdm=False
+    )
     assert [o.prompt for o in outs] == QUICKSTART_PROMPTS
     for o in outs:
         assert o.finished and o.outputs[0].text.strip()
@@ -106,10 +118,12 @@ def test_quickstart_as_unguarded_script_with_tp2(tiny_ckpts, tmp_path):
     # No `if __name__ == "__main__":` guard: multiprocessing's spawn would re-run the whole
     # script in each worker (printing twice, or recursing); the workers must not.
     script = tmp_path / "quickstart.py"
-    script.write_text(QUICKSTART_SCRIPT.format(prompts=QUICKSTART_PROMPTS,
-                                               model=str(tiny_ckpts["llama"])))
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                       cwd=tmp_path)
+    script.write_text(
+        QUICKSTART_SCRIPT.format(prompts=QUICKSTART_PROMPTS, model=str(tiny_ckpts["llama"]))
+    )
+    r = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
     assert sum(line.startswith("Prompt: ") for line in lines) == len(QUICKSTART_PROMPTS), r.stdout
@@ -128,6 +142,8 @@ def test_quickstart_as_unguarded_script_with_tp2(tiny_ckpts, tmp_path):
 def _alive(pid: int) -> bool:
     try:
         p = psutil.Process(pid)
-        return p.status() != psutil.STATUS_ZOMBIE and "labkit.engine.tp_worker" in " ".join(p.cmdline())
+        return p.status() != psutil.STATUS_ZOMBIE and "labkit.engine.tp_worker" in " ".join(
+            p.cmdline()
+        )
     except psutil.Error:
         return False

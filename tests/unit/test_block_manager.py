@@ -1,4 +1,5 @@
 """The paged KV cache's bookkeeping: allocation, freeing, prefix reuse and LRU eviction."""
+
 from __future__ import annotations
 
 from labkit.engine.block_manager import BlockManager
@@ -17,9 +18,9 @@ def test_allocate_gives_whole_blocks_and_free_returns_them():
     bm.allocate(r, 10)
     assert len(r.block_table) == 3 and bm.num_used == 3 and bm.num_free == 5
     r.num_computed_tokens = 10
-    bm.allocate(r, 2)            # 12 tokens still fit in 3 blocks
+    bm.allocate(r, 2)  # 12 tokens still fit in 3 blocks
     assert len(r.block_table) == 3
-    bm.allocate(r, 3)            # 13 do not
+    bm.allocate(r, 3)  # 13 do not
     assert len(r.block_table) == 4
     bm.free(r)
     assert bm.num_free == 8 and r.block_table == []
@@ -36,9 +37,9 @@ def test_a_committed_prompt_prefix_is_reused_by_the_next_request():
     first = request(list(range(9)), "a")
     bm.allocate(first, 9)
     first.num_computed_tokens = 9
-    bm.commit(first)                       # two full blocks get hashes
+    bm.commit(first)  # two full blocks get hashes
     second = request(list(range(8)) + [99, 100], "b")
-    assert bm.match_prefix(second) == 8    # both full blocks, shared
+    assert bm.match_prefix(second) == 8  # both full blocks, shared
     assert second.block_table == first.block_table[:2]
     assert bm.ref_counts[first.block_table[0]] == 2
 
@@ -50,7 +51,7 @@ def test_the_last_prompt_token_is_always_recomputed():
     first.num_computed_tokens = 8
     bm.commit(first)
     same = request(list(range(8)), "b")
-    assert bm.match_prefix(same) == 4      # its logits are needed: the last block is computed
+    assert bm.match_prefix(same) == 4  # its logits are needed: the last block is computed
 
 
 def test_freed_blocks_stay_reusable_until_evicted_least_recently_used_first():
@@ -61,7 +62,7 @@ def test_freed_blocks_stay_reusable_until_evicted_least_recently_used_first():
     bm.commit(a)
     cached_block = a.block_table[0]
     bm.free(a)
-    assert bm.match_prefix(request([1, 2, 7], "b")) == 2   # still cached after the free
+    assert bm.match_prefix(request([1, 2, 7], "b")) == 2  # still cached after the free
     bm2 = BlockManager(num_blocks=1, block_size=2)
     c = request([1, 2, 3], "c")
     bm2.allocate(c, 2)
@@ -69,7 +70,7 @@ def test_freed_blocks_stay_reusable_until_evicted_least_recently_used_first():
     bm2.commit(c)
     bm2.free(c)
     d = request([5, 6, 7], "d")
-    bm2.allocate(d, 2)                      # the only block is handed out again: evicted
+    bm2.allocate(d, 2)  # the only block is handed out again: evicted
     assert bm2.match_prefix(request([1, 2, 3], "e")) == 0
     assert cached_block in range(3)
 
@@ -81,6 +82,6 @@ def test_prefix_caching_off_matches_nothing_and_reset_needs_an_idle_cache():
     a.num_computed_tokens = 3
     bm.commit(a)
     assert bm.match_prefix(request([1, 2, 3], "b")) == 0
-    assert bm.reset_prefix_cache() is False     # blocks in use
+    assert bm.reset_prefix_cache() is False  # blocks in use
     bm.free(a)
     assert bm.reset_prefix_cache() is True

@@ -1,4 +1,5 @@
 """The `labkit` command line, run as users run it: a separate process."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,13 @@ def _labkit() -> list[str]:
 
 
 def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(_labkit() + list(args), capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        _labkit() + list(args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 @pytest.mark.slow
@@ -41,8 +47,10 @@ def test_generate_chat_prints_the_users_prompt_not_the_template():
     r = _run("generate", "--chat", "What is the capital of France?", "--max-tokens", "12")
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line for line in r.stdout.splitlines() if line.startswith("Prompt: ")]
-    assert lines == [f"Prompt: 'What is the capital of France?', Generated text: "
-                     f"{lines[0].split('Generated text: ', 1)[1]}"]
+    assert lines == [
+        f"Prompt: 'What is the capital of France?', Generated text: "
+        f"{lines[0].split('Generated text: ', 1)[1]}"
+    ]
     assert "Paris" in lines[0] and "<|im_start|>" not in r.stdout
 
 
@@ -54,10 +62,15 @@ def test_generate_reports_a_bad_model_path_without_a_traceback(tmp_path):
 
 
 def test_async_scheduling_flags_reach_the_engine_config():
+    from labkit.cli import build_parser, engine_kwargs
     from labkit.config import EngineConfig
     from labkit.engine.resolved_config import resolve
-    from labkit.cli import build_parser, engine_kwargs
-    for flag, want in (([], False), (["--async-scheduling"], True), (["--no-async-scheduling"], False)):
+
+    for flag, want in (
+        ([], False),
+        (["--async-scheduling"], True),
+        (["--no-async-scheduling"], False),
+    ):
         kw = engine_kwargs(build_parser().parse_args(["generate", *flag, "x"]))
         # Unset, the config picks vLLM's default for the device: on for CUDA, off for the CPU.
         assert kw["async_scheduling"] == (want if flag else None)

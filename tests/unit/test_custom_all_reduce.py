@@ -2,6 +2,7 @@
 kernel only if every one of them could share and map the buffers, and a rank that fails never
 leaves the others waiting. (The kernel itself: tests/unit/test_kernels.py; on GPUs:
 dev/gpu_allreduce.py.)"""
+
 import itertools
 import threading
 
@@ -17,6 +18,7 @@ _addresses = itertools.count(0x1000, 0x1000)
 
 class FakeRT:
     """Allocations are numbers; `fail` names the method that raises on `fail_rank`."""
+
     fail: str | None = None
     fail_rank: int | None = None
     log: list = []
@@ -45,7 +47,7 @@ class FakeRT:
 
     def ipc_open(self, handle):
         self._maybe_fail("ipc_open")
-        ptr = int.from_bytes(handle, "little") + 0x10_0000_0000   # mapped elsewhere here
+        ptr = int.from_bytes(handle, "little") + 0x10_0000_0000  # mapped elsewhere here
         self.log.append(("open", ptr))
         return ptr
 
@@ -59,8 +61,15 @@ def run_ranks(world, monkeypatch, fail=None, fail_rank=None):
     FakeRT.fail, FakeRT.fail_rank, FakeRT.log = fail, fail_rank, []
     store = dist.HashStore()
     results = {}
-    threads = [threading.Thread(name=f"rank{r}", target=lambda r=r: results.__setitem__(
-        r, car.PeerAllReduce.setup(r, world, store, torch.device("cpu")))) for r in range(world)]
+    threads = [
+        threading.Thread(
+            name=f"rank{r}",
+            target=lambda r=r: results.__setitem__(
+                r, car.PeerAllReduce.setup(r, world, store, torch.device("cpu"))
+            ),
+        )
+        for r in range(world)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -75,8 +84,10 @@ def test_every_rank_maps_every_other_rank(monkeypatch):
     own_bufs = [p.own[0] for p in (results[r] for r in range(3))]
     for r, p in results.items():
         ptrs = p.buf_ptrs.tolist()
-        assert ptrs[r] == own_bufs[r]                       # its own buffer, as allocated
-        assert all(ptrs[q] == own_bufs[q] + 0x10_0000_0000 for q in range(3) if q != r)  # peers, mapped
+        assert ptrs[r] == own_bufs[r]  # its own buffer, as allocated
+        assert all(
+            ptrs[q] == own_bufs[q] + 0x10_0000_0000 for q in range(3) if q != r
+        )  # peers, mapped
 
 
 @pytest.mark.parametrize("fail", ["set_device", "malloc_zeroed", "ipc_open"])

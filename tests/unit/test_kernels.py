@@ -5,6 +5,7 @@ before anything imports triton), at small shapes: this is how CI runs them. On a
 compiled. The interpreter has no bfloat16 `tl.dot` (it multiplies the raw bit patterns), so the
 attention kernels' half-precision tests use float16 there; the elementwise kernels test bfloat16.
 """
+
 import json
 import os
 import random
@@ -15,41 +16,55 @@ import torch
 from packaging.version import Version
 
 triton = pytest.importorskip("triton")
-if (os.environ.get("TRITON_INTERPRET") == "1" and Version(triton.__version__) < Version("3.7.1")
-        and Version(np.__version__) >= Version("2.4")):
+if (
+    os.environ.get("TRITON_INTERPRET") == "1"
+    and Version(triton.__version__) < Version("3.7.1")
+    and Version(np.__version__) >= Version("2.4")
+):
     # Its interpreter calls int() on 1-element arrays (loop bounds loaded from memory), which
     # numpy 2.4 refuses; triton 3.7.1 fixed it.
-    pytest.skip("the Triton interpreter needs triton>=3.7.1 with numpy>=2.4",
-                allow_module_level=True)
+    pytest.skip(
+        "the Triton interpreter needs triton>=3.7.1 with numpy>=2.4", allow_module_level=True
+    )
 
+from labkit.kernels.fused_add_rmsnorm import (  # noqa: E402
+    fused_add_rmsnorm,
+    fused_add_rmsnorm_ref,
+    rmsnorm,
+    rmsnorm_ref,
+)
+from labkit.kernels.fused_moe import MoeConfig, fused_moe, fused_moe_ref, moe_align_block_size  # noqa: E402
+from labkit.kernels.gemv import GemvConfig, GemvWorkspace, gemv, gemv_ref  # noqa: E402
+from labkit.kernels.one_shot_all_reduce import (  # noqa: E402
+    BLOCK,
+    MAX_PROGRAMS,
+    one_shot_all_reduce,
+    one_shot_all_reduce_ref,
+)
+from labkit.kernels.paged_attention_decode import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
+from labkit.kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
+from labkit.kernels.rotary_store_kvcache import rotary_store_kvcache, rotary_store_kvcache_ref  # noqa: E402
+from labkit.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from labkit.layers.attention import SeqSlice  # noqa: E402
 from labkit.layers.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from labkit.layers.attention.triton_backend import TritonAttentionBackend  # noqa: E402
-from labkit.layers.switches import KernelSwitches  # noqa: E402
-from labkit.kernels.one_shot_all_reduce import (MAX_PROGRAMS, BLOCK,  # noqa: E402
-                                                 one_shot_all_reduce, one_shot_all_reduce_ref)
-from labkit.kernels.gemv import GemvConfig, GemvWorkspace, gemv, gemv_ref  # noqa: E402
-from labkit.kernels.fused_add_rmsnorm import (  # noqa: E402
-    fused_add_rmsnorm, fused_add_rmsnorm_ref, rmsnorm, rmsnorm_ref)
-from labkit.kernels.paged_attention_decode import (paged_attention_decode,  # noqa: E402
-                                                   paged_attention_decode_ref)
-from labkit.kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
-from labkit.kernels.rotary_store_kvcache import (rotary_store_kvcache,  # noqa: E402
-                                                 rotary_store_kvcache_ref)
-from labkit.layers.rotary import RotaryEmbedding  # noqa: E402
-from labkit.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
-from labkit.kernels.fused_moe import (MoeConfig, fused_moe, fused_moe_ref,  # noqa: E402
-                                      moe_align_block_size)
 from labkit.layers.fused_moe import experts_torch, route  # noqa: E402
+from labkit.layers.rotary import RotaryEmbedding  # noqa: E402
+from labkit.layers.switches import KernelSwitches  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HALF = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16  # see the module docstring
-TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=2e-3),
-       torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+TOL = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
 # Elementwise kernels round once from float32 where torch rounds after each op, and the
 # interpreter truncates float32 -> bfloat16 where a GPU rounds to nearest: one bf16 ulp.
-ELEMENTWISE_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5),
-                   torch.bfloat16: dict(atol=3e-2, rtol=1.6e-2)}
+ELEMENTWISE_TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.bfloat16: dict(atol=3e-2, rtol=1.6e-2),
+}
 
 
 def paged_cache(ctx_lens: list[int], block_size: int, hkv: int, d: int, dtype: torch.dtype):
@@ -63,7 +78,7 @@ def paged_cache(ctx_lens: list[int], block_size: int, hkv: int, d: int, dtype: t
     table = torch.zeros(len(ctx_lens), max(need), dtype=torch.int32)
     start = 0
     for i, n in enumerate(need):
-        table[i, :n] = torch.tensor(perm[start:start + n])
+        table[i, :n] = torch.tensor(perm[start : start + n])
         start += n
     return k_cache, v_cache, table.to(DEVICE)
 
@@ -83,8 +98,9 @@ def test_rotary_store_kvcache(dtype):
     ref_qkv = qkv.clone()
     q, k, v = qkv.split([hq, hkv, hkv], dim=1)  # strided views, as the qkv split gives
     rq, rk, rv = ref_qkv.split([hq, hkv, hkv], dim=1)
-    rotary_store_kvcache(positions, q, k, v, rotary.cos, rotary.sin, *caches,
-                         mapping.to(torch.int32))
+    rotary_store_kvcache(
+        positions, q, k, v, rotary.cos, rotary.sin, *caches, mapping.to(torch.int32)
+    )
     rotary_store_kvcache_ref(positions, rq, rk, rv, rotary.cos, rotary.sin, *refs, mapping)
     torch.testing.assert_close(q, rq, **ELEMENTWISE_TOL[dtype])
     assert torch.equal(qkv[:, hq:], ref_qkv[:, hq:])  # k and v untouched
@@ -107,9 +123,12 @@ def test_paged_attention_decode(dtype, block_size, num_splits, window):
     k_cache, v_cache, table = paged_cache(ctx_lens, block_size, hkv, d, dtype)
     q = torch.randn(len(ctx_lens), hkv * group, d, dtype=dtype, device=DEVICE)
     lens = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
-    args = (q, k_cache, v_cache, table, lens, d ** -0.5, block_size)
-    torch.testing.assert_close(paged_attention_decode(*args, num_splits=num_splits, window=window),
-                               paged_attention_decode_ref(*args, window=window), **TOL[dtype])
+    args = (q, k_cache, v_cache, table, lens, d**-0.5, block_size)
+    torch.testing.assert_close(
+        paged_attention_decode(*args, num_splits=num_splits, window=window),
+        paged_attention_decode_ref(*args, window=window),
+        **TOL[dtype],
+    )
 
 
 def test_paged_attention_decode_empty_context_gives_zeros():
@@ -138,9 +157,12 @@ def test_prefill_attention(dtype, block_size, window):
     q = torch.randn(sum(q_lens), hkv * group, d, dtype=dtype, device=DEVICE)
     cu = torch.tensor([0] + q_lens, device=DEVICE).cumsum(0).to(torch.int32)
     lens = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
-    args = (q, k_cache, v_cache, cu, lens, table, d ** -0.5, block_size)
-    torch.testing.assert_close(prefill_attention(*args, max(q_lens), window=window),
-                               prefill_attention_ref(*args, window=window), **TOL[dtype])
+    args = (q, k_cache, v_cache, cu, lens, table, d**-0.5, block_size)
+    torch.testing.assert_close(
+        prefill_attention(*args, max(q_lens), window=window),
+        prefill_attention_ref(*args, window=window),
+        **TOL[dtype],
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -153,8 +175,9 @@ def test_fused_add_rmsnorm(dtype, hidden):
     ref_out, ref_res = fused_add_rmsnorm_ref(x, residual, weight, 1e-6)
     torch.testing.assert_close(new_res, ref_res, **ELEMENTWISE_TOL[dtype])
     torch.testing.assert_close(out, ref_out, **ELEMENTWISE_TOL[dtype])
-    torch.testing.assert_close(rmsnorm(x, weight, 1e-6), rmsnorm_ref(x, weight, 1e-6),
-                               **ELEMENTWISE_TOL[dtype])
+    torch.testing.assert_close(
+        rmsnorm(x, weight, 1e-6), rmsnorm_ref(x, weight, 1e-6), **ELEMENTWISE_TOL[dtype]
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -176,8 +199,11 @@ def test_moe_align_block_size():
 # (tokens, experts, top-k, hidden, intermediate, config): a decode-sized batch with the default
 # config (experts without tokens), a batch over several row blocks per expert with odd feature
 # counts (partial N and K tiles) and grouped ordering, top-3.
-MOE_CASES = [(5, 4, 2, 32, 16, None), (37, 8, 2, 48, 40, MoeConfig(16, 32, 16, group_m=4)),
-             (70, 4, 3, 32, 24, MoeConfig(32, 16, 32))]
+MOE_CASES = [
+    (5, 4, 2, 32, 16, None),
+    (37, 8, 2, 48, 40, MoeConfig(16, 32, 16, group_m=4)),
+    (70, 4, 3, 32, 24, MoeConfig(32, 16, 32)),
+]
 
 
 @pytest.mark.parametrize("case", MOE_CASES, ids=lambda c: f"T{c[0]}_E{c[1]}_k{c[2]}")
@@ -187,8 +213,8 @@ def test_fused_moe(case, dtype):
     reference; the MoE layer's torch path (labkit.layers.fused_moe) against it too."""
     t, e, k, h, i, cfg = case
     x = torch.randn(t, h, dtype=dtype, device=DEVICE)
-    w13 = torch.randn(e, 2 * i, h, dtype=dtype, device=DEVICE) / h ** 0.5
-    w2 = torch.randn(e, h, i, dtype=dtype, device=DEVICE) / i ** 0.5
+    w13 = torch.randn(e, 2 * i, h, dtype=dtype, device=DEVICE) / h**0.5
+    w2 = torch.randn(e, h, i, dtype=dtype, device=DEVICE) / i**0.5
     weights, ids = route(torch.randn(t, e, device=DEVICE), k, True, dtype)
     ref = fused_moe_ref(x, w13, w2, weights, ids)
     torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, config=cfg), ref, **TOL[dtype])
@@ -199,12 +225,17 @@ def test_fused_moe_tables_and_dispatch(monkeypatch, tmp_path):
     """A per-card table (configs/fused_moe_<card>.json) gives the entry of the nearest row
     bucket for its shapes; other shapes, and cards without a table, get the default."""
     from labkit.kernels import fused_moe as M
+
     for path in M.CONFIG_DIR.glob("fused_moe_*.json"):  # committed tables parse
         for by_m in json.loads(path.read_text())["configs"].values():
             assert all(M.MoeConfig(**c).block_m >= 16 for c in by_m.values())
-    small, large = dict(block_m=16, block_n=32, block_k=64), dict(block_m=64, block_n=128, block_k=64)
-    (tmp_path / "fused_moe_Test_Card.json").write_text(json.dumps(
-        {"card": "Test Card", "configs": {"8,256,64": {"1": small, "256": large}}}))
+    small, large = (
+        dict(block_m=16, block_n=32, block_k=64),
+        dict(block_m=64, block_n=128, block_k=64),
+    )
+    (tmp_path / "fused_moe_Test_Card.json").write_text(
+        json.dumps({"card": "Test Card", "configs": {"8,256,64": {"1": small, "256": large}}})
+    )
     monkeypatch.setattr(M, "CONFIG_DIR", tmp_path)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test Card")
     M._table.cache_clear()
@@ -221,8 +252,12 @@ def test_fused_moe_tables_and_dispatch(monkeypatch, tmp_path):
 # (rows, config): FMAs up to 2 rows, tensor cores up to 16. K = 200 is no multiple of the tiles;
 # split-K over 3 programs of 96 columns (the last one partial) and over 3 of 128 (the last one
 # empty); N = 37 fills the last row block only in part.
-GEMV_CASES = [(1, GemvConfig(4, 64, 2, False)), (2, GemvConfig(8, 32, 1, False, split_k=3)),
-              (5, GemvConfig(16, 64, 4, True)), (16, GemvConfig(16, 128, 4, True, split_k=3))]
+GEMV_CASES = [
+    (1, GemvConfig(4, 64, 2, False)),
+    (2, GemvConfig(8, 32, 1, False, split_k=3)),
+    (5, GemvConfig(16, 64, 4, True)),
+    (16, GemvConfig(16, 128, 4, True, split_k=3)),
+]
 
 
 @pytest.mark.parametrize("rows,config", GEMV_CASES, ids=lambda c: str(c))
@@ -233,20 +268,22 @@ def test_gemv(rows, config, gated, bias, dtype):
     input is); every output element checked against the float32 reference."""
     n, k = 37, 200
     x = torch.randn(rows, 3 * k, dtype=dtype, device=DEVICE)[:, : (2 * k if gated else k)]
-    w = torch.randn(n, k, dtype=dtype, device=DEVICE) / k ** 0.5
+    w = torch.randn(n, k, dtype=dtype, device=DEVICE) / k**0.5
     b = torch.randn(n, dtype=dtype, device=DEVICE) if bias else None
     ref = gemv_ref(x, w, b, gated=gated)
     workspace = GemvWorkspace(DEVICE)
     # Twice: split-K's arrival counts must be back at zero after a call.
     for _ in range(2):
-        torch.testing.assert_close(gemv(x, w, b, gated=gated, config=config, workspace=workspace),
-                                   ref, **TOL[dtype])
+        torch.testing.assert_close(
+            gemv(x, w, b, gated=gated, config=config, workspace=workspace), ref, **TOL[dtype]
+        )
 
 
 def test_gemv_tables_and_dispatch(monkeypatch):
     """Every committed per-card table parses into launchable configurations; on the H200, tuned
     shapes get their entry (None: cuBLAS), untuned ones the kernel at 1-2 rows, cuBLAS above."""
     from labkit.kernels import gemv as G
+
     for path in G.CONFIG_DIR.glob("gemv_*.json"):
         for key, entry in json.loads(path.read_text())["configs"].items():
             bucket, n, k = map(int, key.split(","))
@@ -263,7 +300,9 @@ def test_gemv_tables_and_dispatch(monkeypatch):
         assert G.choose_config(1, 4608, 3584, dev) == G.GemvConfig(2, 1024, 4, False)
         assert G.choose_config(2, 4608, 3584, dev) is None
         assert G.choose_config(2, 64, 96, dev) == G.heuristic_config(2, 96)
-        assert G.choose_config(8, 64, 96, dev) is None and G.choose_config(17, 3584, 3584, dev) is None
+        assert (
+            G.choose_config(8, 64, 96, dev) is None and G.choose_config(17, 3584, 3584, dev) is None
+        )
     finally:
         G._table.cache_clear()
 
@@ -275,20 +314,24 @@ def test_triton_backend_matches_torch_backend(dtype, window):
     # Three decodes, then a chunk of 9 after 20 cached tokens and a fresh 6-token prompt.
     q_lens, ctx_lens = [1, 1, 1, 9, 6], [random.randint(1, 40), 17, 33, 29, 6]
     k_cache, v_cache, table = paged_cache(ctx_lens, block_size, hkv, d, dtype)
-    seqs = [SeqSlice(ql, cl, row.tolist())
-            for ql, cl, row in zip(q_lens, ctx_lens, table.cpu())]
+    seqs = [SeqSlice(ql, cl, row.tolist()) for ql, cl, row in zip(q_lens, ctx_lens, table.cpu())]
     t = sum(q_lens)
     rotary = RotaryEmbedding(d, 64, 10000.0).to(DEVICE)
     positions = torch.cat([torch.arange(c - ql, c) for ql, c in zip(q_lens, ctx_lens)]).to(DEVICE)
     qkv = torch.randn(t, hkv * (group + 2), d, dtype=dtype, device=DEVICE)
     outs, caches = [], []
-    for backend in (TorchAttentionBackend(block_size, DEVICE),
-                    TritonAttentionBackend(block_size, DEVICE, KernelSwitches())):
+    for backend in (
+        TorchAttentionBackend(block_size, DEVICE),
+        TritonAttentionBackend(block_size, DEVICE, KernelSwitches()),
+    ):
         kc, vc = k_cache.clone(), v_cache.clone()
         # strided views, as the model passes (the Triton backend rotates q in place: a copy each)
         q, k, v = qkv.clone().split([hkv * group, hkv, hkv], dim=1)
-        outs.append(backend.forward(positions, q, k, v, rotary, kc, vc, backend.prepare(seqs),
-                                    d ** -0.5, window))
+        outs.append(
+            backend.forward(
+                positions, q, k, v, rotary, kc, vc, backend.prepare(seqs), d**-0.5, window
+            )
+        )
         caches.append((kc, vc))
     torch.testing.assert_close(outs[1], outs[0], **TOL[dtype])
     # Rotary rounds once in the kernel, after each op in torch: k's cache rows within an ulp.
@@ -303,8 +346,10 @@ def _all_reduce_rank(rank, world, xs, outs, buf_ptrs, sig_ptrs):
         outs[it, rank] = x
 
 
-@pytest.mark.skipif(DEVICE.type == "cuda", reason="ranks as CPU processes; on GPUs see "
-                    "dev/gpu_allreduce.py (several cards, CUDA IPC)")
+@pytest.mark.skipif(
+    DEVICE.type == "cuda",
+    reason="ranks as CPU processes; on GPUs see dev/gpu_allreduce.py (several cards, CUDA IPC)",
+)
 @pytest.mark.parametrize("world,numel", [(2, 300), (3, BLOCK * (MAX_PROGRAMS + 1) + 5)])
 def test_one_shot_all_reduce(world, numel):
     """Ranks are forked processes over shared CPU memory (the interpreter runs each launch's
@@ -312,16 +357,22 @@ def test_one_shot_all_reduce(world, numel):
     call after call (the larger case has programs that handle two chunks), and the signal pads
     are back to zero after each call."""
     import multiprocessing as mp
+
     iters = 2
     bufs = [torch.zeros(numel).share_memory_() for _ in range(world)]
-    sigs = [torch.zeros(MAX_PROGRAMS * world, dtype=torch.int32).share_memory_() for _ in range(world)]
+    sigs = [
+        torch.zeros(MAX_PROGRAMS * world, dtype=torch.int32).share_memory_() for _ in range(world)
+    ]
     xs = torch.randn(iters, world, numel).share_memory_()
     outs = torch.zeros(iters, world, numel).share_memory_()
     buf_ptrs = torch.tensor([b.data_ptr() for b in bufs])
     sig_ptrs = torch.tensor([s.data_ptr() for s in sigs])
-    procs = [mp.get_context("fork").Process(target=_all_reduce_rank,
-                                            args=(r, world, xs, outs, buf_ptrs, sig_ptrs))
-             for r in range(world)]
+    procs = [
+        mp.get_context("fork").Process(
+            target=_all_reduce_rank, args=(r, world, xs, outs, buf_ptrs, sig_ptrs)
+        )
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -341,8 +392,10 @@ def test_triton_metadata_views_are_16_byte_aligned():
     landed at odd offsets would compile a new kernel variant mid-run (~1 s on a GPU)."""
     backend = TritonAttentionBackend(4, DEVICE, KernelSwitches())
     for q_lens, ctx_lens in (([1, 1, 1, 5], [3, 9, 6, 5]), ([1, 7, 3], [2, 7, 10]), ([5], [5])):
-        seqs = [SeqSlice(q, c, list(range(i * 4, i * 4 + -(-c // 4))))
-                for i, (q, c) in enumerate(zip(q_lens, ctx_lens))]
+        seqs = [
+            SeqSlice(q, c, list(range(i * 4, i * 4 + -(-c // 4))))
+            for i, (q, c) in enumerate(zip(q_lens, ctx_lens))
+        ]
         meta = backend.prepare(seqs)
         tensors = [t for t in vars(meta).values() if torch.is_tensor(t)]
         assert len(tensors) > 1 and all(t.data_ptr() % 16 == 0 for t in tensors)
@@ -350,6 +403,7 @@ def test_triton_metadata_views_are_16_byte_aligned():
 
 def test_padded_block_table():
     from labkit.layers.attention import padded_block_table
+
     table = padded_block_table([[3, 1, 4], [1], [], [5, 9]])
     assert table.dtype == np.int32
     assert table.tolist() == [[3, 1, 4], [1, 0, 0], [0, 0, 0], [5, 9, 0]]

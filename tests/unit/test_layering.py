@@ -7,6 +7,7 @@ The floors, top first (README, "Development"):
   models → layers → distributed → kernels → observe → the foundation (config, sampling_params,
   structured_params, outputs, default_model, transfer, utils, version).
 """
+
 from __future__ import annotations
 
 import ast
@@ -26,8 +27,16 @@ FLOORS = [
     ["labkit.distributed"],
     ["labkit.kernels"],
     ["labkit.observe"],
-    ["labkit.config", "labkit.sampling_params", "labkit.structured_params", "labkit.outputs",
-     "labkit.default_model", "labkit.transfer", "labkit.utils", "labkit.version"],
+    [
+        "labkit.config",
+        "labkit.sampling_params",
+        "labkit.structured_params",
+        "labkit.outputs",
+        "labkit.default_model",
+        "labkit.transfer",
+        "labkit.utils",
+        "labkit.version",
+    ],
 ]
 
 
@@ -54,8 +63,12 @@ def labkit_imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "labkit"}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
-                and node.module.split(".")[0] == "labkit":
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.level == 0
+            and node.module.split(".")[0] == "labkit"
+        ):
             # `from labkit.x import y` may name a submodule y: count it as labkit.x.y if so.
             for a in node.names:
                 sub = f"{node.module}.{a.name}"
@@ -82,20 +95,23 @@ def test_imports_point_down():
     for name, path in package_modules().items():
         for target in labkit_imports(path):
             if floor_of(target) < floor_of(name):
-                upward.append(f"{name} (floor {floor_of(name)}) imports {target} "
-                              f"(floor {floor_of(target)})")
+                upward.append(
+                    f"{name} (floor {floor_of(name)}) imports {target} (floor {floor_of(target)})"
+                )
     assert not upward, "imports that run back up:\n" + "\n".join(sorted(upward))
 
 
 def test_no_import_cycles():
     modules = package_modules()
-    graph = {name: {t for t in labkit_imports(path) if t in modules and t != name}
-             for name, path in modules.items()}
+    graph = {
+        name: {t for t in labkit_imports(path) if t in modules and t != name}
+        for name, path in modules.items()
+    }
     # A package's __init__ importing its own submodules is how a package shows its public
     # names, not a circle: leave those edges out.
     for name in graph:
         graph[name] = {t for t in graph[name] if not t.startswith(name + ".")}
-    state: dict[str, int] = {}   # 1: on the current path, 2: done
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
     stack: list[str] = []
 
     def visit(node: str) -> list[str] | None:
@@ -103,7 +119,7 @@ def test_no_import_cycles():
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -128,5 +144,5 @@ def test_every_package_says_what_lives_there_and_what_it_may_import():
     for init in sorted(PACKAGE.rglob("__init__.py")):
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
         assert doc, f"{init} has no docstring saying what lives there"
-        if init.parent.parent == PACKAGE or init.parent == PACKAGE:   # the floors' packages
+        if init.parent.parent == PACKAGE or init.parent == PACKAGE:  # the floors' packages
             assert "May import" in doc, f"{init}'s docstring does not say what it may import"

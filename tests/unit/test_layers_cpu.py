@@ -1,4 +1,5 @@
 """CPU fast paths in the layers give the plain formulas' results."""
+
 from __future__ import annotations
 
 import pytest
@@ -41,6 +42,7 @@ def test_profile_categories():
     from labkit.layers.embedding import VocabParallelEmbedding
     from labkit.layers.linear import ColumnParallelLinear, RowParallelLinear
     from labkit.layers.norm import RMSNorm
+
     assert ParallelLMHead.profile_category == "matmul"
     assert VocabParallelEmbedding.profile_category == "other"
     assert ColumnParallelLinear.profile_category == RowParallelLinear.profile_category == "matmul"

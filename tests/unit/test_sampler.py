@@ -1,5 +1,6 @@
 """The sampler on hand-made logits: greedy, truncation, seeds, logprobs and the logits
 processors, with no model."""
+
 from __future__ import annotations
 
 import torch
@@ -30,11 +31,16 @@ def test_greedy_takes_the_argmax_with_its_raw_logprob():
 
 def test_truncation_keeps_what_top_k_top_p_and_min_p_allow():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    masked = lambda k, p, m: apply_top_k_top_p_min_p(  # noqa: E731
-        logits, torch.tensor([k]), torch.tensor([p]), torch.tensor([m])).isfinite()[0].tolist()
+    masked = lambda k, p, m: (
+        apply_top_k_top_p_min_p(  # noqa: E731
+            logits, torch.tensor([k]), torch.tensor([p]), torch.tensor([m])
+        )
+        .isfinite()[0]
+        .tolist()
+    )
     assert masked(2, 1.0, 0.0) == [True, True, False, False]
-    assert masked(0, 0.8, 0.0) == [True, True, False, False]   # 0.5 + 0.3 reaches 0.8
-    assert masked(0, 1.0, 0.4) == [True, True, False, False]   # >= 0.4 * 0.5
+    assert masked(0, 0.8, 0.0) == [True, True, False, False]  # 0.5 + 0.3 reaches 0.8
+    assert masked(0, 1.0, 0.4) == [True, True, False, False]  # >= 0.4 * 0.5
     assert masked(0, 0.1, 0.0) == [True, False, False, False]  # the top token always stays
 
 
@@ -42,8 +48,11 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     logits = torch.randn(1, 50)
     alone = sample(logits, [request(SamplingParams(temperature=1.0), seed=7)], seed=1)
     crowd = [request(SamplingParams(temperature=1.0)) for _ in range(3)]
-    mixed = sample(torch.cat([torch.randn(3, 50), logits]),
-                   crowd + [request(SamplingParams(temperature=1.0), seed=7)], seed=2)
+    mixed = sample(
+        torch.cat([torch.randn(3, 50), logits]),
+        crowd + [request(SamplingParams(temperature=1.0), seed=7)],
+        seed=2,
+    )
     assert mixed.token_ids[3] == alone.token_ids[0]
 
 
@@ -57,6 +66,6 @@ def test_min_tokens_holds_back_eos_and_allowed_ids_restrict():
 def test_penalties_and_bias_move_the_argmax():
     logits = torch.tensor([[0.0, 2.0, 1.9, 0.0]])
     rep = request(SamplingParams(temperature=0, repetition_penalty=2.0), prompt=(1,))
-    assert sample(logits, [rep]).token_ids == [2]       # 2.0 / 2 < 1.9
+    assert sample(logits, [rep]).token_ids == [2]  # 2.0 / 2 < 1.9
     bias = request(SamplingParams(temperature=0, logit_bias={3: 5.0}))
     assert sample(logits, [bias]).token_ids == [3]

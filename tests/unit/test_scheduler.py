@@ -1,5 +1,6 @@
 """Continuous batching: token budgets, chunked prefill, decode rows first, preemption and
 priorities, on the scheduler alone (no model)."""
+
 from __future__ import annotations
 
 from labkit.engine.block_manager import BlockManager
@@ -9,8 +10,16 @@ from labkit.sampling_params import SamplingParams
 
 
 def request(n: int, rid: str, priority: int = 0, arrival: float = 0.0) -> Request:
-    return Request(rid, rid, 0, None, list(range(1, n + 1)), SamplingParams(max_tokens=100),
-                   priority=priority, arrival_time=arrival)
+    return Request(
+        rid,
+        rid,
+        0,
+        None,
+        list(range(1, n + 1)),
+        SamplingParams(max_tokens=100),
+        priority=priority,
+        arrival_time=arrival,
+    )
 
 
 def run_step(sched: Scheduler):
@@ -30,12 +39,13 @@ def test_a_long_prompt_is_prefilled_in_chunks_under_the_budget():
     sched.add(r)
     sizes = [run_step(sched).work[0][1] for _ in range(3)]
     assert sizes == [10, 10, 5]
-    assert run_step(sched).work == [(r, 1)]          # then it decodes
+    assert run_step(sched).work == [(r, 1)]  # then it decodes
 
 
 def test_without_chunked_prefill_a_prompt_waits_for_a_budget_that_holds_it_whole():
-    sched = Scheduler(BlockManager(64, 4), 8, max_num_batched_tokens=10,
-                      enable_chunked_prefill=False)
+    sched = Scheduler(
+        BlockManager(64, 4), 8, max_num_batched_tokens=10, enable_chunked_prefill=False
+    )
     sched.add(request(25, "long"))
     assert run_step(sched).work == []
 
@@ -44,7 +54,7 @@ def test_decode_rows_come_first_and_the_budget_is_shared():
     sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=12)
     a = request(5, "a")
     sched.add(a)
-    run_step(sched)                       # a's prompt done: a decodes from now on
+    run_step(sched)  # a's prompt done: a decodes from now on
     b = request(20, "b")
     sched.add(b)
     batch = run_step(sched)
@@ -64,17 +74,18 @@ def test_when_blocks_run_out_the_latest_admitted_request_is_preempted():
     a, b = request(3, "a", arrival=1.0), request(3, "b", arrival=2.0)
     sched.add(a)
     sched.add(b)
-    run_step(sched)                       # prompts: 2 blocks each, the cache is full
-    run_step(sched)                       # the 4th tokens still fit
-    batch = run_step(sched)               # a's 5th token needs a third block
+    run_step(sched)  # prompts: 2 blocks each, the cache is full
+    run_step(sched)  # the 4th tokens still fit
+    batch = run_step(sched)  # a's 5th token needs a third block
     assert batch.num_preempted == 1
     assert b.status == RequestStatus.WAITING and b.block_table == [] and b.num_preemptions == 1
     assert [r for r, _ in batch.work] == [a]
 
 
 def test_priority_policy_lets_an_urgent_request_preempt_a_lower_one():
-    sched = Scheduler(BlockManager(2, 2), max_num_seqs=8, max_num_batched_tokens=100,
-                      policy="priority")
+    sched = Scheduler(
+        BlockManager(2, 2), max_num_seqs=8, max_num_batched_tokens=100, policy="priority"
+    )
     low = request(3, "low", priority=5, arrival=1.0)
     sched.add(low)
     run_step(sched)

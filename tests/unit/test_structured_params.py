@@ -1,5 +1,6 @@
 """StructuredOutputsParams' shape checks, the guided_decoding alias, and the torch bitmask against
 xgrammar's own kernel (no model)."""
+
 from __future__ import annotations
 
 import pydantic
@@ -22,16 +23,19 @@ def test_exactly_one_constraint():
         StructuredOutputsParams(json_object=False)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(json="{not json"), "json is not valid JSON"),
-    (dict(json="[1, 2]"), "json must be a JSON schema"),
-    (dict(json=42), "json must be a JSON schema"),
-    (dict(choice=[]), "choice must be a non-empty list of strings"),
-    (dict(choice=["a", 1]), "choice must be a non-empty list of strings"),
-    (dict(regex=""), "regex must be a non-empty string"),
-    (dict(grammar=None, structural_tag=" "), "structural_tag must be a non-empty string"),
-    (dict(regex="a", whitespace_pattern=r"\s"), "whitespace_pattern is not supported"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(json="{not json"), "json is not valid JSON"),
+        (dict(json="[1, 2]"), "json must be a JSON schema"),
+        (dict(json=42), "json must be a JSON schema"),
+        (dict(choice=[]), "choice must be a non-empty list of strings"),
+        (dict(choice=["a", 1]), "choice must be a non-empty list of strings"),
+        (dict(regex=""), "regex must be a non-empty string"),
+        (dict(grammar=None, structural_tag=" "), "structural_tag must be a non-empty string"),
+        (dict(regex="a", whitespace_pattern=r"\s"), "whitespace_pattern is not supported"),
+    ],
+)
 def test_malformed_constraints_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=f"^structured_outputs: {message}"):
         StructuredOutputsParams(**kwargs)
@@ -46,10 +50,13 @@ def test_json_schema_forms_and_the_cache_key():
     assert from_model.json["properties"].keys() == {"name", "age"}
     text = '{"type": "object", "properties": {"b": {}, "a": {}}}'
     # Equal schemas share a key; property order is kept (it is the order of generation).
-    assert StructuredOutputsParams(json=text).spec == StructuredOutputsParams(
-        json={"type": "object", "properties": {"b": {}, "a": {}}}).spec
-    assert StructuredOutputsParams(json=text).spec.index('"b"') < \
-        StructuredOutputsParams(json=text).spec.index('"a"')
+    assert (
+        StructuredOutputsParams(json=text).spec
+        == StructuredOutputsParams(json={"type": "object", "properties": {"b": {}, "a": {}}}).spec
+    )
+    assert StructuredOutputsParams(json=text).spec.index('"b"') < StructuredOutputsParams(
+        json=text
+    ).spec.index('"a"')
 
 
 def test_sampling_params_take_either_name_and_dicts():
@@ -57,8 +64,10 @@ def test_sampling_params_take_either_name_and_dicts():
     assert legacy.structured_outputs.choice == ["a", "b"] and legacy.guided_decoding is None
     assert SamplingParams(structured_outputs={"regex": "x+"}).structured_outputs.regex == "x+"
     with pytest.raises(ValueError, match="^guided_decoding: give structured_outputs or"):
-        SamplingParams(structured_outputs=StructuredOutputsParams(regex="a"),
-                       guided_decoding=GuidedDecodingParams(regex="b"))
+        SamplingParams(
+            structured_outputs=StructuredOutputsParams(regex="a"),
+            guided_decoding=GuidedDecodingParams(regex="b"),
+        )
     with pytest.raises(ValueError, match="^structured_outputs: .*unexpected keyword"):
         SamplingParams(structured_outputs={"regexp": "x"})
     with pytest.raises(ValueError, match="backend='outlines' is not available"):
@@ -68,9 +77,10 @@ def test_sampling_params_take_either_name_and_dicts():
 @pytest.mark.parametrize("rows", [[0, 1, 2, 3, 4], [1, 3], [4]])
 def test_torch_bitmask_matches_xgrammars_kernel(rows):
     gen = torch.Generator().manual_seed(0)
-    vocab = 1000   # not a multiple of 32: the last word is partly padding
-    bitmask = torch.randint(-2**31, 2**31 - 1, (5, (vocab + 31) // 32), dtype=torch.int32,
-                            generator=gen)
+    vocab = 1000  # not a multiple of 32: the last word is partly padding
+    bitmask = torch.randint(
+        -(2**31), 2**31 - 1, (5, (vocab + 31) // 32), dtype=torch.int32, generator=gen
+    )
     logits = torch.randn(5, vocab, generator=gen)
     ours, theirs = logits.clone(), logits.clone()
     apply_bitmask(ours, bitmask, rows)

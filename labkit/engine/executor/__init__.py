@@ -10,6 +10,7 @@ process), chosen by the `distributed_executor_backend` option:
 May import: the rest of labkit.engine below the engine core (model_runner, resolved_config), and
 what they may import.
 """
+
 from __future__ import annotations
 
 from labkit.engine.executor.base import WorkerGroup
@@ -23,6 +24,8 @@ def start_workers(config: ResolvedConfig) -> WorkerGroup | None:
         return None
     if config.distributed_executor_backend == "ray":
         from labkit.engine.executor.ray_actors import RayWorkerGroup
+
         return RayWorkerGroup(config)
     from labkit.engine.executor.mp import MpWorkerGroup
+
     return MpWorkerGroup(config)

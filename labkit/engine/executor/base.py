@@ -1,6 +1,7 @@
 """The interface between the engine and its tensor-parallel ranks 1..N-1, and the one piece of
 rank logic both backends run: RankWorker holds a rank's ModelRunner and repeats each call rank 0
 makes, so the collectives inside the forward pass line up."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -14,6 +15,7 @@ STARTUP_TIMEOUT_S = 600
 class WorkerGroup(ABC):
     """Ranks 1..N-1 of one engine. `port` (and `host`) is where the TP group meets: rank 0 (the
     engine's own ModelRunner) serves the rendezvous there."""
+
     host: str = "127.0.0.1"
     port: int
 

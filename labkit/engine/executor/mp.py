@@ -6,6 +6,7 @@ spawn re-runs the user's main script in the child, which breaks scripts without 
 `if __name__ == "__main__":` guard (vLLM's quickstart script has none), and fork is unsafe once
 torch's thread pools exist.
 """
+
 from __future__ import annotations
 
 import multiprocessing.connection as mpc
@@ -29,10 +30,12 @@ class MpWorkerGroup(WorkerGroup):
             parent, child = mpc.Pipe()
             proc = subprocess.Popen(
                 [sys.executable, "-m", "labkit.engine.tp_worker", str(child.fileno())],
-                pass_fds=[child.fileno()], env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                pass_fds=[child.fileno()],
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 # Its own session: a Ctrl-C meant for the engine's process (a server draining
                 # its requests) must not kill the workers first; they exit when told or on EOF.
-                start_new_session=True)
+                start_new_session=True,
+            )
             child.close()
             parent.send((config, RankPlacement(rank, self.host, self.port)))
             self.procs.append(proc)
@@ -43,8 +46,10 @@ class MpWorkerGroup(WorkerGroup):
         for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
             while not conn.poll(0.2):
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"tensor-parallel worker {rank} died while starting "
-                                       f"(exit code {proc.returncode}); its error is above")
+                    raise RuntimeError(
+                        f"tensor-parallel worker {rank} died while starting "
+                        f"(exit code {proc.returncode}); its error is above"
+                    )
             status, detail = conn.recv()
             if status != "ready":
                 raise RuntimeError(f"tensor-parallel worker {rank} failed to start:\n{detail}")

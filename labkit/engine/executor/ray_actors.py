@@ -9,6 +9,7 @@ when there is one, else starts a local one; either way Ray stays up after the en
 the next engine; it stops with the process, or at `ray.shutdown()`), as in vLLM. Closing the
 engine kills its actors and removes its placement group.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,12 +27,13 @@ try:
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 except ImportError as e:
-    raise ImportError("distributed_executor_backend='ray' needs Ray: pip install "
-                      "'labkit[ray]' (or 'ray>=2.40')") from e
+    raise ImportError(
+        "distributed_executor_backend='ray' needs Ray: pip install 'labkit[ray]' (or 'ray>=2.40')"
+    ) from e
 
 log = logging.getLogger("labkit")
 
-PLACEMENT_TIMEOUT_S = 120     # for a feasible group whose resources other work holds
+PLACEMENT_TIMEOUT_S = 120  # for a feasible group whose resources other work holds
 CLOSE_TIMEOUT_S = 30
 ACTOR_NAMESPACE = "labkit"
 # The driver's environment that the ranks must share: labkit's kernel switches, and the
@@ -49,8 +51,9 @@ class RayRank(RankWorker):
         """(this node's address, the ids of the GPUs Ray assigned to this actor)."""
         return ray.util.get_node_ip_address(), [str(g) for g in ray.get_gpu_ids()]
 
-    def start_with_devices(self, config: ResolvedConfig, placement: RankPlacement,
-                           visible: str | None) -> None:
+    def start_with_devices(
+        self, config: ResolvedConfig, placement: RankPlacement, visible: str | None
+    ) -> None:
         # Every rank on a node sees all of the engine's cards there (not only its own, as Ray
         # sets it), so that NCCL may use peer-to-peer copies between them.
         if visible is not None:
@@ -83,7 +86,8 @@ def _reserve(bundles: list[dict[str, float]]):
             raise RuntimeError(
                 f"the Ray cluster cannot place {len(bundles)} tensor-parallel ranks: they need "
                 f"{need:g} {key!r} and the cluster has {total.get(key, 0):g} (resources: "
-                f"{ {k: v for k, v in total.items() if not k.startswith('node:')} })")
+                f"{ {k: v for k, v in total.items() if not k.startswith('node:')} })"
+            )
     pg = placement_group(bundles, strategy="PACK")
     deadline = time.monotonic() + PLACEMENT_TIMEOUT_S
     while True:
@@ -94,9 +98,13 @@ def _reserve(bundles: list[dict[str, float]]):
             remove_placement_group(pg)
             raise RuntimeError(
                 f"the Ray cluster had no room for {bundles} within {PLACEMENT_TIMEOUT_S} s "
-                f"(available: {ray.available_resources()}); is another engine holding it?")
-        log.warning("waiting for the Ray cluster to free %s (available: %s)", bundles,
-                    ray.available_resources())
+                f"(available: {ray.available_resources()}); is another engine holding it?"
+            )
+        log.warning(
+            "waiting for the Ray cluster to free %s (available: %s)",
+            bundles,
+            ray.available_resources(),
+        )
 
 
 class RayWorkerGroup(WorkerGroup):
@@ -110,8 +118,8 @@ class RayWorkerGroup(WorkerGroup):
         # Rank 0 runs in this process: its bundle must be on this node.
         bundles = [{**unit, f"node:{self.host}": 0.001}] + [dict(unit)] * (n - 1)
         self.pg = _reserve(bundles)
-        self.actors: list = []    # every actor (on CUDA, rank 0's card holder first)
-        self._ranks: list = []    # the actors of ranks 1..N-1
+        self.actors: list = []  # every actor (on CUDA, rank 0's card holder first)
+        self._ranks: list = []  # the actors of ranks 1..N-1
         self._inflight: list = []
         self._ready: list = []
         self._rank0_cuda: int | None = None
@@ -125,11 +133,19 @@ class RayWorkerGroup(WorkerGroup):
         options = {"num_gpus": 1, "num_cpus": 0} if self.gpu else {"num_cpus": 1}
         # Named, so that the cluster's tools (`ray list actors`, the dashboard) tell whose
         # actors they are: labkit-<placement group id>-<bundle>.
-        return ray.remote(RayRank).options(
-            **options, runtime_env={"env_vars": actor_env()},
-            name=f"labkit-{self.pg.id.hex()[:12]}-{bundle}", namespace=ACTOR_NAMESPACE,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=self.pg, placement_group_bundle_index=bundle)).remote()
+        return (
+            ray.remote(RayRank)
+            .options(
+                **options,
+                runtime_env={"env_vars": actor_env()},
+                name=f"labkit-{self.pg.id.hex()[:12]}-{bundle}",
+                namespace=ACTOR_NAMESPACE,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=bundle
+                ),
+            )
+            .remote()
+        )
 
     def _start(self, config: ResolvedConfig, n: int) -> None:
         # On CUDA an idle actor holds rank 0's card (bundle 0) so that Ray says which it is.
@@ -137,17 +153,20 @@ class RayWorkerGroup(WorkerGroup):
         ranks = self.actors[1:] if self.gpu else self.actors
         cards: list[tuple[int | None, str | None]] = [(None, None)] * n
         if self.gpu:
-            devices = ray.get([a.devices.remote() for a in self.actors],
-                              timeout=STARTUP_TIMEOUT_S)
+            devices = ray.get([a.devices.remote() for a in self.actors], timeout=STARTUP_TIMEOUT_S)
             cards = _card_layout(devices)
-            self._rank0_cuda = _local_index(devices[0][1][0],
-                                            os.environ.get("CUDA_VISIBLE_DEVICES"))
+            self._rank0_cuda = _local_index(
+                devices[0][1][0], os.environ.get("CUDA_VISIBLE_DEVICES")
+            )
         self._ranks = ranks
         self._ready = [
             a.start_with_devices.remote(
-                config, RankPlacement(rank, self.host, self.port, cards[rank][0],
-                                      custom_all_reduce=False), cards[rank][1])
-            for rank, a in enumerate(ranks, start=1)]
+                config,
+                RankPlacement(rank, self.host, self.port, cards[rank][0], custom_all_reduce=False),
+                cards[rank][1],
+            )
+            for rank, a in enumerate(ranks, start=1)
+        ]
 
     def rank0_placement(self) -> RankPlacement:
         # The peer all-reduce assumes cards 0..N-1 of one process's view: NCCL only here.
@@ -159,23 +178,26 @@ class RayWorkerGroup(WorkerGroup):
             try:
                 ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
             except ray.exceptions.GetTimeoutError:
-                raise RuntimeError(f"tensor-parallel worker {rank} (a Ray actor) did not start "
-                                   f"within {STARTUP_TIMEOUT_S} s") from None
+                raise RuntimeError(
+                    f"tensor-parallel worker {rank} (a Ray actor) did not start "
+                    f"within {STARTUP_TIMEOUT_S} s"
+                ) from None
             except ray.exceptions.RayError as e:
-                raise RuntimeError(f"tensor-parallel worker {rank} (a Ray actor) failed to "
-                                   f"start:\n{e}") from None
+                raise RuntimeError(
+                    f"tensor-parallel worker {rank} (a Ray actor) failed to start:\n{e}"
+                ) from None
 
     def call(self, method: str, *args) -> None:
         # A sync actor runs one caller's calls in order; the results are only checked for
         # errors, without waiting (the collectives inside the call synchronise the ranks).
         if self._inflight:
-            done, self._inflight = ray.wait(self._inflight, num_returns=len(self._inflight),
-                                            timeout=0)
+            done, self._inflight = ray.wait(
+                self._inflight, num_returns=len(self._inflight), timeout=0
+            )
             try:
                 ray.get(done)
             except ray.exceptions.RayError as e:
-                raise RuntimeError(f"a tensor-parallel worker (a Ray actor) failed:\n{e}") \
-                    from None
+                raise RuntimeError(f"a tensor-parallel worker (a Ray actor) failed:\n{e}") from None
         self._inflight += [a.call.remote(method, args) for a in self._ranks]
 
     def shutdown(self) -> None:
@@ -190,7 +212,7 @@ class RayWorkerGroup(WorkerGroup):
         closing = [a.close.remote() for a in self._ranks]
         try:
             ray.get(closing, timeout=CLOSE_TIMEOUT_S)
-        except ray.exceptions.RayError as e:   # dead or stuck: killed below all the same
+        except ray.exceptions.RayError as e:  # dead or stuck: killed below all the same
             log.warning("a tensor-parallel worker did not close cleanly: %s", e)
         for a in self.actors:
             ray.kill(a)
@@ -217,6 +239,8 @@ def _local_index(ray_gpu_id: str, visible: str | None) -> int:
         return int(ray_gpu_id)
     entries = [v.strip() for v in visible.split(",")]
     if ray_gpu_id not in entries:
-        raise RuntimeError(f"Ray gave rank 0 GPU {ray_gpu_id}, which this process cannot see "
-                           f"(CUDA_VISIBLE_DEVICES={visible})")
+        raise RuntimeError(
+            f"Ray gave rank 0 GPU {ray_gpu_id}, which this process cannot see "
+            f"(CUDA_VISIBLE_DEVICES={visible})"
+        )
     return entries.index(ray_gpu_id)

@@ -3,6 +3,7 @@
 Layers, each importing only those below it: errors, metrics, protocol -> engine_loop -> serving
 -> app -> api_server.
 """
+
 from labkit.entrypoints.server.api_server import ServerArgs, serve
 
 __all__ = ["ServerArgs", "serve"]

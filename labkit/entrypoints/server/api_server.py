@@ -5,6 +5,7 @@ ones in flight DRAIN_TIMEOUT_S to finish; what is still running then ends with a
 A second signal ends them at once (a third exits without waiting). Then the engine shuts down
 and its TP workers exit.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +21,8 @@ from labkit.engine.input_processor import load_tokenizer
 from labkit.engine.resolved_config import ResolvedConfig
 from labkit.entrypoints.server.app import build_app
 from labkit.entrypoints.server.engine_loop import EngineLoop
-from labkit.observe.metrics import ServerMetrics
 from labkit.entrypoints.server.serving import OpenAIServing, ServingOptions
+from labkit.observe.metrics import ServerMetrics
 
 log = logging.getLogger("labkit.server")
 
@@ -34,10 +35,10 @@ class ServerArgs:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    chat_template: str | None = None    # a file, or the template itself
+    chat_template: str | None = None  # a file, or the template itself
     log_requests: bool = True
     uvicorn_log_level: str = "info"
-    trust_request_chat_template: bool = False   # allow `chat_template` in request bodies
+    trust_request_chat_template: bool = False  # allow `chat_template` in request bodies
 
 
 def load_chat_template(value: str | None) -> str | None:
@@ -49,7 +50,7 @@ def load_chat_template(value: str | None) -> str | None:
         if path.is_file():
             return path.read_text()
     except OSError:
-        pass   # a long inline template can be too long a file name
+        pass  # a long inline template can be too long a file name
     if any(c in value for c in "{}\n"):
         return value
     raise ValueError(f"chat_template: {value!r} is neither a readable file nor a Jinja template")
@@ -90,17 +91,36 @@ def serve(config: ResolvedConfig, args: ServerArgs) -> None:
     serving = None
     try:
         engine_loop.start()
-        serving = OpenAIServing(engine_loop, load_tokenizer(config), ServingOptions(
-            args.served_model_names, str(config.tokenizer_dir), config.max_model_len,
-            engine_loop.engine.limits, chat_template, args.log_requests,
-            args.trust_request_chat_template))
-        log.info("serving %s; its tokenizer loads from %s (the models' `root`)",
-                 ", ".join(args.served_model_names), config.tokenizer_dir)
+        serving = OpenAIServing(
+            engine_loop,
+            load_tokenizer(config),
+            ServingOptions(
+                args.served_model_names,
+                str(config.tokenizer_dir),
+                config.max_model_len,
+                engine_loop.engine.limits,
+                chat_template,
+                args.log_requests,
+                args.trust_request_chat_template,
+            ),
+        )
+        log.info(
+            "serving %s; its tokenizer loads from %s (the models' `root`)",
+            ", ".join(args.served_model_names),
+            config.tokenizer_dir,
+        )
         app = build_app(serving, engine_loop.metrics, args.api_key)
-        server = _Server(uvicorn.Config(app, host=args.host, port=args.port, lifespan="off",
-                                        log_level=args.uvicorn_log_level,
-                                        timeout_graceful_shutdown=int(DRAIN_TIMEOUT_S) + 5),
-                         engine_loop)
+        server = _Server(
+            uvicorn.Config(
+                app,
+                host=args.host,
+                port=args.port,
+                lifespan="off",
+                log_level=args.uvicorn_log_level,
+                timeout_graceful_shutdown=int(DRAIN_TIMEOUT_S) + 5,
+            ),
+            engine_loop,
+        )
         server.run()
     finally:
         engine_loop.stop()

@@ -4,6 +4,7 @@ Bodies are parsed by hand rather than by FastAPI's parameter binding, so every w
 wrong (too big, wrong content type, not UTF-8, not JSON, wrong fields) ends in one 4xx with
 OpenAI's error shape, instead of FastAPI's 422 `{"detail": ...}`.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -17,12 +18,17 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from labkit.version import __version__
 from labkit.entrypoints.server.errors import APIError, error_body
-from labkit.observe.metrics import CONTENT_TYPE, ServerMetrics
-from labkit.entrypoints.server.protocol import (ChatCompletionRequest, CompletionRequest,
-                                                DetokenizeRequest, RequestBody, TokenizeRequest)
+from labkit.entrypoints.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    RequestBody,
+    TokenizeRequest,
+)
 from labkit.entrypoints.server.serving import OpenAIServing
+from labkit.observe.metrics import CONTENT_TYPE, ServerMetrics
+from labkit.version import __version__
 
 log = logging.getLogger("labkit.server")
 
@@ -72,6 +78,7 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 def _validation_error(e: ValidationError) -> APIError:
     """The first error, as `field.path: message`; a value that fits no member of a union type
     says which types would do."""
+
     def split(err) -> tuple[str, str | None]:
         """(path up to the first union member's tag, that tag), or (whole path, None)."""
         path = []
@@ -96,6 +103,7 @@ def _api_key_check(api_key: str):
         given = raw.headers.get("authorization", "").encode()
         if not hmac.compare_digest(given, expected):
             raise APIError(401, "invalid or missing API key: send `Authorization: Bearer <key>`")
+
     return check
 
 
@@ -115,7 +123,7 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics, api_key: str | Non
     async def models() -> dict:
         return serving.models()
 
-    @v1.get("/models/{model_id:path}")   # names may hold a slash: org/name
+    @v1.get("/models/{model_id:path}")  # names may hold a slash: org/name
     async def model(model_id: str) -> dict:
         return serving.model(model_id)
 
@@ -148,8 +156,10 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics, api_key: str | Non
         return JSONResponse(e.body(), e.status)
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, e: HTTPException) -> Response:   # unknown route, wrong method
-        return JSONResponse(error_body(e.status_code, str(e.detail)), e.status_code, headers=e.headers)
+    async def http_error(_: Request, e: HTTPException) -> Response:  # unknown route, wrong method
+        return JSONResponse(
+            error_body(e.status_code, str(e.detail)), e.status_code, headers=e.headers
+        )
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, e: Exception) -> Response:

@@ -5,6 +5,7 @@ side sends commands (add, abort, drain, stop) through a thread-safe queue; the e
 steps the engine and hands each HTTP request what its choices gained (the engine's DELTA outputs)
 through that request's asyncio.Queue, fed with loop.call_soon_threadsafe.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,22 +27,23 @@ log = logging.getLogger("labkit.server")
 @dataclass
 class ChoiceDelta:
     """What one choice gained in one engine step."""
+
     index: int
     text: str
     token_ids: list[int]
     logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None
     stop_reason: int | str | None
-    prompt_logprobs: list | None = None   # on a choice's first delta, when asked for
+    prompt_logprobs: list | None = None  # on a choice's first delta, when asked for
 
 
 @dataclass
 class Update:
     choices: list[ChoiceDelta]
-    finished: bool   # every choice of the HTTP request is done
+    finished: bool  # every choice of the HTTP request is done
 
 
-_ACCEPTED = object()   # first item on a request's queue once the engine took it
+_ACCEPTED = object()  # first item on a request's queue once the engine took it
 
 
 @dataclass
@@ -71,6 +73,7 @@ _STOP = object()
 @dataclass(eq=False)
 class _Group:
     """One HTTP request: one engine request per prompt, each with params.n choices."""
+
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     pending: set[str] = field(default_factory=set)
@@ -85,10 +88,11 @@ class _Group:
 @dataclass(eq=False)
 class _Tracked:
     """The engine thread's view of one engine request (one prompt, params.n choices)."""
+
     group: _Group
-    base: int                            # choice index of this prompt's first sequence
-    started: list[bool]                  # per choice: has it sent anything yet
-    done: list[bool]                     # per choice: has it sent its finish_reason
+    base: int  # choice index of this prompt's first sequence
+    started: list[bool]  # per choice: has it sent anything yet
+    done: list[bool]  # per choice: has it sent its finish_reason
     last_token_time: list[float | None]
     first_token_seen: bool = False
 
@@ -97,7 +101,7 @@ class RequestHandle:
     """The asyncio side of one HTTP request. Iterate it for Updates; close() aborts the request
     unless it finished (a client that went away must not keep holding KV blocks)."""
 
-    def __init__(self, engine_loop: "EngineLoop", request_ids: list[str], q: asyncio.Queue):
+    def __init__(self, engine_loop: EngineLoop, request_ids: list[str], q: asyncio.Queue):
         self._engine_loop = engine_loop
         self.request_ids = request_ids
         self.queue = q
@@ -122,7 +126,7 @@ class EngineLoop:
     def __init__(self, engine: LLMEngine, metrics: ServerMetrics):
         self.engine = engine
         self.metrics = metrics
-        self.error: str | None = None        # set when an engine step raised: the engine is dead
+        self.error: str | None = None  # set when an engine step raised: the engine is dead
         self.draining = False
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._tracked: dict[str, _Tracked] = {}
@@ -138,8 +142,14 @@ class EngineLoop:
     def healthy(self) -> bool:
         return self.error is None and self._thread.is_alive()
 
-    async def submit(self, request_id: str, prompts: list[dict], params: SamplingParams,
-                     arrival_time: float, priority: int = 0) -> RequestHandle:
+    async def submit(
+        self,
+        request_id: str,
+        prompts: list[dict],
+        params: SamplingParams,
+        arrival_time: float,
+        priority: int = 0,
+    ) -> RequestHandle:
         """Add one engine request per prompt (each a {"prompt", "prompt_token_ids"} dict);
         `params` must ask for RequestOutputKind.DELTA outputs. Raises ValueError (naming the
         field) when the engine refuses a prompt, APIError when the engine is dead or the server
@@ -147,12 +157,13 @@ class EngineLoop:
         self._check_open()
         q: asyncio.Queue = asyncio.Queue()
         handle = RequestHandle(self, [f"{request_id}-{k}" for k in range(len(prompts))], q)
-        self._inbox.put(_Add(request_id, prompts, params, arrival_time, priority,
-                             asyncio.get_running_loop(), q))
+        self._inbox.put(
+            _Add(request_id, prompts, params, arrival_time, priority, asyncio.get_running_loop(), q)
+        )
         try:
             first = await q.get()
         except asyncio.CancelledError:
-            handle.close()   # the client left before the engine answered
+            handle.close()  # the client left before the engine answered
             raise
         if first is not _ACCEPTED:
             handle.finished = True
@@ -196,7 +207,9 @@ class EngineLoop:
                 for cmd in commands:
                     self._handle(cmd)
                 if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
-                    self._fail_all(APIError(503, "the server shut down before the request finished"))
+                    self._fail_all(
+                        APIError(503, "the server shut down before the request finished")
+                    )
                 if self.error is None and self.engine.has_unfinished_requests():
                     self._step()
                 self._update_gauges()
@@ -249,11 +262,12 @@ class EngineLoop:
                 self.engine.validate(p["prompt_token_ids"], params)
             for k, p in enumerate(cmd.prompts):
                 rid = f"{cmd.request_id}-{k}"
-                self.engine.add_request(rid, p, params, arrival_time=cmd.arrival_time,
-                                        priority=cmd.priority)
+                self.engine.add_request(
+                    rid, p, params, arrival_time=cmd.arrival_time, priority=cmd.priority
+                )
                 self._tracked[rid] = _Tracked(group, k * n, [False] * n, [False] * n, [None] * n)
                 group.pending.add(rid)
-        except Exception as e:   # a ValueError is the client's (400); anything else is ours
+        except Exception as e:  # a ValueError is the client's (400); anything else is ours
             for rid in list(group.pending):
                 self._tracked.pop(rid)
                 self.engine.abort_request(rid)
@@ -277,7 +291,9 @@ class EngineLoop:
         stats = self.engine.stats()
         if stats.num_steps > steps_before:  # a step that ran records itself last
             rec = stats.last_step
-            self.metrics.observe("iteration_tokens_total", rec.num_prefill_tokens + rec.num_decode_seqs)
+            self.metrics.observe(
+                "iteration_tokens_total", rec.num_prefill_tokens + rec.num_decode_seqs
+            )
             self.metrics.inc("num_preemptions", rec.num_preemptions)
             self.metrics.inc("prefix_cache_queries", rec.prefix_cache_queries)
             self.metrics.inc("prefix_cache_hits", rec.prefix_cache_hits)
@@ -308,25 +324,39 @@ class EngineLoop:
             self.metrics.inc("prompt_tokens", len(out.prompt_token_ids))
             self.metrics.observe("time_to_first_token_seconds", m.first_token_time - m.arrival_time)
             if m.first_scheduled_time is not None:
-                self.metrics.observe("request_queue_time_seconds",
-                                     m.first_scheduled_time - m.arrival_time)
-                self.metrics.observe("request_prefill_time_seconds",
-                                     m.first_token_time - m.first_scheduled_time)
+                self.metrics.observe(
+                    "request_queue_time_seconds", m.first_scheduled_time - m.arrival_time
+                )
+                self.metrics.observe(
+                    "request_prefill_time_seconds", m.first_token_time - m.first_scheduled_time
+                )
         deltas = []
-        for c in out.outputs:   # DELTA outputs: only what is new since the last step
+        for c in out.outputs:  # DELTA outputs: only what is new since the last step
             i = c.index
             if t.done[i] or not (c.text or c.token_ids or c.finish_reason):
                 continue
             if c.token_ids:
                 self.metrics.inc("generation_tokens", len(c.token_ids))
                 if t.last_token_time[i] is not None:
-                    self.metrics.observe("time_per_output_token_seconds",
-                                         (now - t.last_token_time[i]) / len(c.token_ids), len(c.token_ids))
+                    self.metrics.observe(
+                        "time_per_output_token_seconds",
+                        (now - t.last_token_time[i]) / len(c.token_ids),
+                        len(c.token_ids),
+                    )
                 t.last_token_time[i] = now
             prompt_logprobs = None if t.started[i] else out.prompt_logprobs
             t.started[i], t.done[i] = True, c.finish_reason is not None
-            deltas.append(ChoiceDelta(t.base + i, c.text, c.token_ids, c.logprobs, c.finish_reason,
-                                      c.stop_reason, prompt_logprobs))
+            deltas.append(
+                ChoiceDelta(
+                    t.base + i,
+                    c.text,
+                    c.token_ids,
+                    c.logprobs,
+                    c.finish_reason,
+                    c.stop_reason,
+                    prompt_logprobs,
+                )
+            )
         if out.finished:
             del self._tracked[out.request_id]
             t.group.pending.discard(out.request_id)

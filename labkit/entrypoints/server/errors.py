@@ -1,12 +1,20 @@
 """Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`, with vLLM's type
 names, so the `openai` client raises the matching exception class (BadRequestError, ...)."""
+
 from __future__ import annotations
 
 import re
 
-_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-          405: "MethodNotAllowedError", 413: "RequestTooLargeError", 415: "UnsupportedMediaTypeError",
-          500: "InternalServerError", 503: "ServiceUnavailableError"}
+_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestTooLargeError",
+    415: "UnsupportedMediaTypeError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
 
 # labkit's ValueErrors start with the field they are about: "SamplingParams.top_p=2 is invalid"
 # or "prompt: the prompt has ...".
@@ -23,7 +31,7 @@ class APIError(Exception):
         self.param = param
 
     @classmethod
-    def bad_request(cls, err: ValueError) -> "APIError":
+    def bad_request(cls, err: ValueError) -> APIError:
         """A labkit ValueError as a 400 naming the field it is about."""
         message = str(err)
         m = _FIELD.match(message)
@@ -34,5 +42,11 @@ class APIError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": _TYPES.get(status, "Error"), "param": param,
-                      "code": status}}
+    return {
+        "error": {
+            "message": message,
+            "type": _TYPES.get(status, "Error"),
+            "param": param,
+            "code": status,
+        }
+    }

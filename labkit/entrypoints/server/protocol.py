@@ -9,6 +9,7 @@ Structured outputs come in three spellings, at most one per request: OpenAI's `r
 (json_object, json_schema; vLLM's structural_tag), vLLM's `structured_outputs` object, and the
 legacy `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` fields.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,16 +80,21 @@ class SamplingRequest(RequestBody):
             if used:
                 raise APIError(400, f"`{name}` is not supported by labkit", name)
         if self.stream_options is not None and not self.stream:
-            raise APIError(400, "stream_options: only allowed when stream is true",
-                           "stream_options")
+            raise APIError(
+                400, "stream_options: only allowed when stream is true", "stream_options"
+            )
         given = {k: getattr(self, k) for k in _SAMPLING_FIELDS}
         kwargs = {k: v for k, v in given.items() if v is not None}
         structured = self._structured_outputs()
         try:
             # DELTA: the engine hands out only what is new, which is what a stream sends.
-            return SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
-                                  output_kind=RequestOutputKind.DELTA,
-                                  structured_outputs=structured, **kwargs)
+            return SamplingParams(
+                max_tokens=max_tokens,
+                logprobs=logprobs,
+                output_kind=RequestOutputKind.DELTA,
+                structured_outputs=structured,
+                **kwargs,
+            )
         except ValueError as e:
             raise APIError.bad_request(e) from None
 
@@ -101,15 +107,25 @@ class SamplingRequest(RequestBody):
         return next((f for f in GUIDED_FIELDS if getattr(self, f) is not None), None)
 
     def _structured_outputs(self) -> StructuredOutputsParams | None:
-        used = [f for f in ("response_format", "structured_outputs") if getattr(self, f)
-                and not (f == "response_format" and self.response_format.get("type") == "text")]
-        guided = {f.removeprefix("guided_"): getattr(self, f) for f in GUIDED_FIELDS
-                  if getattr(self, f) is not None}
+        used = [
+            f
+            for f in ("response_format", "structured_outputs")
+            if getattr(self, f)
+            and not (f == "response_format" and self.response_format.get("type") == "text")
+        ]
+        guided = {
+            f.removeprefix("guided_"): getattr(self, f)
+            for f in GUIDED_FIELDS
+            if getattr(self, f) is not None
+        }
         if guided:
             used.append("guided_*")
         if len(used) > 1:
-            raise APIError(400, f"{used[0]}: give one way of structured output, not "
-                           f"{' and '.join(used)}", used[0])
+            raise APIError(
+                400,
+                f"{used[0]}: give one way of structured output, not {' and '.join(used)}",
+                used[0],
+            )
         if not used:
             return None
         field = self.structured_field()
@@ -120,9 +136,12 @@ class SamplingRequest(RequestBody):
         else:
             spec = guided
             if self.guided_decoding_backend not in (None, "auto", "xgrammar"):
-                raise APIError(400, f"guided_decoding_backend: {self.guided_decoding_backend!r} "
-                               "is not available; labkit's only backend is xgrammar",
-                               "guided_decoding_backend")
+                raise APIError(
+                    400,
+                    f"guided_decoding_backend: {self.guided_decoding_backend!r} "
+                    "is not available; labkit's only backend is xgrammar",
+                    "guided_decoding_backend",
+                )
             if self.guided_whitespace_pattern is not None:
                 spec["whitespace_pattern"] = self.guided_whitespace_pattern
         try:
@@ -139,20 +158,44 @@ def _response_format(rf: dict) -> dict:
     if kind == "json_schema":
         spec = rf.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-            raise APIError(400, "response_format: json_schema.schema must be a JSON schema "
-                           "(an object)", "response_format")
+            raise APIError(
+                400,
+                "response_format: json_schema.schema must be a JSON schema (an object)",
+                "response_format",
+            )
         return {"json": spec["schema"]}
     if kind == "structural_tag":
         return {"structural_tag": json.dumps(rf)}
-    raise APIError(400, f"response_format: type {kind!r} is not supported; use text, "
-                   "json_object, json_schema or structural_tag", "response_format")
+    raise APIError(
+        400,
+        f"response_format: type {kind!r} is not supported; use text, "
+        "json_object, json_schema or structural_tag",
+        "response_format",
+    )
 
 
 # Fields passed to SamplingParams as they are (when given).
-_SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
-                    "ignore_eos", "min_tokens", "skip_special_tokens", "include_stop_str_in_output",
-                    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
-                    "allowed_token_ids", "bad_words", "prompt_logprobs")
+_SAMPLING_FIELDS = (
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "min_tokens",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "allowed_token_ids",
+    "bad_words",
+    "prompt_logprobs",
+)
 
 
 class CompletionRequest(SamplingRequest):
@@ -166,8 +209,10 @@ class CompletionRequest(SamplingRequest):
 
     def _unsupported(self) -> list[tuple[str, bool]]:
         return super()._unsupported() + [
-            ("echo", bool(self.echo)), ("suffix", bool(self.suffix)),
-            ("best_of", self.best_of is not None and self.best_of != (self.n or 1))]
+            ("echo", bool(self.echo)),
+            ("suffix", bool(self.suffix)),
+            ("best_of", self.best_of is not None and self.best_of != (self.n or 1)),
+        ]
 
     def sampling_params(self) -> SamplingParams:
         return self._sampling_params(self.max_tokens, self.logprobs)
@@ -189,8 +234,12 @@ class ChatMessage(RequestBody):
         if isinstance(content, list):
             for part in content:
                 if part.type != "text" or part.text is None:
-                    raise APIError(400, f"messages: content parts of type {part.type!r} are not "
-                                   "supported; labkit serves text-only models", "messages")
+                    raise APIError(
+                        400,
+                        f"messages: content parts of type {part.type!r} are not "
+                        "supported; labkit serves text-only models",
+                        "messages",
+                    )
             content = "\n".join(part.text for part in content)
         msg = {"role": self.role, "content": content or ""}
         if self.name is not None:
@@ -220,14 +269,19 @@ class ChatCompletionRequest(SamplingRequest, _ChatTemplateFields):
     def sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
-        max_tokens = (self.max_completion_tokens if self.max_completion_tokens is not None
-                      else self.max_tokens)
-        return self._sampling_params(max_tokens,
-                                     (self.top_logprobs or 0) if self.logprobs else None)
+        max_tokens = (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )
+        return self._sampling_params(
+            max_tokens, (self.top_logprobs or 0) if self.logprobs else None
+        )
 
 
 class TokenizeRequest(_ChatTemplateFields):
     """vLLM's /tokenize: a `prompt`, or chat `messages` rendered with the chat template."""
+
     model: str | None = None
     prompt: str | None = None
     add_special_tokens: bool | None = None

@@ -6,6 +6,7 @@ engine thread decodes with the engine's: HF tokenizers are not safe to share acr
 one worker thread of their own, never on the event loop: a 4 MB prompt or a slow template must
 not stall /health or other clients. A request waits at most TOKENIZE_TIMEOUT_S for that work.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,9 +26,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from labkit.engine.input_processor import RequestLimits
 from labkit.entrypoints.server.engine_loop import ChoiceDelta, EngineLoop, RequestHandle
 from labkit.entrypoints.server.errors import APIError
-from labkit.entrypoints.server.protocol import (ChatCompletionRequest, CompletionRequest,
-                                                DetokenizeRequest, RequestBody, SamplingRequest,
-                                                TokenizeRequest)
+from labkit.entrypoints.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    RequestBody,
+    SamplingRequest,
+    TokenizeRequest,
+)
 from labkit.outputs import Logprob
 from labkit.sampling_params import SamplingParams
 
@@ -39,6 +45,7 @@ TOKENIZE_TIMEOUT_S = 60.0
 @dataclass
 class _Choice:
     """One choice of a non-streamed response, accumulated from the deltas."""
+
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
@@ -50,12 +57,12 @@ class _Choice:
 @dataclass(frozen=True)
 class ServingOptions:
     model_names: list[str]
-    model_root: str                 # a directory AutoTokenizer.from_pretrained can load
+    model_root: str  # a directory AutoTokenizer.from_pretrained can load
     max_model_len: int
-    limits: RequestLimits           # checked before a request's prompt is tokenized
-    chat_template: str | None       # the server's (--chat-template), else the tokenizer's
+    limits: RequestLimits  # checked before a request's prompt is tokenized
+    chat_template: str | None  # the server's (--chat-template), else the tokenizer's
     log_requests: bool = True
-    trust_request_chat_template: bool = False   # vLLM's --trust-request-chat-template
+    trust_request_chat_template: bool = False  # vLLM's --trust-request-chat-template
 
 
 class OpenAIServing:
@@ -79,8 +86,11 @@ class OpenAIServing:
         try:
             return await asyncio.wait_for(work, TOKENIZE_TIMEOUT_S)
         except asyncio.TimeoutError:
-            raise APIError(400, f"preparing the prompt took longer than {TOKENIZE_TIMEOUT_S:.0f} s "
-                           "(tokenizing or rendering the chat template)") from None
+            raise APIError(
+                400,
+                f"preparing the prompt took longer than {TOKENIZE_TIMEOUT_S:.0f} s "
+                "(tokenizing or rendering the chat template)",
+            ) from None
 
     # ---- small endpoints ------------------------------------------------------------------------
     def check_model(self, body: RequestBody) -> None:
@@ -93,9 +103,15 @@ class OpenAIServing:
     def _model_card(self, name: str) -> dict:
         # `root` is a directory with the served tokenizer's files, so that clients which count
         # tokens (vLLM's benchmark client: --tokenizer) can load it.
-        return {"id": name, "object": "model", "created": self.created, "owned_by": "labkit",
-                "root": self.options.model_root, "parent": None,
-                "max_model_len": self.max_model_len}
+        return {
+            "id": name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "labkit",
+            "root": self.options.model_root,
+            "parent": None,
+            "max_model_len": self.max_model_len,
+        }
 
     def models(self) -> dict:
         return {"object": "list", "data": [self._model_card(name) for name in self.model_names]}
@@ -111,8 +127,9 @@ class OpenAIServing:
             raise APIError(400, "give exactly one of `prompt` and `messages`", "prompt")
         if req.prompt is not None:
             special = True if req.add_special_tokens is None else req.add_special_tokens
-            ids = await self._off_loop(self.tokenizer.encode, req.prompt,
-                                       add_special_tokens=special)
+            ids = await self._off_loop(
+                self.tokenizer.encode, req.prompt, add_special_tokens=special
+            )
         else:
             prompt = await self._off_loop(self._chat_prompt, req, bool(req.add_special_tokens))
             ids = prompt["prompt_token_ids"]
@@ -132,41 +149,58 @@ class OpenAIServing:
             p = [p]
         if not p:
             raise APIError(400, "prompt: the prompt is empty", "prompt")
-        return [{"prompt": x, "prompt_token_ids": self.tokenizer.encode(x, add_special_tokens=True)}
-                if isinstance(x, str) else {"prompt_token_ids": list(x)} for x in p]
+        return [
+            {"prompt": x, "prompt_token_ids": self.tokenizer.encode(x, add_special_tokens=True)}
+            if isinstance(x, str)
+            else {"prompt_token_ids": list(x)}
+            for x in p
+        ]
 
-    def _chat_prompt(self, req: ChatCompletionRequest | TokenizeRequest,
-                     add_special_tokens: bool = False) -> dict:
+    def _chat_prompt(
+        self, req: ChatCompletionRequest | TokenizeRequest, add_special_tokens: bool = False
+    ) -> dict:
         if not req.messages:
             raise APIError(400, "messages: give at least one message", "messages")
         if req.chat_template is not None and not self.options.trust_request_chat_template:
-            raise APIError(400, "chat_template: templates sent in a request are refused; start "
-                           "the server with --trust-request-chat-template to allow them",
-                           "chat_template")
+            raise APIError(
+                400,
+                "chat_template: templates sent in a request are refused; start "
+                "the server with --trust-request-chat-template to allow them",
+                "chat_template",
+            )
         messages = [m.to_template() for m in req.messages]
         try:
             # transformers renders in Jinja's immutable sandbox.
             text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False,
+                messages,
+                tokenize=False,
                 chat_template=req.chat_template or self.options.chat_template,
                 add_generation_prompt=req.add_generation_prompt,
-                continue_final_message=req.continue_final_message, **(req.chat_template_kwargs or {}))
-        except Exception as e:   # a template that raises (bad roles, no template at all, ...)
+                continue_final_message=req.continue_final_message,
+                **(req.chat_template_kwargs or {}),
+            )
+        except Exception as e:  # a template that raises (bad roles, no template at all, ...)
             raise APIError(400, f"messages: the chat template failed: {e}", "messages") from None
         # The template already holds the special tokens: don't add a BOS on top.
-        return {"prompt": text,
-                "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=add_special_tokens)}
+        return {
+            "prompt": text,
+            "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=add_special_tokens),
+        }
 
     def _check_length(self, prompts: list[dict], params: SamplingParams) -> None:
         for p in prompts:
             n = len(p["prompt_token_ids"])
-            if n >= self.max_model_len or (params.max_tokens is not None
-                                           and n + params.max_tokens > self.max_model_len):
-                raise APIError(400, f"This model's maximum context length is {self.max_model_len} "
-                               f"tokens. However, you requested {n + (params.max_tokens or 0)} "
-                               f"tokens ({n} in the prompt, {params.max_tokens or 0} in the "
-                               "completion). Please reduce the length of the prompt or completion.",
-                               "prompt" if n >= self.max_model_len else "max_tokens")
+            if n >= self.max_model_len or (
+                params.max_tokens is not None and n + params.max_tokens > self.max_model_len
+            ):
+                raise APIError(
+                    400,
+                    f"This model's maximum context length is {self.max_model_len} "
+                    f"tokens. However, you requested {n + (params.max_tokens or 0)} "
+                    f"tokens ({n} in the prompt, {params.max_tokens or 0} in the "
+                    "completion). Please reduce the length of the prompt or completion.",
+                    "prompt" if n >= self.max_model_len else "max_tokens",
+                )
 
     def _sampling_params(self, req: SamplingRequest, logprobs_field: str) -> SamplingParams:
         params = req.sampling_params()
@@ -182,56 +216,98 @@ class OpenAIServing:
         self.check_model(req)
         params = self._sampling_params(req, "logprobs")
         prompts = await self._off_loop(self._completion_prompts, req)
-        return await self._generate(_Completions(req.logprobs), f"cmpl-{uuid.uuid4().hex}", req,
-                                    prompts, params, arrival, raw)
+        return await self._generate(
+            _Completions(req.logprobs),
+            f"cmpl-{uuid.uuid4().hex}",
+            req,
+            prompts,
+            params,
+            arrival,
+            raw,
+        )
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         arrival = time.time()
         self.check_model(req)
         params = self._sampling_params(req, "top_logprobs")
         prompts = [await self._off_loop(self._chat_prompt, req)]
-        return await self._generate(_Chat((req.top_logprobs or 0) if req.logprobs else None),
-                                    f"chatcmpl-{uuid.uuid4().hex}", req, prompts, params, arrival, raw)
+        return await self._generate(
+            _Chat((req.top_logprobs or 0) if req.logprobs else None),
+            f"chatcmpl-{uuid.uuid4().hex}",
+            req,
+            prompts,
+            params,
+            arrival,
+            raw,
+        )
 
-    async def _generate(self, fmt: "_Format", request_id: str, req: SamplingRequest,
-                        prompts: list[dict], params: SamplingParams, arrival: float,
-                        raw: Request) -> Response:
+    async def _generate(
+        self,
+        fmt: _Format,
+        request_id: str,
+        req: SamplingRequest,
+        prompts: list[dict],
+        params: SamplingParams,
+        arrival: float,
+        raw: Request,
+    ) -> Response:
         self._check_length(prompts, params)
         if self.options.log_requests:
-            log.info("request %s: %d prompt(s) of %s tokens, %s", request_id, len(prompts),
-                     [len(p["prompt_token_ids"]) for p in prompts], params)
+            log.info(
+                "request %s: %d prompt(s) of %s tokens, %s",
+                request_id,
+                len(prompts),
+                [len(p["prompt_token_ids"]) for p in prompts],
+                params,
+            )
         try:
             handle = await self.engine.submit(request_id, prompts, params, arrival, req.priority)
         except ValueError as e:
             err = APIError.bad_request(e)
-            if err.param == "structured_outputs":   # name the field the client used
+            if err.param == "structured_outputs":  # name the field the client used
                 err.param = req.structured_field()
             raise err from None
-        head = {"id": request_id, "created": int(arrival), "model": req.model or self.model_names[0]}
+        head = {
+            "id": request_id,
+            "created": int(arrival),
+            "model": req.model or self.model_names[0],
+        }
         num_prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
         num_choices = len(prompts) * params.n
         if req.stream:
-            chunks = self._stream(fmt, handle, head, num_choices, num_prompt_tokens, req.include_usage)
+            chunks = self._stream(
+                fmt, handle, head, num_choices, num_prompt_tokens, req.include_usage
+            )
             return _SSEResponse(chunks, handle)
         try:
             choices = await _unless_disconnected(raw, _collect(handle, num_choices))
         finally:
             handle.close()
         if choices is None:
-            return Response(status_code=499)   # the client is gone; nobody reads this
+            return Response(status_code=499)  # the client is gone; nobody reads this
         completion_tokens = sum(len(c.token_ids) for c in choices)
-        body = {**head, "object": fmt.object,
-                "choices": [fmt.choice(i, c) for i, c in enumerate(choices)],
-                "usage": _usage(num_prompt_tokens, completion_tokens)}
+        body = {
+            **head,
+            "object": fmt.object,
+            "choices": [fmt.choice(i, c) for i, c in enumerate(choices)],
+            "usage": _usage(num_prompt_tokens, completion_tokens),
+        }
         if isinstance(fmt, _Chat) and params.prompt_logprobs is not None:
             body["prompt_logprobs"] = _prompt_logprobs(choices[0].prompt_logprobs)
         return JSONResponse(body)
 
-    async def _stream(self, fmt: "_Format", handle: RequestHandle, head: dict, num_choices: int,
-                      num_prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+    async def _stream(
+        self,
+        fmt: _Format,
+        handle: RequestHandle,
+        head: dict,
+        num_choices: int,
+        num_prompt_tokens: int,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
         chunk_head = {**head, "object": fmt.chunk_object}
         completion_tokens = 0
-        offsets = [0] * num_choices   # characters sent so far per choice (completions' text_offset)
+        offsets = [0] * num_choices  # characters sent so far per choice (completions' text_offset)
         started = [False] * num_choices
         try:
             async for update in handle:
@@ -245,8 +321,13 @@ class OpenAIServing:
                         yield _sse({**chunk_head, "choices": [choice]})
                     offsets[d.index] += len(d.text)
             if include_usage:
-                yield _sse({**chunk_head, "choices": [],
-                            "usage": _usage(num_prompt_tokens, completion_tokens)})
+                yield _sse(
+                    {
+                        **chunk_head,
+                        "choices": [],
+                        "usage": _usage(num_prompt_tokens, completion_tokens),
+                    }
+                )
         except APIError as e:
             yield _sse(e.body())
         yield "data: [DONE]\n\n"
@@ -257,8 +338,11 @@ class _SSEResponse(StreamingResponse):
     cancelled because the client disconnected (even before the first chunk)."""
 
     def __init__(self, chunks: AsyncIterator[str], handle: RequestHandle):
-        super().__init__(chunks, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            chunks,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
         self.handle = handle
 
     async def __call__(self, scope, receive, send) -> None:
@@ -283,6 +367,7 @@ async def _collect(handle: RequestHandle, num_choices: int) -> list[_Choice]:
 
 async def _unless_disconnected(raw: Request, work) -> list[_Choice] | None:
     """Await `work`, or cancel it and return None if the client disconnects first."""
+
     async def disconnected() -> None:
         while (await raw.receive())["type"] != "http.disconnect":
             pass
@@ -302,16 +387,20 @@ def _sse(obj: dict) -> str:
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 # ---- response shapes ----------------------------------------------------------------------------
 class _Format(Protocol):
     """How one endpoint shapes responses and stream chunks."""
+
     object: str
     chunk_object: str
-    logprobs: int | None     # top logprobs asked for, None when not
+    logprobs: int | None  # top logprobs asked for, None when not
 
     def choice(self, index: int, c: _Choice) -> dict: ...
     def chunk_choice(self, d: ChoiceDelta, offset: int, first: bool) -> dict: ...
@@ -323,7 +412,9 @@ class _Completions:
     def __init__(self, logprobs: int | None):
         self.logprobs = logprobs
 
-    def _logprobs(self, token_ids: list[int], entries: list[dict[int, Logprob]] | None, offset: int):
+    def _logprobs(
+        self, token_ids: list[int], entries: list[dict[int, Logprob]] | None, offset: int
+    ):
         if self.logprobs is None or entries is None:
             return None
         out = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
@@ -337,17 +428,26 @@ class _Completions:
         return out
 
     def choice(self, index: int, c: _Choice) -> dict:
-        out = {"index": index, "text": c.text, "logprobs": self._logprobs(c.token_ids, c.logprobs, 0),
-               "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+        out = {
+            "index": index,
+            "text": c.text,
+            "logprobs": self._logprobs(c.token_ids, c.logprobs, 0),
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+        }
         if c.prompt_logprobs is not None:
             out["prompt_logprobs"] = _prompt_logprobs(c.prompt_logprobs)
         return out
 
     def chunk_choice(self, d: ChoiceDelta, offset: int, first: bool) -> dict:
-        out = {"index": d.index, "text": d.text,
-               "logprobs": self._logprobs(d.token_ids, d.logprobs, offset),
-               "finish_reason": d.finish_reason, "stop_reason": d.stop_reason}
-        if d.prompt_logprobs is not None:   # on each choice's first chunk, as vLLM
+        out = {
+            "index": d.index,
+            "text": d.text,
+            "logprobs": self._logprobs(d.token_ids, d.logprobs, offset),
+            "finish_reason": d.finish_reason,
+            "stop_reason": d.stop_reason,
+        }
+        if d.prompt_logprobs is not None:  # on each choice's first chunk, as vLLM
             out["prompt_logprobs"] = _prompt_logprobs(d.prompt_logprobs)
         return out
 
@@ -363,33 +463,51 @@ class _Chat:
             return None
         content = []
         for tok, entry in zip(token_ids, entries):
-            top = sorted(entry.values(), key=lambda lp: lp.rank or 0)[:self.logprobs]
-            content.append({**_chat_logprob(entry[tok]), "top_logprobs": [_chat_logprob(lp) for lp in top]})
+            top = sorted(entry.values(), key=lambda lp: lp.rank or 0)[: self.logprobs]
+            content.append(
+                {**_chat_logprob(entry[tok]), "top_logprobs": [_chat_logprob(lp) for lp in top]}
+            )
         return {"content": content}
 
     def choice(self, index: int, c: _Choice) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": self._logprobs(c.token_ids, c.logprobs),
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": self._logprobs(c.token_ids, c.logprobs),
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+        }
 
     def chunk_choice(self, d: ChoiceDelta, offset: int, first: bool) -> dict:
-        delta = {"role": "assistant", "content": d.text} if first else \
-            ({"content": d.text} if d.text else {})
-        return {"index": d.index, "delta": delta,
-                "logprobs": self._logprobs(d.token_ids, d.logprobs),
-                "finish_reason": d.finish_reason, "stop_reason": d.stop_reason}
+        delta = (
+            {"role": "assistant", "content": d.text}
+            if first
+            else ({"content": d.text} if d.text else {})
+        )
+        return {
+            "index": d.index,
+            "delta": delta,
+            "logprobs": self._logprobs(d.token_ids, d.logprobs),
+            "finish_reason": d.finish_reason,
+            "stop_reason": d.stop_reason,
+        }
 
 
 def _prompt_logprobs(entries: list | None) -> list | None:
     """vLLM's shape: per prompt position (None for the first) {token_id: {logprob, rank, decoded_token}}."""
     if entries is None:
         return None
-    return [None if e is None else {tok: {"logprob": lp.logprob, "rank": lp.rank,
-                                          "decoded_token": lp.decoded_token} for tok, lp in e.items()}
-            for e in entries]
+    return [
+        None
+        if e is None
+        else {
+            tok: {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+            for tok, lp in e.items()
+        }
+        for e in entries
+    ]
 
 
 def _chat_logprob(lp: Logprob) -> dict:
     token = lp.decoded_token or ""
     return {"token": token, "logprob": lp.logprob, "bytes": list(token.encode("utf-8"))}
-

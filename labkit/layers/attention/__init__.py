@@ -11,6 +11,7 @@ forward as `AttentionInputs`. A backend that CUDA graphs can replay also impleme
 `GraphCaptureBackend`'s hooks: static metadata buffers to capture over, and a per-step copy of a
 batch into them. Backends: torch_backend (the reference, everywhere), triton_backend (CUDA).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -27,6 +28,7 @@ from labkit.layers.rotary import RotaryEmbedding
 @dataclass
 class SeqSlice:
     """One sequence's share of a step: `q_len` new tokens at the end of `ctx_len` tokens."""
+
     q_len: int
     ctx_len: int
     block_table: list[int]
@@ -38,19 +40,31 @@ def padded_block_table(tables: list[list[int]]) -> np.ndarray:
     lens = np.fromiter(map(len, tables), np.int64, len(tables))
     out = np.zeros((len(tables), int(lens.max(initial=0))), np.int32)
     out[np.arange(out.shape[1])[None, :] < lens[:, None]] = np.fromiter(
-        itertools.chain.from_iterable(tables), np.int32, int(lens.sum()))
+        itertools.chain.from_iterable(tables), np.int32, int(lens.sum())
+    )
     return out
 
 
 class AttentionBackend(Protocol):
     """Turns a step's batch into metadata (its own dataclass) and attends with it."""
+
     block_size: int
 
     def prepare(self, seqs: list[SeqSlice]) -> Any: ...
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                rotary: RotaryEmbedding, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: Any, scale: float, window: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rotary: RotaryEmbedding,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: Any,
+        scale: float,
+        window: int | None = None,
+    ) -> torch.Tensor:
         """window: sliding-window attention, each query sees itself and the window - 1 keys
         before it; None: every key up to itself."""
 
@@ -74,6 +88,7 @@ class GraphCaptureBackend(AttentionBackend, Protocol):
 class AttentionInputs:
     """What every attention layer reads in one forward: the backend, the step's metadata (the
     backend's own type) and each layer's (K, V) cache."""
+
     backend: AttentionBackend
     meta: Any
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
@@ -82,18 +97,41 @@ class AttentionInputs:
 class Attention(nn.Module):
     profile_category = "attention"
 
-    def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 rotary: RotaryEmbedding, sliding_window: int | None = None):
+    def __init__(
+        self,
+        layer_idx: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rotary: RotaryEmbedding,
+        sliding_window: int | None = None,
+    ):
         super().__init__()
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
         self.rotary = rotary
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim**-0.5
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn: AttentionInputs,
+    ) -> torch.Tensor:
         """q: [T, H, D], k and v: [T, Hkv, D], before rotary."""
         k_cache, v_cache = attn.kv_caches[self.layer_idx]
-        return attn.backend.forward(positions, q, k, v, self.rotary, k_cache, v_cache, attn.meta,
-                                    self.scale, self.sliding_window)
+        return attn.backend.forward(
+            positions,
+            q,
+            k,
+            v,
+            self.rotary,
+            k_cache,
+            v_cache,
+            attn.meta,
+            self.scale,
+            self.sliding_window,
+        )

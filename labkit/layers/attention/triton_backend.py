@@ -7,6 +7,7 @@ device in one transfer (from pinned memory: it never waits for queued work); the
 16-byte-aligned views into it. `forward` rotates q and stores the rotated K and V in one kernel,
 then runs the decode kernel on the leading single-token rows and the prefill kernel on the rest.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,22 +29,24 @@ ALIGN = 4  # int32 elements: 16 bytes
 @dataclass
 class TritonAttentionMetadata:
     """A step's int32 tensors. Decode rows come first, then the prefill (q_len > 1) rows."""
-    slot_mapping: torch.Tensor                          # [T] cache slot per new token, -1: none
+
+    slot_mapping: torch.Tensor  # [T] cache slot per new token, -1: none
     num_decode: int
-    decode_block_table: torch.Tensor | None = None      # [B_dec, W]
-    decode_context_lens: torch.Tensor | None = None     # [B_dec]
-    prefill_cu_seqlens_q: torch.Tensor | None = None    # [B_pre + 1]
-    prefill_context_lens: torch.Tensor | None = None    # [B_pre]
-    prefill_block_table: torch.Tensor | None = None     # [B_pre, W]
-    prefill_max_q_len: int = 0                          # a host int: it sizes the prefill grid
+    decode_block_table: torch.Tensor | None = None  # [B_dec, W]
+    decode_context_lens: torch.Tensor | None = None  # [B_dec]
+    prefill_cu_seqlens_q: torch.Tensor | None = None  # [B_pre + 1]
+    prefill_context_lens: torch.Tensor | None = None  # [B_pre]
+    prefill_block_table: torch.Tensor | None = None  # [B_pre, W]
+    prefill_max_q_len: int = 0  # a host int: it sizes the prefill grid
 
 
 @dataclass
 class _GraphBuffers:
     """Static decode metadata that captured graphs read (padding rows: slot -1, length 0)."""
-    slots: torch.Tensor          # [max_bs] int32
-    context_lens: torch.Tensor   # [max_bs] int32
-    block_table: torch.Tensor    # [max_bs, max_blocks] int32
+
+    slots: torch.Tensor  # [max_bs] int32
+    context_lens: torch.Tensor  # [max_bs] int32
+    block_table: torch.Tensor  # [max_bs, max_blocks] int32
 
 
 class TritonAttentionBackend:
@@ -56,7 +59,7 @@ class TritonAttentionBackend:
     def _block_table(self, seqs: list[SeqSlice]) -> np.ndarray:
         """[len(seqs), widest] int32, each row the blocks its context uses, zero-padded."""
         bs = self.block_size
-        return padded_block_table([s.block_table[:-(-s.ctx_len // bs)] for s in seqs])
+        return padded_block_table([s.block_table[: -(-s.ctx_len // bs)] for s in seqs])
 
     def prepare(self, seqs: list[SeqSlice]) -> TritonAttentionMetadata:
         bs = self.block_size
@@ -82,33 +85,66 @@ class TritonAttentionBackend:
         starts = np.cumsum([0] + [-(-a.size // ALIGN) * ALIGN for a in parts.values()])
         flat = np.zeros(starts[-1], np.int32)
         for start, a in zip(starts, parts.values()):
-            flat[start:start + a.size] = a.ravel()
+            flat[start : start + a.size] = a.ravel()
         buf = array_to_device(flat, self.device)
-        views = {name: buf[start:start + a.size].view(a.shape)
-                 for start, (name, a) in zip(starts, parts.items())}
-        return TritonAttentionMetadata(num_decode=n_dec,
-                                       prefill_max_q_len=max((s.q_len for s in pre), default=0),
-                                       **views)
+        views = {
+            name: buf[start : start + a.size].view(a.shape)
+            for start, (name, a) in zip(starts, parts.items())
+        }
+        return TritonAttentionMetadata(
+            num_decode=n_dec, prefill_max_q_len=max((s.q_len for s in pre), default=0), **views
+        )
 
-    def forward(self, positions, q, k, v, rotary: RotaryEmbedding, k_cache, v_cache,
-                meta: TritonAttentionMetadata, scale: float, window: int | None = None):
+    def forward(
+        self,
+        positions,
+        q,
+        k,
+        v,
+        rotary: RotaryEmbedding,
+        k_cache,
+        v_cache,
+        meta: TritonAttentionMetadata,
+        scale: float,
+        window: int | None = None,
+    ):
         """positions: [T]; q: [T, H, D]; k, v: [T, Hkv, D] (before rotary); caches:
         [num_blocks * block_size, Hkv, D]; window: sliding window (None: full attention).
         q is rotated in place."""
         pdl = self.switches.pdl
-        rotary_store_kvcache(positions, q, k, v, rotary.cos, rotary.sin, k_cache, v_cache,
-                             meta.slot_mapping, pdl=pdl)
+        rotary_store_kvcache(
+            positions, q, k, v, rotary.cos, rotary.sin, k_cache, v_cache, meta.slot_mapping, pdl=pdl
+        )
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         n = meta.num_decode
         if n:
-            paged_attention_decode(q[:n], k_cache, v_cache, meta.decode_block_table,
-                                   meta.decode_context_lens, scale, self.block_size, out=out[:n],
-                                   window=window, pdl=pdl)
+            paged_attention_decode(
+                q[:n],
+                k_cache,
+                v_cache,
+                meta.decode_block_table,
+                meta.decode_context_lens,
+                scale,
+                self.block_size,
+                out=out[:n],
+                window=window,
+                pdl=pdl,
+            )
         if n < q.shape[0]:
-            prefill_attention(q[n:], k_cache, v_cache, meta.prefill_cu_seqlens_q,
-                              meta.prefill_context_lens, meta.prefill_block_table, scale,
-                              self.block_size, meta.prefill_max_q_len, out=out[n:], pdl=pdl,
-                              window=window)
+            prefill_attention(
+                q[n:],
+                k_cache,
+                v_cache,
+                meta.prefill_cu_seqlens_q,
+                meta.prefill_context_lens,
+                meta.prefill_block_table,
+                scale,
+                self.block_size,
+                meta.prefill_max_q_len,
+                out=out[n:],
+                pdl=pdl,
+                window=window,
+            )
         return out
 
     # CUDA graph hooks (GraphCaptureBackend)
@@ -118,12 +154,17 @@ class TritonAttentionBackend:
         self.graph_buffers = _GraphBuffers(
             slots=torch.full((max_bs,), -1, dtype=torch.int32, device=dev),
             context_lens=torch.zeros(max_bs, dtype=torch.int32, device=dev),
-            block_table=torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=dev))
+            block_table=torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=dev),
+        )
 
     def graph_metadata(self, bs: int) -> TritonAttentionMetadata:
         g = self.graph_buffers
-        return TritonAttentionMetadata(g.slots[:bs], bs, decode_block_table=g.block_table[:bs],
-                                       decode_context_lens=g.context_lens[:bs])
+        return TritonAttentionMetadata(
+            g.slots[:bs],
+            bs,
+            decode_block_table=g.block_table[:bs],
+            decode_context_lens=g.context_lens[:bs],
+        )
 
     def prepare_graph_replay(self, seqs: list[SeqSlice], bs: int) -> None:
         g, n, block = self.graph_buffers, len(seqs), self.block_size
@@ -141,5 +182,6 @@ class TritonAttentionBackend:
         ints = torch.from_numpy(ints).pin_memory()
         g.slots[:bs].copy_(ints[0], non_blocking=True)
         g.context_lens[:bs].copy_(ints[1], non_blocking=True)
-        g.block_table[:n, :table.shape[1]].copy_(torch.from_numpy(table).pin_memory(),
-                                                 non_blocking=True)
+        g.block_table[:n, : table.shape[1]].copy_(
+            torch.from_numpy(table).pin_memory(), non_blocking=True
+        )
