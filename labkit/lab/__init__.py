@@ -8,7 +8,9 @@
   sweep_file      a sweep's file (JSON Lines, a line per point)
   sweep_cli       `labkit sweep`
   machine         the spread of a timing and the machine's state while it ran
-  charts          plotly figures of sweeps and profiles
+  charts          plotly figures of sweeps
+  profile_charts  a run's step timeline and a profile's operator categories
+  report          a sweep as one offline HTML file
   live            a running sweep's status line and live chart (static once it ends)
   drilldown       result.point(i): a point's step timeline, operators and trace
   serving         labkit.serving_sweep(): request rate / concurrency against latency

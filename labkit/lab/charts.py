@@ -1,18 +1,15 @@
-"""Plotly figures of sweeps and profiles, the live chart, and the offline HTML report.
+"""Plotly figures of sweeps: latency, throughput, % of floor, TTFT/TPOT, heatmaps, the roofline,
+TP speed-up, comparisons (profile figures: profile_charts; the HTML report: report).
 
-Every function takes the DataFrame it draws (a sweep's `df`, a profile's step log or category
-table), so a saved and reloaded result draws the same.
+Every function takes the DataFrame it draws (a sweep's `df`), so a saved and reloaded result
+draws the same.
 """
 
 from __future__ import annotations
 
-import html
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 TEMPLATE = "plotly_white"
 PHASES = ["schedule_ms", "prepare_ms", "forward_ms", "sample_ms", "postprocess_ms"]
@@ -405,137 +402,7 @@ def comparison(df: pd.DataFrame, labels: tuple[str, str], metric: str) -> go.Fig
     return fig
 
 
-# An empty sweep frame: what a live chart draws before the first point.
-EMPTY = pd.DataFrame(
-    {
-        c: pd.Series(dtype=t)
-        for c, t in [
-            ("model", str),
-            ("tensor_parallel_size", int),
-            ("backend", str),
-            ("batch_size", int),
-            ("input_len", int),
-            ("output_len", int),
-            ("avg_latency_s", float),
-            ("latency_ci_low_s", float),
-            ("latency_ci_high_s", float),
-            ("output_tok_s", float),
-            ("output_tok_s_ci_low", float),
-            ("output_tok_s_ci_high", float),
-            ("floor_latency_s", float),
-            ("floor_fraction", float),
-            ("warnings", str),
-        ]
-    }
-)
-
-
 # ---- profiles -----------------------------------------------------------------------------------
-def step_timeline(steps: pd.DataFrame) -> go.Figure:
-    """Per engine step: its phases stacked (ms); below, the batch's prefill and decode sequences
-    and the KV cache in use; preempting steps marked."""
-    fig = make_subplots(
-        rows=2,
-        cols=1,
-        shared_xaxes=True,
-        row_heights=[0.65, 0.35],
-        vertical_spacing=0.06,
-        specs=[[{}], [{"secondary_y": True}]],
-    )
-    for col in PHASES:
-        fig.add_bar(x=steps.step, y=steps[col], name=col.removesuffix("_ms"), row=1, col=1)
-    pre = steps[steps.num_preemptions > 0]
-    if len(pre):
-        fig.add_scatter(
-            x=pre.step,
-            y=pre.total_ms,
-            mode="markers",
-            name="preemption",
-            row=1,
-            col=1,
-            marker=dict(symbol="x", size=11, color="red"),
-            customdata=pre.num_preemptions,
-            hovertemplate="step %{x}: %{customdata} preempted<extra></extra>",
-        )
-    fig.add_bar(
-        x=steps.step,
-        y=steps.num_prefill_seqs,
-        name="prefill seqs",
-        row=2,
-        col=1,
-        marker_color="#636efa",
-        opacity=0.6,
-    )
-    fig.add_bar(
-        x=steps.step,
-        y=steps.num_decode_seqs,
-        name="decode seqs",
-        row=2,
-        col=1,
-        marker_color="#00cc96",
-        opacity=0.6,
-    )
-    kv = 100 * steps.kv_blocks_used / (steps.kv_blocks_used + steps.kv_blocks_free)
-    fig.add_scatter(
-        x=steps.step,
-        y=kv,
-        name="KV cache used (%)",
-        mode="lines",
-        line_color="black",
-        row=2,
-        col=1,
-        secondary_y=True,
-    )
-    fig.update_layout(template=TEMPLATE, barmode="stack", title="Engine steps", height=560)
-    fig.update_yaxes(title_text="ms", row=1, col=1)
-    fig.update_yaxes(title_text="sequences", row=2, col=1)
-    fig.update_yaxes(title_text="KV %", row=2, col=1, secondary_y=True, rangemode="tozero")
-    fig.update_xaxes(title_text="step", row=2, col=1)
-    return fig
-
-
-def category_times(categories: pd.DataFrame) -> go.Figure:
-    """A profile's category table as stacked bars, one per phase (prefill, decode)."""
-    phases = [c for c in categories.columns if c.endswith("_ms") and c != "total_ms"]
-    fig = go.Figure(
-        layout=dict(
-            template=TEMPLATE, barmode="stack", title="Time by operator category", xaxis_title="ms"
-        )
-    )
-    for cat, row in categories.iterrows():
-        fig.add_bar(
-            y=[p.removesuffix("_ms") for p in phases],
-            x=[row[p] for p in phases],
-            name=str(cat),
-            orientation="h",
-        )
-    return fig
 
 
 # ---- report -------------------------------------------------------------------------------------
-def write_report(path: str | Path, title: str, figures: dict, df: pd.DataFrame, meta: dict) -> Path:
-    """One HTML file, plotly.js inlined once, so it opens offline."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    parts = [
-        fig.to_html(full_html=False, include_plotlyjs=(i == 0))
-        for i, fig in enumerate(figures.values())
-    ]
-    env = "".join(
-        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-        for k, v in {**meta.get("environment", {}), **meta.get("params", {})}.items()
-    )
-    path.write_text(
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title>"
-        "<style>body{font-family:sans-serif;margin:2em} "
-        "table{border-collapse:collapse;font-size:13px}"
-        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
-        "</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><table>{env}</table>"
-        + "".join(parts)
-        + "<h2>Points</h2>"
-        + df.to_html(index=False, float_format=lambda x: f"{x:.4g}")
-        + "</body></html>"
-    )
-    return path

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
-from labkit.lab import charts
+from labkit.lab import charts, profile_charts
 from labkit.lab.points import PointRecord
 
 # The ranges a trace is drawn by: the engine's step phases and the labelled layer categories.
@@ -50,7 +50,7 @@ class PointDetail:
         the `iteration` column of `.steps` is negative for them)."""
         if self.steps is None or not len(self.steps):
             raise ValueError(f"{self.title()}: no step log (the hf backend has none)")
-        fig = charts.step_timeline(self.steps)
+        fig = profile_charts.step_timeline(self.steps)
         fig.update_layout(title=f"Engine steps: {self.title()}")
         return fig
 
@@ -60,7 +60,7 @@ class PointDetail:
     def operators(self, top: int = 15) -> go.Figure:
         """Time by operator category (prefill vs decode) and the heaviest operators."""
         p = self._profile()
-        fig = charts.category_times(p["categories"])
+        fig = profile_charts.category_times(p["categories"])
         fig.update_layout(title=f"Time by operator category: {self.title()}")
         ops = p["operators"]
         heavy = (

@@ -17,6 +17,30 @@ from tqdm.auto import tqdm
 
 from labkit.lab import charts
 
+# An empty sweep frame: what a live chart draws before the first point.
+EMPTY = pd.DataFrame(
+    {
+        c: pd.Series(dtype=t)
+        for c, t in [
+            ("model", str),
+            ("tensor_parallel_size", int),
+            ("backend", str),
+            ("batch_size", int),
+            ("input_len", int),
+            ("output_len", int),
+            ("avg_latency_s", float),
+            ("latency_ci_low_s", float),
+            ("latency_ci_high_s", float),
+            ("output_tok_s", float),
+            ("output_tok_s_ci_low", float),
+            ("output_tok_s_ci_high", float),
+            ("floor_latency_s", float),
+            ("floor_fraction", float),
+            ("warnings", str),
+        ]
+    }
+)
+
 
 def mimebundle(fig: go.Figure) -> dict:
     """A static figure's output: plotly's JSON (rendered by JupyterLab, VS Code, nbviewer) and
@@ -38,7 +62,7 @@ class LiveChart:
 
     def __init__(self, kind: str = "latency", tp_sizes=(1,)):
         self.kind, self.tp_sizes, self.handle = kind, tuple(tp_sizes), None
-        self.widget = go.FigureWidget(self.figure(charts.EMPTY))
+        self.widget = go.FigureWidget(self.figure(EMPTY))
 
     def figure(self, df: pd.DataFrame) -> go.Figure:
         return charts.KINDS[self.kind](df, ceilings=None, tp_sizes=self.tp_sizes)

@@ -57,14 +57,14 @@ class ProfileResult(Profile):
     outputs: list = field(default_factory=list)
 
     def timeline(self) -> go.Figure:
-        from labkit.lab import charts
+        from labkit.lab import profile_charts
 
-        return charts.step_timeline(self.steps)
+        return profile_charts.step_timeline(self.steps)
 
     def category_chart(self) -> go.Figure:
-        from labkit.lab import charts
+        from labkit.lab import profile_charts
 
-        return charts.category_times(self.categories)
+        return profile_charts.category_times(self.categories)
 
     def _ipython_display_(self) -> None:
         from IPython.display import HTML, display

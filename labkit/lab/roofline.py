@@ -152,7 +152,8 @@ class ModelShape:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes a step reads at least: every matmul weight (the embedding lookup reads a few rows)."""
+        """Bytes a step reads at least: every matmul weight (the embedding lookup reads a few
+        rows)."""
         return (self.body_params + self.head_params) * self.elem_bytes
 
     @property

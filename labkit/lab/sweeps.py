@@ -29,6 +29,7 @@ import pandas as pd
 
 from labkit.bench import throughput
 from labkit.lab import env, machine, sweep_file
+from labkit.lab.compare import SweepComparison, compare_sweeps
 from labkit.lab.points import (
     COLUMNS,
     METRIC_COLUMNS,
@@ -128,9 +129,9 @@ class SweepResult:
     def to_html(self, path: str | Path) -> Path:
         """A self-contained report (plotly.js inlined: viewable offline): charts, table,
         environment."""
-        from labkit.lab import charts
+        from labkit.lab import report
 
-        return charts.write_report(
+        return report.write_report(
             path, f"labkit sweep: {self.label}", self.plot(), self.df, self.meta
         )
 
@@ -144,28 +145,7 @@ class SweepResult:
         """The points both sweeps ran, side by side (labkit vs hf, before vs after). Sweeps of
         different modes time different things (a latency batch vs a throughput run): refused
         unless allow_mode_mismatch=True, and then said in a warning."""
-        modes = [r.meta.get("params", {}).get("mode") for r in (self, other)]
-        if modes[0] != modes[1]:
-            msg = (
-                f"comparing a mode={modes[0]!r} sweep with a mode={modes[1]!r} one: they time "
-                "different things; run both in one mode"
-            )
-            if not allow_mode_mismatch:
-                raise ValueError(msg + " (or pass allow_mode_mismatch=True)")
-            log.warning(msg)
-        if labels is None:
-            labels = (self.label, other.label)
-            if labels[0] == labels[1]:
-                labels = ("before", "after")
-        keys = ["tensor_parallel_size", "batch_size", "input_len", "output_len"]
-        a, b = (
-            r.df[keys + COMPARED].rename(columns={m: f"{m}_{lab}" for m in COMPARED})
-            for r, lab in zip((self, other), labels)
-        )
-        df = a.merge(b, on=keys)
-        for m in COMPARED:
-            df[f"{m}_ratio"] = df[f"{m}_{labels[1]}"] / df[f"{m}_{labels[0]}"]
-        return SweepComparison(df, labels, modes[0] != modes[1])
+        return compare_sweeps(self, other, labels, allow_mode_mismatch)
 
     def _repr_html_(self) -> str:
         e = self.meta.get("environment", {})
@@ -187,38 +167,6 @@ def _compact(df: pd.DataFrame) -> pd.DataFrame:
         lambda w: w if not isinstance(w, str) or len(w) <= 40 else w[:37] + "..."
     )
     return df.assign(warnings=short)
-
-
-COMPARED = [
-    "avg_latency_s",
-    "ttft_s",
-    "tpot_s",
-    "prefill_tok_s",
-    "decode_tok_s",
-    "output_tok_s",
-    "floor_fraction",
-]
-
-
-@dataclass
-class SweepComparison:
-    """Per common point: each metric of COMPARED under both labels, and `<metric>_ratio` =
-    second / first. `mixed_modes`: the sweeps ran in different modes (compare with care)."""
-
-    df: pd.DataFrame
-    labels: tuple[str, str]
-    mixed_modes: bool = False
-
-    def plot(self, metric: str = "output_tok_s"):
-        from labkit.lab import charts
-
-        fig = charts.comparison(self.df, self.labels, metric)
-        if self.mixed_modes:
-            fig.update_layout(title=fig.layout.title.text + " (different modes!)")
-        return fig
-
-    def _repr_html_(self) -> str:
-        return self.df.to_html(index=False, float_format=lambda x: f"{x:.4g}")
 
 
 def load_sweep(path: str | Path) -> SweepResult:

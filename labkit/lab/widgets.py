@@ -169,7 +169,7 @@ class Dashboard:
         started = time.monotonic()
         for c in self.charts.values():
             c.tp_sizes = tuple(grid["tensor_parallel_sizes"])
-            c.update(live.charts.EMPTY)
+            c.update(live.EMPTY)
         self._say(f"loading the model for {total} points...")
 
         def on_start(point) -> None:
