@@ -40,7 +40,8 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="torch.profiler trace of the timed region (Chrome/Perfetto JSON, gzip) and an operator table",
+        help="torch.profiler trace of the timed region (Chrome/Perfetto JSON, gzip) and an "
+        "operator table",
     )
     p.add_argument(
         "--profile-dir",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from labkit.bench import datasets, guided, serve
+from labkit.bench import datasets, guided, serve, serve_metrics
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -49,7 +49,7 @@ def run(
     disable_tqdm: bool = False,
 ) -> dict:
     """serve.run's result dict plus "correct_rate(%)" (the saved file adds "outputs")."""
-    metrics, ps, slos = serve.parse_options(
+    metrics, ps, slos = serve_metrics.parse_options(
         percentile_metrics, metric_percentiles, goodput, request_rate, burstiness
     )
     ratio = 0.0 if no_structured_output else guided.check_ratio(structured_output_ratio)
@@ -88,7 +88,7 @@ def run(
     result["correct_rate(%)"] = guided.correct_rate(
         [workload[i] for i in picked], [results[i].generated_text for i in picked]
     )
-    result |= serve.compute_metrics(results, duration, tok, metrics, ps, slos)
+    result |= serve_metrics.compute_metrics(results, duration, tok, metrics, ps, slos)
     if save_results:
         outputs = [
             {"generated": r.generated_text, "constrained": i in constrained, "error": r.error}

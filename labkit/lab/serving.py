@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from labkit.bench import serve
+from labkit.bench import serve, serve_metrics
 from labkit.lab import env
 from labkit.utils import free_port
 
@@ -233,7 +233,7 @@ def _check(request_rates, max_concurrencies, num_prompts, input_len, output_len,
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}={v!r} is invalid: must be a positive integer")
     slos = [f"{k}:{v}" for k, v in (goodput or {}).items()]
-    serve._parse_goodput(slos)  # raises on a bad metric or value
+    serve_metrics.parse_goodput(slos)  # raises on a bad metric or value
     return [(r, c) for c in conc for r in rates], slos
 
 
