@@ -1,7 +1,7 @@
 """`labkit serve`: an OpenAI-compatible HTTP server over one engine loop (vLLM's `vllm serve`).
 
-Layers, each importing only those below it: errors, metrics, protocol -> engine_loop -> serving
--> app -> api_server.
+Layers, each importing only those below it: errors, protocol -> engine_loop -> formats ->
+serving -> app -> api_server.
 """
 
 from labkit.entrypoints.server.api_server import ServerArgs, serve

@@ -11,21 +11,28 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from labkit.engine.input_processor import RequestLimits
-from labkit.entrypoints.server.engine_loop import ChoiceDelta, EngineLoop, RequestHandle
+from labkit.entrypoints.server.engine_loop import EngineLoop, RequestHandle
 from labkit.entrypoints.server.errors import APIError
+from labkit.entrypoints.server.formats import (
+    ChatFormat,
+    Choice,
+    CompletionsFormat,
+    Format,
+    prompt_logprobs_body,
+    sse,
+    usage,
+)
 from labkit.entrypoints.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -34,24 +41,11 @@ from labkit.entrypoints.server.protocol import (
     SamplingRequest,
     TokenizeRequest,
 )
-from labkit.outputs import Logprob
 from labkit.sampling_params import SamplingParams
 
 log = logging.getLogger("labkit.server")
 
 TOKENIZE_TIMEOUT_S = 60.0
-
-
-@dataclass
-class _Choice:
-    """One choice of a non-streamed response, accumulated from the deltas."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    prompt_logprobs: list | None = None
 
 
 @dataclass(frozen=True)
@@ -217,7 +211,7 @@ class OpenAIServing:
         params = self._sampling_params(req, "logprobs")
         prompts = await self._off_loop(self._completion_prompts, req)
         return await self._generate(
-            _Completions(req.logprobs),
+            CompletionsFormat(req.logprobs),
             f"cmpl-{uuid.uuid4().hex}",
             req,
             prompts,
@@ -232,7 +226,7 @@ class OpenAIServing:
         params = self._sampling_params(req, "top_logprobs")
         prompts = [await self._off_loop(self._chat_prompt, req)]
         return await self._generate(
-            _Chat((req.top_logprobs or 0) if req.logprobs else None),
+            ChatFormat((req.top_logprobs or 0) if req.logprobs else None),
             f"chatcmpl-{uuid.uuid4().hex}",
             req,
             prompts,
@@ -243,7 +237,7 @@ class OpenAIServing:
 
     async def _generate(
         self,
-        fmt: _Format,
+        fmt: Format,
         request_id: str,
         req: SamplingRequest,
         prompts: list[dict],
@@ -290,15 +284,15 @@ class OpenAIServing:
             **head,
             "object": fmt.object,
             "choices": [fmt.choice(i, c) for i, c in enumerate(choices)],
-            "usage": _usage(num_prompt_tokens, completion_tokens),
+            "usage": usage(num_prompt_tokens, completion_tokens),
         }
-        if isinstance(fmt, _Chat) and params.prompt_logprobs is not None:
-            body["prompt_logprobs"] = _prompt_logprobs(choices[0].prompt_logprobs)
+        if isinstance(fmt, ChatFormat) and params.prompt_logprobs is not None:
+            body["prompt_logprobs"] = prompt_logprobs_body(choices[0].prompt_logprobs)
         return JSONResponse(body)
 
     async def _stream(
         self,
-        fmt: _Format,
+        fmt: Format,
         handle: RequestHandle,
         head: dict,
         num_choices: int,
@@ -318,18 +312,18 @@ class OpenAIServing:
                         # role), so a client's time to first token is the engine's.
                         choice = fmt.chunk_choice(d, offsets[d.index], first=not started[d.index])
                         started[d.index] = True
-                        yield _sse({**chunk_head, "choices": [choice]})
+                        yield sse({**chunk_head, "choices": [choice]})
                     offsets[d.index] += len(d.text)
             if include_usage:
-                yield _sse(
+                yield sse(
                     {
                         **chunk_head,
                         "choices": [],
-                        "usage": _usage(num_prompt_tokens, completion_tokens),
+                        "usage": usage(num_prompt_tokens, completion_tokens),
                     }
                 )
         except APIError as e:
-            yield _sse(e.body())
+            yield sse(e.body())
         yield "data: [DONE]\n\n"
 
 
@@ -352,8 +346,8 @@ class _SSEResponse(StreamingResponse):
             self.handle.close()
 
 
-async def _collect(handle: RequestHandle, num_choices: int) -> list[_Choice]:
-    choices = [_Choice() for _ in range(num_choices)]
+async def _collect(handle: RequestHandle, num_choices: int) -> list[Choice]:
+    choices = [Choice() for _ in range(num_choices)]
     async for update in handle:
         for d in update.choices:
             c = choices[d.index]
@@ -365,7 +359,7 @@ async def _collect(handle: RequestHandle, num_choices: int) -> list[_Choice]:
     return choices
 
 
-async def _unless_disconnected(raw: Request, work) -> list[_Choice] | None:
+async def _unless_disconnected(raw: Request, work) -> list[Choice] | None:
     """Await `work`, or cancel it and return None if the client disconnects first."""
 
     async def disconnected() -> None:
@@ -382,132 +376,4 @@ async def _unless_disconnected(raw: Request, work) -> list[_Choice] | None:
     return task.result() if task.done() and not task.cancelled() else None
 
 
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
 # ---- response shapes ----------------------------------------------------------------------------
-class _Format(Protocol):
-    """How one endpoint shapes responses and stream chunks."""
-
-    object: str
-    chunk_object: str
-    logprobs: int | None  # top logprobs asked for, None when not
-
-    def choice(self, index: int, c: _Choice) -> dict: ...
-    def chunk_choice(self, d: ChoiceDelta, offset: int, first: bool) -> dict: ...
-
-
-class _Completions:
-    object = chunk_object = "text_completion"
-
-    def __init__(self, logprobs: int | None):
-        self.logprobs = logprobs
-
-    def _logprobs(
-        self, token_ids: list[int], entries: list[dict[int, Logprob]] | None, offset: int
-    ):
-        if self.logprobs is None or entries is None:
-            return None
-        out = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
-        for tok, entry in zip(token_ids, entries):
-            chosen = entry[tok]
-            out["text_offset"].append(offset)
-            out["token_logprobs"].append(chosen.logprob)
-            out["tokens"].append(chosen.decoded_token)
-            out["top_logprobs"].append({lp.decoded_token: lp.logprob for lp in entry.values()})
-            offset += len(chosen.decoded_token or "")
-        return out
-
-    def choice(self, index: int, c: _Choice) -> dict:
-        out = {
-            "index": index,
-            "text": c.text,
-            "logprobs": self._logprobs(c.token_ids, c.logprobs, 0),
-            "finish_reason": c.finish_reason,
-            "stop_reason": c.stop_reason,
-        }
-        if c.prompt_logprobs is not None:
-            out["prompt_logprobs"] = _prompt_logprobs(c.prompt_logprobs)
-        return out
-
-    def chunk_choice(self, d: ChoiceDelta, offset: int, first: bool) -> dict:
-        out = {
-            "index": d.index,
-            "text": d.text,
-            "logprobs": self._logprobs(d.token_ids, d.logprobs, offset),
-            "finish_reason": d.finish_reason,
-            "stop_reason": d.stop_reason,
-        }
-        if d.prompt_logprobs is not None:  # on each choice's first chunk, as vLLM
-            out["prompt_logprobs"] = _prompt_logprobs(d.prompt_logprobs)
-        return out
-
-
-class _Chat:
-    object, chunk_object = "chat.completion", "chat.completion.chunk"
-
-    def __init__(self, top_logprobs: int | None):
-        self.logprobs = top_logprobs
-
-    def _logprobs(self, token_ids: list[int], entries: list[dict[int, Logprob]] | None):
-        if self.logprobs is None or entries is None:
-            return None
-        content = []
-        for tok, entry in zip(token_ids, entries):
-            top = sorted(entry.values(), key=lambda lp: lp.rank or 0)[: self.logprobs]
-            content.append(
-                {**_chat_logprob(entry[tok]), "top_logprobs": [_chat_logprob(lp) for lp in top]}
-            )
-        return {"content": content}
-
-    def choice(self, index: int, c: _Choice) -> dict:
-        return {
-            "index": index,
-            "message": {"role": "assistant", "content": c.text},
-            "logprobs": self._logprobs(c.token_ids, c.logprobs),
-            "finish_reason": c.finish_reason,
-            "stop_reason": c.stop_reason,
-        }
-
-    def chunk_choice(self, d: ChoiceDelta, offset: int, first: bool) -> dict:
-        delta = (
-            {"role": "assistant", "content": d.text}
-            if first
-            else ({"content": d.text} if d.text else {})
-        )
-        return {
-            "index": d.index,
-            "delta": delta,
-            "logprobs": self._logprobs(d.token_ids, d.logprobs),
-            "finish_reason": d.finish_reason,
-            "stop_reason": d.stop_reason,
-        }
-
-
-def _prompt_logprobs(entries: list | None) -> list | None:
-    """vLLM's shape: per prompt position (None for the first) {token_id: {logprob, rank, decoded_token}}."""
-    if entries is None:
-        return None
-    return [
-        None
-        if e is None
-        else {
-            tok: {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
-            for tok, lp in e.items()
-        }
-        for e in entries
-    ]
-
-
-def _chat_logprob(lp: Logprob) -> dict:
-    token = lp.decoded_token or ""
-    return {"token": token, "logprob": lp.logprob, "bytes": list(token.encode("utf-8"))}
