@@ -30,7 +30,7 @@ from labkit.engine.request import Request
 from labkit.engine.resolved_config import ResolvedConfig
 from labkit.engine.sampler import PendingSample, Sampler
 from labkit.engine.scheduler import ScheduledBatch, Scheduler
-from labkit.engine.stats import EngineStats, StepHistory
+from labkit.engine.stats import EngineStats, StepHistory, step_record
 from labkit.engine.structured_output import GrammarWaitlist, StructuredOutputManager
 from labkit.observe.labels import label_layers
 from labkit.observe.step_log import StepRecord
@@ -323,7 +323,11 @@ class LLMEngine:
         """Queue sampling for the step's rows whose requests are still live (a request that
         finished or was aborted after the step was launched gets nothing)."""
         with self.timer.phase("sample"):
-            rows, to_sample = self._split_logits(step.batch.work, step.work, step.logits)
+            rows, to_sample, failed = self.output_processor.split_logits(
+                step.batch.work, step.work, step.logits
+            )
+            for r, e in failed:  # this request's prompt logprobs, not the engine's state
+                self._fail_request(r, e)
             step.logits = None
             live = [i for i, r in enumerate(to_sample) if not r.finished]
             if len(live) < len(to_sample):
@@ -366,71 +370,29 @@ class LLMEngine:
         batch = step.batch
         total = step.call_ms if step.call_ms is not None else (time.time() - step.start) * 1e3
         self._history.add(
-            StepRecord(
-                step=self._history.num_steps,
-                start_time=step.start,
-                schedule_ms=ms.get("schedule", 0.0),
-                prepare_ms=ms.get("prepare", 0.0),
-                forward_ms=ms.get("forward", 0.0),
-                sample_ms=ms.get("sample", 0.0),
-                structured_ms=ms.get("structured", 0.0),
-                postprocess_ms=ms.get("postprocess", 0.0),
-                total_ms=total,
-                num_prefill_tokens=batch.num_prefill_tokens,
-                num_prefill_seqs=len(batch.work) - batch.num_decode,
-                num_decode_seqs=batch.num_decode,
-                num_running=len(self.scheduler.running),
-                num_waiting=len(self.scheduler.waiting),
-                kv_blocks_used=self.block_manager.num_used,
-                kv_blocks_free=self.block_manager.num_free,
-                num_preemptions=batch.num_preempted,
-                prefix_cache_queries=step.prefix_queries,
-                prefix_cache_hits=step.prefix_hits,
+            step_record(
+                self._history.num_steps,
+                step.start,
+                ms,
+                total,
+                batch,
+                self.scheduler,
+                self.block_manager,
+                (step.prefix_queries, step.prefix_hits),
             )
         )
         return {r.parent_id for r, _ in batch.work}
 
     def _advance_grammars(self, reqs: list[Request], now: float) -> None:
-        """Each constrained sequence's matcher takes its new token. A sequence whose grammar
-        has terminated (it accepted a stop token that ignore_eos kept going) ends with "stop"; one
-        whose token broke the grammar (nothing was allowed) ends with "error"."""
-        for r in reqs:
-            st = r.grammar
-            if st is None or r.finished:
-                continue
-            if not self.structured.sync(st, r.output_token_ids):
-                self._fail_request(r, ValueError(f"token {r.token_ids[-1]} breaks the grammar"))
-                continue
-            if st.matcher.is_terminated():
-                self.output_processor.end(r, "stop", now)
-            else:
-                continue
+        """Each constrained sequence's matcher takes its new token; a sequence whose grammar has
+        terminated (a stop token that ignore_eos kept going) ends with "stop", one whose token
+        broke the grammar (nothing was allowed) with "error"."""
+        ended, broken = self.structured.advance(reqs)
+        for r in ended:
+            self.output_processor.end(r, "stop", now)
             self.scheduler.finish(r)
-
-    def _split_logits(self, scheduled, work: list[SeqWork], logits):
-        """Rows for the sampler, and prompt logprobs recorded from `all_logits` rows."""
-        rows, to_sample, at = [], [], 0
-        for (r, n), w in zip(scheduled, work):
-            if w.all_logits:
-                try:
-                    self.output_processor.record_prompt_logprobs(
-                        r, w.start_pos, n, logits[at : at + n]
-                    )
-                except Exception as e:  # this request's entries, not the engine's state
-                    self._fail_request(r, e)
-                at += n
-                if w.sample:
-                    rows.append(at - 1)
-                    to_sample.append(r)
-            elif w.sample:
-                rows.append(at)
-                to_sample.append(r)
-                at += 1
-        if not to_sample:
-            return None, to_sample
-        if rows == list(range(logits.shape[0])):  # the usual case: every row, in order
-            return logits, to_sample
-        return logits[to_device(rows, torch.long, logits.device)], to_sample
+        for r in broken:
+            self._fail_request(r, ValueError(f"token {r.token_ids[-1]} breaks the grammar"))
 
     def _fail_unschedulable(self) -> None:
         """Nothing could be scheduled although requests wait: the first one cannot fit even in

@@ -14,6 +14,7 @@ from labkit.engine.request import Request
 from labkit.engine.sampler import SampleResult
 from labkit.outputs import CompletionOutput, Logprob, RequestOutput
 from labkit.sampling_params import RequestOutputKind
+from labkit.transfer import to_device
 
 
 class OutputProcessor:
@@ -78,6 +79,31 @@ class OutputProcessor:
                 for j, (tid, lp) in enumerate(zip(top_ids, top_lps), 1):
                     entry.setdefault(tid, Logprob(lp, j, self._token_text(tid)))
             r.prompt_logprobs.append(entry)
+
+    def split_logits(self, scheduled: list, work: list, logits: torch.Tensor):
+        """A step's logits -> (the rows to sample, their requests, the requests whose prompt
+        logprobs failed, with the error); prompt logprobs are recorded from the `all_logits`
+        rows. `scheduled`: the batch's (request, tokens) pairs; `work`: their SeqWork."""
+        rows, to_sample, failed, at = [], [], [], 0
+        for (r, n), w in zip(scheduled, work):
+            if w.all_logits:
+                try:
+                    self.record_prompt_logprobs(r, w.start_pos, n, logits[at : at + n])
+                except Exception as e:
+                    failed.append((r, e))
+                at += n
+                if w.sample:
+                    rows.append(at - 1)
+                    to_sample.append(r)
+            elif w.sample:
+                rows.append(at)
+                to_sample.append(r)
+                at += 1
+        if not to_sample:
+            return None, to_sample, failed
+        if rows == list(range(logits.shape[0])):  # the usual case: every row, in order
+            return logits, to_sample, failed
+        return logits[to_device(rows, torch.long, logits.device)], to_sample, failed
 
     def append_tokens(self, reqs: list[Request], result: SampleResult, now: float) -> list[Request]:
         """Append each request's sampled token (row i of `result` is `reqs[i]`'s) and run the

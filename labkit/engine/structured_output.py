@@ -175,6 +175,19 @@ class StructuredOutputManager:
             st.num_accepted += 1
         return True
 
+    def advance(self, reqs: list) -> tuple[list, list]:
+        """Feed each live constrained request its new tokens: (those whose grammar has
+        terminated, those whose token broke it)."""
+        ended, broken = [], []
+        for r in reqs:
+            if r.grammar is None or r.finished:
+                continue
+            if not self.sync(r.grammar, r.output_token_ids):
+                broken.append(r)
+            elif r.grammar.matcher.is_terminated():
+                ended.append(r)
+        return ended, broken
+
     def fill(self, states: list[GrammarState], rows: list[int], num_rows: int) -> torch.Tensor:
         """The allowed-token bitmask of each state's next token into row rows[k] of a host
         buffer of `num_rows` rows, as many as the logits have (xgrammar's kernel reads the mask
