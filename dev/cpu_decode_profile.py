@@ -434,7 +434,7 @@ def profile_layer_matmuls(model, batches, reps: int) -> dict:
                     per_variant[name] = {"error": str(e)[:200]}
             res[kind] = per_variant
         total = defaultdict(float)
-        for kind, pv in res.items():
+        for pv in res.values():
             for name, r in pv.items():
                 if "median_ms" in r:
                     total[name] += r["median_ms"]
@@ -583,7 +583,8 @@ def main(argv=None) -> int:
         print(f"  aten ops per decode step: {r['aten_ops_per_decode_step']:.0f}")
         for e in r["top_ops_by_self_cpu"][:15]:
             print(
-                f"    {e['self_ms_per_step']:7.2f} ms/step {e['pct']:5.1f}%  x{e['calls_per_step']:.0f}  "
+                f"    {e['self_ms_per_step']:7.2f} ms/step {e['pct']:5.1f}%  "
+                f"x{e['calls_per_step']:.0f}  "
                 f"{e['op']} {e['shapes']}"
             )
         if meta is not None and meta.num_decode:
@@ -597,7 +598,8 @@ def main(argv=None) -> int:
 
     report["bandwidth"] = bw = bandwidth(model)
     print(
-        f"== memory read bandwidth {bw['read_GB_s']:.1f} GB/s; layer weights {bw['layer_weight_MB']:.0f} MB "
+        f"== memory read bandwidth {bw['read_GB_s']:.1f} GB/s; "
+        f"layer weights {bw['layer_weight_MB']:.0f} MB "
         f"+ LM head {bw['lm_head_MB']:.0f} MB -> decode floor {bw['decode_floor_ms']:.1f} ms/step"
     )
     report["small_ops"] = profile_small_ops(model, [1, 8, 32, 4096])

@@ -107,7 +107,8 @@ def main() -> None:
     card = torch.cuda.get_device_name(0)
     print(f"\n{card}: all-reduce of rows x {HIDDEN} bf16, microseconds per call")
     print(
-        "| world | rows | bytes | NCCL eager | NCCL graph | peer eager | peer graph | checked (mismatches) |"
+        "| world | rows | bytes | NCCL eager | NCCL graph | peer eager | peer graph "
+        "| checked (mismatches) |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in summary:

@@ -108,7 +108,8 @@ def main() -> None:
         )
         for r in case[:6]:
             print(
-                f"  {r['us']:6.2f} us  {r['tb_s']:.2f} TB/s  splits {r['splits']:2d} block_n {r['block_n']:3d} "
+                f"  {r['us']:6.2f} us  {r['tb_s']:.2f} TB/s  splits {r['splits']:2d} "
+                f"block_n {r['block_n']:3d} "
                 f"warps {r['num_warps']} stages {r['num_stages']} ok={r['ok']}",
                 flush=True,
             )

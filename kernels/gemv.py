@@ -131,7 +131,8 @@ def _epilogue(
     mask = row_ok[:, None] & (ms < M)[None, :]
     finish = True
     if SPLIT_K > 1:
-        # ws: [SPLIT_K, 16 (MAX_ROWS), N] float32. Every thread's partial is written before the count
+        # ws: [SPLIT_K, 16 (MAX_ROWS), N] float32. Every thread's partial is written before the
+        # count
         # goes up (barrier, then a release); the last one reads them after its acquire, past
         # the L1 (.cg), which may hold lines an earlier program read.
         tile = ms[None, :] * N + rows[:, None]

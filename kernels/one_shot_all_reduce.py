@@ -18,7 +18,8 @@ host-side counter and replays from a CUDA graph as is. Programs of the same inde
 rank, so the grid must be the same on every rank (it is: same message size, same constants).
 
 `buf_ptrs` / `sig_ptrs` are int64 tensors holding each rank's buffer / pad address as mapped into
-this process (labkit.distributed.custom_all_reduce sets them up with cudaIpcOpenMemHandle). The reference is the
+this process (labkit.distributed.custom_all_reduce sets them up with cudaIpcOpenMemHandle). The
+reference is the
 plain sum over ranks.
 """
 

@@ -9,7 +9,8 @@ GPU busy at small batch: batch 1 with 4 KV heads is only 4 programs without them
 
 The number of splits depends only on shapes (batch size, block-table width), never on the
 context lengths themselves: each sequence divides its own context among the splits, so the grid
-is fixed for a captured batch size and the launch fits in a CUDA graph. A context length of 0 (a padding row) gives
+is fixed for a captured batch size and the launch fits in a CUDA graph. A context length of 0 (a
+padding row) gives
 zeros.
 """
 
@@ -29,7 +30,8 @@ BLOCK_N = 64  # context tokens per tile: a [64, 128] bf16 K tile is 16 KiB
 MIN_TOKENS_PER_SPLIT = 128  # below this a split's fixed cost (q load, partial write) dominates
 # The combine kernel is compiled for this many splits whatever the count, and the split count
 # and block-table stride are not specialised on: eager steps of changing batches must never
-# JIT-compile a new variant mid-run (each costs ~1 s; a 256-request throughput run paid 5 s of them).
+# JIT-compile a new variant mid-run (each costs ~1 s; a 256-request throughput run paid 5 s of
+# them).
 MAX_SPLITS = 32
 
 

@@ -2,7 +2,8 @@
 the block table: variable-length sequences in one launch.
 
 The new tokens of all sequences are concatenated ([T, H, D], `cu_seqlens_q` marks where each
-starts); their K/V are already in the cache (rotary_store_kvcache runs first), so a fresh prompt and a
+starts); their K/V are already in the cache (rotary_store_kvcache runs first), so a fresh prompt
+and a
 chunk after a cached prefix are the same case: a sequence's new tokens are the last q_len of its
 ctx_len tokens, and new token i sees keys 0 .. ctx_len - q_len + i. The grid is
 (query tile, sequence, head) sized by the longest chunk; tiles past a shorter chunk's end exit at

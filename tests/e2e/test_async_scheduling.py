@@ -147,10 +147,10 @@ def test_a_token_in_flight_is_decoded_next_step_without_its_id():
 
 def test_a_token_in_flight_that_ends_the_request_is_not_scheduled_again():
     sched = Scheduler(BlockManager(8, 4), 4, 64, max_model_len=100)
-    r = _running(sched, 6, max_tokens=1)
+    _running(sched, 6, max_tokens=1)
     assert sched.schedule().work == []
     sched = Scheduler(BlockManager(8, 4), 4, 64, max_model_len=7)
-    r = _running(sched, 6, max_tokens=5)
+    _running(sched, 6, max_tokens=5)
     assert sched.schedule().work == []
 
 

@@ -62,7 +62,8 @@ def test_profile_on_gpu(eager, tmp_path):
         )
     table = report.categories
     print(
-        f"eager={eager}: wall {report.wall_ms:.1f} ms, device time {table.total_ms.sum():.1f} ms\n{table}"
+        f"eager={eager}: wall {report.wall_ms:.1f} ms, "
+        f"device time {table.total_ms.sum():.1f} ms\n{table}"
     )
     assert len(report.steps) == 16 and table.total_ms.sum() > 0
     assert table.loc["matmul", "total_ms"] > 0 and table.loc["sampling", "total_ms"] > 0

@@ -147,8 +147,9 @@ def test_sweep_notebook_runs_in_jupyterlab(jupyterlab, tiny_ckpts, tmp_path):
             page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
             # Done when every code cell shows an execution count ("[n]:", not "[*]:").
             page.wait_for_function(
-                """() => { const p = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')];
-                           return p.length > 0 && p.every(e => /\\[\\d+\\]/.test(e.textContent)); }""",
+                """() => {
+                    const p = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')];
+                    return p.length > 0 && p.every(e => /\\[\\d+\\]/.test(e.textContent)); }""",
                 timeout=300_000,
             )
             page.wait_for_selector(".jp-OutputArea .js-plotly-plot", timeout=60_000)
@@ -195,7 +196,8 @@ def test_a_saved_notebook_keeps_static_charts(tiny_ckpts, tmp_path):
         for src in (
             f"import labkit\nr = labkit.sweep({model!r}, batch_sizes=[1, 2], input_lens=[8], "
             "output_lens=[4], num_iters=1)",
-            f"d = labkit.dashboard({model!r}, batch_sizes=[1, 2], input_lens=[8], output_lens=[3])\nd",
+            f"d = labkit.dashboard({model!r}, batch_sizes=[1, 2], input_lens=[8], "
+            "output_lens=[3])\nd",
             "d.run();",  # what the Run button does, here in the cell
         )
     ]

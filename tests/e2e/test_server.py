@@ -1,4 +1,5 @@
-"""`labkit serve` with the default model: the quickstart's curl request, the official `openai` client
+"""`labkit serve` with the default model: the quickstart's curl request, the official `openai`
+client
 (streamed and not), and the small endpoints. One real server process for the module."""
 
 from __future__ import annotations

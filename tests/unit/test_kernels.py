@@ -1,7 +1,8 @@
 """Each Triton kernel against its plain-torch reference on fresh random inputs.
 
 Without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py
-before anything imports triton), at small shapes: this is how CI runs them. On a GPU the same tests run
+before anything imports triton), at small shapes: this is how CI runs them. On a GPU the same tests
+run
 compiled. The interpreter has no bfloat16 `tl.dot` (it multiplies the raw bit patterns), so the
 attention kernels' half-precision tests use float16 there; the elementwise kernels test bfloat16.
 """

@@ -31,13 +31,13 @@ def test_greedy_takes_the_argmax_with_its_raw_logprob():
 
 def test_truncation_keeps_what_top_k_top_p_and_min_p_allow():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    masked = lambda k, p, m: (
-        apply_top_k_top_p_min_p(  # noqa: E731
+
+    def masked(k, p, m):
+        kept = apply_top_k_top_p_min_p(
             logits, torch.tensor([k]), torch.tensor([p]), torch.tensor([m])
         )
-        .isfinite()[0]
-        .tolist()
-    )
+        return kept.isfinite()[0].tolist()
+
     assert masked(2, 1.0, 0.0) == [True, True, False, False]
     assert masked(0, 0.8, 0.0) == [True, True, False, False]  # 0.5 + 0.3 reaches 0.8
     assert masked(0, 1.0, 0.4) == [True, True, False, False]  # >= 0.4 * 0.5

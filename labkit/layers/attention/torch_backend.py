@@ -82,7 +82,8 @@ class TorchAttentionBackend:
         return mask
 
     def _gather(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """[*blocks.shape, block_size, Hkv, D] -> tokens flattened: [..., n * block_size, Hkv, D]."""
+        """[*blocks.shape, block_size, Hkv, D] -> tokens flattened:
+        [..., n * block_size, Hkv, D]."""
         hkv, d = cache.shape[1:]
         out = cache.view(-1, self.block_size, hkv, d).index_select(0, blocks.reshape(-1))
         return out.view(*blocks.shape[:-1], -1, hkv, d)
