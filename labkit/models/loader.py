@@ -26,8 +26,8 @@ def resolve_model_dir(model: str) -> Path:
     path = Path(model).expanduser()
     if not path.exists():
         raise ValueError(
-            f"model: path {model!r} does not exist (labkit loads local checkpoints: "
-            "a directory with config.json, or a .gguf file; it downloads nothing)"
+            f"model: path {model!r} does not exist (a local checkpoint is a directory with "
+            "config.json, or a .gguf file; a Hugging Face repo id is written org/name)"
         )
     if path.is_file():
         if path.suffix != ".gguf":

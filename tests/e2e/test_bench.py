@@ -462,8 +462,6 @@ def test_serve_against_a_down_server(tiny, capsys):
 
 
 def test_serve_against_labkit_server(tiny, tmp_path_factory):
-    if not hasattr(cli, "cmd_serve"):
-        pytest.skip("`labkit serve` does not exist yet")
     from server_support import start_server
 
     server = start_server(tmp_path_factory.mktemp("bench-serve"), tiny, "--disable-log-requests")
