@@ -121,6 +121,12 @@ class ModelShape:
     intermediate: int
     vocab: int
     elem_bytes: int
+    # Mixture-of-experts layers (0 for a dense model): each has `experts` experts of width
+    # `expert_intermediate`, of which a token uses `experts_per_tok`, in place of the dense MLP.
+    moe_layers: int = 0
+    experts: int = 0
+    experts_per_tok: int = 0
+    expert_intermediate: int = 0
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
@@ -135,16 +141,38 @@ class ModelShape:
             hc.intermediate_size,
             hc.vocab_size,
             torch.empty((), dtype=config.dtype).element_size(),
+            moe_layers=sum(hc.is_moe_layer(i) for i in range(hc.num_hidden_layers)),
+            experts=hc.num_experts,
+            experts_per_tok=hc.num_experts_per_tok,
+            expert_intermediate=hc.moe_intermediate_size,
         )
 
     @property
-    def body_params(self) -> int:
-        """Matmul weights of the decoder layers: q, k, v, o, gate, up, down."""
-        attn = (
+    def _attention_params(self) -> int:
+        """q, k, v, o of every layer."""
+        per_layer = (
             2 * self.hidden * self.heads * self.head_dim
             + 2 * self.hidden * self.kv_heads * self.head_dim
         )
-        return self.layers * (attn + 3 * self.hidden * self.intermediate)
+        return self.layers * per_layer
+
+    @property
+    def _dense_mlp_params(self) -> int:
+        return (self.layers - self.moe_layers) * 3 * self.hidden * self.intermediate
+
+    @property
+    def _expert_params(self) -> int:
+        """One expert's gate, up and down."""
+        return 3 * self.hidden * self.expert_intermediate
+
+    @property
+    def body_params(self) -> int:
+        """Matmul weights of the decoder layers that one token multiplies: q, k, v, o, and
+        gate, up, down of the dense MLPs or of the experts it is routed to (and the router)."""
+        moe = self.moe_layers * (
+            self.experts_per_tok * self._expert_params + self.hidden * self.experts
+        )
+        return self._attention_params + self._dense_mlp_params + moe
 
     @property
     def head_params(self) -> int:
@@ -152,9 +180,20 @@ class ModelShape:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes a step reads at least: every matmul weight (the embedding lookup reads a few
-        rows)."""
-        return (self.body_params + self.head_params) * self.elem_bytes
+        """Bytes of every matmul weight (the embedding lookup reads a few rows)."""
+        return self.weight_bytes_for(None)
+
+    def weight_bytes_for(self, tokens: int | None) -> int:
+        """Bytes of the weights a pass over `tokens` tokens reads at least: every dense weight,
+        and of each MoE layer the experts its tokens are routed to, counted as the expected
+        number of distinct experts under uniform routing (None: every expert)."""
+        experts = self.experts
+        if tokens is not None and self.experts:
+            unused = (1 - self.experts_per_tok / self.experts) ** tokens
+            experts = self.experts * (1 - unused)
+        moe = self.moe_layers * (experts * self._expert_params + self.hidden * self.experts)
+        params = self._attention_params + self._dense_mlp_params + moe + self.head_params
+        return int(params * self.elem_bytes)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -191,14 +230,14 @@ def batch_work(
         2 * shape.body_params * batch * input_len
         + 2 * shape.head_params * batch
         + batch * shape.attention_flops(input_len * (input_len + 1) // 2),
-        shape.weight_bytes + batch * input_len * shape.kv_bytes_per_token,
+        shape.weight_bytes_for(batch * input_len) + batch * input_len * shape.kv_bytes_per_token,
         ceil,
     )
     for k in range(1, output_len):
         context = input_len + k
         decode.add(
             batch * (2 * (shape.body_params + shape.head_params) + shape.attention_flops(context)),
-            shape.weight_bytes + batch * context * shape.kv_bytes_per_token,
+            shape.weight_bytes_for(batch) + batch * context * shape.kv_bytes_per_token,
             ceil,
         )
     return prefill, decode

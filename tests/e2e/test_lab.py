@@ -123,6 +123,42 @@ def test_batches_are_cut_where_the_engine_idles():
     assert sweeps.batch_times(second) == pytest.approx((0.3, 0.35, 0.5))
 
 
+def test_floor_of_a_moe_model_counts_the_experts_a_step_reads():
+    shape = roofline.ModelShape(
+        layers=2,
+        hidden=8,
+        heads=2,
+        kv_heads=1,
+        head_dim=4,
+        intermediate=16,
+        vocab=32,
+        elem_bytes=4,
+        moe_layers=2,
+        experts=4,
+        experts_per_tok=2,
+        expert_intermediate=6,
+    )
+    attn, expert, router, head = 2 * (2 * 8 * 8 + 2 * 8 * 4), 3 * 8 * 6, 8 * 4, 32 * 8
+    # A token multiplies its 2 experts' weights (and the router), not all 4.
+    assert shape.body_params == attn + 2 * (2 * expert + router)
+    # One token reads 2 experts per layer; many tokens spread over all 4 (uniform routing).
+    assert shape.weight_bytes_for(1) == 4 * (attn + 2 * (2 * expert + router) + head)
+    assert shape.weight_bytes == 4 * (attn + 2 * (4 * expert + router) + head)
+    assert shape.weight_bytes_for(1) < shape.weight_bytes_for(3) < shape.weight_bytes
+    assert shape.weight_bytes_for(64) == pytest.approx(shape.weight_bytes, rel=1e-6)
+
+
+def test_moe_shape_from_a_checkpoint_config(tiny_ckpts):
+    from labkit.config import EngineConfig
+    from labkit.engine.resolved_config import resolve
+
+    config = resolve(EngineConfig(model=str(tiny_ckpts["qwen3_moe"]), dtype="float32"))
+    shape = roofline.ModelShape.from_config(config)
+    mc = config.model_config
+    assert shape.experts == mc.num_experts > 0 and shape.experts_per_tok == mc.num_experts_per_tok
+    assert shape.moe_layers == sum(mc.is_moe_layer(i) for i in range(mc.num_hidden_layers)) > 0
+
+
 def test_floor_counts_weights_kv_and_flops():
     shape = roofline.ModelShape(
         layers=2, hidden=8, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=32, elem_bytes=4
