@@ -3,6 +3,7 @@ TP=1 and TP=2 (also as an unguarded script), and models whose heads don't split 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ import psutil
 import pytest
 from helpers import QUICKSTART_PROMPTS, greedy_params, random_prompts
 
-from labkit import LLM, SamplingParams
+from labkit import LLM, SamplingParams, StructuredOutputsParams
 
 pytestmark = pytest.mark.slow
 
@@ -147,3 +148,22 @@ def _alive(pid: int) -> bool:
         )
     except psutil.Error:
         return False
+
+
+def test_tp2_constrained_output_matches_tp1(tp2_llama, tiny_llms):
+    # Only rank 0 samples, so only rank 0 masks: the ranks must still agree step by step.
+    regex = r"[a-z]{2,6}( [a-z]{2,6}){2}\."
+    params = [
+        SamplingParams(temperature=0, max_tokens=24, structured_outputs=so)
+        for so in (
+            StructuredOutputsParams(regex=regex),
+            StructuredOutputsParams(choice=["alpha", "beta", "gamma"]),
+        )
+    ]
+    prompts = QUICKSTART_PROMPTS[:2]
+    tp1, tp2 = (
+        [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        for llm in (tiny_llms("llama"), tp2_llama)
+    )
+    assert [c.token_ids for c in tp2] == [c.token_ids for c in tp1]
+    assert re.fullmatch(regex, tp2[0].text) and tp2[1].text in ("alpha", "beta", "gamma")
