@@ -177,6 +177,28 @@ def load_serving_sweep(path: str | Path) -> ServingSweepResult:
     return _build([(p["point"], p["requests"], p["itls"]) for p in points], meta)
 
 
+def _point_line(p: tuple[dict, dict, list]) -> str:
+    return json.dumps(_strict({"point": p[0], "requests": p[1], "itls": p[2]})) + "\n"
+
+
+RESUME_KEYS = ("model", "num_prompts", "input_len", "output_len", "seed")
+
+
+def _resumed(path: str | Path, params: dict) -> list[tuple[dict, dict, list]]:
+    """The points of an earlier serving sweep's file; refused if its prompts differ."""
+    lines = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    if not lines or lines[0].get("format") != FORMAT:
+        raise ValueError(f"resume: {path} is not a labkit serving sweep file")
+    earlier = lines[0]["meta"]["params"]
+    for key in RESUME_KEYS:
+        if earlier.get(key) != params[key]:
+            raise ValueError(
+                f"resume: {path} ran {key}={earlier.get(key)!r}, this sweep {key}="
+                f"{params[key]!r}; resume a sweep of the same prompts"
+            )
+    return [(x["point"], x["requests"], x["itls"]) for x in lines[1:] if "point" in x]
+
+
 def _strict(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None if math.isnan(obj) else str(obj)
@@ -189,7 +211,8 @@ def _strict(obj):
 
 def _build(points: list[tuple[dict, dict, list]], meta: dict) -> ServingSweepResult:
     rows = [dict(p, request_rate=float(p["request_rate"])) for p, _, _ in points]
-    df = pd.DataFrame(rows)
+    # A metric no request reached is None in a file: NaN, as when it was measured.
+    df = pd.DataFrame(rows).apply(lambda c: c.astype(float) if c.isna().all() else c)
     if len(df):  # None (no limit) as a missing integer
         df["max_concurrency"] = pd.array(df.max_concurrency.tolist(), dtype="Int64")
     requests = (
@@ -250,6 +273,7 @@ def serving_sweep(
     server_args=(),
     seed: int = 0,
     output: str | Path | None = None,
+    resume: str | Path | None = None,
     progress: bool = True,
     on_point: Callable[[pd.DataFrame], None] | None = None,
     stop: Callable[[], bool] | None = None,
@@ -258,7 +282,10 @@ def serving_sweep(
     """Every (request rate, max concurrency) pair, one serving benchmark run each: `num_prompts`
     random prompts of `input_len` tokens generating `output_len` (EOS ignored). `url`: a running
     server (else `labkit serve model *server_args` is started and stopped). `goodput`: SLOs in
-    ms, e.g. {"ttft": 500, "tpot": 50}: a request counts when within every one."""
+    ms, e.g. {"ttft": 500, "tpot": 50}: a request counts when within every one. `resume`: an
+    earlier serving sweep's file with the same prompts (model, num_prompts, input_len,
+    output_len, seed): its points are kept and only the missing (rate, concurrency) pairs run;
+    `output=` may be that same file."""
     grid, slos = _check(
         request_rates, max_concurrencies, num_prompts, input_len, output_len, goodput
     )
@@ -277,16 +304,23 @@ def serving_sweep(
         "goodput_slos_ms": goodput or {},
         "environment": env.environment("cpu"),
     }
-    points: list[tuple[dict, dict, list]] = []
+    points = _resumed(resume, meta["params"]) if resume is not None else []
+    done = {(float(p["request_rate"]), p["max_concurrency"]) for p, _, _ in points}
     out = Path(output) if output else None
-    if out is not None:
+    if out is not None:  # written anew: the header, then the points kept from `resume`
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(_strict({"format": FORMAT, "meta": meta})) + "\n")
+        out.write_text(
+            json.dumps(_strict({"format": FORMAT, "meta": meta}))
+            + "\n"
+            + "".join(_point_line(p) for p in points)
+        )
     server = None if url else ServerProcess(model, tuple(server_args), startup_timeout_s)
     result = ServingSweepResult(pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), meta)
     try:
         base = url or server.start().url
         for k, (rate, conc) in enumerate(grid):
+            if (float(rate), conc) in done:
+                continue
             if stop is not None and stop():
                 meta["interrupted"] = True
                 break
@@ -317,10 +351,7 @@ def serving_sweep(
             points.append(_point(r, rate, conc, num_prompts))
             if out is not None:
                 with open(out, "a") as f:
-                    p = points[-1]
-                    f.write(
-                        json.dumps(_strict({"point": p[0], "requests": p[1], "itls": p[2]})) + "\n"
-                    )
+                    f.write(_point_line(points[-1]))
             result = _build(points, meta)
             if on_point is not None:
                 on_point(result.df)

@@ -51,3 +51,35 @@ def test_serving_sweep_checks_its_arguments_before_starting_a_server():
         labkit.serving_sweep(max_concurrencies=[0])
     with pytest.raises(ValueError, match="goodput"):
         labkit.serving_sweep(goodput={"latency": 5})
+
+
+def test_resume_runs_only_the_missing_points(tiny_ckpts, tmp_path):
+    model, path = str(tiny_ckpts["llama"]), tmp_path / "s.jsonl"
+    grid = dict(num_prompts=4, input_len=8, output_len=4, progress=False)
+    with serving.ServerProcess(model, (), 300) as server:
+        first = labkit.serving_sweep(
+            model, url=server.url, request_rates=[math.inf], output=path, **grid
+        )
+        ran = []
+        both = labkit.serving_sweep(
+            model,
+            url=server.url,
+            request_rates=[20.0, math.inf],
+            output=path,
+            resume=path,
+            on_point=lambda df: ran.append(len(df)),
+            **grid,
+        )
+        with pytest.raises(ValueError, match="resume: .* ran input_len=8"):
+            labkit.serving_sweep(
+                model,
+                url=server.url,
+                request_rates=[1.0],
+                resume=path,
+                **{**grid, "input_len": 16},
+            )
+    assert ran == [2]  # one new point, run after the kept one
+    assert sorted(both.df.request_rate.tolist()) == [20.0, math.inf]
+    kept = both.requests[both.requests.point == both.df.index[both.df.request_rate == math.inf][0]]
+    assert kept.ttft_ms.tolist() == first.requests.ttft_ms.tolist()  # not measured again
+    assert serving.load_serving_sweep(path).df.equals(both.df)
