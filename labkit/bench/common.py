@@ -1,6 +1,6 @@
 """What the offline benchmarks share: their common flags, the engine they run on, the timed
-region (wall time, a torch.profiler trace, the engine steps it ran), the result files, and the
-throughput and percentile arithmetic."""
+region (wall time, a torch.profiler trace, the engine steps it ran), the result files, the
+throughput and percentile arithmetic, and the serving clients' tokenizer (load_tokenizer)."""
 
 from __future__ import annotations
 
@@ -187,3 +187,41 @@ def write_outputs(
         log_df[log_df["step"] >= first_step].to_csv(steps, index=False)
         log.info("step log of the timed region: %s", steps)
     return result
+
+
+def load_tokenizer(tokenizer: str | None, model: str | None):
+    """The tokenizer that builds the prompts and counts generated tokens, and its id for the
+    result: --tokenizer (a path or Hub repo id), else --model when that is a local path or a
+    Hub repo id (cached or downloadable), else the default model's."""
+    from transformers import AutoTokenizer
+
+    from labkit.models import hub
+    from labkit.models.loader import resolve_model_dir
+
+    source = tokenizer or model
+    if source is not None and hub.is_hub_name(source):
+        try:
+            path = hub.snapshot(
+                source,
+                revision=None,
+                download_dir=None,
+                allow_patterns=hub.patterns("auto", tokenizer_only=True),
+                what="tokenizer",
+            )
+            return AutoTokenizer.from_pretrained(str(path)), source
+        except ValueError:
+            if tokenizer is not None:
+                raise
+            source = None  # a served name that is no repo: fall back to the default model
+    if source is None:
+        from labkit.default_model import DEFAULT_MODEL_NAME, default_model_path
+
+        path = resolve_model_dir(str(default_model_path()))
+        return AutoTokenizer.from_pretrained(str(path)), DEFAULT_MODEL_NAME
+    path = Path(source).expanduser()
+    has_tokenizer = path.is_dir() and any(
+        (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")
+    )
+    # A .gguf file (or a directory of one) holds its tokenizer inside: use labkit's conversion.
+    tokenizer_dir = path if has_tokenizer else resolve_model_dir(source)
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir)), source

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from labkit.bench import datasets
+from labkit.bench import common, datasets
 from labkit.bench.serve_metrics import (
     METRICS,
     RequestResult,
@@ -163,7 +163,7 @@ def run(
     base = (base_url or f"http://{host}:{port}").rstrip("/")
     # Asked first: a labkit server names its model by its path, which then gives the tokenizer.
     model_id = model or run_async(served_model(base))
-    tok, tokenizer_id = load_tokenizer(tokenizer, model_id)
+    tok, tokenizer_id = common.load_tokenizer(tokenizer, model_id)
     random_set = dataset_name == "random"
     requests = datasets.load(
         dataset_name,
@@ -352,42 +352,6 @@ def run_async(coro):
 
 
 # ---- files ----------------------------------------------------------------------------------
-def load_tokenizer(tokenizer: str | None, model: str | None):
-    """The tokenizer that builds the prompts and counts generated tokens, and its id for the
-    result: --tokenizer (a path or Hub repo id), else --model when that is a local path or a
-    Hub repo id (cached or downloadable), else the default model's."""
-    from transformers import AutoTokenizer
-
-    from labkit.models import hub
-    from labkit.models.loader import resolve_model_dir
-
-    source = tokenizer or model
-    if source is not None and hub.is_hub_name(source):
-        try:
-            path = hub.snapshot(
-                source,
-                revision=None,
-                download_dir=None,
-                allow_patterns=hub.patterns("auto", tokenizer_only=True),
-                what="tokenizer",
-            )
-            return AutoTokenizer.from_pretrained(str(path)), source
-        except ValueError:
-            if tokenizer is not None:
-                raise
-            source = None  # a served name that is no repo: fall back to the default model
-    if source is None:
-        from labkit.default_model import DEFAULT_MODEL_NAME, default_model_path
-
-        path = resolve_model_dir(str(default_model_path()))
-        return AutoTokenizer.from_pretrained(str(path)), DEFAULT_MODEL_NAME
-    path = Path(source).expanduser()
-    has_tokenizer = path.is_dir() and any(
-        (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")
-    )
-    # A .gguf file (or a directory of one) holds its tokenizer inside: use labkit's conversion.
-    tokenizer_dir = path if has_tokenizer else resolve_model_dir(source)
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir)), source
 
 
 def write_result(result: dict, result_dir: str | None, result_filename: str | None) -> Path:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from labkit.bench import datasets, guided, serve, serve_metrics
+from labkit.bench import common, datasets, guided, serve, serve_metrics
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -55,7 +55,7 @@ def run(
     ratio = 0.0 if no_structured_output else guided.check_ratio(structured_output_ratio)
     base = (base_url or f"http://{host}:{port}").rstrip("/")
     model_id = model or serve.run_async(serve.served_model(base))
-    tok, tokenizer_id = serve.load_tokenizer(tokenizer, model_id)
+    tok, tokenizer_id = common.load_tokenizer(tokenizer, model_id)
     workload = guided.sample_requests(tok, dataset, num_prompts, output_len, json_schema_path, seed)
     constrained = guided.constrained_indices(len(workload), ratio, seed)
     requests = [

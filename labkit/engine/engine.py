@@ -18,12 +18,7 @@ import torch
 
 from labkit.engine.block_manager import BlockManager
 from labkit.engine.executor import start_workers
-from labkit.engine.input_processor import (
-    InputProcessor,
-    RequestLimits,
-    eos_token_ids,
-    load_tokenizer,
-)
+from labkit.engine.input_processor import InputProcessor, RequestLimits, load_tokenizer
 from labkit.engine.model_runner import ModelRunner, RankPlacement, SeqWork
 from labkit.engine.output_processor import OutputProcessor
 from labkit.engine.request import Request
@@ -84,19 +79,10 @@ class LLMEngine:
             config.scheduling_policy,
             config.max_model_len,
         )
-        eos = eos_token_ids(config, tokenizer)
-        limits = RequestLimits(
-            config.max_logprobs, config.max_num_seqs, config.model_config.vocab_size
+        self.input_processor = InputProcessor.from_config(
+            config, tokenizer, self.block_manager.num_blocks, self.runner.device
         )
-        self.input_processor = InputProcessor(
-            tokenizer,
-            eos,
-            limits=limits,
-            max_model_len=config.max_model_len,
-            block_size=config.block_size,
-            num_kv_blocks=self.block_manager.num_blocks,
-            device=self.runner.device,
-        )
+        eos = self.input_processor.eos_token_ids
         self.output_processor = OutputProcessor(tokenizer, eos, config.max_model_len)
         self.sampler = Sampler(config.seed, eos, self.runner.device)
         self.structured = StructuredOutputManager(

@@ -104,6 +104,24 @@ class InputProcessor:
         self.vocab_size = limits.vocab_size
         self.device = device
 
+    @classmethod
+    def from_config(
+        cls, config: ResolvedConfig, tokenizer, num_kv_blocks: int, device: torch.device
+    ) -> InputProcessor:
+        """The engine's: its limits and EOS ids from `config`, its KV cache's size."""
+        limits = RequestLimits(
+            config.max_logprobs, config.max_num_seqs, config.model_config.vocab_size
+        )
+        return cls(
+            tokenizer,
+            eos_token_ids(config, tokenizer),
+            limits=limits,
+            max_model_len=config.max_model_len,
+            block_size=config.block_size,
+            num_kv_blocks=num_kv_blocks,
+            device=device,
+        )
+
     def tokenize(self, prompt) -> tuple[str | None, list[int]]:
         """(text or None, token ids) of a string, a list of ids, or a {"prompt",
         "prompt_token_ids"} dict (given ids win over the text)."""

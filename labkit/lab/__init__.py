@@ -15,6 +15,7 @@
   drilldown       result.point(i): a point's step timeline, operators and trace
   serving         labkit.serving_sweep(): request rate / concurrency against latency
   serving_charts  its figures: throughput vs latency, CDFs, goodput
+  server_process  `labkit serve` as a child process (the serving sweep's server)
   roofline        this machine's ceilings (measured once, cached) and a batch's floor time
   profiling       labkit.profile(): step timeline and time by operator category
   widgets         labkit.dashboard(): the sweep behind ipywidgets controls

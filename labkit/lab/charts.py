@@ -1,5 +1,5 @@
 """Plotly figures of sweeps: latency, throughput, % of floor, TTFT/TPOT, heatmaps, the roofline,
-TP speed-up, comparisons (profile figures: profile_charts; the HTML report: report).
+TP speed-up (profile figures: profile_charts; comparisons: compare; the HTML report: report).
 
 Every function takes the DataFrame it draws (a sweep's `df`), so a saved and reloaded result
 draws the same.
@@ -377,32 +377,3 @@ def sweep_charts(df: pd.DataFrame, ceilings: dict | None, kind: str | None = Non
     if kind is not None:
         return KINDS[kind](df, ceilings, tp_sizes)
     return Charts({k: f(df, ceilings, tp_sizes) for k, f in KINDS.items()})
-
-
-def comparison(df: pd.DataFrame, labels: tuple[str, str], metric: str) -> go.Figure:
-    """A SweepComparison's metric for both labels per point, the ratio in the hover."""
-    x = point_labels(df.assign(model="", backend=""))
-    fig = go.Figure(
-        layout=dict(
-            template=TEMPLATE,
-            barmode="group",
-            title=f"{metric}: {labels[0]} vs {labels[1]}",
-            yaxis_title=metric,
-        )
-    )
-    for lab in labels:
-        ratio = f"{labels[1]} / {labels[0]} = %{{customdata:.2f}}x"
-        fig.add_bar(
-            x=x,
-            y=df[f"{metric}_{lab}"],
-            name=lab,
-            customdata=df[f"{metric}_ratio"],
-            hovertemplate=f"%{{y:.4g}} ({ratio})<extra>{lab}</extra>",
-        )
-    return fig
-
-
-# ---- profiles -----------------------------------------------------------------------------------
-
-
-# ---- report -------------------------------------------------------------------------------------

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 log = logging.getLogger("labkit")
 
@@ -41,9 +44,7 @@ class SweepComparison:
     mixed_modes: bool = False
 
     def plot(self, metric: str = "output_tok_s"):
-        from labkit.lab import charts
-
-        fig = charts.comparison(self.df, self.labels, metric)
+        fig = comparison_chart(self.df, self.labels, metric)
         if self.mixed_modes:
             fig.update_layout(title=fig.layout.title.text + " (different modes!)")
         return fig
@@ -81,3 +82,30 @@ def compare_sweeps(
     for m in COMPARED:
         df[f"{m}_ratio"] = df[f"{m}_{labels[1]}"] / df[f"{m}_{labels[0]}"]
     return SweepComparison(df, labels, modes[0] != modes[1])
+
+
+def comparison_chart(df: pd.DataFrame, labels: tuple[str, str], metric: str) -> go.Figure:
+    """A SweepComparison's metric for both labels per point, the ratio in the hover."""
+    import plotly.graph_objects as go
+
+    from labkit.lab.charts import TEMPLATE, point_labels
+
+    x = point_labels(df.assign(model="", backend=""))
+    fig = go.Figure(
+        layout=dict(
+            template=TEMPLATE,
+            barmode="group",
+            title=f"{metric}: {labels[0]} vs {labels[1]}",
+            yaxis_title=metric,
+        )
+    )
+    for lab in labels:
+        ratio = f"{labels[1]} / {labels[0]} = %{{customdata:.2f}}x"
+        fig.add_bar(
+            x=x,
+            y=df[f"{metric}_{lab}"],
+            name=lab,
+            customdata=df[f"{metric}_ratio"],
+            hovertemplate=f"%{{y:.4g}} ({ratio})<extra>{lab}</extra>",
+        )
+    return fig

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from labkit.lab.points import PointRecord, frame
+from labkit.lab.columns import frame
+from labkit.lab.points import PointRecord
 
 FORMAT = "labkit-sweep/2"
 OLD_FORMAT = "labkit-sweep/1"

@@ -29,12 +29,9 @@ import pandas as pd
 
 from labkit.bench import throughput
 from labkit.lab import env, machine, sweep_file
+from labkit.lab.columns import COLUMNS, METRIC_COLUMNS, POINT_KEYS, SPREAD_COLUMNS
 from labkit.lab.compare import SweepComparison, compare_sweeps
 from labkit.lab.points import (
-    COLUMNS,
-    METRIC_COLUMNS,
-    POINT_KEYS,
-    SPREAD_COLUMNS,
     EngineGroup,
     Point,
     PointRecord,
@@ -88,7 +85,7 @@ DEFAULTS = SweepGrid()
 
 @dataclass
 class SweepResult:
-    """One row per point (points.COLUMNS) and where it was measured: `meta` holds the sweep's
+    """One row per point (columns.COLUMNS) and where it was measured: `meta` holds the sweep's
     arguments, the environment and the machine's ceilings; `records` (one per row, in order)
     the raw timings, step logs and profiles behind the rows: `.point(i)` opens one."""
 

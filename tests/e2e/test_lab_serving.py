@@ -10,6 +10,7 @@ import pytest
 
 import labkit
 from labkit.lab import serving, serving_charts
+from labkit.lab.server_process import ServerProcess
 
 
 def test_serving_sweep_against_a_real_server(tiny_ckpts, tmp_path):
@@ -56,7 +57,7 @@ def test_serving_sweep_checks_its_arguments_before_starting_a_server():
 def test_resume_runs_only_the_missing_points(tiny_ckpts, tmp_path):
     model, path = str(tiny_ckpts["llama"]), tmp_path / "s.jsonl"
     grid = dict(num_prompts=4, input_len=8, output_len=4, progress=False)
-    with serving.ServerProcess(model, (), 300) as server:
+    with ServerProcess(model, (), 300) as server:
         first = labkit.serving_sweep(
             model, url=server.url, request_rates=[math.inf], output=path, **grid
         )
