@@ -253,6 +253,7 @@ class _Cluster:
                 p = Point.of_row(other.row)
                 if other.raw and p in done.rederived and other.row.get("node") == node:
                     other.row = done.rederived[p]
+            self.sweep.rows_changed()
         self.sweep.keep(rec)
 
     def _failed(self, g: _Group, point: Point, e: Exception, *, requeue: bool) -> None:

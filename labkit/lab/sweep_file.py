@@ -121,10 +121,17 @@ class Writer:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         if not append:
-            with open(path, "w") as f:
-                f.write(_json({"format": FORMAT, "meta": _strict(meta)}) + "\n")
-                for rec in records:
-                    f.write(point_line(rec) + "\n")
+            self.rewrite(meta, records)
+
+    def rewrite(self, meta: dict, records: list[PointRecord]) -> None:
+        """The whole file anew: its head and `records` (written to a side file, then moved
+        over, so a crash mid-write leaves the old file whole)."""
+        side = self.path.with_name(self.path.name + ".tmp")
+        with open(side, "w") as f:
+            f.write(_json({"format": FORMAT, "meta": _strict(meta)}) + "\n")
+            for rec in records:
+                f.write(point_line(rec) + "\n")
+        side.replace(self.path)
 
     def point(self, rec: PointRecord) -> None:
         with open(self.path, "a") as f:

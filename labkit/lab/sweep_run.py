@@ -92,6 +92,12 @@ class SweepRun:
         for other in [*self.result.records, rec]:
             if other.raw and other.row["tensor_parallel_size"] == group.tp:
                 other.row = derive(group, Point.of_row(other.row), other.raw)
+        self.rows_changed()
+
+    def rows_changed(self) -> None:
+        """Rows already kept were derived again (new ceilings): the file's lines are stale."""
+        if self.writer is not None:
+            self.writer.rewrite(self.result.meta, self.result.records)
 
     def keep(self, rec: PointRecord) -> None:
         r = self.result

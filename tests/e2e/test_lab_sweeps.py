@@ -5,6 +5,7 @@ point."""
 from __future__ import annotations
 
 import _thread
+import dataclasses
 import gc
 import json
 import math
@@ -182,6 +183,29 @@ def test_a_point_beating_the_ceilings_measures_them_again(tiny_ckpts, monkeypatc
     r = labkit.sweep(str(tiny_ckpts["llama"]), batch_sizes=[1, 2], **TINY_GRID)
     assert calls == [False, True] and r.meta["ceilings_remeasured"]
     assert (r.df.bw_fraction < 1).all() and (r.df.flops_fraction < 1).all()
+
+
+def test_points_written_before_the_ceilings_are_measured_again_are_rewritten(
+    tiny_ckpts, monkeypatch, tmp_path
+):
+    from labkit.lab import roofline, sweep_run
+
+    real = roofline.ceilings
+    stale = lambda device, dtype, refresh=False: (  # noqa: E731
+        real(device, dtype)
+        if refresh
+        else dataclasses.replace(real(device, dtype), bytes_per_s=1e6, flops_per_s=1e6)
+    )
+    seen = []
+    # Only the second point counts as beating them, so the first is already in the file.
+    beats = lambda row: bool(seen.append(row)) or len(seen) == 2  # noqa: E731
+    monkeypatch.setattr(roofline, "ceilings", stale)
+    monkeypatch.setattr(sweep_run, "beats_ceilings", beats)
+    path = tmp_path / "s.jsonl"
+    r = labkit.sweep(str(tiny_ckpts["llama"]), batch_sizes=[1, 2], output=path, **TINY_GRID)
+    assert r.meta["ceilings_remeasured"] and (r.df.bw_fraction < 1).all()
+    again = labkit.load_sweep(path)
+    assert again.df.equals(r.df) and again.meta["ceilings"] == r.meta["ceilings"]
 
 
 def test_a_point_opens_to_its_steps_operators_and_trace(tiny_ckpts, tmp_path):
