@@ -2,12 +2,15 @@
 correctness check, then labkit vs HF transformers vs the floor on the Qwen2.5-7B-Instruct shape
 with random weights in bf16.
 
-  python dev/gpu_bench.py --out DIR [--tiny DIR] [--workloads a,b,c] [--skip-hf]
+  python dev/gpu_bench.py --out DIR [--config DIR] [--tiny DIR] [--workloads a,a64,b,c] [--skip-hf]
 
-Workloads: (a) one decode step, batch 1, context 1024; (b) vLLM's quickstart latency run, batch 8,
-input 1024, output 1024; (c) throughput, 256 requests with input and output lengths uniform in
-[100, 1024] (seed 0), ignore_eos. Floors come from ceilings measured in the same run: a large
-device-to-device copy (bytes read + written per second) and a bf16 8192^3 matmul.
+--config: another shape's config directory (data/configs/Qwen3-30B-A3B, Qwen3-8B); the floors
+use labkit's roofline shape, which counts a MoE layer's routed experts only.
+Workloads: (a) one decode step, batch 1, context 1024 (a64: batch 64); (b) vLLM's quickstart
+latency run, batch 8, input 1024, output 1024; (c) throughput, 256 requests with input and
+output lengths uniform in [100, 1024] (seed 0), ignore_eos. Floors come from ceilings measured
+in the same run: a large device-to-device copy (bytes read + written per second) and a bf16
+8192^3 matmul.
 Prints a table last; writes gpu_bench.json (and the step logs) under --out.
 """
 
@@ -28,6 +31,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN7B = REPO / "data" / "configs" / "Qwen2.5-7B-Instruct"
+# Decode-step workloads: "a" at batch 1, "a64" at batch 64, each at context 1024.
+DECODE_WORKLOADS = ("a", "a64")
+
+
+def batch_of(workload: str) -> int:
+    return int(workload[1:] or 1)
 
 
 def ceilings() -> dict:
@@ -49,48 +58,57 @@ def ceilings() -> dict:
 
 
 def model_numbers(cfg: dict) -> dict:
-    h, i, l, v = (
-        cfg["hidden_size"],
-        cfg["intermediate_size"],
+    """Weight and KV bytes from labkit's roofline shape (MoE layers: the experts a batch is
+    expected to route to)."""
+    from labkit.lab.roofline import ModelShape
+
+    moe = "num_experts" in cfg
+    heads = cfg["num_attention_heads"]
+    shape = ModelShape(
         cfg["num_hidden_layers"],
+        cfg["hidden_size"],
+        heads,
+        cfg["num_key_value_heads"],
+        cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        cfg["intermediate_size"],
         cfg["vocab_size"],
+        2,
+        moe_layers=cfg["num_hidden_layers"] if moe else 0,
+        experts=cfg.get("num_experts", 0),
+        experts_per_tok=cfg.get("num_experts_per_tok", 0),
+        expert_intermediate=cfg.get("moe_intermediate_size", 0),
     )
-    d = h // cfg["num_attention_heads"]
-    kv = cfg["num_key_value_heads"] * d
-    layer = h * (h + 2 * kv) + (h + 2 * kv) + h * h + 3 * h * i + 2 * h
-    params = l * layer + v * h * (1 if cfg["tie_word_embeddings"] else 2) + h
     return {
-        "params": params,
-        "weight_bytes": 2 * params,
-        "kv_bytes_per_token": 2 * l * kv * 2,
-        "matmul_params": l * layer + v * h,
-    }  # the embedding lookup is not a matmul
+        "weight_bytes_for": shape.weight_bytes_for,
+        "kv_bytes_per_token": shape.kv_bytes_per_token,
+        "matmul_params": shape.body_params + shape.head_params,  # per token
+    }
 
 
 def floors(num: dict, ceil: dict) -> dict:
     bw, fl = ceil["copy_bytes_per_s"], ceil["bf16_flops_per_s"]
 
-    def step(batch: int, ctx: int) -> float:  # a decode step reads all weights and every KV
-        return (num["weight_bytes"] + batch * ctx * num["kv_bytes_per_token"]) / bw
+    def step(batch: int, ctx: int) -> float:  # a decode step reads its weights and every KV
+        return (num["weight_bytes_for"](batch) + batch * ctx * num["kv_bytes_per_token"]) / bw
 
-    a = step(1, 1024)
+    out = {f"{w}_s": step(batch_of(w), 1024) for w in DECODE_WORKLOADS}
     prefill_b = 2 * num["matmul_params"] * 8 * 1024 / fl
-    b = prefill_b + sum(step(8, 1024 + t) for t in range(1024))
-    return {"a_s": a, "b_s": b, "step": step}
+    out["b_s"] = prefill_b + sum(step(8, 1024 + t) for t in range(1024))
+    return out
 
 
-def hf_baselines(workloads: set[str]) -> dict:
+def hf_baselines(workloads: set[str], config_dir: Path) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.from_pretrained(QWEN7B)
+    cfg = AutoConfig.from_pretrained(config_dir)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(
             cfg, dtype=torch.bfloat16, attn_implementation="sdpa"
         ).eval()
     out = {}
     with torch.inference_mode():
-        if "a" in workloads:
-            ids = torch.randint(1000, 100000, (1, 1024), device="cuda")
+        for w in sorted(workloads & set(DECODE_WORKLOADS)):
+            ids = torch.randint(1000, 100000, (batch_of(w), 1024), device="cuda")
             r = model(ids, use_cache=True)
             past, nxt = r.past_key_values, r.logits[:, -1:].argmax(-1)
             times = []
@@ -101,7 +119,8 @@ def hf_baselines(workloads: set[str]) -> dict:
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
                 past, nxt = r.past_key_values, r.logits[:, -1:].argmax(-1)
-            out["a_s"] = statistics.median(times[5:])
+            out[f"{w}_s"] = statistics.median(times[5:])
+            del r, past
         if "b" in workloads:
             ids = torch.randint(1000, 100000, (8, 1024), device="cuda")
             kw = dict(max_new_tokens=1024, min_new_tokens=1024, do_sample=False, pad_token_id=0)
@@ -132,7 +151,7 @@ def phases(steps) -> dict:
     return out
 
 
-def labkit_runs(workloads: set[str], spec: str, out_dir: Path) -> dict:
+def labkit_runs(workloads: set[str], spec: str, out_dir: Path, config_dir: Path) -> dict:
     """One engine configuration, `spec` as in --tp: the TP size, then "nccl" for every
     all-reduce through NCCL, "sync" for async scheduling off, "nopdl" for kernels launched
     without programmatic dependent launch, "pdlwait" for PDL without the early trigger, and/or
@@ -143,8 +162,9 @@ def labkit_runs(workloads: set[str], spec: str, out_dir: Path) -> dict:
     os.environ["LABKIT_PDL"] = "0" if "nopdl" in spec else "wait" if "pdlwait" in spec else "1"
     os.environ["LABKIT_GEMV"] = "0" if "nogemv" in spec else "1"
     res = {}
+    t0 = time.perf_counter()
     llm = LLM(
-        str(QWEN7B),
+        str(config_dir),
         load_format="dummy",
         dtype="bfloat16",
         tensor_parallel_size=int(re.match(r"\d+", spec).group()),
@@ -154,6 +174,7 @@ def labkit_runs(workloads: set[str], spec: str, out_dir: Path) -> dict:
         disable_custom_all_reduce="nccl" in spec,
         async_scheduling="sync" not in spec,
     )
+    res["startup_s"] = time.perf_counter() - t0
     tp = spec
     g = torch.Generator().manual_seed(0)
 
@@ -176,13 +197,16 @@ def labkit_runs(workloads: set[str], spec: str, out_dir: Path) -> dict:
     def save() -> None:  # after each workload: a run cut short still leaves its figures
         (out_dir / f"labkit_tp{tp}.partial.json").write_text(json.dumps(res, indent=2))
 
-    if "a" in workloads:
-        _, n0 = run(prompts(1, 1024), SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+    for w in sorted(workloads & set(DECODE_WORKLOADS)):
+        batch = batch_of(w)
+        _, n0 = run(
+            prompts(batch, 1024), SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+        )
         steps = llm.step_log().iloc[n0:]
-        dec = steps[steps.num_decode_seqs == 1]
-        res["a_s"] = float(dec.total_ms.iloc[5:].median()) / 1e3
-        res["a_forward_s"] = float(dec.forward_ms.iloc[5:].median()) / 1e3
-        res["a_phases"] = phases(steps.iloc[5:])
+        dec = steps[steps.num_decode_seqs == batch]
+        res[f"{w}_s"] = float(dec.total_ms.iloc[5:].median()) / 1e3
+        res[f"{w}_forward_s"] = float(dec.forward_ms.iloc[5:].median()) / 1e3
+        res[f"{w}_phases"] = phases(steps.iloc[5:])
         save()
     if "b" in workloads:
         res["b_s"], n0 = run(
@@ -306,6 +330,7 @@ def main() -> None:
     ap.add_argument("--workloads", default="a,b,c")
     ap.add_argument("--tp", default="1")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--config", default=str(QWEN7B), help="the model shape's config directory")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -335,21 +360,21 @@ def main() -> None:
 
     guarded("ceilings", ceilings)
     if not args.skip_hf:
-        guarded("hf", lambda: hf_baselines(wl & {"a", "b"}))
+        guarded("hf", lambda: hf_baselines(wl & {"a", "a64", "b"}, Path(args.config)))
     # "--tp 1,1sync,1nopdl,1pdlwait,1nogemv,2,2nccl,4": see labkit_runs
     tps = [t for t in args.tp.split(",") if t]  # --tp "": no labkit runs (a correctness-only call)
     for spec in tps:
         guarded(
             f"labkit_tp{spec}",
             lambda spec=spec: labkit_runs(
-                wl if spec.startswith("1") else wl & {"b"}, spec, out_dir
+                wl if spec.startswith("1") else wl & {"b"}, spec, out_dir, Path(args.config)
             ),
         )
 
     # Last, so that a call cut short by its time limit still has the timings.
     guarded("correctness", lambda: check_correctness(Path(args.tiny) if args.tiny else None))
 
-    cfg = json.loads((QWEN7B / "config.json").read_text())
+    cfg = json.loads((Path(args.config) / "config.json").read_text())
     num = model_numbers(cfg)
     rows = []
     if "ceilings" in result:
@@ -358,7 +383,7 @@ def main() -> None:
         hf = result.get("hf", {})
         for tp in tps:
             lk = result.get(f"labkit_tp{tp}", {})
-            for w in ("a", "b"):
+            for w in (*DECODE_WORKLOADS, "b"):
                 if f"{w}_s" in lk:
                     rows.append(
                         (
@@ -369,7 +394,7 @@ def main() -> None:
                         )
                     )
             if "c_s" in lk:
-                flops = 2 * num["matmul_params"] * lk["c_total_tokens"]
+                flops = 2 * num["matmul_params"] * lk["c_total_tokens"]  # active params
                 compute_floor_tok_s = lk["c_output_tokens"] / (
                     flops / result["ceilings"]["bf16_flops_per_s"]
                 )

@@ -1,6 +1,12 @@
 """Mixture-of-experts feed-forward in two grouped GEMMs: out[t] = sum_k w[t, k] *
 down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, k], for all tokens and experts at once.
 
+Decode-sized batches (a configuration with `per_slot`) skip the sorting: `_slot_gemv_kernel` runs
+one program per (token, slot) and column block, a read of that slot's expert like the decode
+matmul's (kernels/gemv.py), the SiLU-and-mul folded into the down projection's input. At a few
+tokens the slots' experts are mostly distinct, so nothing is read twice, and the three sorting
+steps, the padding and the separate SiLU-and-mul kernel are gone.
+
 1. `moe_align_block_size` (torch, no host sync): the T * k (token, slot) pairs sorted by expert,
    each expert's run padded to a multiple of BLOCK_M with a pad id (T * k), and the expert of
    every BLOCK_M block. The buffers are sized for the worst case (every expert padded), so
@@ -28,6 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .gemv import _x_tile
 from .pdl import pdl_launch_args, pdl_wait
 from .silu_and_mul import silu_and_mul
 
@@ -42,6 +49,7 @@ class MoeConfig:
     group_m: int = 8  # row blocks visited together (L2 reuse of the weight tiles)
     num_warps: int = 4
     num_stages: int = 2
+    per_slot: bool = False  # `_slot_gemv_kernel` (block_m, group_m unused) for few tokens
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int):
@@ -51,7 +59,10 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int)
     block_m: every layout fits, whatever the routing."""
     flat = topk_ids.flatten()
     n = flat.numel()
-    counts = torch.bincount(flat, minlength=num_experts)
+    # Not torch.bincount: on CUDA it reads the largest id back to the host, which stalls the
+    # stream and breaks CUDA-graph capture.
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int64))
     padded = (counts + block_m - 1) // block_m * block_m
     ends = padded.cumsum(0)
     size = triton.cdiv(n + num_experts * (block_m - 1), block_m) * block_m
@@ -129,6 +140,76 @@ def _grouped_gemm_kernel(
     )
 
 
+@triton.jit
+def _slot_gemv_kernel(
+    a,
+    w,
+    c,
+    topk_ids,
+    topk_weights,
+    N,
+    K,
+    stride_am,
+    stride_we,
+    stride_wn,
+    stride_cm,
+    TOP_K: tl.constexpr,
+    A_PER_SLOT: tl.constexpr,
+    GATED: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """c[s, n-block] = a_in(s) @ w[e].T (* topk_weights[s]) for slot s = program_id(0), e its
+    expert; a_in(s) = a[s // TOP_K] (a holds tokens) or a[s] (A_PER_SLOT), and with GATED a is
+    [gate | up] of width 2K and the input is silu(gate) * up."""
+    pdl_wait(USE_PDL)  # the expert ids come from the router, the kernel before
+    s = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    cols = tl.arange(0, BLOCK_K)
+    expert = tl.load(topk_ids + s).to(tl.int64)
+    row = s if A_PER_SLOT else s // TOP_K
+    w_ptr = w + expert * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn + cols[None, :]
+    # One float32 accumulator per weight element a thread holds, reduced once at the end.
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        xv = _x_tile(a, row, k0 + cols, row + 1, K, stride_am, GATED)
+        wt = tl.load(w_ptr + k0, mask=n_ok[:, None] & (k0 + cols < K)[None, :], other=0.0)
+        acc += wt.to(tl.float32) * xv[None, :]
+    out = tl.sum(acc, axis=1)
+    if MUL_WEIGHT:
+        out *= tl.load(topk_weights + s).to(tl.float32)
+    tl.store(c + s * stride_cm + offs_n, out.to(c.dtype.element_ty), mask=n_ok)
+
+
+def _slot_gemv(a, w, c, ids, topk_weights, top_k, a_per_slot, gated, cfg, pdl) -> None:
+    n, k = w.shape[1], w.shape[2]
+    _slot_gemv_kernel[(c.shape[0], triton.cdiv(n, cfg.block_n))](
+        a,
+        w,
+        c,
+        ids,
+        topk_weights if topk_weights is not None else a,
+        n,
+        k,
+        a.stride(0),
+        w.stride(0),
+        w.stride(1),
+        c.stride(0),
+        TOP_K=top_k,
+        A_PER_SLOT=a_per_slot,
+        GATED=gated,
+        MUL_WEIGHT=topk_weights is not None,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        **pdl_launch_args(pdl),
+    )
+
+
 def _grouped_gemm(
     a: torch.Tensor,
     w: torch.Tensor,
@@ -193,12 +274,17 @@ def fused_moe(
     if t == 0:
         return torch.zeros_like(x)
     cfg = config or choose_config(t * top_k, e, two_i, h, x.device)
-    align = moe_align_block_size(topk_ids, cfg.block_m, e)
     gate_up = torch.empty((t * top_k, two_i), dtype=x.dtype, device=x.device)
-    _grouped_gemm(x, w13, gate_up, align, None, top_k, False, cfg, pdl)
-    inter = silu_and_mul(gate_up, pdl=pdl)
     down = torch.empty((t * top_k, h), dtype=x.dtype, device=x.device)
     weights = topk_weights.to(x.dtype).flatten()
+    if cfg.per_slot:
+        ids = topk_ids.flatten()
+        _slot_gemv(x, w13, gate_up, ids, None, top_k, False, False, cfg, pdl)
+        _slot_gemv(gate_up, w2, down, ids, weights, top_k, True, True, cfg, pdl)
+        return down.view(t, top_k, h).sum(dim=1)
+    align = moe_align_block_size(topk_ids, cfg.block_m, e)
+    _grouped_gemm(x, w13, gate_up, align, None, top_k, False, cfg, pdl)
+    inter = silu_and_mul(gate_up, pdl=pdl)
     _grouped_gemm(inter, w2, down, align, weights, top_k, True, cfg, pdl)
     return down.view(t, top_k, h).sum(dim=1)
 
@@ -244,8 +330,11 @@ def _table(device: torch.device) -> dict[str, dict[int, MoeConfig]]:
 
 
 def default_config(m: int) -> MoeConfig:
-    """Untuned shapes: 16-row blocks for decode-sized batches (little padding per expert),
-    64 for prefills. tl.dot needs 16 or more in every tile dimension."""
+    """Untuned shapes: per-slot reads up to 16 (token, slot) rows, where the experts are mostly
+    distinct; 16-row blocks for other decode-sized batches (little padding per expert), 64 for
+    prefills. tl.dot needs 16 or more in every tile dimension."""
+    if m <= 16:
+        return MoeConfig(block_m=1, block_n=32, block_k=128, group_m=1, per_slot=True)
     if m <= 64:
         return MoeConfig(block_m=16, block_n=64, block_k=64, group_m=1)
     return MoeConfig(block_m=64, block_n=64, block_k=32, group_m=8)

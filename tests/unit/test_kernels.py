@@ -198,10 +198,13 @@ def test_moe_align_block_size():
 
 
 # (tokens, experts, top-k, hidden, intermediate, config): a decode-sized batch with the default
-# config (experts without tokens), a batch over several row blocks per expert with odd feature
-# counts (partial N and K tiles) and grouped ordering, top-3.
+# config (per slot; experts without tokens), per slot with partial K tiles, a small batch in
+# 16-row blocks, a batch over several row blocks per expert with odd feature counts (partial N
+# and K tiles) and grouped ordering, top-3.
 MOE_CASES = [
     (5, 4, 2, 32, 16, None),
+    (3, 8, 2, 48, 40, MoeConfig(1, 16, 32, per_slot=True)),
+    (9, 4, 2, 32, 16, MoeConfig(16, 64, 64, group_m=1)),
     (37, 8, 2, 48, 40, MoeConfig(16, 32, 16, group_m=4)),
     (70, 4, 3, 32, 24, MoeConfig(32, 16, 32)),
 ]
@@ -229,7 +232,8 @@ def test_fused_moe_tables_and_dispatch(monkeypatch, tmp_path):
 
     for path in M.CONFIG_DIR.glob("fused_moe_*.json"):  # committed tables parse
         for by_m in json.loads(path.read_text())["configs"].values():
-            assert all(M.MoeConfig(**c).block_m >= 16 for c in by_m.values())
+            cfgs = [M.MoeConfig(**c) for c in by_m.values()]
+            assert all(c.per_slot or c.block_m >= 16 for c in cfgs)
     small, large = (
         dict(block_m=16, block_n=32, block_k=64),
         dict(block_m=64, block_n=128, block_k=64),
