@@ -9,8 +9,10 @@ Under tensor parallelism every rank holds a slice of each expert's intermediate 
 (I / tp gate and up rows, the matching down columns), as vLLM shards by default: each rank's
 output is a partial sum, all-reduced once per layer as the dense MLP's is.
 
-On CUDA (KernelSwitches.use_fused_moe) the experts run in labkit.kernels.fused_moe: tokens sorted
-by expert, one grouped GEMM for gate/up and one for down. Elsewhere: a torch loop over the
+On CUDA (KernelSwitches.use_fused_moe) the router's choice is one kernel (labkit.kernels.
+moe_route, `route` its reference) and the experts run in labkit.kernels.fused_moe: per-slot
+reads for a few tokens, else tokens sorted by expert, one grouped GEMM for gate/up and one for
+down. Elsewhere: a torch loop over the
 experts that have tokens, the sums in HF's order (expert by expert into zeros).
 """
 
@@ -135,12 +137,15 @@ class FusedMoE(nn.Module):
                 dst.narrow(-2, h * i, i).copy_(loaded.narrow(-2, h * full + r * i, i))
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(router_logits, self.top_k, self.renormalize, x.dtype)
         if self.switches.use_fused_moe and x.is_cuda:
             from labkit.kernels.fused_moe import fused_moe
+            from labkit.kernels.moe_route import moe_route
 
-            out = fused_moe(x, self.w13, self.w2, weights, ids, pdl=self.switches.pdl)
+            pdl = self.switches.pdl
+            weights, ids = moe_route(router_logits, self.top_k, self.renormalize, x.dtype, pdl)
+            out = fused_moe(x, self.w13, self.w2, weights, ids, pdl=pdl)
         else:
+            weights, ids = route(router_logits, self.top_k, self.renormalize, x.dtype)
             out = experts_torch(x, self.w13, self.w2, weights, ids)
         return self.tp.all_reduce(out)
 

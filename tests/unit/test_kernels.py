@@ -36,6 +36,7 @@ from labkit.kernels.fused_add_rmsnorm import (  # noqa: E402
 )
 from labkit.kernels.fused_moe import MoeConfig, fused_moe, fused_moe_ref, moe_align_block_size  # noqa: E402
 from labkit.kernels.gemv import GemvConfig, GemvWorkspace, gemv, gemv_ref  # noqa: E402
+from labkit.kernels.moe_route import moe_route  # noqa: E402
 from labkit.kernels.one_shot_all_reduce import (  # noqa: E402
     BLOCK,
     MAX_PROGRAMS,
@@ -223,6 +224,26 @@ def test_fused_moe(case, dtype):
     ref = fused_moe_ref(x, w13, w2, weights, ids)
     torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, config=cfg), ref, **TOL[dtype])
     torch.testing.assert_close(experts_torch(x, w13, w2, weights, ids), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    "experts,top_k,renormalize", [(8, 2, True), (60, 4, False), (128, 8, True)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, HALF])
+def test_moe_route(experts, top_k, renormalize, dtype):
+    """The router kernel picks the experts route() picks, in its order, with its weights; a row
+    of equal logits takes the lowest ids first."""
+    # Distinct in every dtype (sixteenths of small integers), except row 3: all equal.
+    logits = torch.stack([torch.randperm(experts) - experts // 2 for _ in range(7)]) / 16
+    logits = logits.to(device=DEVICE, dtype=dtype)
+    logits[3] = 0.0
+    weights, ids = moe_route(logits, top_k, renormalize, dtype)
+    ref_w, ref_i = route(logits, top_k, renormalize, dtype)
+    assert ids.dtype == ref_i.dtype and torch.equal(
+        ids[[0, 1, 2, 4, 5, 6]], ref_i[[0, 1, 2, 4, 5, 6]]
+    )
+    assert ids[3].tolist() == list(range(top_k))
+    torch.testing.assert_close(weights, ref_w, **TOL[dtype])
 
 
 def test_fused_moe_tables_and_dispatch(monkeypatch, tmp_path):
