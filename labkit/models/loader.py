@@ -2,7 +2,8 @@
 
 Formats: an HF directory with safetensors (one file or sharded with the index), a GGUF file
 (converted once, see gguf_convert), `load_format="dummy"` (random weights from config.json alone),
-and pickled `*.bin` only when the user asks for it with `load_format="pt"`.
+and pickled `*.bin` only when the user asks for it with `load_format="pt"`. FP8 checkpoints' float8
+weights and their scales load as they are stored (labkit.layers.quantization says how).
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def load_weights(model: nn.Module, tensors) -> None:
     # A model whose checkpoint names need more than `packed_modules` (experts numbered per
     # expert) maps them itself: name -> (parameter name, shard) or None.
     remap = getattr(model, "remap_weight_name", None)
-    for name, tensor in tensors:
+    for stored_name, tensor in tensors:
+        name = stored_name
         if "rotary_emb.inv_freq" in name:
             continue
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
@@ -120,7 +122,7 @@ def load_weights(model: nn.Module, tensors) -> None:
         if param is None:
             raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
         if param.dtype == FP8:
-            loaded = _fp8_tensor(name, param, tensor)
+            loaded = _fp8_tensor(stored_name, param, tensor)
         else:
             loaded = tensor.to(param.dtype)
         loader = getattr(param, "weight_loader", _copy_whole)

@@ -1,7 +1,8 @@
 """FP8 models end to end: checkpoints quantized by the tests (tests/fp8_checkpoints.py: 128x128
-blocks in transformers' format, per-channel and per-tensor compressed-tensors) generate what
-transformers generates from the dequantized weights with its projections' inputs rounded
-through FP8; TP=2 equals TP=1; `quantization="fp8"` on the default model; the refusals."""
+blocks in transformers' format, per-channel and per-tensor compressed-tensors) compute what
+transformers computes from the dequantized weights with its projections' inputs rounded
+through FP8; block-wise TP=2 equals TP=1; float weights quantized at load (tiny-llama under
+TP=2, the default model against float32); dummy FP8 weights; the refusals."""
 
 from __future__ import annotations
 
