@@ -18,6 +18,7 @@ from labkit.utils import check_field
 DTYPES = ("float32", "float", "bfloat16", "float16", "half")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "pt")
 EXECUTOR_BACKENDS = ("mp", "ray")
+QUANTIZATIONS = ("fp8",)
 
 
 def option(default, help: str, *, flags: tuple[str, ...] = (), choices: tuple | None = None):
@@ -68,6 +69,12 @@ class EngineConfig:
         "auto",
         "checkpoint format; 'dummy': random weights from config.json; 'pt': allow pickled *.bin",
         choices=LOAD_FORMATS,
+    )
+    quantization: str | None = option(
+        None,
+        "'fp8': float8 weights, per output channel, quantized at load (an FP8 checkpoint loads "
+        "as it is stored either way; default: what the checkpoint's quantization_config says)",
+        choices=QUANTIZATIONS,
     )
     max_model_len: int | None = option(
         None,
@@ -148,6 +155,12 @@ class EngineConfig:
             "load_format",
             self.load_format,
             f"one of {', '.join(LOAD_FORMATS)}",
+        )
+        check_field(
+            self.quantization is None or self.quantization in QUANTIZATIONS,
+            "quantization",
+            self.quantization,
+            f"None or one of {', '.join(map(repr, QUANTIZATIONS))}",
         )
         check_field(
             self.dtype == "auto" or self.dtype in DTYPES,

@@ -59,6 +59,17 @@ def tiny_ckpts(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def fp8_ckpts(tmp_path_factory) -> dict[str, Path]:
+    """{kind: dir} of the FP8 checkpoints tests/fp8_checkpoints.py writes ("block": 128x128
+    block-wise in transformers' format, "channel" and "tensor": compressed-tensors), each with
+    its dequantized float32 twin ("<kind>-dequant"), built once."""
+    from fp8_checkpoints import build_all
+
+    tokenizer_dir = _load_tiny_builder().smollm2_tokenizer_dir()
+    return build_all(tmp_path_factory.mktemp("fp8-ckpts"), tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
 def default_gguf() -> Path:
     from labkit.default_model import default_model_path
 

@@ -120,7 +120,7 @@ class ModelRunner:
         """Build the model with this engine's group, switches and workspace, and load it."""
         c = self.config
         torch.manual_seed(c.seed)
-        parts = ModelParts(self.tp, self.switches, self.gemv_workspace)
+        parts = ModelParts(self.tp, self.switches, self.gemv_workspace, c.quant_scheme)
         self.model = build_model(
             c.model_dir, c.model_config, c.dtype, self.device, c.load_format, parts, c.seed
         )

@@ -3,10 +3,10 @@
 `resolve(options)` looks at this machine (is there a GPU?) and at the checkpoint (finding it:
 a path, or a Hub repo id looked up in the local Hub cache and downloaded if missing; converting
 a GGUF file once), reads its config.json into labkit's own `ModelConfig`, checks the
-options that depend on the model (tensor-parallel size against the heads, max_model_len against
-the positions) and fills in the defaults that depend on the device. The user's EngineConfig is
-kept unchanged as `options`; the engine, the model runner of every rank, the benchmarks and the
-lab read this.
+options that depend on the model (tensor-parallel size against the heads and the FP8 scale
+blocks, max_model_len against the positions, `quantization` against the checkpoint's) and fills
+in the defaults that depend on the device. The user's EngineConfig is kept unchanged as
+`options`; the engine, the model runner of every rank, the benchmarks and the lab read this.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import torch
 
 from labkit.config import EngineConfig
 from labkit.default_model import default_model_path
+from labkit.layers.quantization.scheme import Fp8Scheme, fp8_scheme
 from labkit.models import hub
+from labkit.models.fp8_sharding import check_fp8_sharding
 from labkit.models.loader import resolve_model_dir
 from labkit.models.model_config import ModelConfig
 from labkit.models.registry import model_class
@@ -45,6 +47,9 @@ class ResolvedConfig:
     max_model_len: int
     max_num_batched_tokens: int
     async_scheduling: bool
+    # FP8 linear layers (the `quantization` option and the checkpoint's quantization_config
+    # settled into one scheme), None for float ones.
+    quant_scheme: Fp8Scheme | None
 
     def __getattr__(self, name: str):
         # Options that need no settling (block_size, max_num_seqs, ...) read through to the
@@ -94,6 +99,9 @@ def resolve(options: EngineConfig) -> ResolvedConfig:
             tp,
             f"a divisor of the experts' intermediate size ({mc.moe_intermediate_size})",
         )
+    quant = fp8_scheme(raw.get("quantization_config"), options.quantization)
+    if quant is not None:
+        check_fp8_sharding(mc, quant, tp)
     max_model_len = options.max_model_len or mc.max_position_embeddings
     check_field(
         max_model_len <= mc.max_position_embeddings,
@@ -117,6 +125,7 @@ def resolve(options: EngineConfig) -> ResolvedConfig:
         max_model_len,
         batched,
         async_scheduling,
+        quant,
     )
 
 

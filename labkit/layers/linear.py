@@ -10,7 +10,9 @@ so, cuBLAS otherwise; the engine's KernelSwitches say whether the kernel may be 
 (`LABKIT_GEMV=0` turns it off, to measure what it gives), and its GemvWorkspace holds the
 kernel's split-K partials.
 
-Every layer takes its engine's TPGroup, switches and workspace when it is built and keeps them.
+Every layer takes its engine's TPGroup, switches and workspace when it is built and keeps them,
+and its FP8 scheme if the engine quantizes (`quant`): the layer then hands its weights, their
+scales and its matmul to labkit.layers.quantization's Fp8LinearMethod.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from torch import nn
 
 from labkit.distributed import TPGroup, divide
 from labkit.layers.activation import SiluAndMul
+from labkit.layers.quantization.linear_method import Fp8LinearMethod
+from labkit.layers.quantization.scheme import Fp8Scheme
 from labkit.layers.switches import KernelSwitches
 
 if TYPE_CHECKING:  # the kernels import triton: only CUDA engines load them
@@ -77,30 +81,54 @@ class _ParallelLinear(nn.Module):
         tp: TPGroup,
         switches: KernelSwitches,
         workspace: GemvWorkspace | None,
+        quant: Fp8Scheme | None,
     ):
         super().__init__()
         self.tp, self.switches, self.workspace = tp, switches, workspace
         self.shard_dim = shard_dim
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.quant = None if quant is None else Fp8LinearMethod(quant)
+        if self.quant is None:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        else:
+            self.quant.create_weights(self, out_features, in_features)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        for p in self.parameters():
+            p.weight_loader = self.weight_loader
+
+    def _is_scale(self, param: nn.Parameter) -> bool:
+        return self.quant is not None and param is getattr(self, "weight_scale", None)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         dim = self.shard_dim
+        if self._is_scale(param):
+            rows = (0, self.weight.shape[0]) if dim == 0 else None
+            self.quant.load_scale(param, loaded, self.tp, rows, split_columns=dim == 1)
+            return
         if dim is not None and not (dim == 1 and param.dim() == 1):  # row-parallel bias is whole
             size = param.shape[dim]
             loaded = loaded.narrow(dim, self.tp.rank * size, size)
         param.data.copy_(loaded)
 
+    def _load_part(self, param: nn.Parameter, loaded: torch.Tensor, offset: int, size: int) -> None:
+        """Rows [offset, offset + size) of this rank's output, this rank's slice of one part
+        (q, k or v; gate or up) whose full checkpoint tensor (or scale) is `loaded`."""
+        if self._is_scale(param):
+            self.quant.load_scale(param, loaded, self.tp, (offset, size), split_columns=False)
+        else:
+            param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp.rank * size, size))
+
     def process_weights_after_loading(self) -> None:
         """On the CPU in float32, replace the weight by oneDNN's blocked layout of it (same shape,
         no dense copy kept). oneDNN's inner product reads it 1.2-1.6x faster than MKL's sgemm
         reads the dense one at a decode step's 1-32 rows, and as fast at a prefill's thousands
-        (PERF_NOTES.md, CPU). GPUs and other dtypes keep the dense weight."""
+        (PERF_NOTES.md, CPU). GPUs and other dtypes keep the dense weight; FP8 layers leave it
+        to their Fp8LinearMethod (float weights are quantized there)."""
+        if self.quant is not None:
+            self.quant.process_weights_after_loading(self)
+            return
         w = self.weight
         if (
             w.device.type == "cpu"
@@ -115,6 +143,8 @@ class _ParallelLinear(nn.Module):
     def _matmul(
         self, x: torch.Tensor, bias: torch.Tensor | None, act: SiluAndMul | None = None
     ) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant.apply(self, x if act is None else act(x), bias)
         return linear(x, self.weight, bias, act, switches=self.switches, workspace=self.workspace)
 
 
@@ -128,6 +158,7 @@ class ColumnParallelLinear(_ParallelLinear):
         tp: TPGroup,
         switches: KernelSwitches,
         workspace: GemvWorkspace | None,
+        quant: Fp8Scheme | None = None,
     ):
         super().__init__(
             in_features,
@@ -137,6 +168,7 @@ class ColumnParallelLinear(_ParallelLinear):
             tp,
             switches,
             workspace,
+            quant,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,17 +187,23 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         tp: TPGroup,
         switches: KernelSwitches,
         workspace: GemvWorkspace | None,
+        quant: Fp8Scheme | None = None,
     ):
         self.output_sizes = output_sizes
         super().__init__(
-            in_features, sum(output_sizes), bias, tp=tp, switches=switches, workspace=workspace
+            in_features,
+            sum(output_sizes),
+            bias,
+            tp=tp,
+            switches=switches,
+            workspace=workspace,
+            quant=quant,
         )
 
     def weight_loader(self, param, loaded, shard_id: int) -> None:
         n = self.tp.size
         offset = sum(self.output_sizes[:shard_id]) // n
-        size = self.output_sizes[shard_id] // n
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp.rank * size, size))
+        self._load_part(param, loaded, offset, self.output_sizes[shard_id] // n)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -182,6 +220,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         tp: TPGroup,
         switches: KernelSwitches,
         workspace: GemvWorkspace | None,
+        quant: Fp8Scheme | None = None,
     ):
         self.head_dim = head_dim
         self.num_heads = divide(num_heads, tp.size, "num_attention_heads")
@@ -193,12 +232,13 @@ class QKVParallelLinear(ColumnParallelLinear):
             tp=tp,
             switches=switches,
             workspace=workspace,
+            quant=quant,
         )
 
     def weight_loader(self, param, loaded, shard_id: str) -> None:
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp.rank * size, size))
+        self._load_part(param, loaded, offset, size)
 
 
 class RowParallelLinear(_ParallelLinear):
@@ -211,6 +251,7 @@ class RowParallelLinear(_ParallelLinear):
         tp: TPGroup,
         switches: KernelSwitches,
         workspace: GemvWorkspace | None,
+        quant: Fp8Scheme | None = None,
     ):
         super().__init__(
             divide(in_features, tp.size, "input features"),
@@ -220,6 +261,7 @@ class RowParallelLinear(_ParallelLinear):
             tp,
             switches,
             workspace,
+            quant,
         )
 
     def forward(self, x: torch.Tensor, act: SiluAndMul | None = None) -> torch.Tensor:

@@ -149,7 +149,10 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = self.model_cls(cfg, parts)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, **parts.linear_args())
+        # Float, as vLLM leaves it: FP8 checkpoints store the LM head unquantized.
+        self.lm_head = ParallelLMHead(
+            cfg.vocab_size, cfg.hidden_size, **parts.linear_args(quantized=False)
+        )
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -2,7 +2,8 @@
 
 Formats: an HF directory with safetensors (one file or sharded with the index), a GGUF file
 (converted once, see gguf_convert), `load_format="dummy"` (random weights from config.json alone),
-and pickled `*.bin` only when the user asks for it with `load_format="pt"`.
+and pickled `*.bin` only when the user asks for it with `load_format="pt"`. FP8 checkpoints' float8
+weights and their scales load as they are stored (labkit.layers.quantization says how).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from labkit.layers.quantization.fp8 import FP8, FP8_MAX
 from labkit.models.gguf_convert import convert_gguf
 from labkit.models.model_config import ModelConfig
 from labkit.models.model_parts import ModelParts
 from labkit.models.registry import model_class
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "pt")
+DUMMY_RANGE = 0.02  # random weights are uniform in [-0.02, 0.02]
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -78,13 +81,27 @@ def _copy_whole(param: nn.Parameter, loaded: torch.Tensor) -> None:
     param.data.copy_(loaded)
 
 
+def _fp8_tensor(name: str, param: nn.Parameter, tensor: torch.Tensor) -> torch.Tensor:
+    """An FP8 parameter takes only FP8 tensors: a float one means that the checkpoint left the
+    layer unquantized (`modules_to_not_convert`, `ignore`), which labkit does not support for
+    the projections it quantizes."""
+    if tensor.dtype != param.dtype:
+        raise ValueError(
+            f"checkpoint tensor {name!r} is {tensor.dtype}, but its layer holds {param.dtype} "
+            "weights, as the checkpoint's quantization_config says; labkit quantizes every "
+            "attention and MLP projection of an FP8 checkpoint and cannot leave one in float"
+        )
+    return tensor
+
+
 def load_weights(model: nn.Module, tensors) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules", {})
     # A model whose checkpoint names need more than `packed_modules` (experts numbered per
     # expert) maps them itself: name -> (parameter name, shard) or None.
     remap = getattr(model, "remap_weight_name", None)
-    for name, tensor in tensors:
+    for stored_name, tensor in tensors:
+        name = stored_name
         if "rotary_emb.inv_freq" in name:
             continue
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
@@ -98,10 +115,16 @@ def load_weights(model: nn.Module, tensors) -> None:
                 if f".{src}." in name:
                     name, shard = name.replace(f".{src}.", f".{dst}."), shard_id
                     break
+        # transformers' block-wise FP8 checkpoints call the scale `weight_scale_inv`; it is the
+        # factor that dequantizes (weight = q * scale), as compressed-tensors' `weight_scale`.
+        name = name.removesuffix("_inv") if name.endswith(".weight_scale_inv") else name
         param = params.get(name)
         if param is None:
             raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
-        loaded = tensor.to(param.dtype)
+        if param.dtype == FP8:
+            loaded = _fp8_tensor(stored_name, param, tensor)
+        else:
+            loaded = tensor.to(param.dtype)
         loader = getattr(param, "weight_loader", _copy_whole)
         if shard is None:
             loader(param, loaded)
@@ -116,9 +139,17 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     for name, p in model.named_parameters():
         if "norm" in name:
             p.data.fill_(1.0)
+        elif name.endswith("weight_scale"):  # FP8 weights: q in [-448, 448] times 0.02 / 448
+            p.data.fill_(DUMMY_RANGE / FP8_MAX)
         else:
             g = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
-            p.data.uniform_(-0.02, 0.02, generator=g)
+            if p.dtype == FP8:
+                draw = torch.empty(p.shape, device=p.device).uniform_(
+                    -FP8_MAX, FP8_MAX, generator=g
+                )
+                p.data.copy_(draw.to(FP8))
+            else:
+                p.data.uniform_(-DUMMY_RANGE, DUMMY_RANGE, generator=g)
 
 
 def build_model(

@@ -24,6 +24,7 @@ from labkit.engine.resolved_config import resolve
         ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
         ({"scheduling_policy": "lifo"}, "scheduling_policy"),
         ({"load_format": "onnx"}, "load_format"),
+        ({"quantization": "int8"}, "quantization"),
         ({"max_model_len": 0}, "max_model_len"),
         ({"num_kv_blocks": 0}, "num_kv_blocks"),
         ({"distributed_executor_backend": "mpi"}, "distributed_executor_backend"),

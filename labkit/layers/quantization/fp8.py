@@ -1,0 +1,90 @@
+"""FP8 numerics: float8_e4m3fn values times float32 scales, and the reference FP8 GEMM.
+
+A weight is stored as `q` [N, K] in float8_e4m3fn with scales either per output row ([N]) or per
+block of rows and columns ([ceil(N / bn), ceil(K / bk)]); its value is q * scale. Inputs are
+quantized on the fly with a scale per row ("token"), per row and group of columns ("group", the
+block-wise checkpoints' scheme, groups as wide as a weight block) or one for the whole input
+("tensor"), each scale being the amax of what it covers over 448, float8_e4m3fn's largest value.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+# An all-zero row gets this scale instead of 0, so that quantizing it divides by something.
+MIN_SCALE = 1e-12
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale rounded to float8_e4m3fn (scale broadcast against x), saturating at +-448."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def amax_scale(amax: torch.Tensor) -> torch.Tensor:
+    return (amax.float() / FP8_MAX).clamp(min=MIN_SCALE)
+
+
+def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8 weight, float32 scale [N]): one scale per output row, amax / 448 (vLLM's dynamic
+    FP8 with per-channel weights)."""
+    scale = amax_scale(w.abs().amax(dim=1))
+    return quantize(w, scale[:, None]), scale
+
+
+def expand_block_scale(
+    scale: torch.Tensor, block: tuple[int, int], shape: torch.Size
+) -> torch.Tensor:
+    """A block scale [ceil(N / bn), ceil(K / bk)] spread over the [N, K] elements it scales."""
+    bn, bk = block
+    full = scale.repeat_interleave(bn, dim=0).repeat_interleave(bk, dim=1)
+    return full[: shape[0], : shape[1]]
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """The weight's value q * scale in `dtype` (block None: scale is per output row)."""
+    s = scale[:, None] if block is None else expand_block_scale(scale, block, q.shape)
+    return (q.float() * s).to(dtype)
+
+
+def fake_quantize_activations(x: torch.Tensor, strategy: str, group: int | None) -> torch.Tensor:
+    """x rounded through float8_e4m3fn with dynamic scales (see the module's docstring) and back
+    to x's dtype: what an FP8 GEMM sees of its input."""
+    if strategy == "tensor":
+        scale = amax_scale(x.abs().amax())
+        return (quantize(x, scale).float() * scale).to(x.dtype)
+    if strategy == "token":
+        scale = amax_scale(x.abs().amax(dim=-1, keepdim=True))
+        return (quantize(x, scale).float() * scale).to(x.dtype)
+    k = x.shape[-1]
+    padded = F.pad(x, (0, -k % group))
+    groups = padded.view(*x.shape[:-1], -1, group)
+    scale = amax_scale(groups.abs().amax(dim=-1, keepdim=True))
+    out = (quantize(groups, scale).float() * scale).view(padded.shape)[..., :k]
+    return out.to(x.dtype)
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    *,
+    block: tuple[int, int] | None,
+    activations: str | None,
+    activation_group: int | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x @ dequantized(weight).T (+ bias), x first rounded through FP8 as `activations` says
+    (None: weight-only, x as it is): the numerics of an FP8 GEMM, computed by dequantizing.
+
+    This is the reference every FP8 kernel is checked against, and the path on every device
+    for now: on CUDA too it dequantizes (no speed gain; torch._scaled_mm or a Triton kernel is
+    to replace this function there)."""
+    w = dequantize(weight, weight_scale, block, x.dtype)
+    if activations is not None:
+        x = fake_quantize_activations(x, activations, activation_group)
+    return F.linear(x, w, bias)
