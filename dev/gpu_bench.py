@@ -109,7 +109,7 @@ def hf_baselines(workloads: set[str], config_dir: Path) -> dict:
     with torch.inference_mode():
         for w in sorted(workloads & set(DECODE_WORKLOADS)):
             ids = torch.randint(1000, 100000, (batch_of(w), 1024), device="cuda")
-            r = model(ids, use_cache=True)
+            r = model(ids, use_cache=True, logits_to_keep=1)  # not [B, 1024, vocab]
             past, nxt = r.past_key_values, r.logits[:, -1:].argmax(-1)
             times = []
             for _ in range(20):

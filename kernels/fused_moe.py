@@ -19,7 +19,7 @@ steps, the padding and the separate SiLU-and-mul kernel are gone.
 
 Launch configurations per card and shape come from configs/fused_moe_<card>.json (the decode
 matmul's mechanism, kernels/gemv.py): "E,N,K" -> {row-count bucket: config}; shapes no table
-covers get `default_config`. No table is committed yet: tuning needs the GPU.
+covers get `default_config`. dev/gpu_moe_tune.py writes a card's table.
 """
 
 from __future__ import annotations
@@ -330,14 +330,17 @@ def _table(device: torch.device) -> dict[str, dict[int, MoeConfig]]:
 
 
 def default_config(m: int) -> MoeConfig:
-    """Untuned shapes: per-slot reads up to 16 (token, slot) rows, where the experts are mostly
-    distinct; 16-row blocks for other decode-sized batches (little padding per expert), 64 for
-    prefills. tl.dot needs 16 or more in every tile dimension."""
-    if m <= 16:
-        return MoeConfig(block_m=1, block_n=32, block_k=128, group_m=1, per_slot=True)
-    if m <= 64:
-        return MoeConfig(block_m=16, block_n=64, block_k=64, group_m=1)
-    return MoeConfig(block_m=64, block_n=64, block_k=32, group_m=8)
+    """Shapes without a table entry: what tuning found fastest at Qwen3-30B-A3B's expert shape on
+    an H100 (configs/fused_moe_NVIDIA_H100_80GB_HBM3.json): per-slot reads up to 128 (token,
+    slot) rows, 16-row blocks up to 1024, 64-row blocks up to 4096, 128 beyond. tl.dot needs 16
+    or more in every tile dimension."""
+    if m <= 128:
+        return MoeConfig(1, 32, 256, 1, num_warps=2, num_stages=3, per_slot=True)
+    if m <= 1024:
+        return MoeConfig(16, 64, 128, 1, num_warps=4, num_stages=3)
+    if m <= 4096:
+        return MoeConfig(64, 64, 128, 8, num_warps=4, num_stages=3)
+    return MoeConfig(128, 128, 64, 8, num_warps=8, num_stages=3)
 
 
 def choose_config(m: int, e: int, n: int, k: int, device: torch.device) -> MoeConfig:

@@ -6,8 +6,8 @@ prompts of `input_len` tokens, each generating exactly `output_len` tokens, thro
 functions (labkit.bench.latency / throughput), so it measures exactly what `labkit bench` does.
 
 From the timed batches' engine steps:
-  ttft_s   from a batch's first step to the end of its last prefill step (every prompt has its
-           first token then: the batch arrives at once)
+  ttft_s   from a batch's first step until its last prefill step's tokens are in (every prompt
+           has its first token then: the batch arrives at once; see batch_times)
   tpot_s   the rest of the batch's steps per further token
 and from those the prefill and decode token rates, the peak KV-cache usage, and the roofline
 figures of labkit.lab.roofline. The hf backend has no step log: its TTFT is the time of the same
@@ -235,7 +235,7 @@ def _run_labkit(group: EngineGroup, llm, point: Point) -> tuple[dict, pd.DataFra
             f"found {len(bursts)}: was the engine busy with other requests?"
         )
     steps = pd.concat([s.assign(iteration=k - group.warmup) for k, s in enumerate(bursts)])
-    timed = [batch_times(s) for s in bursts[group.warmup :]]
+    timed = [batch_times(s, group.config.async_scheduling) for s in bursts[group.warmup :]]
     ttfts = [t[0] for t in timed]
     tpots = [(t[1] - t[0]) / (o - 1) if o > 1 else math.nan for t in timed]
     raw = {
@@ -319,12 +319,21 @@ def split_batches(steps: pd.DataFrame) -> list[pd.DataFrame]:
     return [steps.iloc[s:e] for s, e in zip(starts, ends)]
 
 
-def batch_times(steps: pd.DataFrame) -> tuple[float, float, float]:
-    """(seconds to the end of the last prefill step, seconds to the end of the last step, peak
-    fraction of KV blocks in use) of one batch's steps."""
+def batch_times(steps: pd.DataFrame, async_scheduling: bool) -> tuple[float, float, float]:
+    """(seconds until every prompt has its first token, seconds to the end of the last step, peak
+    fraction of KV blocks in use) of one batch's steps.
+
+    A step's record ends when its call returns. Without async scheduling that is after its
+    tokens are sampled; with it, the call returns once the step is launched and the previous
+    step's tokens are in, so a prefill's first tokens arrive at the end of the next record (the
+    prefill's device time shows there, not in its own record)."""
     start = steps.start_time.iloc[0]
     ends = steps.start_time + steps.total_ms / 1e3
-    prefill = steps.num_prefill_tokens.to_numpy() > 0
-    ttft = ends[prefill].iloc[-1] - start if prefill.any() else math.nan
+    prefill = np.flatnonzero(steps.num_prefill_tokens.to_numpy() > 0)
+    if len(prefill):
+        last = min(prefill[-1] + int(async_scheduling), len(steps) - 1)
+        ttft = ends.iloc[last] - start
+    else:
+        ttft = math.nan
     kv = (steps.kv_blocks_used / (steps.kv_blocks_used + steps.kv_blocks_free)).max()
     return float(ttft), float(ends.iloc[-1] - start), float(kv)

@@ -119,8 +119,11 @@ def test_batches_are_cut_where_the_engine_idles():
     )
     first, second = sweeps.split_batches(log)
     assert len(first) == 3 and len(second) == 2
-    assert sweeps.batch_times(first) == pytest.approx((0.1, 0.25, 0.25))
-    assert sweeps.batch_times(second) == pytest.approx((0.3, 0.35, 0.5))
+    assert sweeps.batch_times(first, False) == pytest.approx((0.1, 0.25, 0.25))
+    assert sweeps.batch_times(second, False) == pytest.approx((0.3, 0.35, 0.5))
+    # Async scheduling: a prefill's tokens come in during the next step's record.
+    assert sweeps.batch_times(first, True) == pytest.approx((0.15, 0.25, 0.25))
+    assert sweeps.batch_times(second, True) == pytest.approx((0.35, 0.35, 0.5))
 
 
 def test_floor_of_a_moe_model_counts_the_experts_a_step_reads():
