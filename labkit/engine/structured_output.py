@@ -255,7 +255,7 @@ def _parse(so: StructuredOutputsParams) -> None:
     """Parse the constraint without a tokenizer: raises on a bad schema, regex or grammar."""
     kind = so.kind
     if kind == "json":
-        xgr.Grammar.from_json_schema(so.spec, **_json_options(so))
+        _json_schema_grammar(so.spec, so)
     elif kind == "regex":
         xgr.Grammar.from_regex(so.regex)
     elif kind == "choice":
@@ -272,12 +272,12 @@ def _parse(so: StructuredOutputsParams) -> None:
 def _compile(compiler: xgr.GrammarCompiler, so: StructuredOutputsParams) -> xgr.CompiledGrammar:
     kind = so.kind
     if kind == "json":
-        return compiler.compile_json_schema(so.spec, **_json_options(so))
+        return compiler.compile_grammar(_json_schema_grammar(so.spec, so))
     if kind == "json_object":
         # Any object: a schema without strict mode (which would allow only {}), for the same
         # bound on whitespace as a schema's.
-        return compiler.compile_json_schema(
-            '{"type": "object"}', strict_mode=False, **_json_options(so)
+        return compiler.compile_grammar(
+            _json_schema_grammar('{"type": "object"}', so, strict_mode=False)
         )
     if kind == "regex":
         return compiler.compile_regex(so.regex)
@@ -288,6 +288,24 @@ def _compile(compiler: xgr.GrammarCompiler, so: StructuredOutputsParams) -> xgr.
             return compiler.compile_grammar(so.grammar)
         return compiler.compile_lark(so.grammar)
     return compiler.compile_structural_tag(*_structural_tag_args(so.structural_tag))
+
+
+# xgrammar (0.2.9 and earlier) lowers a string with minLength/maxLength to a bounded repetition
+# of this class, which lets in raw control characters (U+0000-U+001F but CR and LF): JSON forbids
+# them and strict parsers (Python's json.loads) reject the document (xgrammar issue #800). Its
+# plain strings use the class without them.
+_LENGTH_BOUNDED_STRING_CHAR = r"[^\"\\\r\n]"
+_JSON_STRING_CHAR = r"[^\0-\x1f\"\\]"
+
+
+def _json_schema_grammar(spec: str, so: StructuredOutputsParams, **options) -> xgr.Grammar:
+    """xgrammar's grammar of a JSON schema, its length-bounded strings without raw control
+    characters."""
+    grammar = xgr.Grammar.from_json_schema(spec, **_json_options(so), **options)
+    text = str(grammar)
+    if _LENGTH_BOUNDED_STRING_CHAR not in text:
+        return grammar
+    return xgr.Grammar.from_ebnf(text.replace(_LENGTH_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR))
 
 
 def _json_options(so: StructuredOutputsParams) -> dict:

@@ -25,7 +25,9 @@ QUIET = dict(disable_tqdm=True)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dataset, output_len", [("choice", 8), ("grammar", 24), ("regex", 24)])
+# The grammar's longest spelling is ~45 characters: at temperature 1 the model may spell it a
+# character a token, and a request cut off before it ends would count as incorrect.
+@pytest.mark.parametrize("dataset, output_len", [("choice", 8), ("grammar", 64), ("regex", 24)])
 def test_each_dataset_is_constrained_and_scored(default_llm, tmp_path, dataset, output_len):
     out = tmp_path / "g.json"
     r = guided.run(

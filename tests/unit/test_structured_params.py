@@ -92,3 +92,24 @@ def test_torch_bitmask_matches_xgrammars_kernel(rows):
 
 def test_mask_time_is_its_own_profile_category():
     assert PHASE_CATEGORY["structured"] == "structured output" in CATEGORIES
+
+
+@pytest.mark.parametrize("bound", [{}, {"maxLength": 8}, {"minLength": 1, "maxLength": 8}])
+def test_json_strings_refuse_raw_control_characters(bound):
+    """A string refuses a raw tab, as JSON requires, with or without a length bound (xgrammar's
+    own grammar for a length-bounded string lets one in); escapes and other text pass."""
+    from labkit.engine.structured_output import _compile
+
+    vocab = ['{"s":"', "a", "\t", "\\t", '"}', "</s>"]
+    info = xgr.TokenizerInfo(vocab, stop_token_ids=[5])
+    compiler = xgr.GrammarCompiler(info, max_threads=1)
+    schema = {"type": "object", "properties": {"s": {"type": "string", **bound}}, "required": ["s"]}
+    grammar = _compile(compiler, StructuredOutputsParams(json=schema))
+
+    def accepts(ids: list[int]) -> bool:
+        matcher = xgr.GrammarMatcher(grammar)
+        return all(matcher.accept_token(i) for i in ids)
+
+    assert accepts([0, 1, 1, 4]) and not accepts([0, 1, 2])
+    if "maxLength" not in bound:  # xgrammar's bounded strings take no escapes yet
+        assert accepts([0, 1, 3, 4])
