@@ -124,6 +124,8 @@ class ModelRunner:
         self.model = build_model(
             c.model_dir, c.model_config, c.dtype, self.device, c.load_format, parts, c.seed
         )
+        if c.quant_scheme is not None and self.tp.rank == 0:
+            log.info(c.quant_scheme.describe())
 
     def _init_attention_backend(self) -> None:
         """The one attention seam: Triton kernels on CUDA, the torch reference elsewhere."""

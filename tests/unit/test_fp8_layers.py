@@ -156,6 +156,16 @@ def test_schemes_read_from_the_checkpoints_configs():
     assert fp8_scheme(None, None) is None
 
 
+def test_the_start_up_log_says_what_the_scheme_is():
+    assert fp8_scheme(hf_fp8_config(), None).describe() == (
+        "FP8 weights as stored (fp8), a scale per 128x128 block, "
+        "inputs quantized per token and 128 columns"
+    )
+    assert fp8_scheme(None, "fp8").describe() == (
+        "FP8 weights quantized at load, a scale per output channel, inputs quantized per token"
+    )
+
+
 def _ct(weights: dict | None = None, activations: dict | None = None, **top) -> dict:
     qc = compressed_tensors_config("channel")
     group = qc["config_groups"]["group_0"]

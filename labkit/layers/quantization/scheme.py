@@ -40,6 +40,22 @@ class Fp8Scheme:
         """Whether the checkpoint stores FP8 weights (else they are quantized at load)."""
         return self.source is not None
 
+    def describe(self) -> str:
+        """One line for the start-up log: where the FP8 weights come from, what one weight
+        scale covers and how the inputs are quantized."""
+        origin = f"as stored ({self.source})" if self.serialized else "quantized at load"
+        if self.weights == "block":
+            cover = f"a scale per {self.block[0]}x{self.block[1]} block"
+        else:
+            cover = f"a scale per {'output channel' if self.weights == 'channel' else 'tensor'}"
+        inputs = {
+            None: "weight-only",
+            "token": "inputs quantized per token",
+            "tensor": "inputs quantized per tensor",
+            "group": f"inputs quantized per token and {self.activation_group} columns",
+        }[self.activations]
+        return f"FP8 weights {origin}, {cover}, {inputs}"
+
 
 def fp8_scheme(quantization_config: dict | None, requested: str | None) -> Fp8Scheme | None:
     """The scheme of a checkpoint whose config.json has `quantization_config` (None: none),
