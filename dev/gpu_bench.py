@@ -17,6 +17,7 @@ Prints a table last; writes gpu_bench.json (and the step logs) under --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -151,16 +152,41 @@ def phases(steps) -> dict:
     return out
 
 
+def sampling_modes() -> dict:
+    """The sampling a workload runs under, by name: greedy, and the truncations users set."""
+    from labkit import SamplingParams
+
+    kw = dict(ignore_eos=True)
+    return {
+        "greedy": SamplingParams(temperature=0, **kw),
+        "top_p": SamplingParams(temperature=0.8, top_p=0.95, **kw),
+        "top_k": SamplingParams(temperature=0.8, top_k=50, **kw),
+        "min_p": SamplingParams(temperature=1.0, min_p=0.1, **kw),
+    }
+
+
+def e2e_step(run, prompt: dict, sp, short: int = 64, long: int = 320) -> float:
+    """Seconds per decode step through `generate`: two runs of one request differing only in
+    their output length, the difference over the extra tokens (prefill and start-up cancel)."""
+    t = {}
+    for n in (short, long):
+        t[n] = min(run([prompt], dataclasses.replace(sp, max_tokens=n))[0] for _ in range(2))
+    return (t[long] - t[short]) / (long - short)
+
+
 def labkit_runs(workloads: set[str], spec: str, out_dir: Path, config_dir: Path) -> dict:
     """One engine configuration, `spec` as in --tp: the TP size, then "nccl" for every
     all-reduce through NCCL, "sync" for async scheduling off, "nopdl" for kernels launched
-    without programmatic dependent launch, "pdlwait" for PDL without the early trigger, and/or
-    "nogemv" for every matmul through cuBLAS (e.g. "2nccl", "1sync", "1nopdl", "1nogemv")."""
+    without programmatic dependent launch, "pdlwait" for PDL without the early trigger,
+    "nogemv" for every matmul through cuBLAS, and/or "torchsampler" for the sampler's torch path
+    (e.g. "2nccl", "1sync", "1nopdl", "1nogemv", "1torchsampler")."""
     from labkit import LLM, SamplingParams
 
     # Each engine reads these when it starts (its TP workers inherit them)
     os.environ["LABKIT_PDL"] = "0" if "nopdl" in spec else "wait" if "pdlwait" in spec else "1"
     os.environ["LABKIT_GEMV"] = "0" if "nogemv" in spec else "1"
+    os.environ["LABKIT_SAMPLER"] = "0" if "torchsampler" in spec else "1"
+    modes = sampling_modes()
     res = {}
     t0 = time.perf_counter()
     llm = LLM(
@@ -207,6 +233,9 @@ def labkit_runs(workloads: set[str], spec: str, out_dir: Path, config_dir: Path)
         res[f"{w}_s"] = float(dec.total_ms.iloc[5:].median()) / 1e3
         res[f"{w}_forward_s"] = float(dec.forward_ms.iloc[5:].median()) / 1e3
         res[f"{w}_phases"] = phases(steps.iloc[5:])
+        if w == "a":  # what a user sees: the step from two generate calls' difference
+            for mode, sp in modes.items():
+                res[f"a_e2e_{mode}_s"] = e2e_step(run, prompts(1, 1024)[0], sp)
         save()
     if "b" in workloads:
         res["b_s"], n0 = run(
@@ -224,12 +253,15 @@ def labkit_runs(workloads: set[str], spec: str, out_dir: Path, config_dir: Path)
             {"prompt_token_ids": torch.randint(1000, 100000, (n,), generator=g).tolist()}
             for n in lens_in
         ]
-        sps = [SamplingParams(temperature=1.0, max_tokens=m, ignore_eos=True) for m in lens_out]
-        res["c_s"], n0 = run(ps, sps)
         res["c_output_tokens"] = sum(lens_out)
         res["c_total_tokens"] = sum(lens_out) + sum(lens_in)
-        llm.step_log().iloc[n0:].to_csv(out_dir / f"steps_c_tp{tp}.csv", index=False)
-        res["c_phases"] = phases(llm.step_log().iloc[n0:])
+        for mode, sp in modes.items():  # the same requests under each sampling mode
+            sps = [dataclasses.replace(sp, max_tokens=m) for m in lens_out]
+            res[f"c_{mode}_s"], n0 = run(ps, sps)
+            llm.step_log().iloc[n0:].to_csv(out_dir / f"steps_c_{mode}_tp{tp}.csv", index=False)
+            res[f"c_{mode}_phases"] = phases(llm.step_log().iloc[n0:])
+            save()
+        res["c_s"] = res["c_greedy_s"]
     res["kv_blocks"] = llm.engine.stats().kv_blocks_total
     llm.shutdown()
     return res
@@ -393,15 +425,22 @@ def main() -> None:
                             fl[f"{w}_s"],
                         )
                     )
+            for mode in ("greedy", "top_p", "top_k", "min_p"):
+                if f"a_e2e_{mode}_s" in lk:  # through generate, beside the forward-only (a)
+                    rows.append((f"(a) e2e {mode}", lk[f"a_e2e_{mode}_s"], None, fl["a_s"]))
             if "c_s" in lk:
                 flops = 2 * num["matmul_params"] * lk["c_total_tokens"]  # active params
                 compute_floor_tok_s = lk["c_output_tokens"] / (
                     flops / result["ceilings"]["bf16_flops_per_s"]
                 )
-                tok_s = lk["c_output_tokens"] / lk["c_s"]
-                result[f"c_output_tok_s_tp{tp}"] = tok_s
-                result[f"c_fraction_of_compute_floor_tp{tp}"] = tok_s / compute_floor_tok_s
-                rows.append((f"(c) tp={tp} out tok/s", tok_s, None, compute_floor_tok_s))
+                for mode in ("greedy", "top_p", "top_k", "min_p"):
+                    tok_s = lk["c_output_tokens"] / lk[f"c_{mode}_s"]
+                    result[f"c_{mode}_output_tok_s_tp{tp}"] = tok_s
+                    result[f"c_{mode}_fraction_of_compute_floor_tp{tp}"] = (
+                        tok_s / compute_floor_tok_s
+                    )
+                    result[f"c_{mode}_vs_greedy_tp{tp}"] = lk["c_greedy_s"] / lk[f"c_{mode}_s"]
+                    rows.append((f"(c) {mode} out tok/s", tok_s, None, compute_floor_tok_s))
     (out_dir / "gpu_bench.json").write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps({k: v for k, v in result.items() if k != "errors"}, indent=1, default=str))
     print(f"\ncard: {result['card']}  ceilings: {result.get('ceilings')}")

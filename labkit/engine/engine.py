@@ -84,7 +84,7 @@ class LLMEngine:
         )
         eos = self.input_processor.eos_token_ids
         self.output_processor = OutputProcessor(tokenizer, eos, config.max_model_len)
-        self.sampler = Sampler(config.seed, eos, self.runner.device)
+        self.sampler = Sampler(config.seed, eos, self.runner.device, self.runner.switches)
         self.structured = StructuredOutputManager(
             tokenizer, config.model_config.vocab_size, eos, self.runner.device
         )

@@ -1,17 +1,25 @@
 """Logits -> next tokens, with vLLM's sampling semantics.
 
 Logprobs are those of the raw model distribution (vLLM's default `raw_logprobs`), before
-temperature and truncation. Each seeded request samples from its own generator, so its text does
-not depend on what else is in the batch.
+temperature and truncation. A seeded request's draws depend on its seed and position only, so
+its text does not depend on what else is in the batch.
+
+Two paths draw the same distributions: on CUDA one kernel for the batch (labkit.kernels.sampling:
+no sort of the vocabulary, no host sync; Philox draws from a per-row seed), elsewhere torch ops
+(a sort for top-k/top-p/min-p, exponential races from torch generators), which are the kernel's
+reference. The two give different draws for the same seed.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass
 
 import torch
 
 from labkit.engine.request import Request
+from labkit.layers.switches import KernelSwitches
 from labkit.transfer import to_device
 
 
@@ -89,60 +97,107 @@ def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
 class Sampler:
     """Runs where the logits are (the GPU on CUDA). Nothing in it waits for the GPU: its
     launches queue up behind the forward pass, and the chosen ids and logprobs (and any requested
-    top-k and ranks) come back through a `PendingSample`."""
+    top-k and ranks) come back through a `PendingSample`. With `switches.use_sampling_kernel`
+    it draws with labkit.kernels.sampling (CUDA, or the Triton interpreter), else with torch."""
 
-    def __init__(self, seed: int, eos_token_ids: set[int], device: torch.device):
+    def __init__(
+        self,
+        seed: int,
+        eos_token_ids: set[int],
+        device: torch.device,
+        switches: KernelSwitches | None = None,
+    ):
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.row_seeds = random.Random(seed)  # the kernel's unseeded rows
         self.eos_token_ids = eos_token_ids
+        self.use_kernel = switches is not None and switches.use_sampling_kernel
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> PendingSample:
-        logits = logits.float()
-        dev = logits.device
-        # Logprobs are of the raw logits (before the processing below): keep them, with each
-        # row's normaliser; the full log-softmax only where top-k logprobs or ranks are asked.
-        raw, lse = logits, logits.logsumexp(-1)
-        if any(self._needs_processing(r) for r in reqs):
-            logits = self.process(logits.clone(), reqs)
-        sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
-        if not sampled:
-            chosen = logits.argmax(-1)
+        # Logprobs are of the raw logits (before the processing below); the full log-softmax
+        # only where top-k logprobs or ranks are asked.
+        raw = logits if self.use_kernel else logits.float()
+        processed = any(self._needs_processing(r) for r in reqs)
+        rows = self.process(logits.to(torch.float32, copy=True), reqs) if processed else raw
+        if self.use_kernel:
+            chosen, lse = self._draw_kernel(rows, reqs)
+            if processed:  # the kernel's normaliser is of what it read
+                lse = raw.float().logsumexp(-1)
         else:
-            p = [reqs[i].params for i in sampled]
-            every = len(sampled) == len(reqs)
-            idx = None if every else to_device(sampled, torch.long, dev)
-            rows = logits if every else logits[idx]
-            rows = rows / to_device([x.temperature for x in p], torch.float32, dev)[:, None]
-            if any(x.top_k > 0 or x.top_p < 1 or x.min_p > 0 for x in p):
-                rows = apply_top_k_top_p_min_p(
-                    rows,
-                    to_device([x.top_k for x in p], torch.long, dev),
-                    to_device([x.top_p for x in p], torch.float32, dev),
-                    to_device([x.min_p for x in p], torch.float32, dev),
-                )
-            probs = rows.softmax(-1)
-            # Gumbel-style race: argmax(p / E) with E ~ Exp(1) samples from p. Unseeded rows
-            # draw together from the engine's generator; seeded rows from their own.
-            noise = torch.empty_like(probs).exponential_(generator=self.generator)
-            for j, i in enumerate(sampled):
-                if reqs[i].generator is not None:
-                    noise[j].exponential_(generator=reqs[i].generator)
-            picks = (probs / noise).argmax(-1)
-            if every:
-                chosen = picks
-            else:
-                chosen = logits.argmax(-1)
-                chosen[idx] = picks
-        token_lp = raw.gather(-1, chosen[:, None])[:, 0] - lse
+            chosen, lse = self._draw_torch(rows, reqs), raw.logsumexp(-1)
+        token_lp = raw.gather(-1, chosen[:, None])[:, 0].float() - lse
         want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
         counts = [reqs[i].params.logprobs for i in want]
         ranks = top_v = top_i = None
         if want:
-            w = to_device(want, torch.long, dev)
-            logprobs = raw[w] - lse[w, None]
+            w = to_device(want, torch.long, raw.device)
+            logprobs = raw[w].float() - lse[w, None]
             ranks = (logprobs > token_lp[w, None]).sum(-1) + 1
             if max(counts):
                 top_v, top_i = logprobs.topk(max(counts))
         return PendingSample(chosen, token_lp, ranks, top_v, top_i, want, counts)
+
+    def _draw_kernel(
+        self, logits: torch.Tensor, reqs: list[Request]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One launch for the batch; top-k's threshold (the k-th largest logit) from a topk of
+        the rows that ask for it, which selects without sorting the vocabulary."""
+        from labkit.kernels.sampling import sample
+
+        dev, vocab = logits.device, logits.shape[-1]
+        ps = [r.params for r in reqs]
+        floats = to_device(
+            [[p.temperature for p in ps], [p.top_p for p in ps], [p.min_p for p in ps]],
+            torch.float32,
+            dev,
+        )
+        seeds = to_device([self._row_seed(r) for r in reqs], torch.int64, dev)
+        kth = torch.full((len(reqs),), -math.inf, device=dev)
+        ks = [min(p.top_k, vocab) if p.top_k > 0 and not p.greedy else 0 for p in ps]
+        if any(ks):
+            with_k = [i for i, k in enumerate(ks) if k]
+            idx = to_device(with_k, torch.long, dev)
+            top = logits[idx].topk(max(ks), dim=-1).values
+            pos = to_device([ks[i] - 1 for i in with_k], torch.long, dev)
+            kth[idx] = top.gather(-1, pos[:, None])[:, 0].float()
+        return sample(logits, floats[0], kth, floats[1], floats[2], seeds)
+
+    def _row_seed(self, r: Request) -> int:
+        """A seeded sequence's draw depends on its seed (+ its index among `n`) and its
+        position, nothing else; other rows take the engine's stream."""
+        if r.params.seed is None:
+            return self.row_seeds.getrandbits(63)
+        return _mix64(_mix64(r.params.seed + r.index) ^ r.num_output_tokens)
+
+    def _draw_torch(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
+        if not sampled:
+            return logits.argmax(-1)
+        dev = logits.device
+        p = [reqs[i].params for i in sampled]
+        every = len(sampled) == len(reqs)
+        idx = None if every else to_device(sampled, torch.long, dev)
+        rows = logits if every else logits[idx]
+        rows = rows / to_device([x.temperature for x in p], torch.float32, dev)[:, None]
+        if any(x.top_k > 0 or x.top_p < 1 or x.min_p > 0 for x in p):
+            rows = apply_top_k_top_p_min_p(
+                rows,
+                to_device([x.top_k for x in p], torch.long, dev),
+                to_device([x.top_p for x in p], torch.float32, dev),
+                to_device([x.min_p for x in p], torch.float32, dev),
+            )
+        probs = rows.softmax(-1)
+        # Gumbel-style race: argmax(p / E) with E ~ Exp(1) samples from p. Unseeded rows
+        # draw together from the engine's generator; seeded rows from their own.
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for j, i in enumerate(sampled):
+            if reqs[i].generator is not None:
+                noise[j].exponential_(generator=reqs[i].generator)
+        picks = (probs / noise).argmax(-1)
+        if every:
+            return picks
+        chosen = logits.argmax(-1)
+        chosen[idx] = picks
+        return chosen
 
     def _needs_processing(self, r: Request) -> bool:
         p = r.params
@@ -208,3 +263,11 @@ def apply_penalties(
             seen[to_device(prompt_ids, torch.long, dev)] = True
         row[seen] = torch.where(row[seen] > 0, row[seen] / repetition, row[seen] * repetition)
     row -= frequency * out_counts + presence * (out_counts > 0)
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser, to 63 bits: nearby seeds and positions give unrelated streams."""
+    x = (x + 0x9E3779B97F4A7C15) & (2**64 - 1)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (x ^ (x >> 31)) >> 1

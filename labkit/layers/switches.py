@@ -19,12 +19,15 @@ class KernelSwitches:
     """use_gemv: decode matmuls may go through labkit.kernels.gemv (`LABKIT_GEMV=0`: cuBLAS
     only). pdl: the programmatic-dependent-launch mode of every labkit kernel launch
     (labkit.kernels.pdl; 0: off). use_fused_moe: MoE layers run their experts in
-    labkit.kernels.fused_moe (`LABKIT_FUSED_MOE=0`: a torch loop over the experts). The defaults
+    labkit.kernels.fused_moe (`LABKIT_FUSED_MOE=0`: a torch loop over the experts).
+    use_sampling_kernel: the sampler draws with labkit.kernels.sampling (`LABKIT_SAMPLER=0`:
+    torch ops, with a sort for top-k/top-p/min-p). The defaults
     are everything off (plain torch / plain launches), for layers built outside an engine."""
 
     use_gemv: bool = False
     pdl: int = 0
     use_fused_moe: bool = False
+    use_sampling_kernel: bool = False
 
     @classmethod
     def from_env(cls, device: torch.device, env: Mapping[str, str] = os.environ) -> KernelSwitches:
@@ -37,4 +40,5 @@ class KernelSwitches:
             use_gemv=env.get("LABKIT_GEMV", "1") != "0",
             pdl=pdl_mode(env.get("LABKIT_PDL", "1"), device),
             use_fused_moe=env.get("LABKIT_FUSED_MOE", "1") != "0",
+            use_sampling_kernel=env.get("LABKIT_SAMPLER", "1") != "0",
         )

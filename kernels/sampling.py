@@ -1,0 +1,176 @@
+"""Next tokens from a batch of logits in one launch, without sorting the vocabulary.
+
+A sort of every row (the textbook way to apply top-p) costs milliseconds a step at a 152k
+vocabulary and a few hundred rows; this kernel reads each row two or three times instead. One
+program per row:
+
+1. One pass: the row's max `m`, its normaliser (the raw log-sum-exp, for logprobs), the mass
+   `z_k` of what top-k keeps (top-k arrives as a threshold: the k-th largest logit), and for a
+   greedy row (temperature 0) the argmax (the lowest index among equal maxima).
+2. Sampled rows draw by inverse CDF: one uniform per draw from Philox (the row's seed, the draw's
+   number), the cumulative mass walked in vocabulary order until it passes u times the
+   proposal's mass (the walk stops there).
+3. Top-p and min-p by rejection: a candidate is kept if the mass strictly above it is under
+   top_p times `z_k` (top-p over the top-k distribution, as vLLM applies them) and its
+   probability is at least min_p times the top one. A rejected candidate's logit becomes the
+   next proposal's floor: every token the filters keep lies above it, and the proposal, the
+   distribution cut below that floor, still holds them all in their ratios, so the accepted draw
+   follows the filtered distribution exactly. Most draws are kept at once; each rejection halves
+   the proposal on average.
+
+Ties: the threshold tests keep or cut equal logits together, where a sort keeps some of them.
+The torch version, the CPU's path and this kernel's reference, is labkit.engine.sampler
+(apply_top_k_top_p_min_p, then a draw from the softmax).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Far more than a real distribution needs (each rejection halves the proposal on average); a
+# row that runs out keeps its last candidate, drawn from a superset of what the filters keep.
+MAX_DRAWS = 64
+
+
+@triton.jit
+def _cdf_walk(row, V, m, inv_t, floor, lower, target, BLOCK: tl.constexpr):
+    """The first token (in index order) of the proposal {l > floor, l >= lower} at which the
+    cumulative mass exp((l - m) / T) reaches `target`; the proposal's last token if rounding
+    leaves its total short."""
+    offs = tl.arange(0, BLOCK)
+    acc = 0.0
+    found = V
+    last = 0
+    start = 0
+    while (start < V) & (found == V):
+        idx = start + offs
+        lg = tl.load(row + idx, mask=idx < V, other=-float("inf")).to(tl.float32)
+        keep = (lg > floor) & (lg >= lower)
+        p = tl.where(keep, tl.exp((lg - m) * inv_t), 0.0)
+        c = tl.cumsum(p, 0) + acc
+        found = tl.min(tl.where(keep & (c >= target), idx, V), 0)
+        last = tl.maximum(last, tl.max(tl.where(keep, idx, 0), 0))
+        acc += tl.sum(p, 0)
+        start += BLOCK
+    return tl.where(found < V, found, last)
+
+
+@triton.jit
+def _sample_kernel(
+    logits,
+    stride,
+    V,
+    temperature,
+    kth_logit,
+    top_p,
+    min_p,
+    seeds,
+    out_ids,
+    out_lse,
+    BLOCK: tl.constexpr,
+    MAX_DRAWS: tl.constexpr,
+):
+    r = tl.program_id(0)
+    row = logits + r.to(tl.int64) * stride
+    t = tl.load(temperature + r)
+    kth = tl.load(kth_logit + r)
+    greedy = t == 0
+    inv_t = tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, t))
+    offs = tl.arange(0, BLOCK)
+    m = -float("inf")
+    z = 0.0  # sum exp(l - m): the raw normaliser
+    z_k = 0.0  # sum over l >= kth of exp((l - m) / T)
+    best = -float("inf")
+    best_i = 0
+    for start in range(0, V, BLOCK):
+        idx = start + offs
+        lg = tl.load(row + idx, mask=idx < V, other=-float("inf")).to(tl.float32)
+        bm = tl.max(lg, 0)
+        new_m = tl.maximum(m, bm)
+        safe = tl.where(new_m == -float("inf"), 0.0, new_m)  # a block of -inf (masked) only
+        z = z * tl.exp(m - safe) + tl.sum(tl.exp(lg - safe), 0)
+        z_k = z_k * tl.exp((m - safe) * inv_t)
+        z_k += tl.sum(tl.where(lg >= kth, tl.exp((lg - safe) * inv_t), 0.0), 0)
+        m = new_m
+        if bm > best:  # strictly: the first block with the max keeps it
+            best = bm
+            best_i = start + tl.argmax(lg, 0)
+    tl.store(out_lse + r, m + tl.log(z))
+    if greedy:
+        tl.store(out_ids + r, best_i.to(tl.int64))
+    else:
+        p_top = tl.load(top_p + r)
+        # p >= min_p * p_max  <=>  (l - m) / T >= log(min_p)
+        mp = tl.load(min_p + r)
+        min_logit = tl.where(mp > 0, m + t * tl.log(tl.maximum(mp, 1e-30)), -float("inf"))
+        seed = tl.load(seeds + r)
+        floor = -float("inf")  # the proposal: l > floor and l >= lower
+        lower = kth
+        mass = z_k  # the proposal's
+        draw = 0
+        done = 0
+        cand = 0
+        while (done == 0) & (draw < MAX_DRAWS):
+            u = tl.rand(seed, draw)
+            cand = _cdf_walk(row, V, m, inv_t, floor, lower, u * mass, BLOCK)
+            lc = tl.load(row + cand).to(tl.float32)
+            if (p_top >= 1.0) & (lc >= min_logit):
+                done = 1
+            else:
+                # The mass above the candidate within top-k (for top-p), and the part of it
+                # that min-p keeps (the next proposal's, should this candidate be rejected)
+                above = 0.0
+                above_min = 0.0
+                for start in range(0, V, BLOCK):
+                    idx = start + offs
+                    lg = tl.load(row + idx, mask=idx < V, other=-float("inf")).to(tl.float32)
+                    p = tl.where((lg > lc) & (lg >= kth), tl.exp((lg - m) * inv_t), 0.0)
+                    above += tl.sum(p, 0)
+                    above_min += tl.sum(tl.where(lg >= min_logit, p, 0.0), 0)
+                if (above < p_top * z_k) & (lc >= min_logit):
+                    done = 1
+                else:
+                    floor = lc
+                    lower = tl.maximum(kth, min_logit)
+                    mass = above_min
+            draw += 1
+        tl.store(out_ids + r, cand.to(tl.int64))
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    kth_logit: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    seeds: torch.Tensor,
+    block: int = 8192,
+    num_warps: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids [B] int64, raw log-sum-exp [B] float32) for logits [B, V] (any float dtype,
+    unit stride along V). Per row: temperature (0: greedy), kth_logit (the k-th largest logit
+    for top-k, -inf for none), top_p (1: none), min_p (0: none), seeds (int64, Philox).
+    `block`: vocabulary entries a program reads at a time (a power of two); a row is one
+    program's, so at small batches only wide reads keep enough bytes in flight."""
+    b, v = logits.shape
+    ids = torch.empty(b, dtype=torch.int64, device=logits.device)
+    lse = torch.empty(b, dtype=torch.float32, device=logits.device)
+    if b:
+        _sample_kernel[(b,)](
+            logits,
+            logits.stride(0),
+            v,
+            temperature,
+            kth_logit,
+            top_p,
+            min_p,
+            seeds,
+            ids,
+            lse,
+            BLOCK=block,
+            MAX_DRAWS=MAX_DRAWS,
+            num_warps=min(num_warps, max(1, block // 256)),
+        )
+    return ids, lse
