@@ -209,12 +209,14 @@ def test_moe_align_block_size():
 
 
 # (tokens, experts, top-k, hidden, intermediate, config): a decode-sized batch with the default
-# config (per slot; experts without tokens), per slot with partial K tiles, a small batch in
-# 16-row blocks, a batch over several row blocks per expert with odd feature counts (partial N
-# and K tiles) and grouped ordering, top-3.
+# config (per slot; experts without tokens), per slot with partial K tiles, per slot at top-3
+# (a padding slot in the down read's sum) with partial N and K tiles, a small batch in 16-row
+# blocks, a batch over several row blocks per expert with odd feature counts (partial N and K
+# tiles) and grouped ordering, top-3.
 MOE_CASES = [
     (5, 4, 2, 32, 16, None),
     (3, 8, 2, 48, 40, MoeConfig(1, 16, 32, per_slot=True)),
+    (4, 8, 3, 50, 24, MoeConfig(1, 16, 16, per_slot=True)),
     (9, 4, 2, 32, 16, MoeConfig(16, 64, 64, group_m=1)),
     (37, 8, 2, 48, 40, MoeConfig(16, 32, 16, group_m=4)),
     (70, 4, 3, 32, 24, MoeConfig(32, 16, 32)),
