@@ -46,7 +46,7 @@ CONFIG_DIR = Path(__file__).with_name("configs")
 @dataclass(frozen=True)
 class MoeConfig:
     block_m: int  # (token, slot) rows per tile; the expert runs are padded to it
-    block_n: int  # output features per tile
+    block_n: int  # weight rows per tile (per slot: shared by its parts, `_slot_gemv`)
     block_k: int  # input features per step
     group_m: int = 8  # row blocks visited together (L2 reuse of the weight tiles)
     num_warps: int = 4
