@@ -1,7 +1,8 @@
 """Where a decode step's GPU time goes, kernel by kernel (torch.profiler with CUDA activity;
-kernels replayed from CUDA graphs are traced one by one). Qwen2.5-7B shape, dummy weights, bf16.
+kernels replayed from CUDA graphs are traced one by one). Dummy weights, bf16; the Qwen2.5-7B
+shape unless --config names another shape's config directory (data/configs/Qwen3-30B-A3B).
 
-  python dev/gpu_profile.py --batch 8 --context 1024 --tp 1 --out DIR
+  python dev/gpu_profile.py --batch 8 --context 1024 --tp 1 --out DIR [--config DIR]
 
 Prints the kernels by total GPU time over the profiled steps (per step: count and
 microseconds), the GPU-busy time per step against the wall time per step, and writes the table
@@ -26,11 +27,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--out", default=".")
+    ap.add_argument("--config", default=str(REPO / "data/configs/Qwen2.5-7B-Instruct"))
     args = ap.parse_args()
     from labkit import LLM, SamplingParams
 
     llm = LLM(
-        str(REPO / "data/configs/Qwen2.5-7B-Instruct"),
+        args.config,
         load_format="dummy",
         dtype="bfloat16",
         tensor_parallel_size=args.tp,

@@ -1,11 +1,14 @@
 """Mixture-of-experts feed-forward in two grouped GEMMs: out[t] = sum_k w[t, k] *
 down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, k], for all tokens and experts at once.
 
-Decode-sized batches (a configuration with `per_slot`) skip the sorting: `_slot_gemv_kernel` runs
-one program per (token, slot) and column block, a read of that slot's expert like the decode
-matmul's (kernels/gemv.py), the SiLU-and-mul folded into the down projection's input. At a few
-tokens the slots' experts are mostly distinct, so nothing is read twice, and the three sorting
-steps, the padding and the separate SiLU-and-mul kernel are gone.
+Decode-sized batches (a configuration with `per_slot`) skip the sorting: `_slot_gemv_kernel` is a
+read of each slot's expert like the decode matmul's (kernels/gemv.py), two launches in all. For
+gate/up one program per (token, slot) and column block, over the block's gate and up rows, with
+the SiLU-and-mul in its epilogue; for down one per token and column block, over all the token's
+slots, with the routing weights and the sum over the slots in its epilogue (in registers, in
+slot order: deterministic). At a few tokens the slots' experts are mostly distinct, so nothing
+is read twice, and the three sorting steps, the padding, the SiLU-and-mul kernel and the slot
+sum are gone.
 
 1. `moe_align_block_size` (torch, no host sync): the T * k (token, slot) pairs sorted by expert,
    each expert's run padded to a multiple of BLOCK_M with a pad id (T * k), and the expert of
@@ -34,7 +37,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .gemv import _x_tile
 from .pdl import pdl_launch_args, pdl_wait
 from .silu_and_mul import silu_and_mul
 
@@ -44,7 +46,7 @@ CONFIG_DIR = Path(__file__).with_name("configs")
 @dataclass(frozen=True)
 class MoeConfig:
     block_m: int  # (token, slot) rows per tile; the expert runs are padded to it
-    block_n: int  # output features per tile
+    block_n: int  # weight rows per tile (per slot: shared by its parts, `_slot_gemv`)
     block_k: int  # input features per step
     group_m: int = 8  # row blocks visited together (L2 reuse of the weight tiles)
     num_warps: int = 4
@@ -154,55 +156,91 @@ def _slot_gemv_kernel(
     stride_wn,
     stride_cm,
     TOP_K: tl.constexpr,
-    A_PER_SLOT: tl.constexpr,
-    GATED: tl.constexpr,
-    MUL_WEIGHT: tl.constexpr,
+    SUM_SLOTS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """c[s, n-block] = a_in(s) @ w[e].T (* topk_weights[s]) for slot s = program_id(0), e its
-    expert; a_in(s) = a[s // TOP_K] (a holds tokens) or a[s] (A_PER_SLOT), and with GATED a is
-    [gate | up] of width 2K and the input is silu(gate) * up."""
+    """One read of the routed experts' weights, a [BLOCK_S, BLOCK_N, BLOCK_K] tile per step, each
+    of the BLOCK_S parts with its own expert, weight rows and input row:
+    - gate/up (not SUM_SLOTS): program (slot s, column block); part 0 the gate rows n of s's
+      expert in w [E, 2N, K], part 1 its up rows N + n, both times a[s // TOP_K]; stores
+      silu(gate) * up into c [T * k, N].
+    - down (SUM_SLOTS): program (token t, column block); part j the rows n of the expert of slot
+      s = t * TOP_K + j in w [E, N, K] times a[s]; stores sum_j topk_weights[s] * part_j into
+      c [T, N], summed in registers in slot order (deterministic). Parts past TOP_K (BLOCK_S is
+      a power of two) read no weights and add zeros."""
     pdl_wait(USE_PDL)  # the expert ids come from the router, the kernel before
-    s = tl.program_id(0)
+    g = tl.program_id(0)
+    part = tl.arange(0, BLOCK_S)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
     cols = tl.arange(0, BLOCK_K)
-    expert = tl.load(topk_ids + s).to(tl.int64)
-    row = s if A_PER_SLOT else s // TOP_K
-    w_ptr = w + expert * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn + cols[None, :]
+    if SUM_SLOTS:
+        part_ok = part < TOP_K
+        slot = g * TOP_K + tl.where(part_ok, part, 0)  # padding parts alias the first
+        row = slot
+        w_rows = offs_n[None, :] + part[:, None] * 0
+    else:
+        part_ok = part < 2
+        slot = g + part * 0
+        row = slot // TOP_K
+        w_rows = part[:, None] * N + offs_n[None, :]
+    expert = tl.load(topk_ids + slot).to(tl.int64)
+    w_ptr = (
+        w
+        + expert[:, None, None] * stride_we
+        + w_rows.to(tl.int64)[:, :, None] * stride_wn
+        + cols[None, None, :]
+    )
+    w_ok = part_ok[:, None, None] & (offs_n < N)[None, :, None]
+    row = row[:, None, None]
     # One float32 accumulator per weight element a thread holds, reduced once at the end.
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    acc = tl.zeros([BLOCK_S, BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        xv = _x_tile(a, row, k0 + cols, row + 1, K, stride_am, GATED)
-        wt = tl.load(w_ptr + k0, mask=n_ok[:, None] & (k0 + cols < K)[None, :], other=0.0)
-        acc += wt.to(tl.float32) * xv[None, :]
-    out = tl.sum(acc, axis=1)
-    if MUL_WEIGHT:
-        out *= tl.load(topk_weights + s).to(tl.float32)
-    tl.store(c + s * stride_cm + offs_n, out.to(c.dtype.element_ty), mask=n_ok)
+        kk = (k0 + cols)[None, None, :]
+        xv = tl.load(a + row * stride_am + kk, mask=kk < K, other=0.0).to(tl.float32)
+        wt = tl.load(w_ptr + k0, mask=w_ok & (kk < K), other=0.0)
+        acc += wt.to(tl.float32) * xv
+    out = tl.sum(acc, axis=2)
+    if SUM_SLOTS:
+        out *= tl.load(topk_weights + slot).to(tl.float32)[:, None]
+        y = tl.sum(out, axis=0)
+    else:
+        # gate and up rounded to c's dtype first, as the grouped path stores them
+        gate = tl.sum(tl.where(part[:, None] == 0, out, 0.0), axis=0)
+        gate = gate.to(c.dtype.element_ty).to(tl.float32)
+        up = tl.sum(tl.where(part[:, None] == 1, out, 0.0), axis=0)
+        up = up.to(c.dtype.element_ty).to(tl.float32)
+        y = gate * tl.sigmoid(gate) * up
+    tl.store(c + g * stride_cm + offs_n, y.to(c.dtype.element_ty), mask=offs_n < N)
 
 
-def _slot_gemv(a, w, c, ids, topk_weights, top_k, a_per_slot, gated, cfg, pdl) -> None:
-    n, k = w.shape[1], w.shape[2]
-    _slot_gemv_kernel[(c.shape[0], triton.cdiv(n, cfg.block_n))](
+def _slot_gemv(a, w, c, ids, topk_weights, top_k: int, cfg: MoeConfig, pdl: int) -> None:
+    """gate/up (topk_weights None): c [T * k, I] = silu(gate) * up of each slot; down: c [T, H],
+    each token's weighted sum over its slots."""
+    summed = topk_weights is not None
+    n = w.shape[1] if summed else w.shape[1] // 2
+    block_s = triton.next_power_of_2(top_k) if summed else 2
+    # The configuration's tile spread over the parts: as many weight bytes in flight per
+    # program, and as many programs, as one part a program would have.
+    block_n = max(1, cfg.block_n // block_s)
+    _slot_gemv_kernel[(c.shape[0], triton.cdiv(n, block_n))](
         a,
         w,
         c,
         ids,
-        topk_weights if topk_weights is not None else a,
+        topk_weights if summed else a,
         n,
-        k,
+        w.shape[2],
         a.stride(0),
         w.stride(0),
         w.stride(1),
         c.stride(0),
         TOP_K=top_k,
-        A_PER_SLOT=a_per_slot,
-        GATED=gated,
-        MUL_WEIGHT=topk_weights is not None,
-        BLOCK_N=cfg.block_n,
+        SUM_SLOTS=summed,
+        BLOCK_S=block_s,
+        BLOCK_N=block_n,
         BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -274,14 +312,16 @@ def fused_moe(
     if t == 0:
         return torch.zeros_like(x)
     cfg = config or choose_config(t * top_k, e, two_i, h, x.device)
-    gate_up = torch.empty((t * top_k, two_i), dtype=x.dtype, device=x.device)
-    down = torch.empty((t * top_k, h), dtype=x.dtype, device=x.device)
     weights = topk_weights.to(x.dtype).flatten()
     if cfg.per_slot:
         ids = topk_ids.flatten()
-        _slot_gemv(x, w13, gate_up, ids, None, top_k, False, False, cfg, pdl)
-        _slot_gemv(gate_up, w2, down, ids, weights, top_k, True, True, cfg, pdl)
-        return down.view(t, top_k, h).sum(dim=1)
+        inter = torch.empty((t * top_k, two_i // 2), dtype=x.dtype, device=x.device)
+        out = torch.empty((t, h), dtype=x.dtype, device=x.device)
+        _slot_gemv(x, w13, inter, ids, None, top_k, cfg, pdl)
+        _slot_gemv(inter, w2, out, ids, weights, top_k, cfg, pdl)
+        return out
+    gate_up = torch.empty((t * top_k, two_i), dtype=x.dtype, device=x.device)
+    down = torch.empty((t * top_k, h), dtype=x.dtype, device=x.device)
     align = moe_align_block_size(topk_ids, cfg.block_m, e)
     _grouped_gemm(x, w13, gate_up, align, None, top_k, False, cfg, pdl)
     inter = silu_and_mul(gate_up, pdl=pdl)

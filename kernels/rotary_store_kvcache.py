@@ -1,11 +1,14 @@
 """Rotary embedding and the KV-cache write in one kernel: q is rotated in place, k is rotated on
-its way into the paged cache, v is copied there, all by slot mapping.
+its way into the paged cache, v is copied there, all by slot mapping. Optionally each q and k head
+is RMS-normalised first (Qwen3's q_norm / k_norm: one weight [head_dim] shared by all heads).
 
 One launch instead of two per layer (the rotated k is needed only in the cache: every attention
 kernel reads K through the block table, the new tokens' K included). Rotary is the neox/HF
 "rotate half" layout: for each head, with x = [x1, x2] split in halves,
 out = [x1*cos - x2*sin, x2*cos + x1*sin]; the tables are cos/sin of cat(freqs, freqs), so their
 two halves are equal and only the first is read. Math in float32, one rounding to q's dtype.
+The head norm rounds where labkit.kernels.fused_add_rmsnorm rounds (normalised, then scaled), so
+the result is what that kernel followed by this one gave, two launches fewer per layer.
 
 Caches are `[num_blocks * block_size, num_kv_heads, head_dim]`: a flat slot axis, slot =
 block_id * block_size + offset. One program per token: the position and slot are looked up once
@@ -18,7 +21,20 @@ import torch
 import triton
 import triton.language as tl
 
+from .fused_add_rmsnorm import rmsnorm_ref
 from .pdl import pdl_launch_args, pdl_wait
+
+
+@triton.jit
+def _head_rmsnorm(x1, x2, weight, d, HALF: tl.constexpr, eps, dtype: tl.constexpr):
+    """RMSNorm of each row (head) of [x1 | x2] (float32, zeros past HALF) with `weight` [2 * HALF],
+    rounded to `dtype` after normalising and after scaling, as HF and fused_add_rmsnorm round."""
+    inv = tl.math.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+    w1 = tl.load(weight + d, mask=d < HALF, other=0.0).to(tl.float32)
+    w2 = tl.load(weight + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
+    x1 = ((x1 * inv).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
+    x2 = ((x2 * inv).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
+    return x1, x2
 
 
 @triton.jit
@@ -31,10 +47,13 @@ def _rotate_heads(
     stride_dh,
     cos,
     sin,
+    norm_weight,
+    eps,
     NUM_HEADS: tl.constexpr,
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    NORM: tl.constexpr,
 ):
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_HALF)[None, :]
@@ -42,6 +61,8 @@ def _rotate_heads(
     p1 = src + t_src + h * stride_sh + d
     x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        x1, x2 = _head_rmsnorm(x1, x2, norm_weight, d, HALF, eps, src.dtype.element_ty)
     o1 = dst + dst_row + h * stride_dh + d
     tl.store(o1, (x1 * cos - x2 * sin).to(dst.dtype.element_ty), mask=mask)
     tl.store(o1 + HALF, (x2 * cos + x1 * sin).to(dst.dtype.element_ty), mask=mask)
@@ -58,6 +79,9 @@ def _rotary_store_kernel(
     v_cache,
     cos_table,
     sin_table,
+    q_norm_weight,
+    k_norm_weight,
+    eps,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -73,6 +97,7 @@ def _rotary_store_kernel(
     BLOCK_QH: tl.constexpr,
     BLOCK_KH: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    QK_NORM: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pdl_wait(USE_PDL)
@@ -94,10 +119,13 @@ def _rotary_store_kernel(
         stride_qh,
         cos,
         sin,
+        q_norm_weight,
+        eps,
         NUM_Q_HEADS,
         HEAD_DIM // 2,
         BLOCK_QH,
         BLOCK_D // 2,
+        QK_NORM,
     )
     slot = tl.load(slot_mapping + t).to(tl.int64)  # int64: slot * stride can pass 2**31
     if slot >= 0:
@@ -110,10 +138,13 @@ def _rotary_store_kernel(
             stride_ch,
             cos,
             sin,
+            k_norm_weight,
+            eps,
             NUM_KV_HEADS,
             HEAD_DIM // 2,
             BLOCK_KH,
             BLOCK_D // 2,
+            QK_NORM,
         )
         h = tl.arange(0, BLOCK_KH)[:, None]
         d = tl.arange(0, BLOCK_D)[None, :]
@@ -136,17 +167,28 @@ def rotary_store_kvcache(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     pdl: int = 0,
+    *,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 0.0,
 ) -> torch.Tensor:
     """positions: [T] int; q: [T, Hq, D], k, v: [T, Hkv, D] (strided views of the qkv projection
     are fine); tables: [max_pos, D] float32; caches: [slots, Hkv, D]; slot_mapping: [T] int32 or
     int64, -1 to skip a row. Rotates q in place and returns it; writes rotated k and v into the
-    caches; k itself is left as it was. pdl: the launch mode (kernels/pdl.py)."""
+    caches; k itself is left as it was. With norm weights ([D] each, both or neither) every q and
+    k head is RMS-normalised (epsilon `norm_eps`) before it is rotated. pdl: the launch mode
+    (kernels/pdl.py)."""
     t, hq, d = q.shape
     hkv = k.shape[1]
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and d % 2 == 0
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[1:] == (hkv, d)
     assert cos_table.stride(-1) == 1 and cos_table.stride() == sin_table.stride()
     assert positions.shape == slot_mapping.shape == (t,)
+    qk_norm = q_norm_weight is not None
+    assert qk_norm == (k_norm_weight is not None)
+    if qk_norm:
+        assert q_norm_weight.shape == k_norm_weight.shape == (d,)
+        assert q_norm_weight.is_contiguous() and k_norm_weight.is_contiguous()
     if t:
         _rotary_store_kernel[(t,)](
             positions,
@@ -158,6 +200,9 @@ def rotary_store_kvcache(
             v_cache,
             cos_table,
             sin_table,
+            q_norm_weight if qk_norm else q,  # never read without QK_NORM
+            k_norm_weight if qk_norm else k,
+            norm_eps,
             q.stride(0),
             q.stride(1),
             k.stride(0),
@@ -173,6 +218,7 @@ def rotary_store_kvcache(
             BLOCK_QH=triton.next_power_of_2(hq),
             BLOCK_KH=triton.next_power_of_2(hkv),
             BLOCK_D=triton.next_power_of_2(d),
+            QK_NORM=qk_norm,
             num_warps=4,
             **pdl_launch_args(pdl),
         )
@@ -190,8 +236,23 @@ def rotary_ref(
 
 
 def rotary_store_kvcache_ref(
-    positions, q, k, v, cos_table, sin_table, k_cache, v_cache, slot_mapping
+    positions,
+    q,
+    k,
+    v,
+    cos_table,
+    sin_table,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    *,
+    q_norm_weight=None,
+    k_norm_weight=None,
+    norm_eps=0.0,
 ) -> torch.Tensor:
+    if q_norm_weight is not None:
+        q.copy_(rmsnorm_ref(q, q_norm_weight, norm_eps))
+        k = rmsnorm_ref(k, k_norm_weight, norm_eps)
     q.copy_(rotary_ref(positions, q, cos_table, sin_table))
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()

@@ -19,13 +19,18 @@ experts that have tokens, the sums in HF's order (expert by expert into zeros).
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from labkit.distributed import TPGroup, divide
+from labkit.layers.linear import linear
 from labkit.layers.switches import KernelSwitches
+
+if TYPE_CHECKING:  # the kernels import triton: only CUDA engines load them
+    from labkit.kernels.gemv import GemvWorkspace
 
 # checkpoint projection name -> (our parameter, its shard): Qwen/HF names and Mixtral's.
 _EXPERT_SHARDS = {
@@ -152,7 +157,9 @@ class FusedMoE(nn.Module):
 
 class SparseMoeBlock(nn.Module):
     """Router (`gate`, replicated on every rank) and experts: the feed-forward of a sparse
-    layer, named as the checkpoints name it (`mlp.gate`, `mlp.experts`)."""
+    layer, named as the checkpoints name it (`mlp.gate`, `mlp.experts`). The router's matmul
+    takes the path of every other linear layer (labkit.layers.linear.linear: on CUDA the decode
+    kernel for a few rows, launched under PDL like the kernels around it, cuBLAS otherwise)."""
 
     def __init__(
         self,
@@ -164,8 +171,10 @@ class SparseMoeBlock(nn.Module):
         *,
         tp: TPGroup,
         switches: KernelSwitches,
+        workspace: GemvWorkspace | None = None,
     ):
         super().__init__()
+        self.switches, self.workspace = switches, workspace
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.gate.weight.requires_grad_(False)
         self.experts = FusedMoE(
@@ -179,4 +188,5 @@ class SparseMoeBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.experts(x, self.gate(x))
+        logits = linear(x, self.gate.weight, switches=self.switches, workspace=self.workspace)
+        return self.experts(x, logits)

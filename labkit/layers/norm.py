@@ -1,6 +1,8 @@
-"""RMSNorm, with the residual add fused in."""
+"""RMSNorm, with the residual add fused in; QKNorm, the per-head norms of q and k (Qwen3)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,3 +35,13 @@ class RMSNorm(nn.Module):
         # where the spelled-out form was five, with the same float32 result.
         out = self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return out if residual is None else (out, residual)
+
+
+@dataclass(frozen=True)
+class QKNorm:
+    """RMSNorms over each query head and each key head before rotary (Qwen3), their weights
+    [head_dim] shared by the heads. The attention backend applies them: the Triton one inside its
+    rotary and cache-write kernel, with q's epsilon for both (a model has one)."""
+
+    q: RMSNorm
+    k: RMSNorm

@@ -21,7 +21,7 @@ from labkit.layers.activation import SiluAndMul
 from labkit.layers.attention import Attention, AttentionInputs
 from labkit.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from labkit.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from labkit.layers.norm import RMSNorm
+from labkit.layers.norm import QKNorm, RMSNorm
 from labkit.layers.rotary import RotaryEmbedding
 from labkit.models.model_config import ModelConfig
 from labkit.models.model_parts import ModelParts
@@ -47,17 +47,18 @@ class LlamaAttention(nn.Module):
         )
         self.attn = Attention(layer_idx, h, hkv, d, rotary, cfg.layer_window(layer_idx))
 
-    def qk_heads(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, H, D] and k [T, Hkv, D] on their way to rotary (Qwen3 normalises them here)."""
-        return q, k
+    # Norms over each q and k head before rotary (Qwen3 sets them), applied by the attention
+    # backend: the Triton one does it inside its rotary kernel, with no launch of its own.
+    qk_norm: QKNorm | None = None
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, attn: AttentionInputs
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         t, d = x.shape[0], self.attn.head_dim
-        q, k = self.qk_heads(q.view(t, -1, d), k.view(t, -1, d))
-        o = self.attn(positions, q, k, v.view(t, -1, d), attn)
+        o = self.attn(
+            positions, q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d), attn, self.qk_norm
+        )
         return self.o_proj(o.reshape(t, -1))
 
 

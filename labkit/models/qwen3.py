@@ -2,14 +2,12 @@
 no q/k/v biases, and an explicit head_dim (num_heads * head_dim need not equal hidden_size).
 
 Only the attention differs: the norms are per head (weight [head_dim], shared by all heads), so
-tensor parallelism leaves them whole on every rank.
+tensor parallelism leaves them whole on every rank. The attention backend applies them (QKNorm).
 """
 
 from __future__ import annotations
 
-import torch
-
-from labkit.layers.norm import RMSNorm
+from labkit.layers.norm import QKNorm, RMSNorm
 from labkit.layers.rotary import RotaryEmbedding
 from labkit.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from labkit.models.model_config import ModelConfig
@@ -23,14 +21,7 @@ class Qwen3Attention(LlamaAttention):
         super().__init__(cfg, layer_idx, rotary, parts)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, switches=parts.switches)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, switches=parts.switches)
-
-    def qk_heads(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # As rows of head_dim: the CUDA norm kernel takes 2-D input.
-        d = q.shape[-1]
-        return (
-            self.q_norm(q.reshape(-1, d)).view(q.shape),
-            self.k_norm(k.reshape(-1, d)).view(k.shape),
-        )
+        self.qk_norm = QKNorm(self.q_norm, self.k_norm)
 
 
 class Qwen3DecoderLayer(LlamaDecoderLayer):

@@ -26,6 +26,7 @@ def make_moe_mlp(cfg: ModelConfig, layer_idx: int, parts: ModelParts) -> nn.Modu
         cfg.norm_topk_prob,
         tp=parts.tp,
         switches=parts.switches,
+        workspace=parts.workspace,
     )
 
 

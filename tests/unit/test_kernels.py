@@ -51,6 +51,7 @@ from labkit.layers.attention import SeqSlice  # noqa: E402
 from labkit.layers.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from labkit.layers.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from labkit.layers.fused_moe import experts_torch, route  # noqa: E402
+from labkit.layers.norm import QKNorm, RMSNorm  # noqa: E402
 from labkit.layers.rotary import RotaryEmbedding  # noqa: E402
 from labkit.layers.switches import KernelSwitches  # noqa: E402
 
@@ -86,12 +87,21 @@ def paged_cache(ctx_lens: list[int], block_size: int, hkv: int, d: int, dtype: t
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_store_kvcache(dtype):
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rotary_store_kvcache(dtype, qk_norm):
     """q rotated in place, rotated k and v written by slot mapping (a -1 slot skipped), k and v
-    themselves untouched, every other cache slot untouched."""
+    themselves untouched, every other cache slot untouched; with qk_norm every q and k head
+    RMS-normalised first (Qwen3), on inputs far from unit scale."""
     t, hq, hkv, d, slots = 7, 6, 2, 32, 40
     rotary = RotaryEmbedding(d, 64, 10000.0).to(DEVICE)
-    qkv = torch.randn(t, hq + 2 * hkv, d, dtype=dtype, device=DEVICE)
+    qkv = torch.randn(t, hq + 2 * hkv, d, dtype=dtype, device=DEVICE) * (8.0 if qk_norm else 1.0)
+    norm = {}
+    if qk_norm:
+        norm = dict(
+            q_norm_weight=torch.rand(d, dtype=dtype, device=DEVICE) + 0.5,
+            k_norm_weight=torch.rand(d, dtype=dtype, device=DEVICE) + 0.5,
+            norm_eps=1e-6,
+        )
     positions = torch.randint(0, 64, (t,), device=DEVICE)
     mapping = torch.randperm(slots, device=DEVICE)[:t]
     mapping[3] = -1  # padding
@@ -101,9 +111,9 @@ def test_rotary_store_kvcache(dtype):
     q, k, v = qkv.split([hq, hkv, hkv], dim=1)  # strided views, as the qkv split gives
     rq, rk, rv = ref_qkv.split([hq, hkv, hkv], dim=1)
     rotary_store_kvcache(
-        positions, q, k, v, rotary.cos, rotary.sin, *caches, mapping.to(torch.int32)
+        positions, q, k, v, rotary.cos, rotary.sin, *caches, mapping.to(torch.int32), **norm
     )
-    rotary_store_kvcache_ref(positions, rq, rk, rv, rotary.cos, rotary.sin, *refs, mapping)
+    rotary_store_kvcache_ref(positions, rq, rk, rv, rotary.cos, rotary.sin, *refs, mapping, **norm)
     torch.testing.assert_close(q, rq, **ELEMENTWISE_TOL[dtype])
     assert torch.equal(qkv[:, hq:], ref_qkv[:, hq:])  # k and v untouched
     torch.testing.assert_close(caches[0], refs[0], **ELEMENTWISE_TOL[dtype])
@@ -199,12 +209,14 @@ def test_moe_align_block_size():
 
 
 # (tokens, experts, top-k, hidden, intermediate, config): a decode-sized batch with the default
-# config (per slot; experts without tokens), per slot with partial K tiles, a small batch in
-# 16-row blocks, a batch over several row blocks per expert with odd feature counts (partial N
-# and K tiles) and grouped ordering, top-3.
+# config (per slot; experts without tokens), per slot with partial K tiles, per slot at top-3
+# (a padding slot in the down read's sum) with partial N and K tiles, a small batch in 16-row
+# blocks, a batch over several row blocks per expert with odd feature counts (partial N and K
+# tiles) and grouped ordering, top-3.
 MOE_CASES = [
     (5, 4, 2, 32, 16, None),
     (3, 8, 2, 48, 40, MoeConfig(1, 16, 32, per_slot=True)),
+    (4, 8, 3, 50, 24, MoeConfig(1, 16, 16, per_slot=True)),
     (9, 4, 2, 32, 16, MoeConfig(16, 64, 64, group_m=1)),
     (37, 8, 2, 48, 40, MoeConfig(16, 32, 16, group_m=4)),
     (70, 4, 3, 32, 24, MoeConfig(32, 16, 32)),
@@ -334,9 +346,16 @@ def test_gemv_tables_and_dispatch(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, HALF])
-@pytest.mark.parametrize("window", [None, 10])
-def test_triton_backend_matches_torch_backend(dtype, window):
+@pytest.mark.parametrize("window,qk_norm", [(None, False), (10, False), (None, True)])
+def test_triton_backend_matches_torch_backend(dtype, window, qk_norm):
+    """Both backends on one mixed step; qk_norm: Qwen3's per-head norms (RMSNorm modules in
+    torch, inside the rotary kernel in Triton)."""
     block_size, hkv, group, d = 8, 2, 2, 16
+    norm = None
+    if qk_norm:
+        norm = QKNorm(*(RMSNorm(d, 1e-6, switches=KernelSwitches()) for _ in range(2)))
+        for m in (norm.q, norm.k):
+            m.weight.data = torch.rand(d, dtype=dtype, device=DEVICE) + 0.5
     # Three decodes, then a chunk of 9 after 20 cached tokens and a fresh 6-token prompt.
     q_lens, ctx_lens = [1, 1, 1, 9, 6], [random.randint(1, 40), 17, 33, 29, 6]
     k_cache, v_cache, table = paged_cache(ctx_lens, block_size, hkv, d, dtype)
@@ -355,7 +374,7 @@ def test_triton_backend_matches_torch_backend(dtype, window):
         q, k, v = qkv.clone().split([hkv * group, hkv, hkv], dim=1)
         outs.append(
             backend.forward(
-                positions, q, k, v, rotary, kc, vc, backend.prepare(seqs), d**-0.5, window
+                positions, q, k, v, rotary, kc, vc, backend.prepare(seqs), d**-0.5, window, norm
             )
         )
         caches.append((kc, vc))

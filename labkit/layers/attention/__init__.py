@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from labkit.layers.norm import QKNorm
 from labkit.layers.rotary import RotaryEmbedding
 
 
@@ -64,9 +65,11 @@ class AttentionBackend(Protocol):
         meta: Any,
         scale: float,
         window: int | None = None,
+        qk_norm: QKNorm | None = None,
     ) -> torch.Tensor:
         """window: sliding-window attention, each query sees itself and the window - 1 keys
-        before it; None: every key up to itself."""
+        before it; None: every key up to itself. qk_norm: per-head norms of q and k, applied
+        before rotary."""
 
 
 class GraphCaptureBackend(AttentionBackend, Protocol):
@@ -120,8 +123,9 @@ class Attention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         attn: AttentionInputs,
+        qk_norm: QKNorm | None = None,
     ) -> torch.Tensor:
-        """q: [T, H, D], k and v: [T, Hkv, D], before rotary."""
+        """q: [T, H, D], k and v: [T, Hkv, D], before rotary (and before `qk_norm`)."""
         k_cache, v_cache = attn.kv_caches[self.layer_idx]
         return attn.backend.forward(
             positions,
@@ -134,4 +138,5 @@ class Attention(nn.Module):
             attn.meta,
             self.scale,
             self.sliding_window,
+            qk_norm,
         )

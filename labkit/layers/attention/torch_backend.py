@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from labkit.layers.attention import SeqSlice
+from labkit.layers.norm import QKNorm
 from labkit.layers.rotary import RotaryEmbedding
 
 
@@ -100,9 +101,13 @@ class TorchAttentionBackend:
         meta: TorchAttentionMetadata,
         scale: float,
         window: int | None = None,
+        qk_norm: QKNorm | None = None,
     ):
         """positions: [T]; q: [T, H, D]; k, v: [T, Hkv, D] (before rotary); caches:
-        [num_blocks * block_size, Hkv, D]; window: sliding window (None: full attention)."""
+        [num_blocks * block_size, Hkv, D]; window: sliding window (None: full attention);
+        qk_norm: per-head norms of q and k before rotary."""
+        if qk_norm is not None:
+            q, k = qk_norm.q(q), qk_norm.k(k)
         q, k = rotary(positions, q, k)
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)

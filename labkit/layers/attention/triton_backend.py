@@ -4,8 +4,9 @@ the hooks that let CUDA graphs replay its decode steps.
 `prepare` builds the step's int32 tensors (slot mapping; decode block table and context lengths;
 prefill cu_seqlens, context lengths and block table) in ONE host buffer and copies it to the
 device in one transfer (from pinned memory: it never waits for queued work); the tensors are
-16-byte-aligned views into it. `forward` rotates q and stores the rotated K and V in one kernel,
-then runs the decode kernel on the leading single-token rows and the prefill kernel on the rest.
+16-byte-aligned views into it. `forward` rotates q and stores the rotated K and V in one kernel
+(which also applies Qwen3's per-head q/k norms), then runs the decode kernel on the leading
+single-token rows and the prefill kernel on the rest.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from labkit.kernels.paged_attention_decode import paged_attention_decode
 from labkit.kernels.prefill_attention import prefill_attention
 from labkit.kernels.rotary_store_kvcache import rotary_store_kvcache
 from labkit.layers.attention import SeqSlice, padded_block_table
+from labkit.layers.norm import QKNorm
 from labkit.layers.rotary import RotaryEmbedding
 from labkit.layers.switches import KernelSwitches
 from labkit.transfer import array_to_device
@@ -107,13 +109,31 @@ class TritonAttentionBackend:
         meta: TritonAttentionMetadata,
         scale: float,
         window: int | None = None,
+        qk_norm: QKNorm | None = None,
     ):
         """positions: [T]; q: [T, H, D]; k, v: [T, Hkv, D] (before rotary); caches:
-        [num_blocks * block_size, Hkv, D]; window: sliding window (None: full attention).
-        q is rotated in place."""
+        [num_blocks * block_size, Hkv, D]; window: sliding window (None: full attention);
+        qk_norm: per-head norms of q and k before rotary. q is normalised and rotated in place."""
         pdl = self.switches.pdl
+        norm = {}
+        if qk_norm is not None:
+            norm = dict(
+                q_norm_weight=qk_norm.q.weight,
+                k_norm_weight=qk_norm.k.weight,
+                norm_eps=qk_norm.q.eps,
+            )
         rotary_store_kvcache(
-            positions, q, k, v, rotary.cos, rotary.sin, k_cache, v_cache, meta.slot_mapping, pdl=pdl
+            positions,
+            q,
+            k,
+            v,
+            rotary.cos,
+            rotary.sin,
+            k_cache,
+            v_cache,
+            meta.slot_mapping,
+            pdl=pdl,
+            **norm,
         )
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         n = meta.num_decode
