@@ -83,17 +83,23 @@ class WarmupSummary:
 def script(config: ResolvedConfig, num_kv_blocks: int) -> list[list[Wave]]:
     """The phases, each a list of waves, within the engine's limits: no prompt longer than the
     model and the KV cache take with room for its output."""
-    cap = max(1, min(config.max_model_len, num_kv_blocks * config.block_size) - 1 - MAX_TOKENS)
+    kv_tokens = num_kv_blocks * config.block_size
+    cap = max(1, min(config.max_model_len, kv_tokens) - 1 - MAX_TOKENS)
     budget = config.max_num_batched_tokens
-    sizes = sorted({1, 2, 3, 4, 17, budget} | {1 << k for k in range(budget.bit_length())})
-    sizes = [n for n in sizes if n <= budget]
+    # A KV cache smaller than the budget never runs a full-budget step: half of it is the top.
+    top = max(1, min(budget, kv_tokens // 2))
+    sizes = sorted({1, 2, 3, 4, 17, top} | {1 << k for k in range(top.bit_length())})
+    sizes = [n for n in sizes if n <= top]
     ladder = []
     for i, n in enumerate(sizes):
         # All-greedy and all-sampled batches take different paths through the sampler.
         p = _params({"temperature": 0} if i % 2 else {"temperature": 0.8, "top_p": 0.95}, 1)
         ladder.append([Wave(0, [(cap, p)] * (n // cap) + ([(n % cap, p)] if n % cap else []))])
-    variants = _variants(config)
-    wide = max(TAIL, config.max_num_seqs - 1)
+    vocab, most = config.model_config.vocab_size, config.max_logprobs
+    logprobs = min(20, vocab if most == -1 else most)
+    variants = _variants(logprobs)
+    # As many as run at once (a short request holds a few KV blocks), so the batch is full.
+    wide = max(TAIL, min(config.max_num_seqs - 1, num_kv_blocks // 4))
     joining = [
         (
             min(cap, SHORT_PROMPTS[i % len(SHORT_PROMPTS)]),
@@ -102,7 +108,7 @@ def script(config: ResolvedConfig, num_kv_blocks: int) -> list[list[Wave]]:
         for i in range(wide)
     ]
     late = [
-        (min(cap, 7), _params({"temperature": 0.8, "prompt_logprobs": 1}, 2)),
+        (min(cap, 7), _params({"temperature": 0.8, "prompt_logprobs": min(1, logprobs)}, 2)),
         (min(cap, 33), _params({"temperature": 0}, 2)),
     ]
     long = min(cap, LONG_PROMPT)
@@ -115,18 +121,16 @@ def script(config: ResolvedConfig, num_kv_blocks: int) -> list[list[Wave]]:
     return ladder + [mixed]
 
 
-def _variants(config: ResolvedConfig) -> list[dict]:
+def _variants(logprobs: int) -> list[dict]:
     """Every sampling path: greedy, temperature with each truncation, seeded, penalties and
-    logit bias, chosen-token ranks and top-k logprobs."""
-    vocab = config.model_config.vocab_size
-    top = min(20, vocab if config.max_logprobs == -1 else config.max_logprobs)
+    logit bias, chosen-token ranks and top-`logprobs` logprobs."""
     return [
         {"temperature": 0},
         {"temperature": 0.8, "top_p": 0.95},
         {"temperature": 1.0, "top_k": 20},
         {"temperature": 0.7, "min_p": 0.05},
         {"temperature": 0.8, "top_p": 0.9, "top_k": 50, "min_p": 0.01, "seed": 0},
-        {"temperature": 0, "logprobs": top},
+        {"temperature": 0, "logprobs": logprobs},
         {"temperature": 0.8, "logprobs": 0},
         {
             "temperature": 0.8,
