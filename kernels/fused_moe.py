@@ -78,7 +78,8 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int)
     return sorted_ids, block_experts.to(torch.int32), ends[-1:].to(torch.int32)
 
 
-@triton.jit
+# The row count follows the batch and only bounds a mask: not specialised on (no mid-run compiles).
+@triton.jit(do_not_specialize=["num_valid"])
 def _grouped_gemm_kernel(
     a,
     w,

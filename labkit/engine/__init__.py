@@ -8,6 +8,8 @@
   block_manager    paged KV blocks, block tables, the prefix cache
   model_runner     a step's batch tensors, the forward pass, CUDA graphs (cuda_graphs)
   sampler          logits -> tokens and logprobs, penalties and controls
+  warmup           the start-up warm-up: every kind of step run once, so nothing compiles
+                   or loads lazily during the first run
   executor         where tensor-parallel ranks 1..N-1 run: child processes ("mp", tp_worker
                    is their entry point) or Ray actors ("ray")
   request, detokenizer, stats, resolved_config (the options with every "auto" settled)

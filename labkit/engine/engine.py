@@ -1,11 +1,10 @@
 """LLMEngine, the engine core: add_request / step / abort_request. Owns the scheduler, the KV
-block manager, the model runner (and TP workers) and the sampler, and orchestrates each step
-(schedule, launch the forward pass, sample, complete), with async scheduling keeping one step in
-flight; records every step. Prompts become Requests in the InputProcessor (input_processor.py),
-sampled tokens become RequestOutputs in the OutputProcessor (output_processor.py); neighbours
-read the engine through `stats()` and `step_records()` (stats.py). Structured outputs
-(structured_output.py): a constrained request waits outside the scheduler until its grammar has
-compiled, and its rows of the logits are masked before sampling."""
+block manager, the model runner (and TP workers) and the sampler, warms them up (warmup.py), and
+orchestrates each step (schedule, launch the forward pass, sample, complete), async scheduling
+keeping one step in flight; records every step. Prompts become Requests in the InputProcessor,
+sampled tokens RequestOutputs in the OutputProcessor; neighbours read `stats()` and
+`step_records()` (stats.py). A constrained request (structured outputs) waits outside the
+scheduler until its grammar has compiled; its rows of the logits are masked before sampling."""
 
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from labkit.engine.block_manager import BlockManager
 from labkit.engine.executor import start_workers
 from labkit.engine.input_processor import InputProcessor, RequestLimits, load_tokenizer
 from labkit.engine.model_runner import ModelRunner, RankPlacement, SeqWork
@@ -27,6 +25,7 @@ from labkit.engine.sampler import PendingSample, Sampler
 from labkit.engine.scheduler import ScheduledBatch, Scheduler
 from labkit.engine.stats import EngineStats, StepHistory, step_record
 from labkit.engine.structured_output import GrammarWaitlist, StructuredOutputManager
+from labkit.engine.warmup import WarmupSummary, script, warm_up
 from labkit.observe.labels import label_layers
 from labkit.observe.step_log import StepRecord
 from labkit.observe.timer import Marks
@@ -58,41 +57,43 @@ class LLMEngine:
         self.config = config
         tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config)
         self.workers = start_workers(config)
+        placement = self.workers.rank0_placement() if self.workers else RankPlacement()
         try:
-            self.runner = ModelRunner(
-                config, self.workers.rank0_placement() if self.workers else RankPlacement()
-            )
+            self.runner = ModelRunner(config, placement)
             if self.workers:
                 self.workers.wait_ready()
-        except BaseException:
+            self.input_processor = InputProcessor.from_config(
+                config, tokenizer, self.runner.num_blocks, self.runner.device
+            )
+            self.structured = StructuredOutputManager(
+                tokenizer, config.model_config.vocab_size, self.eos_token_ids, self.runner.device
+            )
+            self.timer = self.runner.timer
+            self._closed = False
+            self._start_fresh()
+            if self.runner.device.type == "cuda":
+                self.warm_up()
+        except BaseException:  # the worker processes must not outlive a failed start
             if self.workers:
                 self.workers.shutdown()
             raise
-        self.block_manager = BlockManager(
-            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
-        )
-        self.scheduler = Scheduler(
-            self.block_manager,
-            config.max_num_seqs,
-            config.max_num_batched_tokens,
-            config.enable_chunked_prefill,
-            config.scheduling_policy,
-            config.max_model_len,
-        )
-        self.input_processor = InputProcessor.from_config(
-            config, tokenizer, self.block_manager.num_blocks, self.runner.device
-        )
-        eos = self.input_processor.eos_token_ids
-        self.output_processor = OutputProcessor(tokenizer, eos, config.max_model_len)
-        self.sampler = Sampler(config.seed, eos, self.runner.device, self.runner.switches)
-        self.structured = StructuredOutputManager(
-            tokenizer, config.model_config.vocab_size, eos, self.runner.device
-        )
+
+    def _start_fresh(self) -> None:
+        """What runs change, new: no requests, steps or prefix cache; the seed's generator."""
+        c = self.config
+        self.scheduler = Scheduler.from_config(c, self.runner.num_blocks)
+        self.block_manager = self.scheduler.bm
+        self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, c.max_model_len)
+        self.sampler = Sampler(c.seed, self.eos_token_ids, self.runner.device, self.runner.switches)
         self._compiling = GrammarWaitlist()
         self._history = StepHistory()
         self._inflight: _Step | None = None  # async scheduling: launched, not yet completed
-        self.timer = self.runner.timer
-        self._closed = False
+
+    def warm_up(self) -> WarmupSummary:
+        """warmup.py's script (CUDA start-up runs it), then a fresh start that leaves no trace."""
+        summary = warm_up(self, script(self.config, self.runner.num_blocks), self.limits.vocab_size)
+        self._start_fresh()
+        return summary
 
     @property
     def tokenizer(self):
@@ -168,8 +169,7 @@ class LLMEngine:
         return self.block_manager.reset_prefix_cache()
 
     def profile_labels(self):
-        """A context in which this process's model layers label their calls for
-        torch.profiler (labkit.observe.labels)."""
+        """A context in which this process's layers label their calls for torch.profiler."""
         return label_layers(self.runner.model)
 
     # ---- what neighbours read -------------------------------------------------------------

@@ -13,6 +13,7 @@ import logging
 import math
 import mmap
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -234,6 +235,7 @@ class ModelRunner:
         c = self.config
         if self.device.type != "cuda" or c.enforce_eager:
             return None
+        start = time.perf_counter()
         graphs = DecodeGraphs(
             self.model,
             self.backend,
@@ -242,7 +244,11 @@ class ModelRunner:
             -(-c.max_model_len // self.block_size),
             self.device,
         )
-        log.info("captured CUDA graphs for decode batch sizes %s", graphs.sizes)
+        log.info(
+            "captured CUDA graphs for decode batch sizes %s in %.1f s",
+            graphs.sizes,
+            time.perf_counter() - start,
+        )
         return graphs
 
     @torch.inference_mode()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from labkit.engine.block_manager import BlockManager
 from labkit.engine.request import Request, RequestStatus
+from labkit.engine.resolved_config import ResolvedConfig
 
 POLICIES = ("fcfs", "priority")
 
@@ -65,6 +66,18 @@ class Scheduler:
         self._order = 0
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache at admission
         self.prefix_hits = 0  # of which were found there
+
+    @classmethod
+    def from_config(cls, config: ResolvedConfig, num_blocks: int) -> Scheduler:
+        """The engine's: over a fresh BlockManager of `num_blocks` blocks, with its options."""
+        return cls(
+            BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.enable_chunked_prefill,
+            config.scheduling_policy,
+            config.max_model_len,
+        )
 
     # A request's rank never changes once added: kept on it, read by a C-level key function (the
     # running batch is sorted every step; a Python key costs ~1 us a request).

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import gc
 import itertools
+import logging
+import time
 
 from labkit.config import EngineConfig
 from labkit.engine.engine import LLMEngine
@@ -13,6 +15,8 @@ from labkit.engine.resolved_config import resolve
 from labkit.entrypoints.beam_search import BeamSearchOutput, beam_search
 from labkit.outputs import RequestOutput
 from labkit.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
+
+log = logging.getLogger("labkit")
 
 
 class LLM:
@@ -22,9 +26,11 @@ class LLM:
     _ids = itertools.count()
 
     def __init__(self, model: str | None = None, **kwargs):
+        start = time.perf_counter()
         self.config = resolve(EngineConfig.from_kwargs(model=model, **kwargs))
         self.engine: LLMEngine | None = None
         self.engine = LLMEngine(self.config)
+        log.info("LLM() started in %.1f s", time.perf_counter() - start)
 
     # ---- generation -----------------------------------------------------------------------
     def generate(
