@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .gemv import _x_tile
+from .gemv_tiles import x_tile
 from .pdl import pdl_launch_args, pdl_wait
 from .silu_and_mul import silu_and_mul
 
@@ -175,7 +175,7 @@ def _slot_gemv_kernel(
     # One float32 accumulator per weight element a thread holds, reduced once at the end.
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        xv = _x_tile(a, row, k0 + cols, row + 1, K, stride_am, GATED)
+        xv = x_tile(a, row, k0 + cols, row + 1, K, stride_am, GATED)
         wt = tl.load(w_ptr + k0, mask=n_ok[:, None] & (k0 + cols < K)[None, :], other=0.0)
         acc += wt.to(tl.float32) * xv[None, :]
     out = tl.sum(acc, axis=1)
