@@ -225,17 +225,16 @@ def _gemv_dot_kernel(
         xs = input_scale(x, ms[None, :], cols, M, K, stride_xm, GATED, BLOCK_K, 0)
         if ACT == A_TENSOR:
             xs = tl.max(xs, 1, keep_dims=True)
-    dtype: tl.constexpr = x.dtype.element_ty
     acc = tl.zeros([BLOCK_N, 16], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         w_next = weight_tile(w_ptr, k0 + BLOCK_K, k_end, K, row_ok, cols, SPLIT_K > 1)
         wt = w_in(
             w_cur, w_scale, rows, row_ok, k0 + cols, K, stride_sn, W_SCALE, SCALE_BN, SCALE_BK
-        ).to(dtype)
+        ).to(x.dtype.element_ty)
         xt = x_in(
             x, ms[None, :], (k0 + cols)[:, None], M, K, stride_xm, xs, GATED, ACT, ACT_GROUP, 0
         )
-        acc = tl.dot(wt, xt.to(dtype), acc, input_precision=PRECISION)
+        acc = tl.dot(wt, xt.to(x.dtype.element_ty), acc, input_precision=PRECISION)
         w_cur = w_next
     acc = row_scaled(acc, w_scale, rows, row_ok, W_SCALE)
     _epilogue(y, bias, ws, counters, acc, rows, row_ok, ms, M, N, stride_ym, HAS_BIAS, SPLIT_K)

@@ -76,15 +76,16 @@ def heuristic_config(m: int, k: int) -> GemvConfig:
 def fp8_heuristic_config(m: int, n: int, k: int) -> GemvConfig:
     """For FP8 shapes no table covers: the bf16 heuristic's tiles at the same bytes per tile
     (twice the columns, at least 128 so that a tile holds whole 128-column activation groups),
-    and split-K where the row blocks alone are too few programs to keep enough bytes in flight
-    (o_proj, down_proj at 3-16 rows)."""
+    split-K where the row blocks alone are too few programs to keep enough bytes in flight
+    (o_proj, down_proj at 3-16 rows), and the MLP's activation by silu_and_mul first: fused,
+    every row block would recompute it and its per-token amax pass."""
     base = heuristic_config(m, k)
     block_k = min(2 * base.block_k, max(128, triton.next_power_of_2(k)))
     blocks = triton.cdiv(n, base.block_n)
     split = 1
     while blocks * split < TARGET_PROGRAMS and split < 8 and k >= 2 * split * block_k:
         split *= 2
-    return GemvConfig(base.block_n, block_k, base.num_warps, base.dot, split)
+    return GemvConfig(base.block_n, block_k, base.num_warps, base.dot, split, fuse_act=False)
 
 
 def choose_config(

@@ -97,18 +97,15 @@ def x_in(
     """The input tile as the product takes it: `x_tile`, rounded through FP8 as ACT says
     (scale: the per-row or whole-input scale; groups get theirs here, whole in the tile)."""
     v = x_tile(x, m, kk, M, K, stride_xm, GATED)
-    dtype: tl.constexpr = x.dtype.element_ty
     if ACT == A_GROUP:
-        r: tl.constexpr = v.shape[0]
-        c: tl.constexpr = v.shape[1]
         if K_AXIS == 1:
-            g = tl.reshape(v, [r, c // ACT_GROUP, ACT_GROUP])
+            g = tl.reshape(v, [v.shape[0], v.shape[1] // ACT_GROUP, ACT_GROUP])
         else:
-            g = tl.reshape(v, [r // ACT_GROUP, ACT_GROUP, c])
+            g = tl.reshape(v, [v.shape[0] // ACT_GROUP, ACT_GROUP, v.shape[1]])
         s = amax_scale(tl.max(tl.abs(g), K_AXIS + 1, keep_dims=True))
-        v = tl.reshape(fp8_round(g, s, dtype), [r, c])
+        v = tl.reshape(fp8_round(g, s, x.dtype.element_ty), [v.shape[0], v.shape[1]])
     elif ACT > 0:
-        v = fp8_round(v, scale, dtype)
+        v = fp8_round(v, scale, x.dtype.element_ty)
     return v
 
 
