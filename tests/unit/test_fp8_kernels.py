@@ -27,6 +27,7 @@ from labkit.kernels.fp8_quant import quantize_fp8, quantize_fp8_ref  # noqa: E40
 from labkit.kernels.gemv import GemvWorkspace, gemv  # noqa: E402
 from labkit.kernels.gemv_configs import GemvConfig  # noqa: E402
 from labkit.kernels.gemv_tiles import Fp8Operands  # noqa: E402
+from labkit.layers.activation import SiluAndMul  # noqa: E402
 from labkit.layers.quantization import fp8_cuda  # noqa: E402
 from labkit.layers.quantization.fp8 import fp8_linear  # noqa: E402
 from labkit.layers.quantization.scheme import Fp8Scheme  # noqa: E402
@@ -203,3 +204,22 @@ def test_fp8_table_entries_are_keyed_apart(monkeypatch, tmp_path):
     down = G.fp8_heuristic_config(8, 3584, 18944)
     assert down.dot and down.block_k % 128 == 0 and down.split_k > 1
     assert G.fp8_heuristic_config(1, 4608, 3584).block_k % 128 == 0
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+def test_the_layer_path_runs_the_kernel_with_the_mlp_activation(monkeypatch, rows):
+    """fp8_linear_cuda end to end (no tuned table: the FP8 heuristic, which runs the SiLU first)
+    against the reference, down_proj-like: the merged gate/up output in, block scales."""
+    monkeypatch.setattr(gemv_configs, "_table", lambda device: {})
+    q, scale, block = _weight("block")
+    gate_up = torch.randn(rows, 2 * K, device=DEVICE)
+    switches = KernelSwitches(use_gemv=True)
+    scheme = Fp8Scheme("fp8", "block", "group", block, 128)
+    got = fp8_cuda.fp8_linear_cuda(
+        gate_up, q, scale, scheme, None, SiluAndMul(switches), switches, GemvWorkspace(DEVICE)
+    )
+    gate, up = gate_up.chunk(2, dim=-1)
+    ref = fp8_linear(
+        F.silu(gate) * up, q, scale, block=block, activations="group", activation_group=128
+    )
+    _close(got, ref)
