@@ -37,15 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from labkit.kernels.fused_add_rmsnorm import fused_add_rmsnorm  # noqa: E402
-from labkit.kernels.gemv import (  # noqa: E402
-    FMA_MAX_ROWS,
-    GemvConfig,
-    GemvWorkspace,
-    config_path,
-    gemv,
-    gemv_ref,
-    row_bucket,
-)
+from labkit.kernels.gemv import GemvWorkspace, gemv, gemv_ref  # noqa: E402
+from labkit.kernels.gemv_configs import FMA_MAX_ROWS, GemvConfig, config_path, row_bucket  # noqa: E402
 from labkit.kernels.pdl import pdl_mode  # noqa: E402
 from labkit.kernels.silu_and_mul import silu_and_mul  # noqa: E402
 

@@ -22,63 +22,37 @@ Two inner loops. Up to FMA_MAX_ROWS rows, plain FMAs: each thread keeps a float3
 per weight element it owns and reduces once at the end. Up to MAX_ROWS rows, tensor cores:
 acc[BLOCK_N, 16] = w_tile @ x_tile^T, x's rows padded to 16 (free: the kernel waits on memory).
 Both keep the next weight tile's load in flight while the current one is multiplied. Launch
-configurations per card and shape come from dev/gpu_gemv.py (configs/), which also
-records where cuBLAS is faster: there `choose_config` returns None and the caller uses F.linear.
+configurations per card and shape: gemv_configs.py.
+
+FP8 weights (float8_e4m3fn, one byte each, float32 scales per output row or per block) go through
+the same two loops, selected by constexpr modes: per-row scales multiply the sums once at the end,
+block scales each weight element as it is read. The input is rounded through float8_e4m3fn on
+the way in, with a scale per row (an amax pass over the row first), for the whole input, or per
+row and group of columns (within a tile), and back to its dtype: the numerics of
+labkit.layers.quantization.fp8.fp8_linear, which is this path's reference (the kernels cannot
+import it, the tests compare the two). The products stay in float32 or bf16, not FP8 tensor-core
+math: at these rows the weight's bytes are the time, not the multiplies.
 """
 
 from __future__ import annotations
-
-import functools
-import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
+from .gemv_configs import FMA_MAX_ROWS, MAX_ROWS, GemvConfig, heuristic_config
+from .gemv_tiles import (
+    A_TENSOR,
+    A_TOKEN,
+    Fp8Operands,
+    fp8_modes,
+    input_scale,
+    row_scaled,
+    w_in,
+    weight_tile,
+    x_in,
+)
 from .pdl import pdl_launch_args, pdl_wait
-
-FMA_MAX_ROWS = 2
-MAX_ROWS = 16
-CONFIG_DIR = Path(__file__).with_name("configs")
-
-
-@dataclass(frozen=True)
-class GemvConfig:
-    block_n: int  # weight rows (outputs) per program
-    block_k: int  # input features per tile
-    num_warps: int
-    dot: bool  # tensor cores (rows padded to 16) instead of FMAs
-    split_k: int = 1  # programs per row block, each over a slice of K
-    # For a gated input: silu(gate) * up inside this kernel, or by silu_and_mul first. Fused, it
-    # is recomputed by every row block: cheap for a wide weight, not for down_proj's 3584 rows.
-    fuse_act: bool = True
-
-
-@triton.jit
-def _x_tile(x, m, kk, M, K, stride_xm, GATED: tl.constexpr):
-    """Rows m, columns kk of the layer's input, in float32 (broadcast shapes). GATED: x is the
-    merged [gate | up] output and the input is silu(gate) * up, rounded to x's dtype."""
-    ok = (kk < K) & (kk * 0 + m < M)  # m < M as a tensor of kk's shape: m may be a plain int
-    p = x + m * stride_xm + kk
-    v = tl.load(p, mask=ok, other=0.0).to(tl.float32)
-    if GATED:
-        up = tl.load(p + K, mask=ok, other=0.0).to(tl.float32)
-        v = (v * tl.sigmoid(v) * up).to(x.dtype.element_ty).to(tl.float32)
-    return v
-
-
-@triton.jit
-def _weight_tile(w_ptr, k0, k_end, K, row_ok, cols, SPLIT: tl.constexpr):
-    """The weight tile at k0 (zeros past K). SPLIT: only if k0 is still inside this program's
-    slice of K (which ends at k_end), else zeros and no loads."""
-    # Masked per element, but K is a multiple of 16 in every real model (Triton specialises on
-    # it), so the mask is uniform over each 16-byte vector: the loads stay wide.
-    in_k = k0 + cols < K
-    if SPLIT:  # (a vector compare: the interpreter's & mistypes scalars)
-        in_k = in_k & (cols * 0 + k0 < k_end)
-    return tl.load(w_ptr + k0, mask=row_ok[:, None] & in_k[None, :], other=0.0)
 
 
 @triton.jit
@@ -105,7 +79,7 @@ def _prologue(
         k_start = 0
         k_end = K
     w_ptr = w + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
-    first = _weight_tile(w_ptr, k_start, k_end, K, row_ok, cols, SPLIT_K > 1)
+    first = weight_tile(w_ptr, k_start, k_end, K, row_ok, cols, SPLIT_K > 1)
     pdl_wait(USE_PDL)
     return rows, cols, row_ok, w_ptr, first, k_start, k_end
 
@@ -157,6 +131,7 @@ def _epilogue(
 def _gemv_fma_kernel(
     x,
     w,
+    w_scale,
     bias,
     y,
     ws,
@@ -166,6 +141,7 @@ def _gemv_fma_kernel(
     K,
     stride_xm,
     stride_wn,
+    stride_sn,
     stride_ym,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -173,24 +149,41 @@ def _gemv_fma_kernel(
     SPLIT_K: tl.constexpr,
     GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    W_SCALE: tl.constexpr,
+    SCALE_BN: tl.constexpr,
+    SCALE_BK: tl.constexpr,
+    ACT: tl.constexpr,
+    ACT_GROUP: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     rows, cols, row_ok, w_ptr, w_cur, k_start, k_end = _prologue(
         w, N, K, stride_wn, BLOCK_N, BLOCK_K, SPLIT_K, USE_PDL
     )
+    xs0 = 1.0
+    xs1 = 1.0
+    if ACT == A_TOKEN or ACT == A_TENSOR:
+        xs0 = input_scale(x, 0, cols, M, K, stride_xm, GATED, BLOCK_K, 1)
+        if BLOCK_M > 1 or ACT == A_TENSOR:
+            xs1 = input_scale(x, 1, cols, M, K, stride_xm, GATED, BLOCK_K, 1)
+        if ACT == A_TENSOR:  # (row 1 is zeros when M is 1)
+            xs0 = tl.maximum(xs0, xs1)
+            xs1 = xs0
     # One accumulator per row of x (BLOCK_M is 1 or 2), each the weight tile's shape.
     acc0 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     acc1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        w_next = _weight_tile(w_ptr, k0 + BLOCK_K, k_end, K, row_ok, cols, SPLIT_K > 1)
-        wf = w_cur.to(tl.float32)
+        w_next = weight_tile(w_ptr, k0 + BLOCK_K, k_end, K, row_ok, cols, SPLIT_K > 1)
+        wf = w_in(
+            w_cur, w_scale, rows, row_ok, k0 + cols, K, stride_sn, W_SCALE, SCALE_BN, SCALE_BK
+        ).to(tl.float32)
         kk = (k0 + cols)[None, :]
-        acc0 += wf * _x_tile(x, 0, kk, M, K, stride_xm, GATED)
+        acc0 += wf * x_in(x, 0, kk, M, K, stride_xm, xs0, GATED, ACT, ACT_GROUP, 1)
         if BLOCK_M > 1:
-            acc1 += wf * _x_tile(x, 1, kk, M, K, stride_xm, GATED)
+            acc1 += wf * x_in(x, 1, kk, M, K, stride_xm, xs1, GATED, ACT, ACT_GROUP, 1)
         w_cur = w_next
     ms = tl.arange(0, 2)
     part = tl.where(ms[None, :] == 0, tl.sum(acc0, 1)[:, None], tl.sum(acc1, 1)[:, None])
+    part = row_scaled(part, w_scale, rows, row_ok, W_SCALE)
     _epilogue(y, bias, ws, counters, part, rows, row_ok, ms, M, N, stride_ym, HAS_BIAS, SPLIT_K)
 
 
@@ -198,6 +191,7 @@ def _gemv_fma_kernel(
 def _gemv_dot_kernel(
     x,
     w,
+    w_scale,
     bias,
     y,
     ws,
@@ -207,12 +201,18 @@ def _gemv_dot_kernel(
     K,
     stride_xm,
     stride_wn,
+    stride_sn,
     stride_ym,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    W_SCALE: tl.constexpr,
+    SCALE_BN: tl.constexpr,
+    SCALE_BK: tl.constexpr,
+    ACT: tl.constexpr,
+    ACT_GROUP: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -220,12 +220,23 @@ def _gemv_dot_kernel(
         w, N, K, stride_wn, BLOCK_N, BLOCK_K, SPLIT_K, USE_PDL
     )
     ms = tl.arange(0, 16)
+    xs = 1.0
+    if ACT == A_TOKEN or ACT == A_TENSOR:
+        xs = input_scale(x, ms[None, :], cols, M, K, stride_xm, GATED, BLOCK_K, 0)
+        if ACT == A_TENSOR:
+            xs = tl.max(xs, 1, keep_dims=True)
     acc = tl.zeros([BLOCK_N, 16], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        w_next = _weight_tile(w_ptr, k0 + BLOCK_K, k_end, K, row_ok, cols, SPLIT_K > 1)
-        xt = _x_tile(x, ms[None, :], (k0 + cols)[:, None], M, K, stride_xm, GATED)
-        acc = tl.dot(w_cur, xt.to(w.dtype.element_ty), acc, input_precision=PRECISION)
+        w_next = weight_tile(w_ptr, k0 + BLOCK_K, k_end, K, row_ok, cols, SPLIT_K > 1)
+        wt = w_in(
+            w_cur, w_scale, rows, row_ok, k0 + cols, K, stride_sn, W_SCALE, SCALE_BN, SCALE_BK
+        ).to(x.dtype.element_ty)
+        xt = x_in(
+            x, ms[None, :], (k0 + cols)[:, None], M, K, stride_xm, xs, GATED, ACT, ACT_GROUP, 0
+        )
+        acc = tl.dot(wt, xt.to(x.dtype.element_ty), acc, input_precision=PRECISION)
         w_cur = w_next
+    acc = row_scaled(acc, w_scale, rows, row_ok, W_SCALE)
     _epilogue(y, bias, ws, counters, acc, rows, row_ok, ms, M, N, stride_ym, HAS_BIAS, SPLIT_K)
 
 
@@ -267,15 +278,18 @@ def gemv(
     config: GemvConfig | None = None,
     workspace: GemvWorkspace | None = None,
     pdl: int = 0,
+    fp8: Fp8Operands | None = None,
 ) -> torch.Tensor:
-    """x: [M, K] (gated: [M, 2K], gate first), M <= MAX_ROWS; w: [N, K]; bias: [N] or None; all
+    """x: [M, K] (gated: [M, 2K], gate first), M <= MAX_ROWS; w: [N, K] in x's dtype, or
+    float8_e4m3fn with `fp8` saying its scales and how x is rounded; bias: [N] or None; all
     with unit last stride. Returns [M, N] in x's dtype. `config` defaults to
     `heuristic_config`; a split-K config needs a `workspace` on x's device. pdl: the launch mode
     (kernels/pdl.py)."""
     m = x.shape[0]
     n, k = w.shape
     assert m <= MAX_ROWS and x.shape[1] == (2 * k if gated else k), (x.shape, w.shape, gated)
-    assert x.stride(1) == 1 and w.stride(1) == 1 and x.dtype == w.dtype
+    assert x.stride(1) == 1 and w.stride(1) == 1
+    assert x.dtype == w.dtype if fp8 is None else w.dtype == torch.float8_e4m3fn
     cfg = config or heuristic_config(m, k)
     assert cfg.dot or m <= FMA_MAX_ROWS, (m, cfg)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -287,9 +301,11 @@ def gemv(
         ws, counters = workspace.get(cfg.split_k * MAX_ROWS * n, blocks)
     else:
         ws = counters = y  # never touched: SPLIT_K=1 compiles the split-K path out
+    scale = w if fp8 is None else fp8.weight_scale
     args = (
         x,
         w,
+        scale,
         bias if bias is not None else w,
         y,
         ws,
@@ -299,6 +315,7 @@ def gemv(
         k,
         x.stride(0),
         w.stride(0),
+        scale.stride(0),
         y.stride(0),
     )
     common = dict(
@@ -307,6 +324,7 @@ def gemv(
         SPLIT_K=cfg.split_k,
         GATED=gated,
         HAS_BIAS=bias is not None,
+        **fp8_modes(fp8, cfg.block_k),
         num_warps=cfg.num_warps,
         num_stages=1,
         **pdl_launch_args(pdl),
@@ -325,6 +343,7 @@ def gemv(
 def gemv_ref(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, gated: bool = False
 ) -> torch.Tensor:
+    """The float reference of a float weight (an FP8 weight's is fp8_linear, see above)."""
     if gated:
         gate, up = x.float().chunk(2, dim=-1)
         x = (torch.nn.functional.silu(gate) * up).to(x.dtype)
@@ -332,48 +351,3 @@ def gemv_ref(
     if bias is not None:
         y += bias.float()
     return y.to(x.dtype)
-
-
-def row_bucket(m: int) -> int:
-    """Row counts share a configuration by bucket: 1, 2, 4, 8, 16."""
-    return triton.next_power_of_2(max(m, 1))
-
-
-def config_path(device_name: str) -> Path:
-    return CONFIG_DIR / f"gemv_{device_name.replace(' ', '_')}.json"
-
-
-@functools.cache
-def _table(device: torch.device) -> dict[str, GemvConfig | None]:
-    """This card's tuned entries, "bucket,n,k" -> config, or None where cuBLAS is faster, from
-    configs/gemv_<card name>.json as dev/gpu_gemv.py writes it."""
-    path = config_path(torch.cuda.get_device_name(device))
-    if not path.exists():
-        return {}
-    entries = json.loads(path.read_text())["configs"]
-    return {key: GemvConfig(**c) if c else None for key, c in entries.items()}
-
-
-def heuristic_config(m: int, k: int) -> GemvConfig:
-    """For shapes no table covers: FMAs up to FMA_MAX_ROWS rows, tensor cores above."""
-    if m <= FMA_MAX_ROWS:
-        return GemvConfig(
-            block_n=4, block_k=min(512, triton.next_power_of_2(k)), num_warps=2, dot=False
-        )
-    return GemvConfig(
-        block_n=64, block_k=min(128, max(16, triton.next_power_of_2(k))), num_warps=4, dot=True
-    )
-
-
-def choose_config(m: int, n: int, k: int, device: torch.device) -> GemvConfig | None:
-    """The launch configuration for an [m, k] x [n, k]^T product on a CUDA device, or None where
-    F.linear (cuBLAS) is the better choice: the card's tuned table first; untuned shapes get the
-    heuristic up to FMA_MAX_ROWS rows (a weight read at a few rows has one good shape on any
-    card) and cuBLAS above."""
-    if m > MAX_ROWS:
-        return None
-    key = f"{row_bucket(m)},{n},{k}"
-    table = _table(device)
-    if key in table:
-        return table[key]
-    return heuristic_config(m, k) if m <= FMA_MAX_ROWS else None

@@ -127,6 +127,10 @@ class ModelShape:
     experts: int = 0
     experts_per_tok: int = 0
     expert_intermediate: int = 0
+    # Bytes per element of the decoder layers' matmul weights where they are stored otherwise
+    # than the model's dtype (FP8: 1 plus the share of its float32 scale); None: elem_bytes.
+    # The LM head and the KV cache stay at elem_bytes.
+    layer_weight_bytes: float | None = None
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
@@ -192,8 +196,9 @@ class ModelShape:
             unused = (1 - self.experts_per_tok / self.experts) ** tokens
             experts = self.experts * (1 - unused)
         moe = self.moe_layers * (experts * self._expert_params + self.hidden * self.experts)
-        params = self._attention_params + self._dense_mlp_params + moe + self.head_params
-        return int(params * self.elem_bytes)
+        layers = self._attention_params + self._dense_mlp_params + moe
+        per_weight = self.layer_weight_bytes or self.elem_bytes
+        return int(layers * per_weight + self.head_params * self.elem_bytes)
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -47,7 +47,8 @@ def linear(
     configuration says so (`fuse_act`), else it runs first. `switches.use_gemv` allows the decode
     kernel, whose split-K configurations keep their partials in `workspace`."""
     if switches.use_gemv and x.is_cuda and x.dim() == 2 and x.stride(1) == 1:
-        from labkit.kernels.gemv import choose_config, gemv
+        from labkit.kernels.gemv import gemv
+        from labkit.kernels.gemv_configs import choose_config
 
         cfg = choose_config(x.shape[0], weight.shape[0], weight.shape[1], x.device)
         if cfg is not None:
@@ -144,7 +145,7 @@ class _ParallelLinear(nn.Module):
         self, x: torch.Tensor, bias: torch.Tensor | None, act: SiluAndMul | None = None
     ) -> torch.Tensor:
         if self.quant is not None:
-            return self.quant.apply(self, x if act is None else act(x), bias)
+            return self.quant.apply(self, x, bias, act)
         return linear(x, self.weight, bias, act, switches=self.switches, workspace=self.workspace)
 
 

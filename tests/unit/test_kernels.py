@@ -35,7 +35,8 @@ from labkit.kernels.fused_add_rmsnorm import (  # noqa: E402
     rmsnorm_ref,
 )
 from labkit.kernels.fused_moe import MoeConfig, fused_moe, fused_moe_ref, moe_align_block_size  # noqa: E402
-from labkit.kernels.gemv import GemvConfig, GemvWorkspace, gemv, gemv_ref  # noqa: E402
+from labkit.kernels.gemv import GemvWorkspace, gemv, gemv_ref  # noqa: E402
+from labkit.kernels.gemv_configs import GemvConfig  # noqa: E402
 from labkit.kernels.moe_route import moe_route  # noqa: E402
 from labkit.kernels.one_shot_all_reduce import (  # noqa: E402
     BLOCK,
@@ -320,11 +321,11 @@ def test_gemv(rows, config, gated, bias, dtype):
 def test_gemv_tables_and_dispatch(monkeypatch):
     """Every committed per-card table parses into launchable configurations; on the H200, tuned
     shapes get their entry (None: cuBLAS), untuned ones the kernel at 1-2 rows, cuBLAS above."""
-    from labkit.kernels import gemv as G
+    from labkit.kernels import gemv_configs as G
 
     for path in G.CONFIG_DIR.glob("gemv_*.json"):
         for key, entry in json.loads(path.read_text())["configs"].items():
-            bucket, n, k = map(int, key.split(","))
+            bucket, n, k = map(int, key.removeprefix("fp8,").split(","))
             if entry is not None:
                 cfg = G.GemvConfig(**entry)
                 assert cfg.dot or bucket <= G.FMA_MAX_ROWS, (path.name, key)

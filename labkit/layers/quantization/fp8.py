@@ -81,9 +81,8 @@ def fp8_linear(
     """x @ dequantized(weight).T (+ bias), x first rounded through FP8 as `activations` says
     (None: weight-only, x as it is): the numerics of an FP8 GEMM, computed by dequantizing.
 
-    This is the reference every FP8 kernel is checked against, and the path on every device
-    for now: on CUDA too it dequantizes (no speed gain; torch._scaled_mm or a Triton kernel is
-    to replace this function there)."""
+    This is the reference every FP8 kernel is checked against (fp8_cuda.py's paths), and the
+    path on the CPU and for what those paths do not take."""
     w = dequantize(weight, weight_scale, block, x.dtype)
     if activations is not None:
         x = fake_quantize_activations(x, activations, activation_group)

@@ -8,12 +8,14 @@ parallelism the scales shard with their weights: per-row scales with the rows of
 layers and whole on row-parallel ones; block scales by whole blocks, rows or columns (a split
 inside a block is refused before any weight loads, see labkit.models.fp8_sharding).
 Float weights (`quantization="fp8"` on a float checkpoint) load as usual and are quantized per
-output row after loading.
+output row after loading. The forward runs fp8_cuda's kernels on CUDA, the dequantizing reference
+(fp8.fp8_linear) elsewhere.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +23,9 @@ from torch import nn
 from labkit.distributed import TPGroup
 from labkit.layers.quantization.fp8 import FP8, fp8_linear, quantize_per_channel
 from labkit.layers.quantization.scheme import Fp8Scheme
+
+if TYPE_CHECKING:
+    from labkit.layers.activation import SiluAndMul
 
 
 class Fp8LinearMethod:
@@ -92,8 +97,25 @@ class Fp8LinearMethod:
         layer.weight = nn.Parameter(q, requires_grad=False)
         layer.weight_scale = nn.Parameter(scale, requires_grad=False)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(
+        self,
+        layer: nn.Module,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        act: SiluAndMul | None = None,
+    ) -> torch.Tensor:
+        """act(x) @ the weight's value.T (+ bias), act: the MLP's SiLU-and-mul or None. On CUDA
+        by fp8_cuda's kernels (the layer's switches and workspace say which may run), elsewhere
+        by dequantizing."""
         s = self.scheme
+        if x.is_cuda:
+            from labkit.layers.quantization.fp8_cuda import fp8_linear_cuda
+
+            return fp8_linear_cuda(
+                x, layer.weight, layer.weight_scale, s, bias, act, layer.switches, layer.workspace
+            )
+        if act is not None:
+            x = act(x)
         return fp8_linear(
             x,
             layer.weight,

@@ -1,0 +1,114 @@
+"""An FP8 linear layer's product on CUDA: labkit's decode kernel for a decode step's few rows,
+torch._scaled_mm (cuBLASLt) for more, and the dequantizing reference (fp8.fp8_linear) where
+neither takes the scheme. All three compute fp8_linear's numerics.
+
+  rows <= 16 (kernels/gemv.py, FP8 modes): reads the one-byte weight and its scales as they are
+    stored, rounds the input through FP8 inside the kernel; its configuration comes from the
+    card's table (fp8 entries; null there: the next path) or a heuristic.
+  more rows, per-row weight scales, inputs per token or per tensor: the input is quantized by
+    kernels/fp8_quant.py, then _scaled_mm with row-wise scales (float32 [M, 1] x [1, N]).
+  anything else (block weight scales at prefill sizes, weight-only schemes, dimensions that are
+    not multiples of 16, a float16 model): the reference. Block scales (1x128 input groups x
+    128x128 weight blocks) are not given to _scaled_mm: the torch versions labkit runs on do not
+    all take them on sm_90, so prefill dequantizes there (decode does not).
+
+Only imported on CUDA (it imports triton).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import torch
+
+from labkit.kernels.fp8_quant import quantize_fp8
+from labkit.kernels.gemv import gemv
+from labkit.kernels.gemv_configs import choose_config
+from labkit.kernels.gemv_tiles import Fp8Operands
+from labkit.layers.quantization.fp8 import amax_scale, fp8_linear
+from labkit.layers.quantization.scheme import Fp8Scheme
+from labkit.layers.switches import KernelSwitches
+
+if TYPE_CHECKING:
+    from labkit.kernels.gemv import GemvWorkspace
+    from labkit.layers.activation import SiluAndMul
+
+
+def fp8_linear_cuda(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    scheme: Fp8Scheme,
+    bias: torch.Tensor | None,
+    act: SiluAndMul | None,
+    switches: KernelSwitches,
+    workspace: GemvWorkspace | None,
+) -> torch.Tensor:
+    """fp8_linear(act(x), ...) by the fastest path for x's rows (act: the MLP's SiLU-and-mul,
+    x then the merged gate/up output; the decode kernel fuses it where its config says so)."""
+    n, k = weight.shape
+    plain = x.dim() == 2 and x.stride(1) == 1
+    group = scheme.activation_group if scheme.activations == "group" else None
+    if switches.use_gemv and plain and (group is None or group & (group - 1) == 0):
+        cfg = choose_config(x.shape[0], n, k, x.device, fp8=True)
+        if cfg is not None:
+            if group is not None and cfg.block_k % group:  # a tile holds whole groups
+                cfg = dataclasses.replace(cfg, block_k=max(cfg.block_k, group))
+            if act is not None and not cfg.fuse_act:
+                x, act = act(x), None
+            operands = Fp8Operands(weight_scale, scheme.block, scheme.activations, group)
+            return gemv(
+                x,
+                weight,
+                bias,
+                gated=act is not None,
+                config=cfg,
+                workspace=workspace,
+                pdl=switches.pdl,
+                fp8=operands,
+            )
+    if act is not None:
+        x = act(x)
+    if (
+        plain
+        and scheme.block is None
+        and scheme.activations in ("token", "tensor")
+        and x.dtype == torch.bfloat16
+        and k % 16 == 0
+        and n % 16 == 0
+    ):
+        return scaled_mm_linear(x, weight, weight_scale, scheme.activations, bias, switches.pdl)
+    return fp8_linear(
+        x,
+        weight,
+        weight_scale,
+        block=scheme.block,
+        activations=scheme.activations,
+        activation_group=scheme.activation_group,
+        bias=bias,
+    )
+
+
+def scaled_mm_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    activations: str,
+    bias: torch.Tensor | None,
+    pdl: int = 0,
+) -> torch.Tensor:
+    """x (bf16 [M, K]) rounded through FP8 per token ("token") or per tensor ("tensor") times
+    the float8 weight [N, K] with per-row scales [N], in bf16: cuBLASLt's row-wise scaled GEMM.
+    It wants the second operand column-major ([N, K] row-major, transposed) and both scales
+    float32; the bias is added after (row-wise scaling does not take every bias dtype)."""
+    scale = amax_scale(x.abs().amax()).reshape(1) if activations == "tensor" else None
+    xq, x_scale = quantize_fp8(x, scale, pdl)
+    y = torch._scaled_mm(
+        xq,
+        weight.t(),
+        scale_a=x_scale,
+        scale_b=weight_scale.view(1, -1),
+        out_dtype=torch.bfloat16,
+    )
+    return y if bias is None else y + bias
