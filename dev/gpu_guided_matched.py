@@ -8,7 +8,8 @@ work; here both runs generate the same tokens per request.
 
   python dev/gpu_guided_matched.py --model M --out DIR [--num-prompts 256] [--output-len 256]
 
-Prints a table last; writes gpu_guided_matched.json under --out.
+Prints a table last; writes gpu_guided_matched.json and the last runs' step logs
+(steps_json.csv, steps_free.csv) under --out.
 """
 
 from __future__ import annotations
@@ -43,10 +44,13 @@ def main() -> None:
             structured_outputs=so,
         )  # fmt: skip
 
-    def timed(ps: list[SamplingParams]):
+    def timed(ps: list[SamplingParams], name: str):
+        n0 = len(llm.step_log())
         t = time.perf_counter()
         outs = llm.generate(prompts, ps, use_tqdm=False)  # returns when every token is back
-        return time.perf_counter() - t, outs
+        elapsed = time.perf_counter() - t
+        llm.step_log().iloc[n0:].to_csv(out_dir / f"steps_{name}.csv", index=False)
+        return elapsed, outs
 
     constrained = [params(r.expected_output_len, structured(r)) for r in reqs]
     llm.generate(prompts[:5], constrained[:5], use_tqdm=False)  # compile those grammars
@@ -55,10 +59,10 @@ def main() -> None:
               + f"--model {args.model} --num-prompts {args.num_prompts} "
               + f"--output-len {args.output_len}", "runs": []}  # fmt: skip
     for _ in range(2):
-        t_json, outs = timed(constrained)
+        t_json, outs = timed(constrained, "json")
         lens = [len(o.outputs[0].token_ids) for o in outs]
         texts = [o.outputs[0].text for o in outs]
-        t_free, free = timed([params(n) for n in lens])
+        t_free, free = timed([params(n) for n in lens], "free")
         assert [len(o.outputs[0].token_ids) for o in free] == lens
         steps = llm.step_log()
         result["runs"].append(
