@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gpu_gemv import L2_BYTES, REPO, graph_us, kernel_args, qwen7b_shapes
+from gpu_gemv import L2_BYTES, REPO, copy_bandwidth, graph_us, kernel_args, qwen7b_shapes
 
 sys.path.insert(0, str(REPO))
 
@@ -242,16 +242,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     card = torch.cuda.get_device_name()
-    from triton.testing import do_bench
-
-    a = torch.randn(1 << 30, dtype=torch.bfloat16, device="cuda")
-    b = torch.empty_like(a)
-    copy_bw = (
-        4
-        * a.numel()
-        / (do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median") * 1e-3)
-    )
-    del a, b
+    copy_bw = copy_bandwidth()
     shapes = qwen7b_shapes()
     result = {"card": card, "copy_bytes_per_s": copy_bw, "command": " ".join(sys.argv), "rows": []}
     print(f"card {card}, copy {copy_bw / 1e12:.2f} TB/s; microseconds per call")

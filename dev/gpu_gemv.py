@@ -236,6 +236,16 @@ def layer_chain(shapes, table, m, copy_bw, layers=28) -> dict:
     return out
 
 
+def copy_bandwidth() -> float:
+    """Bytes read plus written per second by a 2 GiB device-to-device copy."""
+    from triton.testing import do_bench
+
+    a = torch.randn(1 << 30, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
+    return 4 * a.numel() / (ms * 1e-3)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out")
@@ -245,16 +255,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     card = torch.cuda.get_device_name()
-    a = torch.randn(1 << 30, dtype=torch.bfloat16, device="cuda")
-    bb = torch.empty_like(a)
-    from triton.testing import do_bench
-
-    copy_bw = (
-        4
-        * a.numel()
-        / (do_bench(lambda: bb.copy_(a), warmup=50, rep=300, return_mode="median") * 1e-3)
-    )
-    del a, bb
+    copy_bw = copy_bandwidth()
     shapes = qwen7b_shapes()
     swept = args.shapes.split(",") if args.shapes else list(shapes)
     result = {"card": card, "copy_bytes_per_s": copy_bw, "command": " ".join(sys.argv), "rows": []}
