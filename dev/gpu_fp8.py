@@ -69,6 +69,11 @@ TUNE_DOT = [
         (128, 128, 8, 1),
         (128, 256, 8, 4),
         (32, 512, 4, 4),
+        # wider tiles for the FP8 tensor-core loop, which converts no weight
+        (64, 512, 4, 1),
+        (64, 512, 4, 2),
+        (32, 256, 4, 2),
+        (128, 256, 8, 1),
     )
 ]
 

@@ -263,7 +263,7 @@ def main() -> None:
         result["rows"] += sweep_shape(name, *shapes[name], copy_bw)
         (out / "gemv_sweep.json").write_text(json.dumps(result, indent=1))
     table = {}
-    if args.shapes and config_path(card).exists():  # keep the other shapes' entries
+    if config_path(card).exists():  # keep the entries this sweep does not time (fp8, shapes)
         table = json.loads(config_path(card).read_text())["configs"]
     table.update(table_from(result["rows"]))
     path = out / config_path(card).name

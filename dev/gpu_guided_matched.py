@@ -8,8 +8,8 @@ work; here both runs generate the same tokens per request.
 
   python dev/gpu_guided_matched.py --model M --out DIR [--num-prompts 256] [--output-len 256]
 
-Prints a table last; writes gpu_guided_matched.json and the last runs' step logs
-(steps_json.csv, steps_free.csv) under --out.
+Prints a table last; writes gpu_guided_matched.json and each run's step log
+(steps_json0.csv, steps_free0.csv, ...) under --out.
 """
 
 from __future__ import annotations
@@ -49,7 +49,16 @@ def main() -> None:
         t = time.perf_counter()
         outs = llm.generate(prompts, ps, use_tqdm=False)  # returns when every token is back
         elapsed = time.perf_counter() - t
-        llm.step_log().iloc[n0:].to_csv(out_dir / f"steps_{name}.csv", index=False)
+        steps = llm.step_log().iloc[n0:]
+        steps.to_csv(out_dir / f"steps_{name}.csv", index=False)
+        span = steps.start_time.iloc[-1] - steps.start_time.iloc[0] + steps.total_ms.iloc[-1] / 1e3
+        phases = ["forward_ms", "sample_ms", "structured_ms", "postprocess_ms", "total_ms"]
+        print(
+            f"{name}: {elapsed:.3f} s, {len(steps)} steps over {span:.3f} s (sum of step totals"
+            f" {steps.total_ms.sum() / 1e3:.3f} s); step medians "
+            + ", ".join(f"{c} {steps[c].median():.2f}" for c in phases),
+            flush=True,
+        )
         return elapsed, outs
 
     constrained = [params(r.expected_output_len, structured(r)) for r in reqs]
@@ -58,11 +67,11 @@ def main() -> None:
               "command": "python dev/gpu_guided_matched.py "
               + f"--model {args.model} --num-prompts {args.num_prompts} "
               + f"--output-len {args.output_len}", "runs": []}  # fmt: skip
-    for _ in range(2):
-        t_json, outs = timed(constrained, "json")
+    for i in range(2):
+        t_json, outs = timed(constrained, f"json{i}")
         lens = [len(o.outputs[0].token_ids) for o in outs]
         texts = [o.outputs[0].text for o in outs]
-        t_free, free = timed([params(n) for n in lens], "free")
+        t_free, free = timed([params(n) for n in lens], f"free{i}")
         assert [len(o.outputs[0].token_ids) for o in free] == lens
         steps = llm.step_log()
         result["runs"].append(

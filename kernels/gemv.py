@@ -30,8 +30,11 @@ block scales each weight element as it is read. The input is rounded through flo
 the way in, with a scale per row (an amax pass over the row first), for the whole input, or per
 row and group of columns (within a tile), and back to its dtype: the numerics of
 labkit.layers.quantization.fp8.fp8_linear, which is this path's reference (the kernels cannot
-import it, the tests compare the two). The products stay in float32 or bf16, not FP8 tensor-core
-math: at these rows the weight's bytes are the time, not the multiplies.
+import it, the tests compare the two). The FMA loop converts each weight to float32; the
+tensor-core loop multiplies in FP8 where it can (`fp8_tensor_cores`: a half-precision input with
+one scale per row or for the whole input): the input tile is quantized and the weight's bytes go
+to the tensor cores unconverted, since at one byte a weight the conversions, not the reads, would
+set the time. The scales multiply the float32 sums (block scales per tile).
 """
 
 from __future__ import annotations
@@ -44,13 +47,18 @@ from .gemv_configs import FMA_MAX_ROWS, MAX_ROWS, GemvConfig, heuristic_config
 from .gemv_tiles import (
     A_TENSOR,
     A_TOKEN,
+    W_BLOCK,
     Fp8Operands,
+    block_scale_column,
     fp8_modes,
+    fp8_quantize,
+    fp8_tensor_cores,
     input_scale,
     row_scaled,
     w_in,
     weight_tile,
     x_in,
+    x_tile,
 )
 from .pdl import pdl_launch_args, pdl_wait
 
@@ -213,6 +221,7 @@ def _gemv_dot_kernel(
     SCALE_BK: tl.constexpr,
     ACT: tl.constexpr,
     ACT_GROUP: tl.constexpr,
+    FP8_DOT: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -228,14 +237,25 @@ def _gemv_dot_kernel(
     acc = tl.zeros([BLOCK_N, 16], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         w_next = weight_tile(w_ptr, k0 + BLOCK_K, k_end, K, row_ok, cols, SPLIT_K > 1)
-        wt = w_in(
-            w_cur, w_scale, rows, row_ok, k0 + cols, K, stride_sn, W_SCALE, SCALE_BN, SCALE_BK
-        ).to(x.dtype.element_ty)
-        xt = x_in(
-            x, ms[None, :], (k0 + cols)[:, None], M, K, stride_xm, xs, GATED, ACT, ACT_GROUP, 0
-        )
-        acc = tl.dot(wt, xt.to(x.dtype.element_ty), acc, input_precision=PRECISION)
+        if FP8_DOT:  # the weight's bytes go to the tensor cores as they are
+            xt = x_tile(x, ms[None, :], (k0 + cols)[:, None], M, K, stride_xm, GATED)
+            xq = fp8_quantize(xt, xs)
+            if W_SCALE == W_BLOCK:
+                s = block_scale_column(w_scale, rows, row_ok, k0, stride_sn, SCALE_BN, SCALE_BK)
+                acc += tl.dot(w_cur, xq) * s[:, None]
+            else:
+                acc = tl.dot(w_cur, xq, acc)
+        else:
+            wt = w_in(
+                w_cur, w_scale, rows, row_ok, k0 + cols, K, stride_sn, W_SCALE, SCALE_BN, SCALE_BK
+            ).to(x.dtype.element_ty)
+            xt = x_in(
+                x, ms[None, :], (k0 + cols)[:, None], M, K, stride_xm, xs, GATED, ACT, ACT_GROUP, 0
+            )
+            acc = tl.dot(wt, xt.to(x.dtype.element_ty), acc, input_precision=PRECISION)
         w_cur = w_next
+    if FP8_DOT:
+        acc = acc * xs
     acc = row_scaled(acc, w_scale, rows, row_ok, W_SCALE)
     _epilogue(y, bias, ws, counters, acc, rows, row_ok, ms, M, N, stride_ym, HAS_BIAS, SPLIT_K)
 
@@ -333,7 +353,10 @@ def gemv(
     if cfg.dot:
         # float32 (exact-token tests on CUDA) must not be rounded to TF32; ignored for bf16.
         _gemv_dot_kernel[grid](
-            *args, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **common
+            *args,
+            FP8_DOT=fp8_tensor_cores(fp8, x.dtype, cfg.block_k),
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            **common,
         )
     else:
         _gemv_fma_kernel[grid](*args, BLOCK_M=triton.next_power_of_2(m), **common)

@@ -81,6 +81,12 @@ def fp8_round(v, s, dtype: tl.constexpr):
 
 
 @triton.jit
+def fp8_quantize(v, s):
+    """v / s rounded to float8_e4m3fn (saturating): an input tile for FP8 tensor cores."""
+    return tl.clamp(v / s, -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
+
+
+@triton.jit
 def x_in(
     x,
     m,
@@ -151,6 +157,15 @@ def weight_tile(w_ptr, k0, k_end, K, row_ok, cols, SPLIT: tl.constexpr):
     return tl.load(w_ptr + k0, mask=row_ok[:, None] & in_k[None, :], other=0.0)
 
 
+@triton.jit
+def block_scale_column(
+    w_scale, rows, row_ok, k0, stride_sn, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr
+):
+    """[BLOCK_N] block scales of the tile whose columns start at k0 (inside one scale block)."""
+    p = w_scale + (rows // SCALE_BN) * stride_sn + k0 // SCALE_BK
+    return tl.load(p, mask=row_ok, other=0.0)
+
+
 @dataclass(frozen=True)
 class Fp8Operands:
     """What a float8_e4m3fn weight brings to the product: its scales (float32 [N] per row, or
@@ -162,6 +177,16 @@ class Fp8Operands:
     block: tuple[int, int] | None
     activations: str | None
     group: int | None = None
+
+
+def fp8_tensor_cores(fp8: Fp8Operands | None, dtype: torch.dtype, block_k: int) -> bool:
+    """Whether the tensor-core loop multiplies in FP8 (the input quantized, not rounded back):
+    for a half-precision input rounded with one scale per row or for the whole input, and tiles
+    inside the weight's scale blocks. A float32 input (exact-token runs) keeps float products:
+    FP8 tensor cores accumulate with fewer bits than float32 has."""
+    if fp8 is None or fp8.activations not in ("token", "tensor") or dtype == torch.float32:
+        return False
+    return fp8.block is None or fp8.block[1] % block_k == 0
 
 
 def fp8_modes(fp8: Fp8Operands | None, block_k: int) -> dict:
