@@ -219,6 +219,14 @@ def print_row(r: dict) -> None:
         f" {r.get('scaled_mm_err', nan):.1e}",
         flush=True,
     )
+    ok = [t for t in r.get("tuned", []) if t["rel_err"] < 1e-2]
+    if ok:
+        t = min(ok, key=lambda t: t["us"])
+        print(
+            f"{'':>19} tuned best {t['us']:.1f} us: {'dot' if t['dot'] else 'fma'}"
+            f" {t['block_n']}x{t['block_k']} w{t['num_warps']} split-K {t['split_k']}",
+            flush=True,
+        )
 
 
 def table_entries(rows: list[dict]) -> dict:

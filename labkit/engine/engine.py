@@ -22,9 +22,9 @@ from labkit.engine.output_processor import OutputProcessor
 from labkit.engine.request import Request
 from labkit.engine.resolved_config import ResolvedConfig
 from labkit.engine.sampler import PendingSample, Sampler
-from labkit.engine.scheduler import ScheduledBatch, Scheduler
+from labkit.engine.scheduler import ScheduledBatch, Scheduler, launch_work
 from labkit.engine.stats import EngineStats, StepHistory, step_record
-from labkit.engine.structured_output import GrammarWaitlist, StructuredOutputManager
+from labkit.engine.structured_output import GrammarWaitlist, MaskFill, StructuredOutputManager
 from labkit.engine.warmup import WarmupSummary, script, warm_up
 from labkit.observe.labels import label_layers
 from labkit.observe.step_log import StepRecord
@@ -43,8 +43,9 @@ class _Step:
     batch: ScheduledBatch
     work: list[SeqWork]
     start: float  # time.time() when the launching call began
-    logits: torch.Tensor | None
+    logits: torch.Tensor | None  # all of the forward's, then only the rows to sample
     to_sample: list[Request] = field(default_factory=list)
+    mask: MaskFill | None = None  # structured outputs: the rows' bitmask, filling
     sample: PendingSample | None = None
     marks: Marks = field(default_factory=list)
     call_ms: float | None = None  # wall time of the launching step() call
@@ -195,7 +196,8 @@ class LLMEngine:
     # completes step n-1, whose results the device has produced meanwhile: the host's work for
     # both runs while the device computes step n, and step n's inputs that step n-1 sampled are
     # taken from the device (`SeqWork.pending_row`). Sampling waits until step n-1 is
-    # completed, so it sees every token so far (penalties, stop checks, finished requests).
+    # completed, so it sees every token so far (penalties, stop checks, finished requests);
+    # step n's grammar masks start filling once step n-1's tokens are accepted.
     def step(self) -> list[RequestOutput]:
         call_start = time.time()
         prev, self._inflight = self._inflight, None
@@ -233,8 +235,10 @@ class LLMEngine:
             launched = self._launch(batch, call_start, prev)
             launched.prefix_queries = self.scheduler.prefix_queries - prefix_before[0]
             launched.prefix_hits = self.scheduler.prefix_hits - prefix_before[1]
+        if launched is not None:
+            self._take_rows(launched)
         front = self.timer.take()
-        touched = self._complete(prev) if prev is not None else set()
+        touched = self._complete(prev, launched) if prev is not None else set()
         if launched is not None:
             self._sample(launched)
             launched.marks = front + self.timer.take()
@@ -275,72 +279,61 @@ class LLMEngine:
     def _launch(self, batch: ScheduledBatch, call_start: float, prev: _Step | None) -> _Step:
         """Build the step's work, advance the requests' computed counts (the next schedule may
         run before this step completes) and queue the forward pass."""
-        # The block tables are read (or pickled to the TP workers) within this call, before the
-        # scheduler touches them again: no copies.
-        work = []
-        for r, n in batch.work:
-            c = r.num_computed_tokens
-            ids = r.token_ids[c : c + n]
-            pending_row = -1
-            if len(ids) < n:  # the last input token was sampled last step: still on the device
-                ids.append(0)
-                pending_row = r.pending_row
-            work.append(
-                SeqWork(
-                    ids,
-                    c,
-                    r.block_table,
-                    sample=c + n == r.num_tokens + r.num_pending,
-                    all_logits=r.prompt_logprobs is not None and c < r.num_prompt_tokens,
-                    pending_row=pending_row,
-                )
-            )
-            r.num_computed_tokens = c + n
-            if r.metrics.first_scheduled_time is None:
-                r.metrics.first_scheduled_time = call_start
-                r.metrics.time_in_queue = call_start - r.metrics.arrival_time
+        work = launch_work(batch, call_start)
         if self.workers:
             self.workers.call("execute", work)
         sampled = prev.sample.token_ids if prev is not None and prev.sample is not None else None
         logits = self.runner.execute(work, sampled)
         return _Step(batch, work, call_start, logits)
 
+    def _take_rows(self, step: _Step) -> None:
+        """Keep only the step's logits rows to sample (recording prompt logprobs)."""
+        with self.timer.phase("sample"):
+            step.logits, step.to_sample, failed = self.output_processor.split_logits(
+                step.batch.work, step.work, step.logits
+            )
+        for r, e in failed:  # this request's prompt logprobs, not the engine's state
+            self._fail_request(r, e)
+
     def _sample(self, step: _Step) -> None:
         """Queue sampling for the step's rows whose requests are still live (a request that
         finished or was aborted after the step was launched gets nothing)."""
+        rows, to_sample = step.logits, step.to_sample
+        step.logits = None
+        if step.mask is None and any(r.grammar is not None for r in to_sample):
+            step.mask = self.structured.start_fill(to_sample)  # every token so far accepted
+        if step.mask is not None:  # rows of requests that ended since are masked, unused
+            with self.timer.phase("structured", host=True):
+                step.mask.future.result()
+            with self.timer.phase("structured"):
+                self.structured.apply(rows, step.mask)
+            step.mask = None
         with self.timer.phase("sample"):
-            rows, to_sample, failed = self.output_processor.split_logits(
-                step.batch.work, step.work, step.logits
-            )
-            for r, e in failed:  # this request's prompt logprobs, not the engine's state
-                self._fail_request(r, e)
-            step.logits = None
             live = [i for i, r in enumerate(to_sample) if not r.finished]
             if len(live) < len(to_sample):
                 to_sample = [to_sample[i] for i in live]
                 rows = rows[to_device(live, torch.long, rows.device)] if live else None
+        step.to_sample = to_sample
         if not to_sample:
             return
-        constrained = [j for j, r in enumerate(to_sample) if r.grammar is not None]
-        if constrained:
-            # Every token before this one has been accepted (step n-1 completed first).
-            with self.timer.phase("structured", host=True):
-                bitmask = self.structured.fill(
-                    [to_sample[j].grammar for j in constrained], constrained, len(to_sample)
-                )
-            with self.timer.phase("structured"):
-                self.structured.apply(rows, bitmask, constrained)
-        step.to_sample = to_sample
         with self.timer.phase("sample"):
             step.sample = self.sampler(rows, to_sample)
         for j, r in enumerate(to_sample):
             r.num_pending, r.pending_row = 1, j
 
-    def _complete(self, step: _Step) -> set[str]:
-        """Take the step's sampled tokens, run the stop checks, and record the step. Returns
-        the parent ids whose requests it touched."""
+    def _complete(self, step: _Step, next_step: _Step | None = None) -> set[str]:
+        """Take the step's sampled tokens, run the stop checks, and record the step; the grammar
+        masks of `next_step` (launched, not yet sampled) fill meanwhile. Returns the parent ids
+        whose requests it touched."""
         # Waiting for the device's sampled ids is not postprocessing: outside the phase.
         result = step.sample.result() if step.sample is not None else None
+        grammars = ([], [])
+        if result is not None and any(r.grammar is not None for r in step.to_sample):
+            with self.timer.phase("structured", host=True):
+                grammars = self.structured.advance(step.to_sample, result.token_ids)
+        if next_step is not None and any(r.grammar is not None for r in next_step.to_sample):
+            with self.timer.phase("structured", host=True):
+                next_step.mask = self.structured.start_fill(next_step.to_sample)
         with self.timer.phase("postprocess", host=True):
             now = time.time()
             for r, _ in step.batch.work:
@@ -349,9 +342,7 @@ class LLMEngine:
             if result is not None:
                 for r in self.output_processor.append_tokens(step.to_sample, result, now):
                     self.scheduler.finish(r)
-        if result is not None and any(r.grammar is not None for r in step.to_sample):
-            with self.timer.phase("structured", host=True):
-                self._advance_grammars(step.to_sample, now)
+        self._end_grammars(*grammars, now)
         ms = self.timer.resolve(step.marks + self.timer.take())
         batch = step.batch
         total = step.call_ms if step.call_ms is not None else (time.time() - step.start) * 1e3
@@ -369,16 +360,17 @@ class LLMEngine:
         )
         return {r.parent_id for r, _ in batch.work}
 
-    def _advance_grammars(self, reqs: list[Request], now: float) -> None:
-        """Each constrained sequence's matcher takes its new token; a sequence whose grammar has
-        terminated (a stop token that ignore_eos kept going) ends with "stop", one whose token
-        broke the grammar (nothing was allowed) with "error"."""
-        ended, broken = self.structured.advance(reqs)
+    def _end_grammars(self, ended: list[Request], broken: list[Request], now: float) -> None:
+        """A sequence whose grammar has terminated (a stop token that ignore_eos kept going)
+        ends with "stop", one whose token broke the grammar (nothing was allowed) with "error",
+        unless its stop checks ended it first."""
         for r in ended:
-            self.output_processor.end(r, "stop", now)
-            self.scheduler.finish(r)
+            if not r.finished:
+                self.output_processor.end(r, "stop", now)
+                self.scheduler.finish(r)
         for r in broken:
-            self._fail_request(r, ValueError(f"token {r.token_ids[-1]} breaks the grammar"))
+            if not r.finished:
+                self._fail_request(r, ValueError(f"token {r.token_ids[-1]} breaks the grammar"))
 
     def _fail_unschedulable(self) -> None:
         """Nothing could be scheduled although requests wait: the first one cannot fit even in

@@ -12,6 +12,8 @@ request waits until its token lands before it is readmitted.
 
 Rank: with policy "fcfs", arrival order; with "priority", (priority, arrival): a lower value is
 served first, and a waiting request may preempt running requests ranked below it.
+
+`launch_work` turns a scheduled batch into the forward pass's per-sequence work.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import operator
 from dataclasses import dataclass
 
 from labkit.engine.block_manager import BlockManager
+from labkit.engine.model_runner import SeqWork
 from labkit.engine.request import Request, RequestStatus
 from labkit.engine.resolved_config import ResolvedConfig
 
@@ -186,3 +189,33 @@ class Scheduler:
             self.waiting.remove(req)
         self.bm.free(req)
         req.status = RequestStatus.FINISHED
+
+
+def launch_work(batch: ScheduledBatch, call_start: float) -> list[SeqWork]:
+    """The forward pass's work for a scheduled batch. Advances the requests' computed counts
+    (the next schedule may run before this step completes) and stamps first scheduling."""
+    # The block tables are read (or pickled to the TP workers) while the step is launched,
+    # before the scheduler touches them again: no copies.
+    work = []
+    for r, n in batch.work:
+        c = r.num_computed_tokens
+        ids = r.token_ids[c : c + n]
+        pending_row = -1
+        if len(ids) < n:  # the last input token was sampled last step: still on the device
+            ids.append(0)
+            pending_row = r.pending_row
+        work.append(
+            SeqWork(
+                ids,
+                c,
+                r.block_table,
+                sample=c + n == r.num_tokens + r.num_pending,
+                all_logits=r.prompt_logprobs is not None and c < r.num_prompt_tokens,
+                pending_row=pending_row,
+            )
+        )
+        r.num_computed_tokens = c + n
+        if r.metrics.first_scheduled_time is None:
+            r.metrics.first_scheduled_time = call_start
+            r.metrics.time_in_queue = call_start - r.metrics.arrival_time
+    return work

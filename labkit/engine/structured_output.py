@@ -11,8 +11,11 @@ exactly the sequence's output tokens: preemption and recompute keep those tokens
 needs no rollback, and async scheduling's token in flight is accepted when it lands, before the
 next sampling step fills a mask (the engine samples step n only after completing step n-1).
 
-Masks are filled on the host for the constrained rows only and applied where the logits are:
-xgrammar's kernel on CUDA, torch on the CPU.
+Masks are filled on the host for the constrained rows only, on a thread of their own (xgrammar
+releases the GIL): with async scheduling a step's masks start filling as soon as the previous
+step's tokens are accepted, while the host appends those tokens and runs the stop checks, and the
+device runs the forward pass. They are applied where the logits are: xgrammar's kernel on CUDA,
+torch on the CPU.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ except ImportError:  # a base install has it; an environment without it runs unc
     xgr = None
 
 from labkit.structured_params import StructuredOutputsParams
+from labkit.transfer import to_device
 
 log = logging.getLogger("labkit")
 
@@ -60,6 +64,15 @@ class GrammarState:
     def start(self) -> None:
         """Build the matcher once the grammar compiled (raises its compile error)."""
         self.matcher = xgr.GrammarMatcher(self.future.result())
+
+
+@dataclass(eq=False)
+class MaskFill:
+    """A step's token bitmask being filled: rows `rows` (of the step's rows to sample) of the
+    host buffer the future returns."""
+
+    future: Future
+    rows: list[int]
 
 
 class GrammarWaitlist:
@@ -115,7 +128,8 @@ class StructuredOutputManager:
         self.device = device
         self.num_compiled = 0  # constraints compiled (cache misses), for tests and logs
         self._compiler: xgr.GrammarCompiler | None = None
-        self._thread: ThreadPoolExecutor | None = None
+        self._thread: ThreadPoolExecutor | None = None  # compiles
+        self._filler: ThreadPoolExecutor | None = None  # masks: never queued behind a compile
         self._futures: OrderedDict[tuple, Future] = OrderedDict()
         self._batch: xgr.BatchGrammarMatcher | None = None
         self._pinned: list[torch.Tensor] = []  # CUDA: two host buffers, used in turn
@@ -162,6 +176,7 @@ class StructuredOutputManager:
             )
             self._compiler = xgr.GrammarCompiler(info, max_threads=1)
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="labkit-grammar")
+            self._filler = ThreadPoolExecutor(1, thread_name_prefix="labkit-mask")
             self._batch = xgr.BatchGrammarMatcher()
         return self._compiler
 
@@ -175,40 +190,58 @@ class StructuredOutputManager:
             st.num_accepted += 1
         return True
 
-    def advance(self, reqs: list) -> tuple[list, list]:
-        """Feed each live constrained request its new tokens: (those whose grammar has
-        terminated, those whose token broke it)."""
+    def advance(self, reqs: list, new_tokens: list[int]) -> tuple[list, list]:
+        """Feed each live constrained request its newly sampled token (new_tokens[i] is
+        reqs[i]'s, not yet appended to its sequence): (those whose grammar has terminated, those
+        whose token broke it)."""
         ended, broken = [], []
-        for r in reqs:
-            if r.grammar is None or r.finished:
+        for r, tok in zip(reqs, new_tokens):
+            st = r.grammar
+            if st is None or r.finished:
                 continue
-            if not self.sync(r.grammar, r.output_token_ids):
+            if not (self.sync(st, r.output_token_ids) and st.matcher.accept_token(tok)):
                 broken.append(r)
-            elif r.grammar.matcher.is_terminated():
+                continue
+            st.num_accepted += 1
+            if st.matcher.is_terminated():
                 ended.append(r)
         return ended, broken
 
-    def fill(self, states: list[GrammarState], rows: list[int], num_rows: int) -> torch.Tensor:
-        """The allowed-token bitmask of each state's next token into row rows[k] of a host
-        buffer of `num_rows` rows, as many as the logits have (xgrammar's kernel reads the mask
-        rows by the logits' row indices); the other rows are left unfilled."""
-        bitmask = self._host_buffer(num_rows)
-        self._batch.batch_fill_next_token_bitmask(
-            [s.matcher for s in states], bitmask, indices=rows
-        )
+    def start_fill(self, reqs: list) -> MaskFill | None:
+        """Start filling the bitmask of the next token of each constrained request among `reqs`
+        (a step's rows to sample, in order) whose grammar can go on; None if there is none. Row
+        k of the buffer is reqs[k]'s (xgrammar's kernel reads mask rows by logits rows)."""
+        rows = [
+            k
+            for k, r in enumerate(reqs)
+            if r.grammar is not None and not r.finished and not r.grammar.matcher.is_terminated()
+        ]
+        if not rows:
+            return None
+        bitmask = self._host_buffer(len(reqs))
+        matchers = [reqs[k].grammar.matcher for k in rows]
+        return MaskFill(self._filler.submit(self._fill, matchers, bitmask, rows), rows)
+
+    def _fill(self, matchers: list, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        self._batch.batch_fill_next_token_bitmask(matchers, bitmask, indices=rows)
         return bitmask
 
-    def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
-        """Set the logits of the tokens `bitmask` disallows to -inf in `rows`, in place."""
+    def apply(self, logits: torch.Tensor, fill: MaskFill) -> None:
+        """Set the logits of the tokens the filled bitmask disallows to -inf in its rows, in
+        place (waits for the fill)."""
+        bitmask = fill.future.result()
         # The logits come from the forward pass's inference mode: only there may they change.
         with torch.inference_mode():
             if logits.is_cuda:
                 mask = bitmask.to(logits.device, non_blocking=True)
+                # A tensor from pinned memory: xgrammar would copy a list from pageable memory,
+                # a copy that may wait for the device.
+                rows = to_device(fill.rows, torch.int32, logits.device)
                 xgr.apply_token_bitmask_inplace(
                     logits, mask, vocab_size=self.vocab_size, indices=rows
                 )
             else:
-                apply_bitmask(logits, bitmask, rows)
+                apply_bitmask(logits, bitmask, fill.rows)
 
     def _host_buffer(self, n: int) -> torch.Tensor:
         if self.device.type != "cuda":
@@ -228,6 +261,7 @@ class StructuredOutputManager:
     def shutdown(self) -> None:
         if self._thread is not None:
             self._thread.shutdown(wait=False, cancel_futures=True)
+            self._filler.shutdown(wait=True)  # a fill in progress reads the matchers
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:

@@ -13,7 +13,7 @@ class StepRecord:
     prepare_ms: float
     forward_ms: float
     sample_ms: float
-    structured_ms: float  # structured outputs: filling and applying the token masks
+    structured_ms: float  # structured outputs: matchers, waiting for and applying token masks
     postprocess_ms: float
     total_ms: float
     num_prefill_tokens: int

@@ -148,6 +148,28 @@ def test_constrained_and_free_requests_do_not_change_each_other(default_llm):
     assert re.fullmatch(REGEX, mixed[2].outputs[0].text)
 
 
+def test_async_scheduling_gives_the_synchronous_outputs(default_llm):
+    """Under async scheduling a step's masks fill while the previous step's tokens are appended
+    and checked: the outputs are still the synchronous engine's, constrained and free mixed,
+    greedy and seeded, requests ending at different steps."""
+    free_prompts, free, cons_prompts, cons = _free_and_constrained()
+    grammar_prompt, grammar_so = CASES["grammar"][:2]
+    choice_prompt, choice_so = CASES["choice"][:2]
+    prompts = [*cons_prompts, *free_prompts, grammar_prompt, choice_prompt]
+    params = [
+        *cons,
+        *free,
+        SamplingParams(temperature=0.8, seed=3, max_tokens=40, structured_outputs=grammar_so),
+        SamplingParams(temperature=0, max_tokens=8, structured_outputs=choice_so),
+    ]
+    ref = default_llm.generate(prompts, params, use_tqdm=False)
+    with LLM(dtype="float32", async_scheduling=True) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert_engine_idle(llm)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+    assert len({len(o.outputs[0].token_ids) for o in ref}) > 2  # they end apart
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_preemption_and_async_scheduling_keep_the_constraint(default_llm, async_scheduling):
     """A KV cache too small for the batch preempts requests mid-output; their matchers keep
