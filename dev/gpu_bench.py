@@ -3,12 +3,13 @@ correctness check, then labkit vs HF transformers vs the floor on the Qwen2.5-7B
 with random weights in bf16.
 
   python dev/gpu_bench.py --out DIR [--config DIR] [--tiny DIR] [--workloads a,a64,b,c] [--skip-hf]
-      [--quantization fp8]
+      [--quantization fp8] [--kv-cache-dtype fp8]
 
 --config: another shape's config directory (data/configs/Qwen3-30B-A3B, Qwen3-8B); the floors
 use labkit's roofline shape, which counts a MoE layer's routed experts only.
 --quantization fp8: labkit's engines quantize the layers' weights at load (FP8 per output row,
 inputs per token; HF stays bf16), and the floors count those weights at 1 byte plus their scales.
+--kv-cache-dtype fp8: labkit's KV caches in float8_e4m3fn; the floors count the KV at 1 byte.
 Workloads: (a) one decode step, batch 1, context 1024 (a64: batch 64); (b) vLLM's quickstart
 latency run, batch 8, input 1024, output 1024; (c) throughput, 256 requests with input and
 output lengths uniform in [100, 1024] (seed 0), ignore_eos; c2 (only when named): a fresh
@@ -62,10 +63,11 @@ def ceilings() -> dict:
     return {"copy_bytes_per_s": copy_bw, "bf16_flops_per_s": flops}
 
 
-def model_numbers(cfg: dict, quantization: str | None = None) -> dict:
+def model_numbers(cfg: dict, quantization: str | None = None, kv_cache_dtype: str = "auto") -> dict:
     """Weight and KV bytes from labkit's roofline shape (MoE layers: the experts a batch is
     expected to route to; fp8: the layers' weights at 1 byte plus a float32 scale per output
-    row, counted as if every row were `hidden_size` long, the shortest)."""
+    row, counted as if every row were `hidden_size` long, the shortest; an fp8 KV cache at 1
+    byte an element)."""
     from labkit.lab.roofline import ModelShape
 
     moe = "num_experts" in cfg
@@ -84,6 +86,7 @@ def model_numbers(cfg: dict, quantization: str | None = None) -> dict:
         experts_per_tok=cfg.get("num_experts_per_tok", 0),
         expert_intermediate=cfg.get("moe_intermediate_size", 0),
         layer_weight_bytes=1 + 4 / cfg["hidden_size"] if quantization == "fp8" else None,
+        kv_elem_bytes=None if kv_cache_dtype == "auto" else 1,
     )
     return {
         "weight_bytes_for": shape.weight_bytes_for,
@@ -181,7 +184,12 @@ def e2e_step(run, prompt: dict, sp, short: int = 64, long: int = 320) -> float:
 
 
 def labkit_runs(
-    workloads: set[str], spec: str, out_dir: Path, config_dir: Path, quantization: str | None
+    workloads: set[str],
+    spec: str,
+    out_dir: Path,
+    config_dir: Path,
+    quantization: str | None,
+    kv_cache_dtype: str = "auto",
 ) -> dict:
     """One engine configuration, `spec` as in --tp: the TP size, then "nccl" for every
     all-reduce through NCCL, "sync" for async scheduling off, "nopdl" for kernels launched
@@ -208,6 +216,7 @@ def labkit_runs(
         disable_custom_all_reduce="nccl" in spec,
         async_scheduling="sync" not in spec,
         quantization=quantization,
+        kv_cache_dtype=kv_cache_dtype,
     )
     res["startup_s"] = time.perf_counter() - t0
     tp = spec
@@ -404,6 +413,7 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--config", default=str(QWEN7B), help="the model shape's config directory")
     ap.add_argument("--quantization", default=None, choices=["fp8"])
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -445,6 +455,7 @@ def main() -> None:
                 out_dir,
                 Path(args.config),
                 args.quantization,
+                args.kv_cache_dtype,
             ),
         )
 
@@ -454,7 +465,7 @@ def main() -> None:
     guarded("correctness", lambda: check_correctness(Path(args.tiny) if args.tiny else None))
 
     cfg = json.loads((Path(args.config) / "config.json").read_text())
-    num = model_numbers(cfg, args.quantization)
+    num = model_numbers(cfg, args.quantization, args.kv_cache_dtype)
     rows = []
     if "ceilings" in result:
         fl = floors(num, result["ceilings"])

@@ -4,7 +4,8 @@ decode and prefill attention kernels share (paged_attention_decode, prefill_atte
 Not a kernel of its own: a `@triton.jit` helper that Triton inlines into each caller, so the
 callers compile as if the loop body were written out in them. What differs between them is only
 which scores count: prefill's causal bound (and a sliding window's lower bound) come in as
-arguments.
+arguments. The cache may be float8_e4m3fn (`kv_cache_dtype="fp8"`, scale 1.0): its tiles are
+widened to the queries' dtype as they are loaded.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def attend_kv_tile(
     slot = page.to(tl.int64) * PAGE_SIZE + n % PAGE_SIZE
     kv_off = slot[:, None] * stride_cs + kvh * stride_ch + offs_d[None, :]
     kv_mask = n_mask[:, None] & d_mask[None, :]
-    k = tl.load(k_cache + kv_off, mask=kv_mask, other=0.0)
+    # An FP8 cache's values (scale 1.0) widen to the queries' dtype for the tensor cores.
+    k = tl.load(k_cache + kv_off, mask=kv_mask, other=0.0).to(q_tile.dtype)
     # scale * log2(e) folded in: the softmax runs in base 2 (exp2 is the native instruction).
     s = tl.dot(q_tile, tl.trans(k), input_precision=PRECISION) * scale_log2
     if first_key is not None:
@@ -70,6 +72,6 @@ def attend_kv_tile(
     alpha = tl.exp2(m_i - m_ref)
     p = tl.exp2(s - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_cache + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(v_cache + kv_off, mask=kv_mask, other=0.0).to(q_tile.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc

@@ -12,7 +12,9 @@ the result is what that kernel followed by this one gave, two launches fewer per
 
 Caches are `[num_blocks * block_size, num_kv_heads, head_dim]`: a flat slot axis, slot =
 block_id * block_size + offset. One program per token: the position and slot are looked up once
-for all its heads. Slot -1 is padding (CUDA graphs pad the batch): its K/V are not stored.
+for all its heads. Slot -1 is padding (CUDA graphs pad the batch): its K/V are not stored. A
+cache may be float8_e4m3fn (`kv_cache_dtype="fp8"`, scale 1.0): K and V are rounded to it from
+float32, saturating.
 """
 
 from __future__ import annotations
@@ -149,9 +151,11 @@ def _rotary_store_kernel(
         h = tl.arange(0, BLOCK_KH)[:, None]
         d = tl.arange(0, BLOCK_D)[None, :]
         mask = (h < NUM_KV_HEADS) & (d < HEAD_DIM)
+        val = tl.load(v + t * stride_vt + h * stride_vh + d, mask=mask).to(tl.float32)
+        # Rounded to the cache's dtype (saturating to float8_e4m3fn for an FP8 cache).
         tl.store(
             v_cache + slot * stride_cs + h * stride_ch + d,
-            tl.load(v + t * stride_vt + h * stride_vh + d, mask=mask),
+            val.to(v_cache.dtype.element_ty),
             mask=mask,
         )
 
@@ -256,6 +260,6 @@ def rotary_store_kvcache_ref(
     q.copy_(rotary_ref(positions, q, cos_table, sin_table))
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_cache[slots] = rotary_ref(positions, k, cos_table, sin_table)[keep]
-    v_cache[slots] = v[keep]
+    k_cache[slots] = rotary_ref(positions, k, cos_table, sin_table)[keep].to(k_cache.dtype)
+    v_cache[slots] = v[keep].to(v_cache.dtype)
     return q

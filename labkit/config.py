@@ -19,6 +19,7 @@ DTYPES = ("float32", "float", "bfloat16", "float16", "half")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "pt")
 EXECUTOR_BACKENDS = ("mp", "ray")
 QUANTIZATIONS = ("fp8",)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 def option(default, help: str, *, flags: tuple[str, ...] = (), choices: tuple | None = None):
@@ -75,6 +76,12 @@ class EngineConfig:
         "'fp8': float8 weights, per output channel, quantized at load (an FP8 checkpoint loads "
         "as it is stored either way; default: what the checkpoint's quantization_config says)",
         choices=QUANTIZATIONS,
+    )
+    kv_cache_dtype: str = option(
+        "auto",
+        "KV-cache data type: 'auto' (the model's dtype), or 'fp8' / 'fp8_e4m3' (float8_e4m3fn "
+        "with a scale of 1.0: twice the tokens of a 16-bit cache in the same memory)",
+        choices=KV_CACHE_DTYPES,
     )
     max_model_len: int | None = option(
         None,
@@ -161,6 +168,12 @@ class EngineConfig:
             "quantization",
             self.quantization,
             f"None or one of {', '.join(map(repr, QUANTIZATIONS))}",
+        )
+        check_field(
+            self.kv_cache_dtype in KV_CACHE_DTYPES,
+            "kv_cache_dtype",
+            self.kv_cache_dtype,
+            f"one of {', '.join(map(repr, KV_CACHE_DTYPES))}",
         )
         check_field(
             self.dtype == "auto" or self.dtype in DTYPES,

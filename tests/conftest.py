@@ -151,3 +151,25 @@ def tiny_llms(tiny_ckpts):
     yield get
     for llm in cache.values():
         llm.shutdown()
+
+
+@pytest.fixture
+def interpreter_fp8_rounding(monkeypatch):
+    """Under Triton's interpreter, float32 -> float8_e4m3fn rounded as torch (and the GPU's
+    cvt.rn.satfinite) round: the interpreter gives half the value where the rounded mantissa
+    carries into the exponent, and rounds ties away from zero. The kernels' own code runs."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    convert = interpreter._convert_float
+
+    def to_fp8_as_torch(data, src, dst, rounding):
+        if dst == tl.float8e4nv and src == tl.float32:
+            t = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+            return t.to(torch.float8_e4m3fn).view(torch.uint8).numpy().reshape(data.shape)
+        return convert(data, src, dst, rounding)
+
+    monkeypatch.setattr(interpreter, "_convert_float", to_fp8_as_torch)

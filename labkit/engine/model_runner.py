@@ -152,14 +152,14 @@ class ModelRunner:
         if self.device.type != "cpu":
             return [
                 (
-                    torch.zeros(shape, dtype=c.dtype, device=self.device),
-                    torch.zeros(shape, dtype=c.dtype, device=self.device),
+                    torch.zeros(shape, dtype=c.kv_dtype, device=self.device),
+                    torch.zeros(shape, dtype=c.kv_dtype, device=self.device),
                 )
                 for _ in range(layers)
             ]
         per_cache = math.prod(shape)
-        self._kv_map = mmap.mmap(-1, 2 * layers * per_cache * c.dtype.itemsize)
-        flat = torch.frombuffer(self._kv_map, dtype=c.dtype)
+        self._kv_map = mmap.mmap(-1, 2 * layers * per_cache * c.kv_dtype.itemsize)
+        flat = torch.frombuffer(self._kv_map, dtype=c.kv_dtype)
         caches = flat.view(layers, 2, *shape)
         return [(caches[i, 0], caches[i, 1]) for i in range(layers)]
 
@@ -194,7 +194,7 @@ class ModelRunner:
 
     def _bytes_per_block(self) -> int:
         hc = self.config.model_config
-        elem = torch.empty((), dtype=self.config.dtype).element_size()
+        elem = self.config.kv_dtype.itemsize
         return 2 * hc.num_hidden_layers * self.block_size * self.num_kv_heads * hc.head_dim * elem
 
     def _count_kv_blocks(self, activation_bytes: int) -> int:
@@ -222,11 +222,12 @@ class ModelRunner:
             )
         if self.tp.rank == 0:
             log.info(
-                "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB per rank)",
+                "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB per rank, %s)",
                 n,
                 self.block_size,
                 n * self.block_size,
                 n * per_block / 2**20,
+                str(c.kv_dtype).removeprefix("torch."),
             )
         return n
 

@@ -44,6 +44,7 @@ class ResolvedConfig:
     model_config: ModelConfig  # its config.json
     device: str  # "cuda" or "cpu"
     dtype: torch.dtype
+    kv_dtype: torch.dtype  # the KV cache's elements
     max_model_len: int
     max_num_batched_tokens: int
     async_scheduling: bool
@@ -115,13 +116,15 @@ def resolve(options: EngineConfig) -> ResolvedConfig:
     async_scheduling = (
         device == "cuda" if options.async_scheduling is None else options.async_scheduling
     )
+    dtype = _dtype(options.dtype, device, mc)
     return ResolvedConfig(
         options,
         model_dir,
         tokenizer_dir,
         mc,
         device,
-        _dtype(options.dtype, device, mc),
+        dtype,
+        _kv_dtype(options.kv_cache_dtype, dtype, device),
         max_model_len,
         batched,
         async_scheduling,
@@ -153,3 +156,16 @@ def _dtype(name: str, device: str, mc: ModelConfig) -> torch.dtype:
     ckpt = TORCH_DTYPES.get(mc.torch_dtype, torch.float32)
     # As vLLM: float32 checkpoints run in half precision on GPUs (bf16 where supported).
     return torch.bfloat16 if ckpt == torch.float32 else ckpt
+
+
+def _kv_dtype(name: str, dtype: torch.dtype, device: str) -> torch.dtype:
+    if name == "auto":
+        return dtype
+    # The kernels round to and from float8 with instructions that Ada and Hopper have.
+    check_field(
+        device != "cuda" or torch.cuda.get_device_capability() >= (8, 9),
+        "kv_cache_dtype",
+        name,
+        "'auto' on this GPU (an FP8 KV cache needs compute capability 8.9 or newer)",
+    )
+    return torch.float8_e4m3fn

@@ -129,12 +129,15 @@ class ModelShape:
     expert_intermediate: int = 0
     # Bytes per element of the decoder layers' matmul weights where they are stored otherwise
     # than the model's dtype (FP8: 1 plus the share of its float32 scale); None: elem_bytes.
-    # The LM head and the KV cache stay at elem_bytes.
+    # The LM head stays at elem_bytes.
     layer_weight_bytes: float | None = None
+    # Bytes per KV-cache element where the cache is stored otherwise than the model's dtype
+    # (kv_cache_dtype="fp8": 1); None: elem_bytes.
+    kv_elem_bytes: int | None = None
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
-        """From a ResolvedConfig (its model_config and dtype)."""
+        """From a ResolvedConfig (its model_config, dtype and KV-cache dtype)."""
         hc = config.model_config
         return cls(
             hc.num_hidden_layers,
@@ -149,6 +152,7 @@ class ModelShape:
             experts=hc.num_experts,
             experts_per_tok=hc.num_experts_per_tok,
             expert_intermediate=hc.moe_intermediate_size,
+            kv_elem_bytes=config.kv_dtype.itemsize,
         )
 
     @property
@@ -202,7 +206,13 @@ class ModelShape:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.elem_bytes
+        return (
+            2
+            * self.layers
+            * self.kv_heads
+            * self.head_dim
+            * (self.kv_elem_bytes or self.elem_bytes)
+        )
 
     def attention_flops(self, context: int) -> int:
         """One query token against `context` keys: QK^T and PV over every layer and head."""

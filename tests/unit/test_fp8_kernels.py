@@ -3,18 +3,14 @@ fp8_linear), run by Triton's interpreter on a CPU: the decode kernel with per-ro
 scales and every input rounding, the input quantizer of the _scaled_mm path, the scale algebra
 handed to _scaled_mm (emulated: it has no CPU kernel), and which path a layer's rows take.
 
-The interpreter rounds float32 -> float8_e4m3fn wrongly where the rounded mantissa carries into
-the exponent (it gives half the value) and rounds ties away from zero; the GPU's conversion
-(cvt.rn.satfinite) is torch's. So the interpreter's conversion to float8e4nv is replaced by
-torch's here: the kernels' own code runs, with the rounding the GPU does.
+The interpreter's float32 -> float8_e4m3fn rounding is replaced by torch's (the GPU's): see the
+`interpreter_fp8_rounding` fixture in conftest.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,21 +35,8 @@ N, K = 192, 256
 
 
 @pytest.fixture(autouse=True)
-def torch_fp8_rounding(monkeypatch):
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    convert = interpreter._convert_float
-
-    def to_fp8_as_torch(data, src, dst, rounding):
-        if dst == tl.float8e4nv and src == tl.float32:
-            t = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
-            return t.to(torch.float8_e4m3fn).view(torch.uint8).numpy().reshape(data.shape)
-        return convert(data, src, dst, rounding)
-
-    monkeypatch.setattr(interpreter, "_convert_float", to_fp8_as_torch)
+def fp8_rounding(interpreter_fp8_rounding):
+    pass
 
 
 def _weight(kind: str, n: int = N, k: int = K) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:

@@ -178,6 +178,60 @@ def test_prefill_attention(dtype, block_size, window):
     )
 
 
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, HALF])
+def test_attention_kernels_read_an_fp8_cache(dtype):
+    """kv_cache_dtype="fp8": the decode and prefill kernels widen the float8 cache's values
+    (scale 1.0) as the references do, whatever the queries' dtype."""
+    hkv, group, d, block_size = 2, 2, 32, 8
+    ctx_lens = [random.randint(1, 40), 150]
+    k_cache, v_cache, table = paged_cache(ctx_lens, block_size, hkv, d, torch.float32)
+    k_cache, v_cache = (4 * k_cache).to(FP8), (4 * v_cache).to(FP8)  # well inside its range
+    lens = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(len(ctx_lens), hkv * group, d, dtype=dtype, device=DEVICE)
+    args = (q, k_cache, v_cache, table, lens, d**-0.5, block_size)
+    for splits in (1, 3):
+        torch.testing.assert_close(
+            paged_attention_decode(*args, num_splits=splits),
+            paged_attention_decode_ref(*args),
+            **TOL[dtype],
+        )
+    q_lens = [ctx_lens[0], 70]  # a fresh prompt, and a chunk after a cached prefix
+    q = torch.randn(sum(q_lens), hkv * group, d, dtype=dtype, device=DEVICE)
+    cu = torch.tensor([0] + q_lens, device=DEVICE).cumsum(0).to(torch.int32)
+    args = (q, k_cache, v_cache, cu, lens, table, d**-0.5, block_size)
+    torch.testing.assert_close(
+        prefill_attention(*args, max(q_lens)), prefill_attention_ref(*args), **TOL[dtype]
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_store_kvcache_rounds_into_an_fp8_cache(dtype, interpreter_fp8_rounding):
+    """Rotated k and v rounded to float8_e4m3fn (saturating: 1000 becomes 448) by slot. The
+    kernel rotates in float32 and rounds once; the reference rotates in `dtype` (bfloat16: off by
+    up to ~0.1 at these magnitudes) and rounds that, so a value may land a float8 step away."""
+    t, hq, hkv, d, slots = 5, 4, 2, 32, 16
+    rotary = RotaryEmbedding(d, 64, 10000.0).to(DEVICE)
+    qkv = torch.randn(t, hq + 2 * hkv, d, dtype=dtype, device=DEVICE) * 20
+    qkv[0, hq + hkv, 0] = 1000.0  # a v element past float8's 448
+    positions = torch.randint(0, 64, (t,), device=DEVICE)
+    mapping = torch.randperm(slots, device=DEVICE)[:t]
+    caches = [torch.zeros(slots, hkv, d, dtype=FP8, device=DEVICE) for _ in range(2)]
+    refs = [c.clone() for c in caches]
+    q, k, v = qkv.clone().split([hq, hkv, hkv], dim=1)
+    rq, rk, rv = qkv.clone().split([hq, hkv, hkv], dim=1)
+    rotary_store_kvcache(positions, q, k, v, rotary.cos, rotary.sin, *caches, mapping)
+    rotary_store_kvcache_ref(positions, rq, rk, rv, rotary.cos, rotary.sin, *refs, mapping)
+    for got, ref in zip(caches, refs):
+        # one float8 step: 2**-3 of the value at most (2**-9 among the subnormals)
+        atol = 2**-9 if dtype == torch.float32 else 0.25
+        torch.testing.assert_close(got.float(), ref.float(), rtol=0.126, atol=atol)
+    assert caches[1][mapping[0], 0, 0].float() == 448.0
+    assert (caches[1].float() != 0).sum() > 0.9 * t * hkv * d
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden", [64, 96])
 def test_fused_add_rmsnorm(dtype, hidden):
@@ -346,11 +400,19 @@ def test_gemv_tables_and_dispatch(monkeypatch):
         G._table.cache_clear()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, HALF])
-@pytest.mark.parametrize("window,qk_norm", [(None, False), (10, False), (None, True)])
-def test_triton_backend_matches_torch_backend(dtype, window, qk_norm):
+BACKEND_CASES = [(None, False), (10, False), (None, True)]  # (window, qk_norm)
+
+
+@pytest.mark.parametrize(
+    "dtype,window,qk_norm,kv",
+    [
+        *((dt, w, qn, None) for dt in (torch.float32, HALF) for w, qn in BACKEND_CASES),
+        (torch.float32, None, False, torch.float8_e4m3fn),
+    ],
+)
+def test_triton_backend_matches_torch_backend(dtype, window, qk_norm, kv, interpreter_fp8_rounding):
     """Both backends on one mixed step; qk_norm: Qwen3's per-head norms (RMSNorm modules in
-    torch, inside the rotary kernel in Triton)."""
+    torch, inside the rotary kernel in Triton); kv: an FP8 cache (kv_cache_dtype="fp8")."""
     block_size, hkv, group, d = 8, 2, 2, 16
     norm = None
     if qk_norm:
@@ -360,6 +422,8 @@ def test_triton_backend_matches_torch_backend(dtype, window, qk_norm):
     # Three decodes, then a chunk of 9 after 20 cached tokens and a fresh 6-token prompt.
     q_lens, ctx_lens = [1, 1, 1, 9, 6], [random.randint(1, 40), 17, 33, 29, 6]
     k_cache, v_cache, table = paged_cache(ctx_lens, block_size, hkv, d, dtype)
+    if kv is not None:
+        k_cache, v_cache = k_cache.to(kv), v_cache.to(kv)
     seqs = [SeqSlice(ql, cl, row.tolist()) for ql, cl, row in zip(q_lens, ctx_lens, table.cpu())]
     t = sum(q_lens)
     rotary = RotaryEmbedding(d, 64, 10000.0).to(DEVICE)
@@ -379,10 +443,14 @@ def test_triton_backend_matches_torch_backend(dtype, window, qk_norm):
             )
         )
         caches.append((kc, vc))
+    assert torch.equal(caches[1][1], caches[0][1])
+    if kv is not None:  # a new key may round to the neighbouring float8 step
+        torch.testing.assert_close(caches[1][0].float(), caches[0][0].float(), rtol=0.126, atol=0)
+        torch.testing.assert_close(outs[1], outs[0], rtol=0.02, atol=0.02)
+        return
     torch.testing.assert_close(outs[1], outs[0], **TOL[dtype])
     # Rotary rounds once in the kernel, after each op in torch: k's cache rows within an ulp.
     torch.testing.assert_close(caches[1][0], caches[0][0], **ELEMENTWISE_TOL.get(dtype, TOL[dtype]))
-    assert torch.equal(caches[1][1], caches[0][1])
 
 
 def _all_reduce_rank(rank, world, xs, outs, buf_ptrs, sig_ptrs):

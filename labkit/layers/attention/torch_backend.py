@@ -82,12 +82,14 @@ class TorchAttentionBackend:
             meta.window_masks[window] = mask
         return mask
 
-    def _gather(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    def _gather(
+        self, cache: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
         """[*blocks.shape, block_size, Hkv, D] -> tokens flattened:
-        [..., n * block_size, Hkv, D]."""
+        [..., n * block_size, Hkv, D], in `dtype` (an FP8 cache's values, scale 1.0)."""
         hkv, d = cache.shape[1:]
         out = cache.view(-1, self.block_size, hkv, d).index_select(0, blocks.reshape(-1))
-        return out.view(*blocks.shape[:-1], -1, hkv, d)
+        return out.view(*blocks.shape[:-1], -1, hkv, d).to(dtype)
 
     def forward(
         self,
@@ -109,24 +111,24 @@ class TorchAttentionBackend:
         if qk_norm is not None:
             q, k = qk_norm.q(q), qk_norm.k(k)
         q, k = rotary(positions, q, k)
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+        store(k_cache, meta.slot_mapping, k)
+        store(v_cache, meta.slot_mapping, v)
         out = torch.empty_like(q)
         n, h, d = meta.num_decode, q.shape[1], q.shape[2]
         hkv = k.shape[1]
         if n:
             # Grouped queries as the "length" axis: one SDPA call, no K/V repeat for GQA.
             qq = q[:n].view(n, hkv, h // hkv, d)
-            kk = self._gather(k_cache, meta.decode_blocks).transpose(1, 2)
-            vv = self._gather(v_cache, meta.decode_blocks).transpose(1, 2)
+            kk = self._gather(k_cache, meta.decode_blocks, q.dtype).transpose(1, 2)
+            vv = self._gather(v_cache, meta.decode_blocks, q.dtype).transpose(1, 2)
             o = F.scaled_dot_product_attention(
                 qq, kk, vv, attn_mask=self._decode_mask(meta, window), scale=scale
             )
             out[:n] = o.reshape(n, h, d)
         for row, q_len, ctx, blocks in meta.prefills:
             qq = q[row : row + q_len].transpose(0, 1).unsqueeze(0)
-            kk = self._gather(k_cache, blocks)[:ctx].transpose(0, 1).unsqueeze(0)
-            vv = self._gather(v_cache, blocks)[:ctx].transpose(0, 1).unsqueeze(0)
+            kk = self._gather(k_cache, blocks, q.dtype)[:ctx].transpose(0, 1).unsqueeze(0)
+            vv = self._gather(v_cache, blocks, q.dtype)[:ctx].transpose(0, 1).unsqueeze(0)
             if ctx == q_len and (window is None or window >= ctx):
                 o = F.scaled_dot_product_attention(
                     qq, kk, vv, is_causal=True, scale=scale, enable_gqa=True
@@ -140,3 +142,11 @@ class TorchAttentionBackend:
                 )
             out[row : row + q_len] = o[0].transpose(0, 1)
         return out
+
+
+def store(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """Rows `slots` of the cache = x, rounded to the cache's dtype (saturating, for FP8)."""
+    if cache.dtype == x.dtype:
+        cache.index_copy_(0, slots, x)
+    else:  # by bytes: torch has no float8 index_copy_ on the CPU
+        cache.view(torch.uint8).index_copy_(0, slots, x.to(cache.dtype).view(torch.uint8))
