@@ -6,7 +6,7 @@ its text does not depend on what else is in the batch.
 
 Two paths draw the same distributions: on CUDA one kernel for the batch (labkit.kernels.sampling:
 no sort of the vocabulary, no host sync; Philox draws from a per-row seed), elsewhere torch ops
-(a sort for top-k/top-p/min-p, exponential races from torch generators), which are the kernel's
+(a sort for top-k/top-p/min-p, inverse-CDF draws from torch generators), which are the kernel's
 reference. The two give different draws for the same seed.
 """
 
@@ -186,13 +186,15 @@ class Sampler:
                 to_device([x.min_p for x in p], torch.float32, dev),
             )
         probs = rows.softmax(-1)
-        # Gumbel-style race: argmax(p / E) with E ~ Exp(1) samples from p. Unseeded rows
-        # draw together from the engine's generator; seeded rows from their own.
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        # Inverse CDF: one uniform per row (an exponential draw per vocabulary entry costs ten
+        # times more on the CPU). Unseeded rows draw together from the engine's generator,
+        # seeded rows from their own; u in (0, 1], so a zero-probability token is never chosen.
+        u = 1 - torch.rand(len(sampled), 1, generator=self.generator, device=dev)
         for j, i in enumerate(sampled):
             if reqs[i].generator is not None:
-                noise[j].exponential_(generator=reqs[i].generator)
-        picks = (probs / noise).argmax(-1)
+                u[j] = 1 - torch.rand(1, generator=reqs[i].generator, device=dev)
+        cdf = probs.cumsum(-1)
+        picks = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=probs.shape[-1] - 1)[:, 0]
         if every:
             return picks
         chosen = logits.argmax(-1)

@@ -3,7 +3,7 @@ own step loop (scheduler, model runner, sampler, output processing) before the f
 request, so that what a run compiles or loads on first use happens at start-up: Triton kernel
 variants (the decode matmuls' and MoE kernels' row-count buckets, eager decode attention with
 and without KV splits), cuBLAS kernels for prefill shapes, the torch kernels CUDA loads lazily
-(the sampler's sort, softmax, cumsum, exponential draw, top-k for logprobs, penalties), and the
+(the sampler's sort, softmax, cumsum, inverse-CDF draw, top-k for logprobs, penalties), and the
 caching allocators' device and pinned memory for a full-budget step.
 
 The script, phase after phase (each runs until the engine is idle):

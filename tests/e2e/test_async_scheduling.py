@@ -51,7 +51,7 @@ def _run(path, async_scheduling: bool, **kw):
                 c.text,
                 c.finish_reason,
                 c.stop_reason,
-                round(c.cumulative_logprob, 4),
+                c.cumulative_logprob,
                 None if c.logprobs is None else [sorted(e) for e in c.logprobs],
             )
             for c in o.outputs
@@ -68,7 +68,14 @@ def _run(path, async_scheduling: bool, **kw):
 def test_async_gives_the_synchronous_outputs_for_every_sampling_feature(tiny_ckpts, kw):
     sync, _ = _run(tiny_ckpts["llama"], False, **kw)
     asyn, log = _run(tiny_ckpts["llama"], True, **kw)
-    assert asyn == sync
+    # Everything equal but the cumulative logprobs, which differ by float noise between batch
+    # shapes (a rounded comparison would fail wherever the noise crosses a rounding boundary).
+    cumulative = 4
+    assert [[c[:cumulative] + c[cumulative + 1 :] for c in o] for o in asyn] == [
+        [c[:cumulative] + c[cumulative + 1 :] for c in o] for o in sync
+    ]
+    for a, b in zip(asyn, sync):
+        assert all(abs(x[cumulative] - y[cumulative]) < 1e-3 for x, y in zip(a, b))
     if "num_kv_blocks" in kw:
         assert log.num_preemptions.sum() > 0
 
