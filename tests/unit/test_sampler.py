@@ -69,3 +69,32 @@ def test_penalties_and_bias_move_the_argmax():
     assert sample(logits, [rep]).token_ids == [2]  # 2.0 / 2 < 1.9
     bias = request(SamplingParams(temperature=0, logit_bias={3: 5.0}))
     assert sample(logits, [bias]).token_ids == [3]
+
+
+def test_torch_draws_match_the_filtered_softmax():
+    """The torch path's inverse-CDF draws, 3000 per filter in one batch (temperature, top-k,
+    top-p, min-p), against the filtered softmax: no cut token drawn, a chi-square bound at
+    p = 1e-4 (tokens expected fewer than 5 times pooled), seeded rows among them."""
+    vocab, draws = 60, 3000
+    base = torch.randn(vocab, generator=torch.Generator().manual_seed(3)) * 2
+    filters = [(1.0, 0, 1.0, 0.0), (0.7, 8, 1.0, 0.0), (1.0, 0, 0.8, 0.0), (1.2, 0, 1.0, 0.05)]
+    reqs = []
+    for t, k, p, m in filters:
+        params = SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m)
+        reqs += [request(params, seed=i if i % 3 == 0 else None) for i in range(draws)]
+    ids = torch.tensor(sample(base.expand(len(reqs), vocab).contiguous(), reqs).token_ids)
+    for f, (t, k, p, m) in enumerate(filters):
+        probs = apply_top_k_top_p_min_p(
+            (base / t)[None], torch.tensor([k]), torch.tensor([p]), torch.tensor([m])
+        ).softmax(-1)[0]
+        counts = torch.bincount(ids[f * draws : (f + 1) * draws], minlength=vocab).double()
+        assert counts[probs == 0].sum() == 0, f"filter {f} drew a token it cuts"
+        expected = probs.double() * draws
+        small = (expected < 5) & (probs > 0)
+        obs = torch.cat([counts[expected >= 5], counts[small].sum()[None]])
+        exp = torch.cat([expected[expected >= 5], expected[small].sum()[None]])
+        keep = exp > 0
+        chi2 = (((obs - exp) ** 2) / exp)[keep].sum().item()
+        dof = int(keep.sum()) - 1
+        bound = dof * (1 - 2 / (9 * dof) + 3.72 * (2 / (9 * dof)) ** 0.5) ** 3  # Wilson-Hilferty
+        assert chi2 < bound, f"filter {f}: chi2 {chi2:.1f} on {dof} dof"
