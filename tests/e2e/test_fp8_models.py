@@ -198,42 +198,60 @@ def test_a_projection_left_in_float_is_refused(fp8_ckpts, tmp_path):
         LLM(str(path))
 
 
+AGREEMENT_PROMPTS = [
+    "The capital of France is",
+    "Hello, my name is",
+    "The future of AI is",
+    "The president of the United States is",
+    "Water boils at a temperature of",
+    "The largest planet in the solar system is",
+    "Once upon a time, there was a",
+    "def fibonacci(n):",
+]
+
+
+def _float32_continuations(default_llm) -> tuple[list[list[int]], list[int]]:
+    """Each agreement prompt with float32's first 32 greedy tokens, and the prompts' lengths."""
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    outs = default_llm.generate(AGREEMENT_PROMPTS, params, use_tqdm=False)
+    seqs = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
+    return seqs, [len(o.prompt_token_ids) for o in outs]
+
+
+def _next_tokens_agreeing(llm: LLM, seqs: list[list[int]], starts: list[int]) -> int:
+    """How many of the continuations' tokens are `llm`'s top next token after the same text."""
+    forced = SamplingParams(max_tokens=1, prompt_logprobs=1)
+    outs = llm.generate([{"prompt_token_ids": s} for s in seqs], forced, use_tqdm=False)
+    same = 0
+    for o, s, start in zip(outs, seqs, starts):
+        for i in range(start, len(s)):
+            top = next(t for t, lp in o.prompt_logprobs[i].items() if lp.rank == 1)
+            same += top == s[i]
+    return same
+
+
+def _capital_of_france(llm: LLM) -> str:
+    chat = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(temperature=0, max_tokens=16),
+        use_tqdm=False,
+    )
+    return chat[0].outputs[0].text
+
+
 def test_default_model_quantized_at_load(default_llm):
     """SmolLM2-135M with per-channel FP8 weights and per-token FP8 inputs against float32, on
     the first 32 greedy tokens of 8 prompts. Measured: 229 of 256 next tokens agree after the
     same tokens (teacher-forced on float32's continuations); running free, 51 of 256 positions
     agree, as a continuation goes its own way from its first different token (first
     differences at 10, 1, 0, 4, 4, 0, 2 and 5; weight-only FP8 gets 126)."""
-    prompts = [
-        "The capital of France is",
-        "Hello, my name is",
-        "The future of AI is",
-        "The president of the United States is",
-        "Water boils at a temperature of",
-        "The largest planet in the solar system is",
-        "Once upon a time, there was a",
-        "def fibonacci(n):",
-    ]
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    outs = default_llm.generate(prompts, params, use_tqdm=False)
-    seqs = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
-    forced = SamplingParams(max_tokens=1, prompt_logprobs=1)
+    seqs, starts = _float32_continuations(default_llm)
     with LLM(dtype="float32", quantization="fp8") as llm:
         down = llm.engine.runner.model.model.layers[0].mlp.down_proj
         assert down.weight.dtype == FP8 and down.weight_scale.shape == (576,)
-        fp8 = llm.generate([{"prompt_token_ids": s} for s in seqs], forced, use_tqdm=False)
-        chat = llm.chat(
-            [{"role": "user", "content": "What is the capital of France?"}],
-            SamplingParams(temperature=0, max_tokens=16),
-            use_tqdm=False,
-        )
-    same = 0
-    for o, f, s in zip(outs, fp8, seqs):
-        for i in range(len(o.prompt_token_ids), len(s)):
-            top = next(t for t, lp in f.prompt_logprobs[i].items() if lp.rank == 1)
-            same += top == s[i]
+        same = _next_tokens_agreeing(llm, seqs, starts)
+        assert "Paris" in _capital_of_france(llm)
     assert same >= 0.8 * 8 * 32, f"{same} of {8 * 32} next tokens agree"
-    assert "Paris" in chat[0].outputs[0].text
 
 
 def test_fp8_kv_cache_on_the_default_model(default_llm):
@@ -241,45 +259,21 @@ def test_fp8_kv_cache_on_the_default_model(default_llm):
     the same bytes (2x a 16-bit one's); teacher-forced on float32's greedy continuations (8
     prompts, 32 tokens), the next tokens agree with float32's (measured: 243 of 256), the prefix
     cache's FP8 blocks give the same tokens again, and the chat answer is Paris."""
-    prompts = [
-        "The capital of France is",
-        "Hello, my name is",
-        "The future of AI is",
-        "The president of the United States is",
-        "Water boils at a temperature of",
-        "The largest planet in the solar system is",
-        "Once upon a time, there was a",
-        "def fibonacci(n):",
-    ]
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    outs = default_llm.generate(prompts, params, use_tqdm=False)
-    seqs = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
-    forced = SamplingParams(max_tokens=1, prompt_logprobs=1)
+    seqs, starts = _float32_continuations(default_llm)
     budget = 64 << 20
     with LLM(dtype="float32", kv_cache_memory_bytes=budget) as llm:
         float_blocks = llm.engine.stats().kv_blocks_total
     with LLM(dtype="float32", kv_cache_dtype="fp8", kv_cache_memory_bytes=budget) as llm:
         assert llm.engine.runner.kv_caches[0][0].dtype == FP8
         assert llm.engine.stats().kv_blocks_total == 4 * float_blocks
-        fp8 = llm.generate([{"prompt_token_ids": s} for s in seqs], forced, use_tqdm=False)
+        same = _next_tokens_agreeing(llm, seqs, starts)
         # Again from the prefix cache's FP8 blocks: the same tokens.
         longer = [{"prompt_token_ids": s} for s in seqs]  # whole blocks to share
         first, again = (llm.generate(longer, greedy_params(8), use_tqdm=False) for _ in range(2))
         assert llm.step_log().prefix_cache_hits.sum() > 0
-        chat = llm.chat(
-            [{"role": "user", "content": "What is the capital of France?"}],
-            SamplingParams(temperature=0, max_tokens=16),
-            use_tqdm=False,
-        )
-    same = 0
-    for o, f, s in zip(outs, fp8, seqs):
-        for i in range(len(o.prompt_token_ids), len(s)):
-            top = next(t for t, lp in f.prompt_logprobs[i].items() if lp.rank == 1)
-            same += top == s[i]
-    print(f"{same} of {8 * 32} next tokens agree")
+        assert [a.outputs[0].token_ids for a in again] == [f.outputs[0].token_ids for f in first]
+        assert "Paris" in _capital_of_france(llm)
     assert same >= 0.8 * 8 * 32, f"{same} of {8 * 32} next tokens agree"
-    assert [a.outputs[0].token_ids for a in again] == [f.outputs[0].token_ids for f in first]
-    assert "Paris" in chat[0].outputs[0].text
 
 
 def test_bad_kv_cache_dtype_is_named():
