@@ -6,10 +6,11 @@ request waits outside the scheduler until its grammar is ready (the engine core'
 same constraint is compiled once (`_futures` keeps one future per constraint). Syntax errors are
 found when a request is validated, by parsing the grammar without the tokenizer, which is cheap.
 
-A matcher advances only when a token is appended to its sequence (`sync`), so it always holds
-exactly the sequence's output tokens: preemption and recompute keep those tokens, so the matcher
-needs no rollback, and async scheduling's token in flight is accepted when it lands, before the
-next sampling step fills a mask (the engine samples step n only after completing step n-1).
+A matcher takes each token of its sequence as the token lands from the device, just before it is
+appended (`advance`), and counts what it took, so it holds exactly the sequence's output tokens:
+preemption and recompute keep those tokens, so the matcher needs no rollback, and async
+scheduling's token in flight is accepted before the next sampling step's mask is filled (the
+engine samples step n only after taking step n-1's tokens).
 
 Masks are filled on the host for the constrained rows only, on a thread of their own (xgrammar
 releases the GIL): with async scheduling a step's masks start filling as soon as the previous
