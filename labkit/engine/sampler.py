@@ -32,20 +32,29 @@ class SampleResult:
 
 
 def apply_top_k_top_p_min_p(
-    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+    logits: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    max_k: int | None = None,
 ) -> torch.Tensor:
-    """Mask (to -inf) what top-k, top-p and min-p cut, row by row; k <= 0 means no top-k."""
-    sorted_logits, idx = logits.sort(dim=-1, descending=True)
+    """Mask (to -inf) what top-k, top-p and min-p cut, row by row; k <= 0 means no top-k.
+    `max_k`: the largest k of any row, if every row has one: only that many of each row's
+    largest logits are ordered (a top-k selection, not a sort of the vocabulary)."""
     vocab = logits.shape[-1]
+    if max_k is not None and max_k < vocab:
+        sorted_logits, idx = logits.topk(max_k, dim=-1)
+    else:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    ranks = torch.arange(vocab, device=logits.device)
+    ranks = torch.arange(sorted_logits.shape[-1], device=logits.device)
     cut = ranks[None, :] >= k[:, None]
     probs = sorted_logits.masked_fill(cut, float("-inf")).softmax(-1)
     # top-p keeps the smallest prefix whose mass reaches p (the first token always stays)
     cut |= (probs.cumsum(-1) - probs) >= top_p[:, None]
     cut |= probs < (min_p[:, None] * probs[:, :1])
     sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, idx, sorted_logits)
+    return torch.full_like(logits, float("-inf")).scatter_(-1, idx, sorted_logits)
 
 
 class PendingSample:
@@ -184,6 +193,7 @@ class Sampler:
                 to_device([x.top_k for x in p], torch.long, dev),
                 to_device([x.top_p for x in p], torch.float32, dev),
                 to_device([x.min_p for x in p], torch.float32, dev),
+                max(x.top_k for x in p) if all(x.top_k > 0 for x in p) else None,
             )
         probs = rows.softmax(-1)
         # Inverse CDF: one uniform per row (an exponential draw per vocabulary entry costs ten

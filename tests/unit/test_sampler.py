@@ -3,6 +3,7 @@ processors, with no model."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import assert_frequencies_match
 
@@ -72,13 +73,32 @@ def test_penalties_and_bias_move_the_argmax():
     assert sample(logits, [bias]).token_ids == [3]
 
 
-def test_torch_draws_match_the_filtered_softmax():
+def test_top_k_rows_select_instead_of_sorting():
+    """With a top-k on every row, ordering only the largest max_k logits cuts what the full
+    sort cuts."""
+    logits = torch.randn(6, 500)
+    top_k = torch.tensor([1, 5, 40, 40, 7, 500])
+    top_p = torch.tensor([1.0, 0.5, 0.9, 1.0, 0.3, 0.95])
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.2, 0.0, 0.0])
+    full = apply_top_k_top_p_min_p(logits, top_k, top_p, min_p)
+    assert torch.equal(apply_top_k_top_p_min_p(logits, top_k, top_p, min_p, 500), full)
+    top_k[-1] = 40  # max_k 40: fewer than the vocabulary, selected by topk
+    assert torch.equal(
+        apply_top_k_top_p_min_p(logits, top_k, top_p, min_p, 40),
+        apply_top_k_top_p_min_p(logits, top_k, top_p, min_p),
+    )
+
+
+@pytest.mark.parametrize("all_top_k", [False, True], ids=["sorted", "top_k_selected"])
+def test_torch_draws_match_the_filtered_softmax(all_top_k):
     """The torch path's inverse-CDF draws, 3000 per filter in one batch (temperature, top-k,
     top-p, min-p), against the filtered softmax: no cut token drawn, a chi-square bound at
     p = 1e-4 (tokens expected fewer than 5 times pooled), seeded rows among them."""
     vocab, draws = 60, 3000
     base = torch.randn(vocab, generator=torch.Generator().manual_seed(3)) * 2
     filters = [(1.0, 0, 1.0, 0.0), (0.7, 8, 1.0, 0.0), (1.0, 0, 0.8, 0.0), (1.2, 0, 1.0, 0.05)]
+    if all_top_k:  # every row with a top-k: the sampler selects, it does not sort
+        filters = [(1.0, 30, 1.0, 0.0), (0.7, 8, 0.9, 0.0), (1.2, 20, 1.0, 0.05)]
     reqs = []
     for t, k, p, m in filters:
         params = SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m)
