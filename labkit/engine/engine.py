@@ -304,9 +304,9 @@ class LLMEngine:
             step.mask = self.structured.start_fill(to_sample)  # every token so far accepted
         if step.mask is not None:  # rows of requests that ended since are masked, unused
             with self.timer.phase("structured", host=True):
-                step.mask.future.result()
+                bitmask = step.mask.future.result()
             with self.timer.phase("structured"):
-                self.structured.apply(rows, step.mask)
+                self.structured.apply(rows, bitmask, step.mask.rows)
             step.mask = None
         with self.timer.phase("sample"):
             live = [i for i, r in enumerate(to_sample) if not r.finished]

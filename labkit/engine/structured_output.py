@@ -227,22 +227,21 @@ class StructuredOutputManager:
         self._batch.batch_fill_next_token_bitmask(matchers, bitmask, indices=rows)
         return bitmask
 
-    def apply(self, logits: torch.Tensor, fill: MaskFill) -> None:
-        """Set the logits of the tokens the filled bitmask disallows to -inf in its rows, in
-        place (waits for the fill)."""
-        bitmask = fill.future.result()
+    def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+        """Set the logits of the tokens `bitmask` (a finished fill's) disallows to -inf in
+        `rows`, in place."""
         # The logits come from the forward pass's inference mode: only there may they change.
         with torch.inference_mode():
             if logits.is_cuda:
                 mask = bitmask.to(logits.device, non_blocking=True)
                 # A tensor from pinned memory: xgrammar would copy a list from pageable memory,
                 # a copy that may wait for the device.
-                rows = to_device(fill.rows, torch.int32, logits.device)
+                indices = to_device(rows, torch.int32, logits.device)
                 xgr.apply_token_bitmask_inplace(
-                    logits, mask, vocab_size=self.vocab_size, indices=rows
+                    logits, mask, vocab_size=self.vocab_size, indices=indices
                 )
             else:
-                apply_bitmask(logits, bitmask, fill.rows)
+                apply_bitmask(logits, bitmask, rows)
 
     def _host_buffer(self, n: int) -> torch.Tensor:
         if self.device.type != "cuda":
