@@ -43,12 +43,12 @@ def test_interrupted_sweep_keeps_its_rows_and_closes_its_engine(tiny_ckpts, tmp_
             timers.append(threading.Timer(0.2, _thread.interrupt_main))
             timers[-1].start()
 
-    # 64 output tokens a point (a second or more here): the interrupt lands inside the third.
+    # 256 output tokens a point (about a second here): the interrupt lands inside the third.
     result = labkit.sweep(
         model,
         batch_sizes=[1, 2, 4],
         input_lens=[8],
-        output_lens=[64],
+        output_lens=[256],
         num_iters=1,
         num_iters_warmup=0,
         progress=False,
