@@ -15,7 +15,11 @@ latency run, batch 8, input 1024, output 1024; (c) throughput, 256 requests with
 output lengths uniform in [100, 1024] (seed 0), ignore_eos; c2 (only when named): a fresh
 engine's start-up, then its first and second sampled 256-request runs (first_vs_second).
 Floors come from ceilings measured in the same run: a large device-to-device copy (bytes read +
-written per second) and a bf16 8192^3 matmul.
+written per second) and a bf16 8192^3 matmul. (c) has two: the compute floor (every token's
+matmuls at the matmul rate) and the step floor, the sum over the run's own steps (its step log)
+of what each step must do at the least: a decode step reads the weights and the KV its blocks
+hold, or does its matmuls, whichever takes longer; a prefill step does its matmuls. The step
+floor is the one a schedule cannot beat: a decode step re-reads every running sequence's KV.
 Prints a table last; writes gpu_bench.json (and the step logs) under --out.
 """
 
@@ -33,6 +37,7 @@ import time
 import traceback
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,6 +110,19 @@ def floors(num: dict, ceil: dict) -> dict:
     prefill_b = 2 * num["matmul_params"] * 8 * 1024 / fl
     out["b_s"] = prefill_b + sum(step(8, 1024 + t) for t in range(1024))
     return out
+
+
+def step_floor_s(steps, num: dict, ceil: dict, block_size: int) -> float:
+    """The sum over a run's steps (its step log) of each step's least time: a decode-only step
+    reads its weights and its blocks' KV or does its matmuls, whichever is longer; a step with
+    prefill tokens does its matmuls (its reads hide under them)."""
+    bw, fl = ceil["copy_bytes_per_s"], ceil["bf16_flops_per_s"]
+    rows = steps.num_prefill_tokens + steps.num_decode_seqs
+    compute = 2 * num["matmul_params"] * rows / fl
+    kv = steps.kv_blocks_used * block_size * num["kv_bytes_per_token"]
+    weights = steps.num_decode_seqs.map(num["weight_bytes_for"])
+    memory = ((weights + kv) / bw).where(steps.num_prefill_tokens == 0, 0.0)
+    return float(compute.where(compute > memory, memory).sum())
 
 
 def hf_baselines(workloads: set[str], config_dir: Path) -> dict:
@@ -281,6 +299,7 @@ def labkit_runs(
             save()
         res["c_s"] = res["c_greedy_s"]
     res["kv_blocks"] = llm.engine.stats().kv_blocks_total
+    res["block_size"] = llm.config.block_size
     llm.shutdown()
     return res
 
@@ -491,6 +510,13 @@ def main() -> None:
                 compute_floor_tok_s = lk["c_output_tokens"] / (
                     flops / result["ceilings"]["bf16_flops_per_s"]
                 )
+                steps_csv = out_dir / f"steps_c_greedy_tp{tp}.csv"
+                if steps_csv.exists() and "block_size" in lk:
+                    floor_s = step_floor_s(
+                        pd.read_csv(steps_csv), num, result["ceilings"], lk["block_size"]
+                    )
+                    result[f"c_step_floor_s_tp{tp}"] = floor_s
+                    rows.append(("(c) greedy s, step floor", lk["c_greedy_s"], None, floor_s))
                 for mode in ("greedy", "top_p", "top_k", "min_p"):
                     tok_s = lk["c_output_tokens"] / lk[f"c_{mode}_s"]
                     result[f"c_{mode}_output_tok_s_tp{tp}"] = tok_s

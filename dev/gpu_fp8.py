@@ -41,7 +41,7 @@ from labkit.kernels.gemv_configs import (  # noqa: E402
 )
 from labkit.kernels.gemv_tiles import Fp8Operands  # noqa: E402
 from labkit.layers.quantization.fp8 import fp8_linear, quantize, quantize_per_channel  # noqa: E402
-from labkit.layers.quantization.fp8_cuda import scaled_mm_linear  # noqa: E402
+from labkit.layers.quantization.fp8_cuda import quantize_input, scaled_mm_linear  # noqa: E402
 
 DECODE_ROWS = (1, 2, 4, 8, 16)
 PREFILL_ROWS = 2048
@@ -94,11 +94,19 @@ def block_quantized(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fp8_call(x, q, scale, bias, cfg, block=None):
-    """One decode-kernel call as fp8_cuda makes it (per-token inputs; 128-column groups with
-    block scales)."""
-    group = 128 if block else None
-    fp8 = Fp8Operands(scale, block, "group" if block else "token", group)
-    return lambda: gemv(x, q, bias, config=cfg, fp8=fp8, **kernel_args())
+    """One decode-kernel call as fp8_cuda makes it: per-token inputs quantized first (that
+    kernel timed with it), 128-column groups with block scales."""
+    if block:
+        fp8 = Fp8Operands(scale, block, "group", 128)
+        return lambda: gemv(x, q, bias, config=cfg, fp8=fp8, **kernel_args())
+    args = kernel_args()
+
+    def call():
+        xq, x_scale = quantize_input(x, "token", args["pdl"])
+        fp8 = Fp8Operands(scale, None, "token", input_scale=x_scale, dtype=x.dtype)
+        return gemv(xq, q, bias, config=cfg, fp8=fp8, **args)
+
+    return call
 
 
 def bf16_call(x, w, bias, use_gemv: bool):

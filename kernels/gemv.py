@@ -26,15 +26,15 @@ configurations per card and shape: gemv_configs.py.
 
 FP8 weights (float8_e4m3fn, one byte each, float32 scales per output row or per block) go through
 the same two loops, selected by constexpr modes: per-row scales multiply the sums once at the end,
-block scales each weight element as it is read. The input is rounded through float8_e4m3fn on
-the way in, with a scale per row (an amax pass over the row first), for the whole input, or per
-row and group of columns (within a tile), and back to its dtype: the numerics of
-labkit.layers.quantization.fp8.fp8_linear, which is this path's reference (the kernels cannot
-import it, the tests compare the two). The FMA loop converts each weight to float32; the
-tensor-core loop multiplies in FP8 where it can (`fp8_tensor_cores`: a half-precision input with
-one scale per row or for the whole input): the input tile is quantized and the weight's bytes go
-to the tensor cores unconverted, since at one byte a weight the conversions, not the reads, would
-set the time. The scales multiply the float32 sums (block scales per tile).
+block scales each weight element as it is read. The input comes quantized to float8_e4m3fn with a
+scale per row (kernels/fp8_quant.py, once per call: computed here, every program would repeat the
+amax pass over the row and the rounding of each input tile, work that at one byte a weight costs
+more than the reads), or is rounded here per row and group of columns (within a tile) and back to
+its dtype: the numerics of labkit.layers.quantization.fp8.fp8_linear, which is this path's
+reference (the kernels cannot import it, the tests compare the two). The FMA loop converts each
+weight to float32; the tensor-core loop multiplies in FP8 where it can (`fp8_tensor_cores`: a
+quantized input and a half-precision product): the weight's and the input's bytes go to the
+tensor cores unconverted. The scales multiply the float32 sums (block scales per tile).
 """
 
 from __future__ import annotations
@@ -45,20 +45,18 @@ import triton.language as tl
 
 from .gemv_configs import FMA_MAX_ROWS, MAX_ROWS, GemvConfig, heuristic_config
 from .gemv_tiles import (
-    A_TENSOR,
-    A_TOKEN,
+    A_QUANTIZED,
     W_BLOCK,
     Fp8Operands,
     block_scale_column,
     fp8_modes,
-    fp8_quantize,
     fp8_tensor_cores,
-    input_scale,
+    input_row_scales,
     row_scaled,
     w_in,
     weight_tile,
     x_in,
-    x_tile,
+    x_load,
 )
 from .pdl import pdl_launch_args, pdl_wait
 
@@ -140,6 +138,7 @@ def _gemv_fma_kernel(
     x,
     w,
     w_scale,
+    x_scale,
     bias,
     y,
     ws,
@@ -167,15 +166,6 @@ def _gemv_fma_kernel(
     rows, cols, row_ok, w_ptr, w_cur, k_start, k_end = _prologue(
         w, N, K, stride_wn, BLOCK_N, BLOCK_K, SPLIT_K, USE_PDL
     )
-    xs0 = 1.0
-    xs1 = 1.0
-    if ACT == A_TOKEN or ACT == A_TENSOR:
-        xs0 = input_scale(x, 0, cols, M, K, stride_xm, GATED, BLOCK_K, 1)
-        if BLOCK_M > 1 or ACT == A_TENSOR:
-            xs1 = input_scale(x, 1, cols, M, K, stride_xm, GATED, BLOCK_K, 1)
-        if ACT == A_TENSOR:  # (row 1 is zeros when M is 1)
-            xs0 = tl.maximum(xs0, xs1)
-            xs1 = xs0
     # One accumulator per row of x (BLOCK_M is 1 or 2), each the weight tile's shape.
     acc0 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     acc1 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -185,12 +175,14 @@ def _gemv_fma_kernel(
             w_cur, w_scale, rows, row_ok, k0 + cols, K, stride_sn, W_SCALE, SCALE_BN, SCALE_BK
         ).to(tl.float32)
         kk = (k0 + cols)[None, :]
-        acc0 += wf * x_in(x, 0, kk, M, K, stride_xm, xs0, GATED, ACT, ACT_GROUP, 1)
+        acc0 += wf * x_in(x, 0, kk, M, K, stride_xm, GATED, ACT, ACT_GROUP, 1)
         if BLOCK_M > 1:
-            acc1 += wf * x_in(x, 1, kk, M, K, stride_xm, xs1, GATED, ACT, ACT_GROUP, 1)
+            acc1 += wf * x_in(x, 1, kk, M, K, stride_xm, GATED, ACT, ACT_GROUP, 1)
         w_cur = w_next
     ms = tl.arange(0, 2)
     part = tl.where(ms[None, :] == 0, tl.sum(acc0, 1)[:, None], tl.sum(acc1, 1)[:, None])
+    if ACT == A_QUANTIZED:
+        part = part * input_row_scales(x_scale, ms, M)[None, :]
     part = row_scaled(part, w_scale, rows, row_ok, W_SCALE)
     _epilogue(y, bias, ws, counters, part, rows, row_ok, ms, M, N, stride_ym, HAS_BIAS, SPLIT_K)
 
@@ -200,6 +192,7 @@ def _gemv_dot_kernel(
     x,
     w,
     w_scale,
+    x_scale,
     bias,
     y,
     ws,
@@ -229,17 +222,11 @@ def _gemv_dot_kernel(
         w, N, K, stride_wn, BLOCK_N, BLOCK_K, SPLIT_K, USE_PDL
     )
     ms = tl.arange(0, 16)
-    xs = 1.0
-    if ACT == A_TOKEN or ACT == A_TENSOR:
-        xs = input_scale(x, ms[None, :], cols, M, K, stride_xm, GATED, BLOCK_K, 0)
-        if ACT == A_TENSOR:
-            xs = tl.max(xs, 1, keep_dims=True)
     acc = tl.zeros([BLOCK_N, 16], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         w_next = weight_tile(w_ptr, k0 + BLOCK_K, k_end, K, row_ok, cols, SPLIT_K > 1)
-        if FP8_DOT:  # the weight's bytes go to the tensor cores as they are
-            xt = x_tile(x, ms[None, :], (k0 + cols)[:, None], M, K, stride_xm, GATED)
-            xq = fp8_quantize(xt, xs)
+        if FP8_DOT:  # the weight's and the input's bytes go to the tensor cores as they are
+            xq = x_load(x, ms[None, :], (k0 + cols)[:, None], M, K, stride_xm, 0)
             if W_SCALE == W_BLOCK:
                 s = block_scale_column(w_scale, rows, row_ok, k0, stride_sn, SCALE_BN, SCALE_BK)
                 acc += tl.dot(w_cur, xq) * s[:, None]
@@ -248,14 +235,14 @@ def _gemv_dot_kernel(
         else:
             wt = w_in(
                 w_cur, w_scale, rows, row_ok, k0 + cols, K, stride_sn, W_SCALE, SCALE_BN, SCALE_BK
-            ).to(x.dtype.element_ty)
+            ).to(y.dtype.element_ty)
             xt = x_in(
-                x, ms[None, :], (k0 + cols)[:, None], M, K, stride_xm, xs, GATED, ACT, ACT_GROUP, 0
+                x, ms[None, :], (k0 + cols)[:, None], M, K, stride_xm, GATED, ACT, ACT_GROUP, 0
             )
-            acc = tl.dot(wt, xt.to(x.dtype.element_ty), acc, input_precision=PRECISION)
+            acc = tl.dot(wt, xt.to(y.dtype.element_ty), acc, input_precision=PRECISION)
         w_cur = w_next
-    if FP8_DOT:
-        acc = acc * xs
+    if ACT == A_QUANTIZED:
+        acc = acc * input_row_scales(x_scale, ms, M)[None, :]
     acc = row_scaled(acc, w_scale, rows, row_ok, W_SCALE)
     _epilogue(y, bias, ws, counters, acc, rows, row_ok, ms, M, N, stride_ym, HAS_BIAS, SPLIT_K)
 
@@ -301,8 +288,9 @@ def gemv(
     fp8: Fp8Operands | None = None,
 ) -> torch.Tensor:
     """x: [M, K] (gated: [M, 2K], gate first), M <= MAX_ROWS; w: [N, K] in x's dtype, or
-    float8_e4m3fn with `fp8` saying its scales and how x is rounded; bias: [N] or None; all
-    with unit last stride. Returns [M, N] in x's dtype. `config` defaults to
+    float8_e4m3fn with `fp8` saying its scales and how x is rounded (x quantized to float8 for
+    "token" and "tensor"); bias: [N] or None; all with unit last stride. Returns [M, N] in x's
+    dtype (`fp8.dtype` for a quantized x). `config` defaults to
     `heuristic_config`; a split-K config needs a `workspace` on x's device. pdl: the launch mode
     (kernels/pdl.py)."""
     m = x.shape[0]
@@ -310,9 +298,13 @@ def gemv(
     assert m <= MAX_ROWS and x.shape[1] == (2 * k if gated else k), (x.shape, w.shape, gated)
     assert x.stride(1) == 1 and w.stride(1) == 1
     assert x.dtype == w.dtype if fp8 is None else w.dtype == torch.float8_e4m3fn
+    quantized = fp8 is not None and fp8.quantized_input
+    if quantized:
+        assert x.dtype == torch.float8_e4m3fn and not gated, (x.dtype, gated)
+        assert fp8.input_scale is not None and fp8.input_scale.numel() == m and fp8.dtype
     cfg = config or heuristic_config(m, k)
     assert cfg.dot or m <= FMA_MAX_ROWS, (m, cfg)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((m, n), dtype=fp8.dtype if quantized else x.dtype, device=x.device)
     if m == 0:
         return y
     blocks = triton.cdiv(n, cfg.block_n)
@@ -326,6 +318,7 @@ def gemv(
         x,
         w,
         scale,
+        fp8.input_scale if quantized else scale,
         bias if bias is not None else w,
         y,
         ws,
@@ -354,8 +347,8 @@ def gemv(
         # float32 (exact-token tests on CUDA) must not be rounded to TF32; ignored for bf16.
         _gemv_dot_kernel[grid](
             *args,
-            FP8_DOT=fp8_tensor_cores(fp8, x.dtype, cfg.block_k),
-            PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            FP8_DOT=fp8_tensor_cores(fp8, y.dtype, cfg.block_k),
+            PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
             **common,
         )
     else:

@@ -78,7 +78,7 @@ def fp8_heuristic_config(m: int, n: int, k: int) -> GemvConfig:
     (twice the columns, at least 128 so that a tile holds whole 128-column activation groups),
     split-K where the row blocks alone are too few programs to keep enough bytes in flight
     (o_proj, down_proj at 3-16 rows), and the MLP's activation by silu_and_mul first: fused,
-    every row block would recompute it and its per-token amax pass."""
+    every row block would recompute it (and a per-token input is quantized before the call)."""
     base = heuristic_config(m, k)
     block_k = min(2 * base.block_k, max(128, triton.next_power_of_2(k)))
     blocks = triton.cdiv(n, base.block_n)

@@ -3,9 +3,10 @@ through FP8) and the weight tile (prefetched, scaled), and the FP8 modes that se
 to them.
 
 An FP8 weight is float8_e4m3fn [N, K] with float32 scales per output row ([N]) or per block
-([ceil(N / bn), ceil(K / bk)]); its input is rounded through float8_e4m3fn with dynamic scales (per
-row, for the whole input, or per row and group of columns) as labkit.layers.quantization.fp8
-defines them.
+([ceil(N / bn), ceil(K / bk)]); its input is rounded through float8_e4m3fn with dynamic scales as
+labkit.layers.quantization.fp8 defines them: per row or for the whole input before the call
+(kernels/fp8_quant.py; the kernels read the float8 input and its per-row scales), or per row and
+group of columns inside the kernels.
 """
 
 from __future__ import annotations
@@ -19,58 +20,36 @@ import triton.language as tl
 # The FP8 modes (constexpr arguments of both kernels; 0: a float weight, the input as it is).
 # W_SCALE: a float32 scale per weight row, or per SCALE_BN x SCALE_BK block.
 W_ROW, W_BLOCK = tl.constexpr(1), tl.constexpr(2)
-# ACT: the input rounded through FP8 with a scale per row, for all of it, or per row and
-# ACT_GROUP columns.
-A_TOKEN, A_TENSOR, A_GROUP = tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
-ACTIVATIONS = {None: 0, "token": 1, "tensor": 2, "group": 3}
+# ACT: the input arrives quantized (float8, a float32 scale per row: "token" and "tensor"), or is
+# rounded through FP8 here with a scale per row and ACT_GROUP columns ("group").
+A_QUANTIZED, A_GROUP = tl.constexpr(1), tl.constexpr(2)
+ACTIVATIONS = {None: 0, "token": 1, "tensor": 1, "group": 2}
 FP8_MAX = tl.constexpr(448.0)
 MIN_SCALE = tl.constexpr(1e-12)  # an all-zero row's scale (as fp8.py's)
 
 
 @triton.jit
 def x_tile(x, m, kk, M, K, stride_xm, GATED: tl.constexpr):
-    """Rows m, columns kk of the layer's input, in float32 (broadcast shapes). GATED: x is the
-    merged [gate | up] output and the input is silu(gate) * up, rounded to x's dtype."""
-    ok = (kk < K) & (kk * 0 + m < M)  # m < M as a tensor of kk's shape: m may be a plain int
-    p = x + m * stride_xm + kk
-    v = tl.load(p, mask=ok, other=0.0).to(tl.float32)
+    """Rows m, columns kk of the layer's input, in float32 (broadcast shapes; a quantized input's
+    float8 values as they are). GATED: x is the merged [gate | up] output and the input is
+    silu(gate) * up, rounded to x's dtype."""
+    v = x_load(x, m, kk, M, K, stride_xm, 0).to(tl.float32)
     if GATED:
-        up = tl.load(p + K, mask=ok, other=0.0).to(tl.float32)
+        up = x_load(x, m, kk, M, K, stride_xm, K).to(tl.float32)
         v = (v * tl.sigmoid(v) * up).to(x.dtype.element_ty).to(tl.float32)
     return v
 
 
 @triton.jit
-def k_cols(k0, cols, K_AXIS: tl.constexpr):
-    """Columns k0 + cols along axis K_AXIS of a tile: 1 for the FMA loop's [1, BLOCK_K] input
-    tiles, 0 for the tensor-core loop's [BLOCK_K, 16]."""
-    if K_AXIS == 1:
-        return (k0 + cols)[None, :]
-    else:
-        return (k0 + cols)[:, None]
+def x_load(x, m, kk, M, K, stride_xm, offset):
+    """Rows m, columns offset + kk of x as stored (zeros past M rows and K columns)."""
+    ok = (kk < K) & (kk * 0 + m < M)  # m < M as a tensor of kk's shape: m may be a plain int
+    return tl.load(x + m * stride_xm + offset + kk, mask=ok, other=0.0)
 
 
 @triton.jit
 def amax_scale(amax):
     return tl.maximum(amax / FP8_MAX, MIN_SCALE)
-
-
-@triton.jit
-def input_scale(
-    x, m, cols, M, K, stride_xm, GATED: tl.constexpr, BLOCK_K: tl.constexpr, K_AXIS: tl.constexpr
-):
-    """The per-row FP8 scale of row(s) m of the input, from a pass over its K columns (they are
-    a few KB, read from L2 by every program): [1, 1] for a row number, [1, 16] for rows
-    ms[None, :]."""
-    a = tl.max(
-        tl.abs(x_tile(x, m, k_cols(0, cols, K_AXIS), M, K, stride_xm, GATED)),
-        K_AXIS,
-        keep_dims=True,
-    )
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        v = x_tile(x, m, k_cols(k0, cols, K_AXIS), M, K, stride_xm, GATED)
-        a = tl.maximum(a, tl.max(tl.abs(v), K_AXIS, keep_dims=True))
-    return amax_scale(a)
 
 
 @triton.jit
@@ -81,12 +60,6 @@ def fp8_round(v, s, dtype: tl.constexpr):
 
 
 @triton.jit
-def fp8_quantize(v, s):
-    """v / s rounded to float8_e4m3fn (saturating): an input tile for FP8 tensor cores."""
-    return tl.clamp(v / s, -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
-
-
-@triton.jit
 def x_in(
     x,
     m,
@@ -94,14 +67,14 @@ def x_in(
     M,
     K,
     stride_xm,
-    scale,
     GATED: tl.constexpr,
     ACT: tl.constexpr,
     ACT_GROUP: tl.constexpr,
     K_AXIS: tl.constexpr,
 ):
-    """The input tile as the product takes it: `x_tile`, rounded through FP8 as ACT says
-    (scale: the per-row or whole-input scale; groups get theirs here, whole in the tile)."""
+    """The input tile as the product takes it: `x_tile`, its groups rounded through FP8 (each
+    group's scale from the tile, which holds whole groups) where ACT says so. A quantized input's
+    row scales wait for `input_row_scales`' product with the sums."""
     v = x_tile(x, m, kk, M, K, stride_xm, GATED)
     if ACT == A_GROUP:
         if K_AXIS == 1:
@@ -110,9 +83,13 @@ def x_in(
             g = tl.reshape(v, [v.shape[0] // ACT_GROUP, ACT_GROUP, v.shape[1]])
         s = amax_scale(tl.max(tl.abs(g), K_AXIS + 1, keep_dims=True))
         v = tl.reshape(fp8_round(g, s, x.dtype.element_ty), [v.shape[0], v.shape[1]])
-    elif ACT > 0:
-        v = fp8_round(v, scale, x.dtype.element_ty)
     return v
+
+
+@triton.jit
+def input_row_scales(x_scale, m, M):
+    """The float32 scales of a quantized input's rows m (zero past M)."""
+    return tl.load(x_scale + m, mask=m < M, other=0.0)
 
 
 @triton.jit
@@ -170,21 +147,29 @@ def block_scale_column(
 class Fp8Operands:
     """What a float8_e4m3fn weight brings to the product: its scales (float32 [N] per row, or
     [ceil(N / bn), ceil(K / bk)] per `block` (bn, bk)), and how the input is rounded:
-    `activations` "token", "tensor", "group" (`group` columns, a power of 2 dividing the tile's
-    columns) or None (weight-only: the input as it is)."""
+    `activations` "token" or "tensor" (the input arrives quantized by kernels/fp8_quant.py:
+    float8 [M, K] with `input_scale`, float32 [M, 1], and the product is returned in `dtype`, the
+    input's dtype before quantizing), "group" (`group` columns, a power of 2 dividing the tile's
+    columns, rounded in the kernel) or None (weight-only: the input as it is)."""
 
     weight_scale: torch.Tensor
     block: tuple[int, int] | None
     activations: str | None
     group: int | None = None
+    input_scale: torch.Tensor | None = None
+    dtype: torch.dtype | None = None
+
+    @property
+    def quantized_input(self) -> bool:
+        return self.activations in ("token", "tensor")
 
 
 def fp8_tensor_cores(fp8: Fp8Operands | None, dtype: torch.dtype, block_k: int) -> bool:
-    """Whether the tensor-core loop multiplies in FP8 (the input quantized, not rounded back):
-    for a half-precision input rounded with one scale per row or for the whole input, and tiles
-    inside the weight's scale blocks. A float32 input (exact-token runs) keeps float products:
+    """Whether the tensor-core loop multiplies in FP8 (the weight's and the quantized input's
+    bytes as they are): for a half-precision product (`dtype`) of a quantized input, and tiles
+    inside the weight's scale blocks. A float32 product (exact-token runs) keeps float products:
     FP8 tensor cores accumulate with fewer bits than float32 has."""
-    if fp8 is None or fp8.activations not in ("token", "tensor") or dtype == torch.float32:
+    if fp8 is None or not fp8.quantized_input or dtype == torch.float32:
         return False
     return fp8.block is None or fp8.block[1] % block_k == 0
 

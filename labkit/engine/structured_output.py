@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -221,7 +222,12 @@ class StructuredOutputManager:
             return None
         bitmask = self._host_buffer(len(reqs))
         matchers = [reqs[k].grammar.matcher for k in rows]
-        return MaskFill(self._filler.submit(self._fill, matchers, bitmask, rows), rows)
+        fill = MaskFill(self._filler.submit(self._fill, matchers, bitmask, rows), rows)
+        # The fill thread needs the GIL to enter xgrammar, which then releases it. Without this
+        # yield it would get the GIL only when the caller blocks or after the interpreter's
+        # switch interval (5 ms), i.e. after the postprocessing it is meant to run beside.
+        time.sleep(0)
+        return fill
 
     def _fill(self, matchers: list, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
         self._batch.batch_fill_next_token_bitmask(matchers, bitmask, indices=rows)

@@ -1,7 +1,8 @@
 """The FP8 paths on CUDA against the dequantizing reference (labkit.layers.quantization.fp8's
 fp8_linear), run by Triton's interpreter on a CPU: the decode kernel with per-row and block weight
-scales and every input rounding, the input quantizer of the _scaled_mm path, the scale algebra
-handed to _scaled_mm (emulated: it has no CPU kernel), and which path a layer's rows take.
+scales and every input rounding (per token and per tensor quantized before the call, as the
+layers do), the input quantizer, the scale algebra handed to _scaled_mm (emulated: it has no CPU
+kernel), and which path a layer's rows take.
 
 The interpreter's float32 -> float8_e4m3fn rounding is replaced by torch's (the GPU's): see the
 `interpreter_fp8_rounding` fixture in conftest.py.
@@ -9,6 +10,7 @@ The interpreter's float32 -> float8_e4m3fn rounding is replaced by torch's (the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -88,6 +90,9 @@ def test_fp8_decode_kernel_equals_dequantized_reference(rows, config, weights, a
         x, q, scale, block=block, activations=activations, activation_group=group, bias=b
     )
     fp8 = Fp8Operands(scale, block, activations, group)
+    if fp8.quantized_input:
+        xq, x_scale = fp8_cuda.quantize_input(x, activations)
+        x, fp8 = xq, dataclasses.replace(fp8, input_scale=x_scale, dtype=x.dtype)
     workspace = GemvWorkspace(DEVICE)
     for _ in range(2):  # split-K's arrival counts must be back at zero after a call
         _close(gemv(x, q, b, config=config, workspace=workspace, fp8=fp8), ref)
@@ -95,12 +100,15 @@ def test_fp8_decode_kernel_equals_dequantized_reference(rows, config, weights, a
 
 @pytest.mark.parametrize("rows,config", [CASES[0], CASES[2]], ids=lambda c: str(c))
 def test_fp8_decode_kernel_fuses_the_mlp_activation(rows, config):
-    """down_proj's input silu(gate) * up computed in the kernel, then rounded per token."""
+    """down_proj's input silu(gate) * up computed in the kernel, then rounded per group of
+    columns."""
     q, scale, _ = _weight("channel")
     gate_up = torch.randn(rows, 2 * K, device=DEVICE)
     gate, up = gate_up.chunk(2, dim=-1)
-    ref = fp8_linear(F.silu(gate) * up, q, scale, block=None, activations="token")
-    fp8 = Fp8Operands(scale, None, "token")
+    ref = fp8_linear(
+        F.silu(gate) * up, q, scale, block=None, activations="group", activation_group=128
+    )
+    fp8 = Fp8Operands(scale, None, "group", 128)
     _close(gemv(gate_up, q, gated=True, config=config, fp8=fp8), ref)
 
 
@@ -190,19 +198,24 @@ def test_fp8_table_entries_are_keyed_apart(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("rows", [1, 16])
-def test_the_layer_path_runs_the_kernel_with_the_mlp_activation(monkeypatch, rows):
-    """fp8_linear_cuda end to end (no tuned table: the FP8 heuristic, which runs the SiLU first)
-    against the reference, down_proj-like: the merged gate/up output in, block scales."""
+@pytest.mark.parametrize("weights,activations", [("block", "group"), ("channel", "token")])
+def test_the_layer_path_runs_the_kernel_with_the_mlp_activation(
+    monkeypatch, rows, weights, activations
+):
+    """fp8_linear_cuda end to end (no tuned table: the FP8 heuristic, which runs the SiLU first;
+    per token, the input quantized before the kernel) against the reference, down_proj-like: the
+    merged gate/up output in."""
     monkeypatch.setattr(gemv_configs, "_table", lambda device: {})
-    q, scale, block = _weight("block")
+    q, scale, block = _weight(weights)
+    group = 128 if activations == "group" else None
     gate_up = torch.randn(rows, 2 * K, device=DEVICE)
     switches = KernelSwitches(use_gemv=True)
-    scheme = Fp8Scheme("fp8", "block", "group", block, 128)
+    scheme = Fp8Scheme("fp8", weights, activations, block, group)
     got = fp8_cuda.fp8_linear_cuda(
         gate_up, q, scale, scheme, None, SiluAndMul(switches), switches, GemvWorkspace(DEVICE)
     )
     gate, up = gate_up.chunk(2, dim=-1)
     ref = fp8_linear(
-        F.silu(gate) * up, q, scale, block=block, activations="group", activation_group=128
+        F.silu(gate) * up, q, scale, block=block, activations=activations, activation_group=group
     )
     _close(got, ref)

@@ -3,8 +3,9 @@ torch._scaled_mm (cuBLASLt) for more, and the dequantizing reference (fp8.fp8_li
 neither takes the scheme. All three compute fp8_linear's numerics.
 
   rows <= 16 (kernels/gemv.py, FP8 modes): reads the one-byte weight and its scales as they are
-    stored, rounds the input through FP8 inside the kernel; its configuration comes from the
-    card's table (fp8 entries; null there: the next path) or a heuristic.
+    stored; an input rounded per token or per tensor is quantized first (kernels/fp8_quant.py,
+    as for _scaled_mm), one rounded per group of columns inside the kernel; its configuration
+    comes from the card's table (fp8 entries; null there: the next path) or a heuristic.
   more rows, per-row weight scales, inputs per token or per tensor: the input is quantized by
     kernels/fp8_quant.py, then _scaled_mm with row-wise scales (float32 [M, 1] x [1, N]).
   anything else (block weight scales at prefill sizes, weight-only schemes, dimensions that are
@@ -55,9 +56,13 @@ def fp8_linear_cuda(
         if cfg is not None:
             if group is not None and cfg.block_k % group:  # a tile holds whole groups
                 cfg = dataclasses.replace(cfg, block_k=max(cfg.block_k, group))
-            if act is not None and not cfg.fuse_act:
-                x, act = act(x), None
             operands = Fp8Operands(weight_scale, scheme.block, scheme.activations, group)
+            if act is not None and (not cfg.fuse_act or operands.quantized_input):
+                x, act = act(x), None
+            if operands.quantized_input:
+                xq, x_scale = quantize_input(x, scheme.activations, switches.pdl)
+                operands = dataclasses.replace(operands, input_scale=x_scale, dtype=x.dtype)
+                x = xq
             return gemv(
                 x,
                 weight,
@@ -102,8 +107,7 @@ def scaled_mm_linear(
     the float8 weight [N, K] with per-row scales [N], in bf16: cuBLASLt's row-wise scaled GEMM.
     It wants the second operand column-major ([N, K] row-major, transposed) and both scales
     float32; the bias is added after (row-wise scaling does not take every bias dtype)."""
-    scale = amax_scale(x.abs().amax()).reshape(1) if activations == "tensor" else None
-    xq, x_scale = quantize_fp8(x, scale, pdl)
+    xq, x_scale = quantize_input(x, activations, pdl)
     y = torch._scaled_mm(
         xq,
         weight.t(),
@@ -112,3 +116,12 @@ def scaled_mm_linear(
         out_dtype=torch.bfloat16,
     )
     return y if bias is None else y + bias
+
+
+def quantize_input(
+    x: torch.Tensor, activations: str, pdl: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x rounded to float8 per token ("token") or with one scale for all of it ("tensor"):
+    (float8 [M, K], float32 scales [M, 1])."""
+    scale = amax_scale(x.abs().amax()).reshape(1) if activations == "tensor" else None
+    return quantize_fp8(x, scale, pdl)
