@@ -2,12 +2,13 @@
 processing), with the model's forward replaced by a constant logits tensor: what a step costs
 the CPU whatever the device, the part a GPU waits for unless it is hidden.
 
-  python dev/host_overhead.py [--model DIR] [--batch 1,8,256]
+  python dev/host_overhead.py [--model DIR] [--batch 1,8,256] [--detokenize]
 
 Runs on the CPU with a tiny checkpoint (default: builds tiny-llama with
 data/make_tiny_checkpoints.py in a temporary folder). Prints the median phase times of the last
 150 decode steps for each batch size. The sample phase here does real CPU work on [batch, 2000]
-logits; on a GPU that part runs on the device.
+logits; on a GPU that part runs on the device. --detokenize keeps the tokenizer, so output
+processing also turns every token into text, as a user's run does (SmolLM2's tokenizer).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--batch", default="1,8,256")
+    ap.add_argument("--detokenize", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from labkit import LLM, SamplingParams
@@ -48,7 +50,7 @@ def main() -> None:
         max_model_len=1024,
         max_num_seqs=256,
         enable_prefix_caching=False,
-        skip_tokenizer_init=True,
+        skip_tokenizer_init=not args.detokenize,
     )
     logits = torch.randn(512, VOCAB)
     # Every sampled row gets the same constant logits: the forward's cost is left out.

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from labkit.engine.detokenizer import IncrementalDetokenizer
+from labkit.engine.detokenizer import incremental_detokenizer
 from labkit.engine.request import Request
 from labkit.engine.resolved_config import ResolvedConfig
 from labkit.sampling_params import SamplingParams
@@ -208,7 +208,7 @@ class InputProcessor:
                 req.skip_prefix_cache = True  # cached positions would have no logits
                 req.prompt_logprobs = [None]
             if self.tokenizer is not None:
-                req.detokenizer = IncrementalDetokenizer(
+                req.detokenizer = incremental_detokenizer(
                     self.tokenizer, prompt_token_ids, params.skip_special_tokens
                 )
             seqs.append(req)

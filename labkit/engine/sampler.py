@@ -6,8 +6,9 @@ its text does not depend on what else is in the batch.
 
 Two paths draw the same distributions: on CUDA one kernel for the batch (labkit.kernels.sampling:
 no sort of the vocabulary, no host sync; Philox draws from a per-row seed), elsewhere torch ops
-(a sort for top-k/top-p/min-p, inverse-CDF draws from torch generators), which are the kernel's
-reference. The two give different draws for the same seed.
+(top-k/top-p/min-p over each row's largest logits, ordered by a selection, a row sorted whole only
+where its filters reach past them; inverse-CDF draws from torch generators), which are the
+kernel's reference. The two give different draws for the same seed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ class SampleResult:
     ranks: list[int | None]
 
 
+# Candidates ordered for top-p / min-p when some row has no top-k: a selection of this many of a
+# row's largest logits (~15x cheaper than sorting 152k entries on a CPU) serves every row whose
+# filters provably cut everything after them; the other rows are sorted whole.
+CANDIDATES = 1024
+
+
 def apply_top_k_top_p_min_p(
     logits: torch.Tensor,
     top_k: torch.Tensor,
@@ -40,21 +47,71 @@ def apply_top_k_top_p_min_p(
 ) -> torch.Tensor:
     """Mask (to -inf) what top-k, top-p and min-p cut, row by row; k <= 0 means no top-k.
     `max_k`: the largest k of any row, if every row has one: only that many of each row's
-    largest logits are ordered (a top-k selection, not a sort of the vocabulary)."""
+    largest logits are ordered (a top-k selection, not a sort of the vocabulary). Otherwise the
+    CANDIDATES largest are ordered, and a row is sorted whole only where its filters may keep a
+    token past them."""
     vocab = logits.shape[-1]
-    if max_k is not None and max_k < vocab:
-        sorted_logits, idx = logits.topk(max_k, dim=-1)
-    else:
-        sorted_logits, idx = logits.sort(dim=-1, descending=True)
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    ranks = torch.arange(sorted_logits.shape[-1], device=logits.device)
+    if max_k is not None and max_k < vocab:
+        ordered = logits.topk(max_k, dim=-1)
+    elif CANDIDATES >= vocab:
+        ordered = logits.sort(-1, descending=True)
+    else:
+        return _filter_candidates(logits, k, top_p, min_p)
+    return _scatter(logits, *_filter_ordered(*ordered, k, top_p, min_p))
+
+
+def _filter_candidates(
+    logits: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
+    """apply_top_k_top_p_min_p over each row's CANDIDATES largest logits, the rows whose
+    filters may keep a token past them sorted whole."""
+    vals, idx = logits.topk(CANDIDATES, dim=-1)
+    # Past the candidates every token is cut when the row's top-k ends inside them, or when it
+    # has no top-k and the candidates already hold top_p of the mass, or min-p cuts the last.
+    lse = logits.logsumexp(-1)
+    no_k = k == logits.shape[-1]
+    mass = (vals - lse[:, None]).exp().sum(-1)
+    min_p_ends = vals[:, -1] - vals[:, 0] < torch.log(min_p)  # log(0) = -inf: never
+    enough = (k <= CANDIDATES) | (no_k & ((mass >= top_p) | min_p_ends))
+    norm = torch.where(no_k, lse, torch.full_like(lse, float("nan")))  # nan: over the top-k
+    out = _scatter(logits, *_filter_ordered(vals, idx, k, top_p, min_p, norm))
+    if not enough.all():
+        rows = (~enough).nonzero()[:, 0]
+        sub = logits[rows]
+        ordered = sub.sort(-1, descending=True)
+        out[rows] = _scatter(sub, *_filter_ordered(*ordered, k[rows], top_p[rows], min_p[rows]))
+    return out
+
+
+def _filter_ordered(
+    ordered: torch.Tensor,
+    idx: torch.Tensor,
+    k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    norm: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ordered logits with what the filters cut at -inf, their vocabulary ids): `ordered` holds
+    each row's largest logits in descending order. Top-p and min-p see the distribution after
+    top-k; `norm` gives a row's log normaliser where `ordered` is not the whole of it (nan: the
+    row's top-k lies inside `ordered`, which then normalises it)."""
+    ranks = torch.arange(ordered.shape[-1], device=ordered.device)
     cut = ranks[None, :] >= k[:, None]
-    probs = sorted_logits.masked_fill(cut, float("-inf")).softmax(-1)
+    kept = ordered.masked_fill(cut, float("-inf"))
+    if norm is None:
+        probs = kept.softmax(-1)
+    else:
+        norm = torch.where(norm.isnan(), kept.logsumexp(-1), norm)
+        probs = (kept - norm[:, None]).exp()
     # top-p keeps the smallest prefix whose mass reaches p (the first token always stays)
     cut |= (probs.cumsum(-1) - probs) >= top_p[:, None]
     cut |= probs < (min_p[:, None] * probs[:, :1])
-    sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter_(-1, idx, sorted_logits)
+    return ordered.masked_fill(cut, float("-inf")), idx
+
+
+def _scatter(logits: torch.Tensor, ordered: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(logits, float("-inf")).scatter_(-1, idx, ordered)
 
 
 class PendingSample:

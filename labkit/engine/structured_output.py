@@ -183,10 +183,12 @@ class StructuredOutputManager:
         return self._compiler
 
     # ---- each step ----------------------------------------------------------------------
-    def sync(self, st: GrammarState, output_token_ids: list[int]) -> bool:
-        """Feed the matcher the output tokens it has not seen. False if one breaks the grammar
-        (only possible when nothing was allowed, e.g. min_tokens forbidding the stop token)."""
-        for tok in output_token_ids[st.num_accepted :]:
+    def sync(self, st: GrammarState, token_ids: list[int], num_prompt_tokens: int) -> bool:
+        """Feed the matcher the output tokens (of the sequence's `token_ids`, after its prompt)
+        it has not seen. False if one breaks the grammar (only possible when nothing was
+        allowed, e.g. min_tokens forbidding the stop token)."""
+        # One slice of what is new (usually nothing), not a copy of the whole output each step.
+        for tok in token_ids[num_prompt_tokens + st.num_accepted :]:
             if not st.matcher.accept_token(tok):
                 return False
             st.num_accepted += 1
@@ -201,7 +203,8 @@ class StructuredOutputManager:
             st = r.grammar
             if st is None or r.finished:
                 continue
-            if not (self.sync(st, r.output_token_ids) and st.matcher.accept_token(tok)):
+            synced = self.sync(st, r.token_ids, r.num_prompt_tokens)
+            if not (synced and st.matcher.accept_token(tok)):
                 broken.append(r)
                 continue
             st.num_accepted += 1

@@ -112,12 +112,17 @@ def test_fp8_decode_kernel_fuses_the_mlp_activation(rows, config):
     _close(gemv(gate_up, q, gated=True, config=config, fp8=fp8), ref)
 
 
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("given", [False, True])
-def test_quantize_fp8_equals_reference(given):
-    x = torch.randn(5, 300, dtype=HALF, device=DEVICE) * 3
+def test_quantize_fp8_equals_reference(given, gated):
+    """Gated: the input is [gate | up] and silu(gate) * up (rounded to its dtype) is quantized."""
+    x = torch.randn(5, 600 if gated else 300, dtype=HALF, device=DEVICE) * 3
     x[2] = 0  # an all-zero row gets the smallest scale, not 0
     scale = torch.tensor([0.02], device=DEVICE) if given else None
-    q, s = quantize_fp8(x, scale)
+    q, s = quantize_fp8(x, scale, gated=gated)
+    if gated:
+        gate, up = x.float().chunk(2, dim=-1)
+        x = (F.silu(gate) * up).to(x.dtype)
     q_ref, s_ref = quantize_fp8_ref(x, scale)
     assert s.shape == (5, 1) and s.dtype == torch.float32
     torch.testing.assert_close(s, s_ref, atol=0, rtol=1e-6)

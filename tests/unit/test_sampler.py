@@ -89,6 +89,29 @@ def test_top_k_rows_select_instead_of_sorting():
     )
 
 
+def test_candidate_rows_cut_what_the_full_sort_cuts(monkeypatch):
+    """Some row without a top-k: each row's CANDIDATES largest logits are ordered, and a row
+    whose filters may keep a token past them is sorted whole; either way the cut equals the full
+    sort's. Rows: a peaked top-p nucleus, a flat row whose nucleus passes the candidates, min-p
+    alone, a top-k beyond the candidates, a small top-k, a row mostly masked to -inf."""
+    from labkit.engine import sampler
+
+    logits = torch.randn(7, 500, generator=torch.Generator().manual_seed(5))
+    logits[0] *= 8  # peaked: the nucleus is a few tokens
+    logits[1] *= 0.01  # flat: top-p 0.99 keeps ~495 tokens, past the 64 candidates
+    logits[5, 3:] = float("-inf")
+    top_k = torch.tensor([0, 0, 0, 300, 10, 0, 0])
+    top_p = torch.tensor([0.9, 0.99, 1.0, 0.95, 0.8, 0.9, 1.0])
+    min_p = torch.tensor([0.0, 0.0, 0.3, 0.0, 0.0, 0.0, 0.0])
+    monkeypatch.setattr(sampler, "CANDIDATES", 10**9)
+    full = apply_top_k_top_p_min_p(logits, top_k, top_p, min_p)
+    monkeypatch.setattr(sampler, "CANDIDATES", 64)
+    got = apply_top_k_top_p_min_p(logits, top_k, top_p, min_p)
+    assert torch.equal(got.isfinite(), full.isfinite())
+    torch.testing.assert_close(got.softmax(-1), full.softmax(-1))
+    assert full[1].isfinite().sum() > 64 and full[0].isfinite().sum() < 64
+
+
 @pytest.mark.parametrize("all_top_k", [False, True], ids=["sorted", "top_k_selected"])
 def test_torch_draws_match_the_filtered_softmax(all_top_k):
     """The torch path's inverse-CDF draws, 3000 per filter in one batch (temperature, top-k,

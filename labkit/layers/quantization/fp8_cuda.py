@@ -4,7 +4,8 @@ neither takes the scheme. All three compute fp8_linear's numerics.
 
   rows <= 16 (kernels/gemv.py, FP8 modes): reads the one-byte weight and its scales as they are
     stored; an input rounded per token or per tensor is quantized first (kernels/fp8_quant.py,
-    as for _scaled_mm), one rounded per group of columns inside the kernel; its configuration
+    as for _scaled_mm; per token with the MLP's SiLU-and-mul inside), one rounded per group of
+    columns inside the kernel; its configuration
     comes from the card's table (fp8 entries; null there: the next path) or a heuristic.
   more rows, per-row weight scales, inputs per token or per tensor: the input is quantized by
     kernels/fp8_quant.py, then _scaled_mm with row-wise scales (float32 [M, 1] x [1, N]).
@@ -57,12 +58,12 @@ def fp8_linear_cuda(
             if group is not None and cfg.block_k % group:  # a tile holds whole groups
                 cfg = dataclasses.replace(cfg, block_k=max(cfg.block_k, group))
             operands = Fp8Operands(weight_scale, scheme.block, scheme.activations, group)
-            if act is not None and (not cfg.fuse_act or operands.quantized_input):
-                x, act = act(x), None
             if operands.quantized_input:
-                xq, x_scale = quantize_input(x, scheme.activations, switches.pdl)
+                xq, x_scale = quantize_input(x, scheme.activations, switches.pdl, act)
                 operands = dataclasses.replace(operands, input_scale=x_scale, dtype=x.dtype)
-                x = xq
+                x, act = xq, None
+            elif act is not None and not cfg.fuse_act:
+                x, act = act(x), None
             return gemv(
                 x,
                 weight,
@@ -119,9 +120,12 @@ def scaled_mm_linear(
 
 
 def quantize_input(
-    x: torch.Tensor, activations: str, pdl: int = 0
+    x: torch.Tensor, activations: str, pdl: int = 0, act: SiluAndMul | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x rounded to float8 per token ("token") or with one scale for all of it ("tensor"):
-    (float8 [M, K], float32 scales [M, 1])."""
-    scale = amax_scale(x.abs().amax()).reshape(1) if activations == "tensor" else None
-    return quantize_fp8(x, scale, pdl)
+    """act(x) rounded to float8 per token ("token") or with one scale for all of it ("tensor"):
+    (float8 [M, K], float32 scales [M, 1]). Per token, the MLP's SiLU-and-mul is computed by
+    the quantizer as it reads."""
+    if activations == "tensor":
+        x = act(x) if act is not None else x
+        return quantize_fp8(x, amax_scale(x.abs().amax()).reshape(1), pdl)
+    return quantize_fp8(x, None, pdl, gated=act is not None)
