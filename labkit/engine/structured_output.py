@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
+import threading
 from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -225,14 +225,19 @@ class StructuredOutputManager:
             return None
         bitmask = self._host_buffer(len(reqs))
         matchers = [reqs[k].grammar.matcher for k in rows]
-        fill = MaskFill(self._filler.submit(self._fill, matchers, bitmask, rows), rows)
-        # The fill thread needs the GIL to enter xgrammar, which then releases it. Without this
-        # yield it would get the GIL only when the caller blocks or after the interpreter's
-        # switch interval (5 ms), i.e. after the postprocessing it is meant to run beside.
-        time.sleep(0)
+        # The fill thread needs the GIL to enter xgrammar, which then releases it. Left alone it
+        # would get the GIL only when this thread blocks or after the interpreter's switch
+        # interval (5 ms), i.e. after the postprocessing it is meant to run beside: wait (the
+        # GIL released) until it has started.
+        started = threading.Event()
+        fill = MaskFill(self._filler.submit(self._fill, matchers, bitmask, rows, started), rows)
+        started.wait()
         return fill
 
-    def _fill(self, matchers: list, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    def _fill(
+        self, matchers: list, bitmask: torch.Tensor, rows: list[int], started: threading.Event
+    ) -> torch.Tensor:
+        started.set()
         self._batch.batch_fill_next_token_bitmask(matchers, bitmask, indices=rows)
         return bitmask
 
