@@ -5,8 +5,8 @@ neither takes the scheme. All three compute fp8_linear's numerics.
   rows <= 16 (kernels/gemv.py, FP8 modes): reads the one-byte weight and its scales as they are
     stored; an input rounded per token or per tensor is quantized first (kernels/fp8_quant.py,
     as for _scaled_mm; per token with the MLP's SiLU-and-mul inside), one rounded per group of
-    columns inside the kernel; its configuration
-    comes from the card's table (fp8 entries; null there: the next path) or a heuristic.
+    columns inside the kernel; its configuration comes from the card's table (fp8 entries; null
+    there: the next path) or a heuristic.
   more rows, per-row weight scales, inputs per token or per tensor: the input is quantized by
     kernels/fp8_quant.py, then _scaled_mm with row-wise scales (float32 [M, 1] x [1, N]).
   anything else (block weight scales at prefill sizes, weight-only schemes, dimensions that are
