@@ -150,6 +150,21 @@ def test_scaled_mm_path_computes_the_reference(monkeypatch, activations):
     torch.testing.assert_close(got.float(), ref.float(), atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("activations", ["token", "tensor"])
+def test_scaled_mm_path_takes_the_mlp_activation(monkeypatch, activations):
+    """The merged gate/up output in: per token the quantizer computes silu(gate) * up as it
+    reads, per tensor the activation runs first; either way the product of the activated input.
+    In float32: a bf16 activation computed two ways may differ in its last bit, which moves an
+    element to the neighbouring float8 value."""
+    monkeypatch.setattr(torch, "_scaled_mm", _emulated_scaled_mm)
+    q, scale, _ = _weight("channel")
+    x = torch.randn(40, 2 * K, device=DEVICE)
+    b = torch.randn(N, dtype=torch.bfloat16, device=DEVICE)
+    act = SiluAndMul(KernelSwitches())
+    got = fp8_cuda.scaled_mm_linear(x, q, scale, activations, b, act=act)
+    _close(got, fp8_cuda.scaled_mm_linear(act(x), q, scale, activations, b))
+
+
 @pytest.mark.parametrize(
     "rows,scheme,use_gemv,path",
     [

@@ -8,7 +8,8 @@ neither takes the scheme. All three compute fp8_linear's numerics.
     columns inside the kernel; its configuration comes from the card's table (fp8 entries; null
     there: the next path) or a heuristic.
   more rows, per-row weight scales, inputs per token or per tensor: the input is quantized by
-    kernels/fp8_quant.py, then _scaled_mm with row-wise scales (float32 [M, 1] x [1, N]).
+    kernels/fp8_quant.py (per token with the MLP's SiLU-and-mul inside), then _scaled_mm with
+    row-wise scales (float32 [M, 1] x [1, N]).
   anything else (block weight scales at prefill sizes, weight-only schemes, dimensions that are
     not multiples of 16, a float16 model): the reference. Block scales (1x128 input groups x
     128x128 weight blocks) are not given to _scaled_mm: the torch versions labkit runs on do not
@@ -74,8 +75,6 @@ def fp8_linear_cuda(
                 pdl=switches.pdl,
                 fp8=operands,
             )
-    if act is not None:
-        x = act(x)
     if (
         plain
         and scheme.block is None
@@ -84,7 +83,11 @@ def fp8_linear_cuda(
         and k % 16 == 0
         and n % 16 == 0
     ):
-        return scaled_mm_linear(x, weight, weight_scale, scheme.activations, bias, switches.pdl)
+        return scaled_mm_linear(
+            x, weight, weight_scale, scheme.activations, bias, switches.pdl, act
+        )
+    if act is not None:
+        x = act(x)
     return fp8_linear(
         x,
         weight,
@@ -103,12 +106,14 @@ def scaled_mm_linear(
     activations: str,
     bias: torch.Tensor | None,
     pdl: int = 0,
+    act: SiluAndMul | None = None,
 ) -> torch.Tensor:
-    """x (bf16 [M, K]) rounded through FP8 per token ("token") or per tensor ("tensor") times
-    the float8 weight [N, K] with per-row scales [N], in bf16: cuBLASLt's row-wise scaled GEMM.
+    """act(x) (x bf16 [M, K], or [M, 2K] for the MLP's SiLU-and-mul) rounded through FP8 per
+    token ("token") or per tensor ("tensor") times the float8 weight [N, K] with per-row scales
+    [N], in bf16: cuBLASLt's row-wise scaled GEMM.
     It wants the second operand column-major ([N, K] row-major, transposed) and both scales
     float32; the bias is added after (row-wise scaling does not take every bias dtype)."""
-    xq, x_scale = quantize_input(x, activations, pdl)
+    xq, x_scale = quantize_input(x, activations, pdl, act)
     y = torch._scaled_mm(
         xq,
         weight.t(),
