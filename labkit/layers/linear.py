@@ -12,7 +12,9 @@ kernel's split-K partials.
 
 Every layer takes its engine's TPGroup, switches and workspace when it is built and keeps them,
 and its FP8 scheme if the engine quantizes (`quant`): the layer then hands its weights, their
-scales and its matmul to labkit.layers.quantization's Fp8LinearMethod.
+scales and its matmul to labkit.layers.quantization's Fp8LinearMethod. Such a layer whose
+input is rounded per token (`takes_fp8_input`) also takes it as an Fp8Input, rounded by the
+RMSNorm in front of it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 
 from labkit.distributed import TPGroup, divide
 from labkit.layers.activation import SiluAndMul
+from labkit.layers.quantization.fp8 import Fp8Input
 from labkit.layers.quantization.linear_method import Fp8LinearMethod
 from labkit.layers.quantization.scheme import Fp8Scheme
 from labkit.layers.switches import KernelSwitches
@@ -99,6 +102,11 @@ class _ParallelLinear(nn.Module):
         for p in self.parameters():
             p.weight_loader = self.weight_loader
 
+    @property
+    def takes_fp8_input(self) -> bool:
+        """Whether forward also takes its input as an Fp8Input (rounded per token)."""
+        return self.quant is not None and self.quant.takes_fp8_input
+
     def _is_scale(self, param: nn.Parameter) -> bool:
         return self.quant is not None and param is getattr(self, "weight_scale", None)
 
@@ -142,7 +150,10 @@ class _ParallelLinear(nn.Module):
             )
 
     def _matmul(
-        self, x: torch.Tensor, bias: torch.Tensor | None, act: SiluAndMul | None = None
+        self,
+        x: torch.Tensor | Fp8Input,
+        bias: torch.Tensor | None,
+        act: SiluAndMul | None = None,
     ) -> torch.Tensor:
         if self.quant is not None:
             return self.quant.apply(self, x, bias, act)
@@ -172,7 +183,7 @@ class ColumnParallelLinear(_ParallelLinear):
             quant,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Input) -> torch.Tensor:
         return self._matmul(x, self.bias)
 
 

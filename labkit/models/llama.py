@@ -22,6 +22,7 @@ from labkit.layers.attention import Attention, AttentionInputs
 from labkit.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from labkit.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from labkit.layers.norm import QKNorm, RMSNorm
+from labkit.layers.quantization.fp8 import Fp8Input
 from labkit.layers.rotary import RotaryEmbedding
 from labkit.models.model_config import ModelConfig
 from labkit.models.model_parts import ModelParts
@@ -52,10 +53,10 @@ class LlamaAttention(nn.Module):
     qk_norm: QKNorm | None = None
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, attn: AttentionInputs
+        self, positions: torch.Tensor, x: torch.Tensor | Fp8Input, attn: AttentionInputs
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        t, d = x.shape[0], self.attn.head_dim
+        t, d = q.shape[0], self.attn.head_dim
         o = self.attn(
             positions, q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d), attn, self.qk_norm
         )
@@ -73,7 +74,7 @@ class LlamaMLP(nn.Module):
         )
         self.act = SiluAndMul(parts.switches)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Input) -> torch.Tensor:
         return self.down_proj(self.gate_up_proj(x), act=self.act)
 
 
@@ -86,9 +87,18 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = self.attention_cls(cfg, layer_idx, rotary, parts)
         self.mlp = self.make_mlp(cfg, layer_idx, parts)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, switches=parts.switches)
+        # Where the matmul after a norm rounds its input to FP8 per token, the norm does it.
+        self.input_layernorm = RMSNorm(
+            cfg.hidden_size,
+            cfg.rms_norm_eps,
+            switches=parts.switches,
+            fp8_output=self.self_attn.qkv_proj.takes_fp8_input,
+        )
         self.post_attention_layernorm = RMSNorm(
-            cfg.hidden_size, cfg.rms_norm_eps, switches=parts.switches
+            cfg.hidden_size,
+            cfg.rms_norm_eps,
+            switches=parts.switches,
+            fp8_output=isinstance(self.mlp, LlamaMLP) and self.mlp.gate_up_proj.takes_fp8_input,
         )
 
     def make_mlp(self, cfg: ModelConfig, layer_idx: int, parts: ModelParts) -> nn.Module:

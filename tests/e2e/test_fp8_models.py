@@ -244,11 +244,15 @@ def test_default_model_quantized_at_load(default_llm):
     the first 32 greedy tokens of 8 prompts. Measured: 229 of 256 next tokens agree after the
     same tokens (teacher-forced on float32's continuations); running free, 51 of 256 positions
     agree, as a continuation goes its own way from its first different token (first
-    differences at 10, 1, 0, 4, 4, 0, 2 and 5; weight-only FP8 gets 126)."""
+    differences at 10, 1, 0, 4, 4, 0, 2 and 5; weight-only FP8 gets 126). The norms hand
+    qkv and gate/up their inputs rounded already."""
     seqs, starts = _float32_continuations(default_llm)
     with LLM(dtype="float32", quantization="fp8") as llm:
-        down = llm.engine.runner.model.model.layers[0].mlp.down_proj
+        layer = llm.engine.runner.model.model.layers[0]
+        down = layer.mlp.down_proj
         assert down.weight.dtype == FP8 and down.weight_scale.shape == (576,)
+        # The norms in front of qkv and gate/up round their outputs per token for them.
+        assert layer.input_layernorm.fp8_output and layer.post_attention_layernorm.fp8_output
         same = _next_tokens_agreeing(llm, seqs, starts)
         assert "Paris" in _capital_of_france(llm)
     assert same >= 0.8 * 8 * 32, f"{same} of {8 * 32} next tokens agree"

@@ -22,12 +22,18 @@ triton = pytest.importorskip("triton")
 
 from labkit.kernels import gemv_configs  # noqa: E402
 from labkit.kernels.fp8_quant import quantize_fp8, quantize_fp8_ref  # noqa: E402
+from labkit.kernels.fused_add_rmsnorm import (  # noqa: E402
+    fused_add_rmsnorm,
+    rmsnorm,
+    rmsnorm_fp8,
+)
 from labkit.kernels.gemv import GemvWorkspace, gemv  # noqa: E402
 from labkit.kernels.gemv_configs import GemvConfig  # noqa: E402
 from labkit.kernels.gemv_tiles import Fp8Operands  # noqa: E402
 from labkit.layers.activation import SiluAndMul  # noqa: E402
+from labkit.layers.norm import RMSNorm  # noqa: E402
 from labkit.layers.quantization import fp8_cuda  # noqa: E402
-from labkit.layers.quantization.fp8 import fp8_linear  # noqa: E402
+from labkit.layers.quantization.fp8 import Fp8Input, fp8_linear, quantize_per_token  # noqa: E402
 from labkit.layers.quantization.scheme import Fp8Scheme  # noqa: E402
 from labkit.layers.switches import KernelSwitches  # noqa: E402
 
@@ -129,6 +135,48 @@ def test_quantize_fp8_equals_reference(given, gated):
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, HALF])
+def test_rmsnorm_fp8_output_equals_quantizing_the_norm(residual, dtype):
+    """The norm's FP8 output is bit for bit what the quantizer makes of its float output, and
+    the residual sum is unchanged."""
+    x = torch.randn(5, 300, dtype=dtype, device=DEVICE) * 3
+    r = torch.randn(5, 300, dtype=dtype, device=DEVICE) if residual else None
+    w = (torch.rand(300, device=DEVICE) + 0.5).to(dtype)
+    x[3] = 0
+    if r is not None:
+        r[3] = 0  # an all-zero row gets the smallest scale
+    q, s, new_r = rmsnorm_fp8(x, r, w, 1e-6)
+    if r is None:
+        out = rmsnorm(x, w, 1e-6)
+        assert new_r is None
+    else:
+        out, res = fused_add_rmsnorm(x, r, w, 1e-6)
+        assert torch.equal(new_r, res)
+    q_ref, s_ref = quantize_fp8(out)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_the_norm_layer_hands_over_its_output_rounded_per_token(residual):
+    """RMSNorm(fp8_output=True) on its kernel path (run here by the interpreter) returns what
+    quantize_per_token makes of the float norm's output, and the same residual sum."""
+    weight = torch.rand(300) + 0.5
+    norms = [RMSNorm(300, 1e-6, switches=KernelSwitches(), fp8_output=f) for f in (True, False)]
+    for norm in norms:
+        norm.weight.data = weight
+    x, r = torch.randn(4, 300) * 3, torch.randn(4, 300) if residual else None
+    got, ref = (norm._forward_cuda(x, r) for norm in norms)
+    if residual:
+        (got, got_r), (ref, ref_r) = got, ref
+        assert torch.equal(got_r, ref_r)
+    ref = quantize_per_token(ref)
+    assert isinstance(got, Fp8Input) and got.dtype == torch.float32
+    assert torch.equal(got.scale, ref.scale)
+    assert torch.equal(got.q.view(torch.uint8), ref.q.view(torch.uint8))
+
+
 def _emulated_scaled_mm(a, b, scale_a, scale_b, out_dtype):
     """torch._scaled_mm's row-wise path, with the layout it demands checked."""
     m, n = a.shape[0], b.shape[1]
@@ -163,6 +211,25 @@ def test_scaled_mm_path_takes_the_mlp_activation(monkeypatch, activations):
     act = SiluAndMul(KernelSwitches())
     got = fp8_cuda.scaled_mm_linear(x, q, scale, activations, b, act=act)
     _close(got, fp8_cuda.scaled_mm_linear(act(x), q, scale, activations, b))
+
+
+@pytest.mark.parametrize("rows", [1, 40])
+def test_an_fp8_input_goes_to_the_kernels_as_it_is(monkeypatch, rows):
+    """An input the norm rounded already (Fp8Input) gives the product of quantizing the float
+    input in the layer, on the decode kernel (1 row) and _scaled_mm (40), and the reference."""
+    monkeypatch.setattr(torch, "_scaled_mm", _emulated_scaled_mm)
+    monkeypatch.setattr(gemv_configs, "_table", lambda device: {})
+    q, scale, _ = _weight("channel")
+    x = torch.randn(rows, K, dtype=torch.bfloat16, device=DEVICE)
+    xq = quantize_per_token(x)
+    scheme = Fp8Scheme(None, "channel", "token")
+    switches = KernelSwitches(use_gemv=True)
+    args = (q, scale, scheme, None, None, switches, GemvWorkspace(DEVICE))
+    ref = fp8_linear(x, q, scale, block=None, activations="token")
+    assert torch.equal(fp8_linear(xq, q, scale, block=None, activations="token"), ref)
+    got = fp8_cuda.fp8_linear_cuda(xq, *args)
+    assert torch.equal(got, fp8_cuda.fp8_linear_cuda(x, *args))
+    _close(got, ref)
 
 
 @pytest.mark.parametrize(

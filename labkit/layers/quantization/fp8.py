@@ -5,9 +5,13 @@ block of rows and columns ([ceil(N / bn), ceil(K / bk)]); its value is q * scale
 quantized on the fly with a scale per row ("token"), per row and group of columns ("group", the
 block-wise checkpoints' scheme, groups as wide as a weight block) or one for the whole input
 ("tensor"), each scale being the amax of what it covers over 448, float8_e4m3fn's largest value.
+An input quantized per token ahead of its matmul (by the RMSNorm in front of it) travels as an
+Fp8Input.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +29,39 @@ def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def amax_scale(amax: torch.Tensor) -> torch.Tensor:
     return (amax.float() / FP8_MAX).clamp(min=MIN_SCALE)
+
+
+@dataclass(frozen=True)
+class Fp8Input:
+    """A matmul's input [M, K] already rounded to FP8 per token: `q` float8_e4m3fn, `scale`
+    float32 [M, 1] (amax / 448 of each row), `dtype` the dtype it was computed in (and of the
+    matmul's output)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.q.is_cuda
+
+    def dequantized(self) -> torch.Tensor:
+        """q * scale in `dtype`: what the matmul sees of its input."""
+        return (self.q.float() * self.scale).to(self.dtype)
+
+
+def quantize_per_token(x: torch.Tensor) -> Fp8Input:
+    """x [M, K] rounded to FP8 with a scale per row."""
+    scale = amax_scale(x.abs().amax(dim=-1, keepdim=True))
+    return Fp8Input(quantize(x, scale), scale, x.dtype)
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,8 +95,7 @@ def fake_quantize_activations(x: torch.Tensor, strategy: str, group: int | None)
         scale = amax_scale(x.abs().amax())
         return (quantize(x, scale).float() * scale).to(x.dtype)
     if strategy == "token":
-        scale = amax_scale(x.abs().amax(dim=-1, keepdim=True))
-        return (quantize(x, scale).float() * scale).to(x.dtype)
+        return quantize_per_token(x).dequantized()
     k = x.shape[-1]
     padded = F.pad(x, (0, -k % group))
     groups = padded.view(*x.shape[:-1], -1, group)
@@ -69,7 +105,7 @@ def fake_quantize_activations(x: torch.Tensor, strategy: str, group: int | None)
 
 
 def fp8_linear(
-    x: torch.Tensor,
+    x: torch.Tensor | Fp8Input,
     weight: torch.Tensor,
     weight_scale: torch.Tensor,
     *,
@@ -79,11 +115,14 @@ def fp8_linear(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x @ dequantized(weight).T (+ bias), x first rounded through FP8 as `activations` says
-    (None: weight-only, x as it is): the numerics of an FP8 GEMM, computed by dequantizing.
+    (None: weight-only, x as it is; an Fp8Input is rounded already): the numerics of an FP8
+    GEMM, computed by dequantizing.
 
     This is the reference every FP8 kernel is checked against (fp8_cuda.py's paths), and the
     path on the CPU and for what those paths do not take."""
     w = dequantize(weight, weight_scale, block, x.dtype)
-    if activations is not None:
+    if isinstance(x, Fp8Input):
+        x = x.dequantized()
+    elif activations is not None:
         x = fake_quantize_activations(x, activations, activation_group)
     return F.linear(x, w, bias)

@@ -4,7 +4,8 @@ neither takes the scheme. All three compute fp8_linear's numerics.
 
   rows <= 16 (kernels/gemv.py, FP8 modes): reads the one-byte weight and its scales as they are
     stored; an input rounded per token or per tensor is quantized first (kernels/fp8_quant.py,
-    as for _scaled_mm; per token with the MLP's SiLU-and-mul inside), one rounded per group of
+    as for _scaled_mm; per token with the MLP's SiLU-and-mul inside), unless the RMSNorm in
+    front of the matmul did it (an Fp8Input arrives); one rounded per group of
     columns inside the kernel; its configuration comes from the card's table (fp8 entries; null
     there: the next path) or a heuristic.
   more rows, per-row weight scales, inputs per token or per tensor: the input is quantized by
@@ -29,7 +30,7 @@ from labkit.kernels.fp8_quant import quantize_fp8
 from labkit.kernels.gemv import gemv
 from labkit.kernels.gemv_configs import choose_config
 from labkit.kernels.gemv_tiles import Fp8Operands
-from labkit.layers.quantization.fp8 import amax_scale, fp8_linear
+from labkit.layers.quantization.fp8 import Fp8Input, amax_scale, fp8_linear
 from labkit.layers.quantization.scheme import Fp8Scheme
 from labkit.layers.switches import KernelSwitches
 
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 
 def fp8_linear_cuda(
-    x: torch.Tensor,
+    x: torch.Tensor | Fp8Input,
     weight: torch.Tensor,
     weight_scale: torch.Tensor,
     scheme: Fp8Scheme,
@@ -49,9 +50,10 @@ def fp8_linear_cuda(
     workspace: GemvWorkspace | None,
 ) -> torch.Tensor:
     """fp8_linear(act(x), ...) by the fastest path for x's rows (act: the MLP's SiLU-and-mul,
-    x then the merged gate/up output; the decode kernel fuses it where its config says so)."""
+    x then the merged gate/up output; the decode kernel fuses it where its config says so).
+    An Fp8Input (rounded per token by the norm in front) goes to the kernels as it is."""
     n, k = weight.shape
-    plain = x.dim() == 2 and x.stride(1) == 1
+    plain = isinstance(x, Fp8Input) or (x.dim() == 2 and x.stride(1) == 1)
     group = scheme.activation_group if scheme.activations == "group" else None
     if switches.use_gemv and plain and (group is None or group & (group - 1) == 0):
         cfg = choose_config(x.shape[0], n, k, x.device, fp8=True)
@@ -100,7 +102,7 @@ def fp8_linear_cuda(
 
 
 def scaled_mm_linear(
-    x: torch.Tensor,
+    x: torch.Tensor | Fp8Input,
     weight: torch.Tensor,
     weight_scale: torch.Tensor,
     activations: str,
@@ -125,11 +127,14 @@ def scaled_mm_linear(
 
 
 def quantize_input(
-    x: torch.Tensor, activations: str, pdl: int = 0, act: SiluAndMul | None = None
+    x: torch.Tensor | Fp8Input, activations: str, pdl: int = 0, act: SiluAndMul | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """act(x) rounded to float8 per token ("token") or with one scale for all of it ("tensor"):
     (float8 [M, K], float32 scales [M, 1]). Per token, the MLP's SiLU-and-mul is computed by
-    the quantizer as it reads."""
+    the quantizer as it reads. An Fp8Input is rounded per token already."""
+    if isinstance(x, Fp8Input):
+        assert activations == "token" and act is None
+        return x.q, x.scale
     if activations == "tensor":
         x = act(x) if act is not None else x
         return quantize_fp8(x, amax_scale(x.abs().amax()).reshape(1), pdl)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from labkit.distributed import TPGroup
-from labkit.layers.quantization.fp8 import FP8, fp8_linear, quantize_per_channel
+from labkit.layers.quantization.fp8 import FP8, Fp8Input, fp8_linear, quantize_per_channel
 from labkit.layers.quantization.scheme import Fp8Scheme
 
 if TYPE_CHECKING:
@@ -31,6 +31,12 @@ if TYPE_CHECKING:
 class Fp8LinearMethod:
     def __init__(self, scheme: Fp8Scheme):
         self.scheme = scheme
+
+    @property
+    def takes_fp8_input(self) -> bool:
+        """Whether the input is rounded per token, so that the RMSNorm in front may hand it
+        over as an Fp8Input (quantized as it is normalized)."""
+        return self.scheme.activations == "token"
 
     def create_weights(self, layer: nn.Module, out_features: int, in_features: int) -> None:
         """`layer.weight` (and for FP8 checkpoints `layer.weight_scale`), to be loaded."""
@@ -100,7 +106,7 @@ class Fp8LinearMethod:
     def apply(
         self,
         layer: nn.Module,
-        x: torch.Tensor,
+        x: torch.Tensor | Fp8Input,
         bias: torch.Tensor | None,
         act: SiluAndMul | None = None,
     ) -> torch.Tensor:
