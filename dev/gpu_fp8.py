@@ -56,6 +56,14 @@ TUNE_FMA = [
         (8, 1024, 4, 2),
         (4, 2048, 4, 2),
         (8, 1024, 4, 4),
+        # larger tiles: at one byte a weight a tile carries half a bf16 tile's bytes, and the
+        # first tune picked the largest tiles above at 1 row for every shape
+        (32, 512, 8, 1),
+        (16, 1024, 4, 1),
+        (16, 1024, 8, 1),
+        (8, 2048, 4, 1),
+        (8, 2048, 8, 1),
+        (4, 4096, 4, 1),
     )
 ]
 TUNE_DOT = [
