@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gpu_gemv import L2_BYTES, REPO, copy_bandwidth, graph_us, kernel_args, qwen7b_shapes
+from gpu_gemv import L2_BYTES, REPO, copy_bandwidth, graph_us, kernel_args, model_shapes
 
 sys.path.insert(0, str(REPO))
 
@@ -272,7 +272,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     card = torch.cuda.get_device_name()
     copy_bw = copy_bandwidth()
-    shapes = qwen7b_shapes()
+    shapes = model_shapes(REPO / "data/configs/Qwen2.5-7B-Instruct")
     result = {"card": card, "copy_bytes_per_s": copy_bw, "command": " ".join(sys.argv), "rows": []}
     print(f"card {card}, copy {copy_bw / 1e12:.2f} TB/s; microseconds per call")
     cols = ("floor", "fp8 gemv", "block", "fp8 mm", "bf16", "cuBLAS")

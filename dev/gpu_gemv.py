@@ -1,10 +1,11 @@
 """A decode step's matmuls on a lent GPU: cuBLAS (F.linear) against labkit.kernels.gemv's launch
 configurations at a decode step's row counts; writes the card's configuration table.
 
-  python dev/gpu_gemv.py --out DIR [--install] [--shapes down_proj,...]
+  python dev/gpu_gemv.py --out DIR [--install] [--shapes down_proj,...] [--config DIR]
 
-Shapes: Qwen2.5-7B-Instruct's (qkv with its bias, o, gate/up, down with the SiLU-and-mul fused,
-the LM head), bf16, at 1, 2, 4, 8 and 16 rows. Each timing is a CUDA graph of back-to-back calls
+Shapes: the model's of --config (default Qwen2.5-7B-Instruct's: qkv with its bias, o, gate/up,
+down with the SiLU-and-mul fused, the LM head; a mixture of experts: qkv, o, the router, the LM
+head), bf16, at 1, 2, 4, 8 and 16 rows. Each timing is a CUDA graph of back-to-back calls
 that cycle through copies of the weight (more bytes than the L2 holds), so every call reads its
 weight from memory and follows another kernel, as in a decode step. down_proj's cuBLAS time
 includes the silu_and_mul kernel in front of it (what the fused kernel replaces). Every
@@ -41,6 +42,7 @@ from labkit.kernels.gemv import GemvWorkspace, gemv, gemv_ref  # noqa: E402
 from labkit.kernels.gemv_configs import FMA_MAX_ROWS, GemvConfig, config_path, row_bucket  # noqa: E402
 from labkit.kernels.pdl import pdl_mode  # noqa: E402
 from labkit.kernels.silu_and_mul import silu_and_mul  # noqa: E402
+from labkit.models.model_config import ModelConfig  # noqa: E402
 
 ROWS = (1, 2, 4, 8, 16)
 # From a first sweep on an H200 (PERF_NOTES, v6): FMAs only win at 1-2 rows, tensor cores want
@@ -71,19 +73,23 @@ DOT = [
 L2_BYTES = 256 << 20  # copies of a weight add up to at least this: several times any L2
 
 
-def qwen7b_shapes() -> dict[str, tuple[int, int, bool, bool]]:
-    cfg = json.loads((REPO / "data/configs/Qwen2.5-7B-Instruct/config.json").read_text())
-    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    d = h // cfg["num_attention_heads"]
-    qkv = h + 2 * cfg["num_key_value_heads"] * d
-    # name: (N, K, bias, gated)
-    return {
-        "qkv_proj": (qkv, h, True, False),
-        "o_proj": (h, h, False, False),
-        "gate_up_proj": (2 * i, h, False, False),
-        "down_proj": (h, i, False, True),
-        "lm_head": (v, h, False, False),
+def model_shapes(config_dir: Path) -> dict[str, tuple[int, int, bool, bool]]:
+    """A model's decode matmuls, name: (N, K, bias, gated); a mixture of experts has its router
+    where a dense model has gate/up and down (the experts have their own kernel)."""
+    cfg = ModelConfig.from_dict(json.loads((config_dir / "config.json").read_text()))
+    h, d = cfg.hidden_size, cfg.head_dim
+    heads = cfg.num_attention_heads
+    shapes = {
+        "qkv_proj": ((heads + 2 * cfg.num_key_value_heads) * d, h, cfg.attention_bias, False),
+        "o_proj": (h, heads * d, False, False),
     }
+    if cfg.num_experts:
+        shapes["router"] = (cfg.num_experts, h, False, False)
+    else:
+        shapes["gate_up_proj"] = (2 * cfg.intermediate_size, h, False, False)
+        shapes["down_proj"] = (h, cfg.intermediate_size, False, True)
+    shapes["lm_head"] = (cfg.vocab_size, h, False, False)
+    return shapes
 
 
 def graph_us(fns: list, reps: int = 15) -> float:
@@ -251,12 +257,13 @@ def main() -> None:
     ap.add_argument("--out", default="out")
     ap.add_argument("--install", action="store_true")
     ap.add_argument("--shapes", default=None, help="comma-separated names (default: all)")
+    ap.add_argument("--config", default=str(REPO / "data/configs/Qwen2.5-7B-Instruct"))
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     card = torch.cuda.get_device_name()
     copy_bw = copy_bandwidth()
-    shapes = qwen7b_shapes()
+    shapes = model_shapes(Path(args.config))
     swept = args.shapes.split(",") if args.shapes else list(shapes)
     result = {"card": card, "copy_bytes_per_s": copy_bw, "command": " ".join(sys.argv), "rows": []}
     for name in swept:
@@ -273,8 +280,11 @@ def main() -> None:
     if args.install:
         config_path(card).parent.mkdir(exist_ok=True)
         shutil.copy(path, config_path(card))
+    dense = "down_proj" in shapes
     result["chains"] = (
-        [] if args.shapes else [layer_chain(shapes, table, m, copy_bw) for m in (1, 8)]
+        [layer_chain(shapes, table, m, copy_bw) for m in (1, 8)]
+        if dense and not args.shapes
+        else []
     )
     (out / "gemv_sweep.json").write_text(json.dumps(result, indent=1))
     print(f"\ncard {card}, copy {copy_bw / 1e12:.2f} TB/s")
