@@ -1,7 +1,8 @@
 """The sampler on a GPU, alone: labkit.kernels.sampling against the torch path (the
 Sampler's other branch, with its sort) on bf16 logits of a 152k vocabulary, per batch size and
-sampling mode, plus the kernel's block/warp choices; and a check that the kernel's draws follow
-the filtered softmax (chi-square over many draws) and its greedy rows equal argmax.
+sampling mode, plus the kernel's block/warp choices and its split path (a row's first pass by
+chunks) against whole rows; and a check that the kernel's draws follow the filtered softmax
+(chi-square over many draws, both paths) and its greedy rows equal argmax.
 
   python dev/gpu_sampler.py --out DIR
 
@@ -43,11 +44,13 @@ def realistic_logits(batch: int) -> torch.Tensor:
 def check(out: dict) -> None:
     v, n = 1000, 200_000
     base = torch.randn(v, device="cuda") * 2
-    for name, (t, k, p, mp) in {
+    cases = {
         "top_p": (0.8, 0, 0.9, 0.0),
         "top_k_top_p": (1.0, 20, 0.8, 0.0),
         "min_p": (1.0, 0, 1.0, 0.05),
-    }.items():
+    }
+    for (name, (t, k, p, mp)), split in [(c, s) for c in cases.items() for s in (False, True)]:
+        name += "_split" if split else ""
         kth = base.topk(k).values[-1].item() if k else -math.inf
         full = lambda x: torch.full((n,), x, device="cuda")  # noqa: E731
         ids, _ = sample(
@@ -57,6 +60,8 @@ def check(out: dict) -> None:
             full(p),
             full(mp),
             torch.arange(n, device="cuda", dtype=torch.int64) * 7919,
+            split=split,
+            split_block=128,
         )
         probs = apply_top_k_top_p_min_p(
             (base / t)[None].cpu(), torch.tensor([k]), torch.tensor([p]), torch.tensor([mp])
@@ -71,16 +76,19 @@ def check(out: dict) -> None:
             "cut_tokens_drawn": int(counts[probs == 0].sum()),
         }
     logits = realistic_logits(64)
-    ids, lse = sample(
-        logits,
-        torch.zeros(64, device="cuda"),
-        torch.full((64,), -math.inf, device="cuda"),
-        torch.ones(64, device="cuda"),
-        torch.zeros(64, device="cuda"),
-        torch.zeros(64, dtype=torch.int64, device="cuda"),
-    )
-    out["greedy_equal"] = bool((ids == logits.float().argmax(-1)).all())
-    out["lse_max_err"] = float((lse - logits.float().logsumexp(-1)).abs().max())
+    for split in (False, True):
+        ids, lse = sample(
+            logits,
+            torch.zeros(64, device="cuda"),
+            torch.full((64,), -math.inf, device="cuda"),
+            torch.ones(64, device="cuda"),
+            torch.zeros(64, device="cuda"),
+            torch.zeros(64, dtype=torch.int64, device="cuda"),
+            split=split,
+        )
+        tag = "_split" if split else ""
+        out["greedy_equal" + tag] = bool((ids == logits.float().argmax(-1)).all())
+        out["lse_max_err" + tag] = float((lse - logits.float().logsumexp(-1)).abs().max())
 
 
 def timings(out: dict) -> list:
@@ -94,20 +102,24 @@ def timings(out: dict) -> list:
                 ms = do_bench(lambda s=s: s(logits, reqs).token_ids, warmup=10, rep=100)
                 out[f"{name}_{mode}_b{batch}_ms"] = ms
                 rows.append((f"{name} {mode} b{batch}", ms))
-        for block, warps in ((4096, 16), (8192, 16), (8192, 32), (16384, 32)):
-            n = batch
+        n = batch
+        for mode, t in (("greedy", 0.0), ("top_p", 0.8)):
             args = (
-                torch.full((n,), 0.8, device="cuda"),
+                torch.full((n,), t, device="cuda"),
                 torch.full((n,), -math.inf, device="cuda"),
                 torch.full((n,), 0.95, device="cuda"),
                 torch.zeros(n, device="cuda"),
                 torch.arange(n, dtype=torch.int64, device="cuda"),
             )
-            ms = do_bench(
-                lambda: sample(logits, *args, block=block, num_warps=warps), warmup=10, rep=100
-            )
-            out[f"kernel_top_p_b{batch}_block{block}_w{warps}_ms"] = ms
-            rows.append((f"kernel top_p b{batch} block {block} warps {warps}", ms))
+            for split, block in ((False, 8192), (True, 2048), (True, 4096), (True, 8192)):
+                ms = do_bench(
+                    lambda: sample(logits, *args, split=split, split_block=block),
+                    warmup=10,
+                    rep=100,
+                )
+                how = f"split {block}" if split else "rows"
+                out[f"kernel_{mode}_b{batch}_{how.replace(' ', '')}_ms"] = ms
+                rows.append((f"kernel {mode} b{batch} {how}", ms))
     return rows
 
 

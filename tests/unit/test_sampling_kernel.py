@@ -23,7 +23,9 @@ def _kth(logits: torch.Tensor, k: int) -> float:
     return logits.topk(k).values[-1].item() if k else -math.inf
 
 
-def test_greedy_rows_take_the_first_argmax_and_the_raw_normaliser():
+@pytest.mark.parametrize("split", [False, True])
+def test_greedy_rows_take_the_first_argmax_and_the_raw_normaliser(split):
+    """Whole rows per program, or chunks of a row per program (split) and a combine."""
     torch.manual_seed(0)
     logits = torch.randn(5, 70)
     logits[1, 3] = logits[1, 50] = 9.0  # equal maxima in two blocks: the first wins
@@ -37,6 +39,8 @@ def test_greedy_rows_take_the_first_argmax_and_the_raw_normaliser():
         torch.zeros(n),
         torch.zeros(n, dtype=torch.int64),
         block=16,
+        split=split,
+        split_block=16,
     )
     ref = logits.to(torch.bfloat16).float()
     assert ids.tolist() == ref.argmax(-1).tolist() and ids[1] == 3
@@ -48,8 +52,10 @@ FILTERS = [(1.0, 0, 1.0, 0.0), (0.7, 0, 0.8, 0.0), (1.0, 5, 1.0, 0.0), (1.3, 0, 
 FILTERS_B = [(1.0, 10, 0.9, 0.0), (0.8, 0, 0.6, 0.05), (1.0, 0, 0.95, 0.0)]
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("vocab,block,filters", [(37, 16, FILTERS), (100, 64, FILTERS_B)])
-def test_sampled_frequencies_match_the_filtered_softmax(vocab, block, filters):
+def test_sampled_frequencies_match_the_filtered_softmax(vocab, block, filters, split):
+    """split: the first draw's walk goes by the chunks' masses (chunks of 8 and 32 entries)."""
     draws = 300
     g = torch.Generator().manual_seed(vocab)
     base = torch.randn(vocab, generator=g) * 2
@@ -63,6 +69,8 @@ def test_sampled_frequencies_match_the_filtered_softmax(vocab, block, filters):
         torch.tensor([filters[k][3] for k in kinds]),
         torch.arange(n, dtype=torch.int64) * 7919 + vocab,
         block=block,
+        split=split,
+        split_block=block // 2 if split else 4096,
     )
     kinds_t = torch.tensor(kinds)
     for k, (t, top_k, top_p, min_p) in enumerate(filters):
@@ -72,7 +80,8 @@ def test_sampled_frequencies_match_the_filtered_softmax(vocab, block, filters):
         assert_frequencies_match(ids[kinds_t == k], probs, f"filter {k}")
 
 
-def test_a_seeded_row_draws_the_same_wherever_it_sits_in_the_batch():
+@pytest.mark.parametrize("split", [False, True])
+def test_a_seeded_row_draws_the_same_wherever_it_sits_in_the_batch(split):
     torch.manual_seed(1)
     row = torch.randn(40)
     others = torch.randn(3, 40)
@@ -87,6 +96,8 @@ def test_a_seeded_row_draws_the_same_wherever_it_sits_in_the_batch():
             torch.zeros(n),
             torch.tensor(seeds, dtype=torch.int64),
             block=16,
+            split=split,
+            split_block=16,
         )
         return ids.tolist()
 
