@@ -67,15 +67,19 @@ def _cdf_walk(row, lo, hi, m, inv_t, floor, lower, target, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _first_walk(row, V, m, inv_t, lower, target, chunk_mass, CHUNKS: tl.constexpr, BLOCK):
+def _first_walk(
+    row, V, m, inv_t, lower, target, chunk_mass, CHUNKS: tl.constexpr, BLOCK: tl.constexpr
+):
     """_cdf_walk over the whole row for the first proposal {l >= lower}, given each chunk's
-    mass of it (`chunk_mass` [CHUNKS], chunks of BLOCK entries): the walk runs inside the chunk
-    where the chunks' cumulative mass reaches `target` (the last chunk holding any, if rounding
-    leaves the total short)."""
+    mass of it (`chunk_mass` [CHUNKS], chunks of BLOCK entries): the walk runs inside the first
+    chunk holding mass where the chunks' cumulative mass reaches `target` (the last chunk
+    holding any, if rounding leaves the total short). Only a chunk holding mass: a target of 0
+    (u = 0) must not pick a chunk whose tokens the proposal leaves out, e.g. a grammar's."""
     c_idx = tl.arange(0, CHUNKS)
     cum = tl.cumsum(chunk_mass, 0)
     held = tl.max(tl.where(chunk_mass > 0, c_idx, 0), 0)
-    c = tl.minimum(tl.min(tl.where(cum >= target, c_idx, CHUNKS), 0), held)
+    reached = (cum >= target) & (chunk_mass > 0)
+    c = tl.minimum(tl.min(tl.where(reached, c_idx, CHUNKS), 0), held)
     before = tl.sum(tl.where(c_idx < c, chunk_mass, 0.0), 0)
     lo = c * BLOCK
     return _cdf_walk(

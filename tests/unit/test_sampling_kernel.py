@@ -8,13 +8,14 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+tl = triton.language
 
 from helpers import assert_frequencies_match  # noqa: E402
 
 from labkit.engine.request import Request  # noqa: E402
 from labkit.engine.sampler import Sampler, apply_top_k_top_p_min_p  # noqa: E402
-from labkit.kernels.sampling import sample  # noqa: E402
+from labkit.kernels.sampling import _first_walk, sample  # noqa: E402
 from labkit.layers.switches import KernelSwitches  # noqa: E402
 from labkit.sampling_params import SamplingParams  # noqa: E402
 
@@ -133,3 +134,25 @@ def test_the_samplers_kernel_path_keeps_logprobs_penalties_and_seeds():
     # The seeded row: the same token in another batch, at the same position
     again = kernel(logits[1:2].clone(), [reqs[1]]).result()
     assert again.token_ids == [out.token_ids[1]]
+
+
+@triton.jit
+def _first_walk_of(row, chunk_mass, out, V, target, CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
+    """The split path's first walk for a temperature-1 row with no filters."""
+    mass = tl.load(chunk_mass + tl.arange(0, CHUNKS))
+    m = tl.max(tl.load(row + tl.arange(0, CHUNKS * BLOCK)), 0)
+    lower = -float("inf")
+    tl.store(out, _first_walk(row, V, m, 1.0, lower, target, mass, CHUNKS, BLOCK))
+
+
+def test_the_first_walk_never_lands_in_a_chunk_without_mass():
+    """A target of 0 (a uniform draw of exactly 0) in a row whose first chunks a grammar masked:
+    the split path's first walk picks the first token the proposal holds, as the whole-row walk
+    does, not the start of an empty chunk; a target past three chunks' mass, the fourth."""
+    row = torch.randn(64)
+    row[:37] = -math.inf
+    mass = (row - row.max()).exp().view(4, 16).sum(-1)
+    out = torch.zeros(1, dtype=torch.int32)
+    for target, first_ok in ((0.0, 37), (mass[:3].sum().item() + 1e-6, 48)):
+        _first_walk_of[(1,)](row, mass, out, 64, target, CHUNKS=4, BLOCK=16)
+        assert out.item() >= first_ok and row[out.item()] > -math.inf
