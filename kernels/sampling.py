@@ -19,10 +19,13 @@ program per row:
    the proposal on average.
 
 A few rows cannot fill the card with one program each: one program reads a 152k row in ~40 us,
-whatever the bandwidth. Up to SPLIT_MAX_ROWS rows, step 1 is split: one program per row and
-chunk of `block` entries writes the chunk's max, normalisers and argmax, and a second launch per
-row combines them and makes the first draw's walk inside the one chunk where the cumulative mass
-of the chunks passes the target (later draws, after a rejection, walk the row as before).
+whatever the bandwidth. Up to SPLIT_MAX_ROWS rows the passes are split by chunks of the row:
+one program per row and chunk writes the chunk's max, normalisers and argmax; one per row
+combines them (greedy rows end there) and makes the first draw's walk inside the one chunk where
+the chunks' cumulative mass passes the target; one per row and chunk sums the mass above that
+candidate; one per row keeps or rejects it, and after a rejection (rare: about 1 - top_p of the
+draws) goes on drawing over the whole row, as the one-program path does. Four launches of short
+programs instead of two or three passes in one.
 
 Ties: the threshold tests keep or cut equal logits together, where a sort keeps some of them.
 The torch version, the CPU's path and this kernel's reference, is labkit.engine.sampler
@@ -96,61 +99,70 @@ def _row_filters(temperature, kth_logit, r):
 
 
 @triton.jit
+def _min_logit(min_p, r, m, t):
+    """Row r's min-p as a logit: p >= min_p * p_max  <=>  (l - m) / T >= log(min_p)."""
+    mp = tl.load(min_p + r)
+    return tl.where(mp > 0, m + t * tl.log(tl.maximum(mp, 1e-30)), -float("inf"))
+
+
+@triton.jit
+def _mass_above(row, lo, hi, lc, kth, min_logit, m, inv_t, BLOCK: tl.constexpr):
+    """Over entries [lo, hi): the mass above the candidate's logit lc within top-k (for
+    top-p), and the part of it that min-p keeps (the next proposal's, should lc be rejected)."""
+    offs = tl.arange(0, BLOCK)
+    above = 0.0
+    above_min = 0.0
+    for start in range(lo, hi, BLOCK):
+        idx = start + offs
+        lg = tl.load(row + idx, mask=idx < hi, other=-float("inf")).to(tl.float32)
+        p = tl.where((lg > lc) & (lg >= kth), tl.exp((lg - m) * inv_t), 0.0)
+        above += tl.sum(p, 0)
+        above_min += tl.sum(tl.where(lg >= min_logit, p, 0.0), 0)
+    return above, above_min
+
+
+@triton.jit
 def _draw(
     row,
     r,
     V,
     m,
-    t,
     inv_t,
     kth,
+    min_logit,
     z_k,
-    top_p,
-    min_p,
-    seeds,
+    p_top,
+    seed,
     out_ids,
-    chunk_mass,
-    CHUNKS: tl.constexpr,
+    rejected,
+    rejected_mass,
+    AFTER_REJECTION: tl.constexpr,
     BLOCK: tl.constexpr,
     MAX_DRAWS: tl.constexpr,
 ):
-    """Steps 2 and 3 for sampled row r (max m, top-k mass z_k); CHUNKS > 0: the first walk
-    goes by `chunk_mass` (_first_walk)."""
-    offs = tl.arange(0, BLOCK)
-    p_top = tl.load(top_p + r)
-    # p >= min_p * p_max  <=>  (l - m) / T >= log(min_p)
-    mp = tl.load(min_p + r)
-    min_logit = tl.where(mp > 0, m + t * tl.log(tl.maximum(mp, 1e-30)), -float("inf"))
-    seed = tl.load(seeds + r)
-    floor = -float("inf")  # the proposal: l > floor and l >= lower
-    lower = kth
-    mass = z_k  # the proposal's
-    draw = 0
+    """Steps 2 and 3 for sampled row r (max m, top-k mass z_k): draws until one is kept and
+    stores it. AFTER_REJECTION: draw 0 was the logit `rejected` (the split path's), so the
+    draws go on from draw 1 with the proposal above it, of mass `rejected_mass`."""
+    if AFTER_REJECTION:
+        draw = 1
+        floor = rejected  # the proposal: l > floor and l >= lower
+        lower = tl.maximum(kth, min_logit)
+        mass = rejected_mass  # the proposal's
+    else:
+        draw = 0
+        floor = -float("inf")
+        lower = kth
+        mass = z_k
     done = 0
     cand = 0
     while (done == 0) & (draw < MAX_DRAWS):
         u = tl.rand(seed, draw)
-        if CHUNKS > 0:
-            if draw == 0:
-                cand = _first_walk(row, V, m, inv_t, lower, u * mass, chunk_mass, CHUNKS, BLOCK)
-            else:
-                cand = _cdf_walk(row, 0, V, m, inv_t, floor, lower, u * mass, BLOCK)
-        else:
-            cand = _cdf_walk(row, 0, V, m, inv_t, floor, lower, u * mass, BLOCK)
+        cand = _cdf_walk(row, 0, V, m, inv_t, floor, lower, u * mass, BLOCK)
         lc = tl.load(row + cand).to(tl.float32)
         if (p_top >= 1.0) & (lc >= min_logit):
             done = 1
         else:
-            # The mass above the candidate within top-k (for top-p), and the part of it
-            # that min-p keeps (the next proposal's, should this candidate be rejected)
-            above = 0.0
-            above_min = 0.0
-            for start in range(0, V, BLOCK):
-                idx = start + offs
-                lg = tl.load(row + idx, mask=idx < V, other=-float("inf")).to(tl.float32)
-                p = tl.where((lg > lc) & (lg >= kth), tl.exp((lg - m) * inv_t), 0.0)
-                above += tl.sum(p, 0)
-                above_min += tl.sum(tl.where(lg >= min_logit, p, 0.0), 0)
+            above, above_min = _mass_above(row, 0, V, lc, kth, min_logit, m, inv_t, BLOCK)
             if (above < p_top * z_k) & (lc >= min_logit):
                 done = 1
             else:
@@ -202,22 +214,23 @@ def _sample_kernel(
     if greedy:
         tl.store(out_ids + r, best_i.to(tl.int64))
     else:
-        none = tl.zeros([1], tl.float32)
+        min_logit = _min_logit(min_p, r, m, t)
+        p_top, seed = tl.load(top_p + r), tl.load(seeds + r)
         _draw(
             row,
             r,
             V,
             m,
-            t,
             inv_t,
             kth,
+            min_logit,
             z_k,
-            top_p,
-            min_p,
-            seeds,
+            p_top,
+            seed,
             out_ids,
-            none,
-            0,
+            m,
+            z_k,
+            False,
             BLOCK,
             MAX_DRAWS,
         )
@@ -247,25 +260,25 @@ def _chunk_stats_kernel(
 
 
 @triton.jit
-def _combine_draw_kernel(
+def _combine_kernel(
     logits,
     stride,
     V,
     temperature,
     kth_logit,
-    top_p,
-    min_p,
     seeds,
     stats,
     arg,
+    state,
     out_ids,
     out_lse,
     NUM_CHUNKS,
     CHUNKS: tl.constexpr,
     BLOCK: tl.constexpr,
-    MAX_DRAWS: tl.constexpr,
 ):
-    """Row r from its chunks' statistics: step 1's results, then steps 2-3 (_draw)."""
+    """Row r from its chunks' statistics: the normaliser, a greedy row's token, and a sampled
+    row's first draw (by the chunks' masses, then inside one chunk), stored as its token until
+    a check rejects it; its max and top-k mass go to state[0..1, r] for the check."""
     r = tl.program_id(0)
     row = logits + r.to(tl.int64) * stride
     t, kth, greedy, inv_t = _row_filters(temperature, kth_logit, r)
@@ -285,24 +298,113 @@ def _combine_draw_kernel(
         tl.store(out_ids + r, tl.load(arg + r * NUM_CHUNKS + first).to(tl.int64))
     else:
         z_k = tl.sum(chunk_mass, 0)
-        _draw(
-            row,
-            r,
-            V,
-            m,
-            t,
-            inv_t,
-            kth,
-            z_k,
-            top_p,
-            min_p,
-            seeds,
-            out_ids,
-            chunk_mass,
-            CHUNKS,
-            BLOCK,
-            MAX_DRAWS,
+        u = tl.rand(tl.load(seeds + r), r * 0)  # draw 0 (tl.rand takes a tensor offset)
+        cand = _first_walk(row, V, m, inv_t, kth, u * z_k, chunk_mass, CHUNKS, BLOCK)
+        tl.store(out_ids + r, cand.to(tl.int64))
+        tl.store(state + r, m)
+        tl.store(state + tl.num_programs(0) + r, z_k)
+
+
+@triton.jit
+def _first_check(logits, stride, temperature, top_p, min_p, state, out_ids, r):
+    """What the check of row r's first draw needs: (whether it needs one, the row, its max,
+    1 / T, min-p's logit, top-p, the candidate's logit). A greedy row, or a sampled one whose
+    candidate no filter can reject (no top-p, min-p keeps it), needs none."""
+    row = logits + r.to(tl.int64) * stride
+    t = tl.load(temperature + r)
+    m = tl.load(state + r)
+    min_logit = _min_logit(min_p, r, m, t)
+    p_top = tl.load(top_p + r)
+    lc = tl.load(row + tl.load(out_ids + r)).to(tl.float32)
+    needed = (t != 0) & ((p_top < 1.0) | (lc < min_logit))
+    return needed, row, m, 1.0 / tl.where(t == 0, 1.0, t), min_logit, p_top, lc
+
+
+@triton.jit
+def _chunk_above_kernel(
+    logits,
+    stride,
+    V,
+    temperature,
+    kth_logit,
+    top_p,
+    min_p,
+    state,
+    out_ids,
+    above,
+    NUM_CHUNKS,
+    BLOCK: tl.constexpr,
+):
+    """Program (r, c): the mass above row r's first candidate in chunk c (_mass_above), into
+    above[0..1, r, c], where the candidate needs a check."""
+    r = tl.program_id(0)
+    c = tl.program_id(1)
+    needed, row, m, inv_t, min_logit, _, lc = _first_check(
+        logits, stride, temperature, top_p, min_p, state, out_ids, r
+    )
+    if needed:
+        kth = tl.load(kth_logit + r)
+        lo = c * BLOCK
+        a, a_min = _mass_above(
+            row, lo, tl.minimum(lo + BLOCK, V), lc, kth, min_logit, m, inv_t, BLOCK
         )
+        out = above + r * NUM_CHUNKS + c
+        tl.store(out, a)
+        tl.store(out + tl.num_programs(0) * NUM_CHUNKS, a_min)
+
+
+@triton.jit
+def _check_kernel(
+    logits,
+    stride,
+    V,
+    temperature,
+    kth_logit,
+    top_p,
+    min_p,
+    seeds,
+    state,
+    out_ids,
+    above,
+    NUM_CHUNKS,
+    CHUNKS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    MAX_DRAWS: tl.constexpr,
+):
+    """Row r's first candidate kept or rejected from the chunks' masses above it; after a
+    rejection the draws go on in this program (_draw), over the whole row."""
+    r = tl.program_id(0)
+    needed, row, m, inv_t, min_logit, p_top, lc = _first_check(
+        logits, stride, temperature, top_p, min_p, state, out_ids, r
+    )
+    if needed:
+        c_idx = tl.arange(0, CHUNKS)
+        ok = c_idx < NUM_CHUNKS
+        at = above + r * NUM_CHUNKS + c_idx
+        a = tl.sum(tl.load(at, mask=ok, other=0.0), 0)
+        a_min = tl.sum(tl.load(at + tl.num_programs(0) * NUM_CHUNKS, mask=ok, other=0.0), 0)
+        z_k = tl.load(state + tl.num_programs(0) + r)
+        if (a >= p_top * z_k) | (lc < min_logit):
+            kth = tl.load(kth_logit + r)
+            seed = tl.load(seeds + r)
+            _draw(
+                row,
+                r,
+                V,
+                m,
+                inv_t,
+                kth,
+                min_logit,
+                z_k,
+                p_top,
+                seed,
+                out_ids,
+                lc,
+                a_min,
+                True,
+                BLOCK,
+                MAX_DRAWS,
+            )
 
 
 def sample(
@@ -316,6 +418,7 @@ def sample(
     num_warps: int = 16,
     split: bool | None = None,
     split_block: int = 4096,
+    filters: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(token ids [B] int64, raw log-sum-exp [B] float32) for logits [B, V] (any float dtype,
     unit stride along V). Per row: temperature (0: greedy), kth_logit (the k-th largest logit
@@ -324,47 +427,67 @@ def sample(
     program's, so at small batches only wide reads keep enough bytes in flight. The defaults
     were the fastest of those timed on an H100 at 1-256 rows (dev/gpu_sampler.py), bar 16,384
     entries, which was faster at 1-64 rows and slower at 256. `split` (default: up to
-    SPLIT_MAX_ROWS rows): step 1 by chunks of `split_block` entries, one program each (see the
-    module's docstring); the draws then read `split_block` entries at a time."""
+    SPLIT_MAX_ROWS rows): the rows' passes by chunks of `split_block` entries, one program each
+    (see the module's docstring). `filters` False promises that no sampled row has a top-p or
+    a min-p, which spares the split path its check's two launches."""
     b, v = logits.shape
     ids = torch.empty(b, dtype=torch.int64, device=logits.device)
     lse = torch.empty(b, dtype=torch.float32, device=logits.device)
     if not b:
         return ids, lse
     args = (logits, logits.stride(0), v, temperature, kth_logit)
-    if split if split is not None else b <= SPLIT_MAX_ROWS:
-        chunks = triton.cdiv(v, split_block)
-        stats = torch.empty((3, b, chunks), dtype=torch.float32, device=logits.device)
-        arg = torch.empty((b, chunks), dtype=torch.int32, device=logits.device)
-        warps = min(num_warps, max(1, split_block // 1024))
-        _chunk_stats_kernel[(b, chunks)](
-            *args, stats, arg, chunks, BLOCK=split_block, num_warps=warps
-        )
-        _combine_draw_kernel[(b,)](
+    if not (split if split is not None else b <= SPLIT_MAX_ROWS):
+        _sample_kernel[(b,)](
             *args,
             top_p,
             min_p,
             seeds,
-            stats,
-            arg,
             ids,
             lse,
-            chunks,
-            CHUNKS=triton.next_power_of_2(chunks),
-            BLOCK=split_block,
+            BLOCK=block,
             MAX_DRAWS=MAX_DRAWS,
-            num_warps=min(num_warps, max(1, split_block // 256)),
+            num_warps=min(num_warps, max(1, block // 256)),
         )
         return ids, lse
-    _sample_kernel[(b,)](
+    chunks = triton.cdiv(v, split_block)
+    pow2 = triton.next_power_of_2(chunks)
+    stats = torch.empty((3, b, chunks), dtype=torch.float32, device=logits.device)
+    arg = torch.empty((b, chunks), dtype=torch.int32, device=logits.device)
+    state = torch.empty((2, b), dtype=torch.float32, device=logits.device)
+    chunk_warps = min(num_warps, max(1, split_block // 1024))
+    row_warps = min(num_warps, max(1, split_block // 256))
+    _chunk_stats_kernel[(b, chunks)](
+        *args, stats, arg, chunks, BLOCK=split_block, num_warps=chunk_warps
+    )
+    _combine_kernel[(b,)](
         *args,
-        top_p,
-        min_p,
         seeds,
+        stats,
+        arg,
+        state,
         ids,
         lse,
-        BLOCK=block,
-        MAX_DRAWS=MAX_DRAWS,
-        num_warps=min(num_warps, max(1, block // 256)),
+        chunks,
+        CHUNKS=pow2,
+        BLOCK=split_block,
+        num_warps=row_warps,
     )
+    if filters:
+        above = torch.empty((2, b, chunks), dtype=torch.float32, device=logits.device)
+        check = (*args, top_p, min_p)
+        _chunk_above_kernel[(b, chunks)](
+            *check, state, ids, above, chunks, BLOCK=split_block, num_warps=chunk_warps
+        )
+        _check_kernel[(b,)](
+            *check,
+            seeds,
+            state,
+            ids,
+            above,
+            chunks,
+            CHUNKS=pow2,
+            BLOCK=split_block,
+            MAX_DRAWS=MAX_DRAWS,
+            num_warps=row_warps,
+        )
     return ids, lse

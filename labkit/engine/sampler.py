@@ -225,7 +225,8 @@ class Sampler:
             top = logits[idx].topk(max(ks), dim=-1).values
             pos = to_device([ks[i] - 1 for i in with_k], torch.long, dev)
             kth[idx] = top.gather(-1, pos[:, None])[:, 0].float()
-        return sample(logits, floats[0], kth, floats[1], floats[2], seeds)
+        filters = any(not p.greedy and (p.top_p < 1 or p.min_p > 0) for p in ps)
+        return sample(logits, floats[0], kth, floats[1], floats[2], seeds, filters=filters)
 
     def _row_seed(self, r: Request) -> int:
         """A seeded sequence's draw depends on its seed (+ its index among `n`) and its

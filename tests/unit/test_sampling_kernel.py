@@ -136,6 +136,19 @@ def test_the_samplers_kernel_path_keeps_logprobs_penalties_and_seeds():
     assert again.token_ids == [out.token_ids[1]]
 
 
+@pytest.mark.parametrize("mode", ["top_p", "min_p"])
+def test_the_samplers_kernel_path_applies_top_p_and_min_p_to_a_few_rows(mode):
+    """A few rows take the split path, whose check of the first draw the Sampler must ask for
+    when a row has top-p or min-p: here only token 7 passes either filter (p = 0.75), so 40
+    draws that skipped the check would include another token about once in 1 - 1e-5."""
+    logits = torch.zeros(40, 50)
+    logits[:, 7] = 5.0
+    extra = dict(top_p=0.5) if mode == "top_p" else dict(min_p=0.5)
+    reqs = [_request(SamplingParams(temperature=1.0, seed=i, **extra)) for i in range(40)]
+    kernel = Sampler(0, {0}, torch.device("cpu"), KernelSwitches(use_sampling_kernel=True))
+    assert kernel(logits, reqs).result().token_ids == [7] * 40
+
+
 @triton.jit
 def _first_walk_of(row, chunk_mass, out, V, target, CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
     """The split path's first walk for a temperature-1 row with no filters."""
