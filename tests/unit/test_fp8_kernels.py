@@ -162,11 +162,12 @@ def test_rmsnorm_fp8_output_equals_quantizing_the_norm(residual, dtype):
 def test_the_norm_layer_hands_over_its_output_rounded_per_token(residual):
     """RMSNorm(fp8_output=True) on its kernel path (run here by the interpreter) returns what
     quantize_per_token makes of the float norm's output, and the same residual sum."""
-    weight = torch.rand(300) + 0.5
+    weight = torch.rand(300, device=DEVICE) + 0.5
     norms = [RMSNorm(300, 1e-6, switches=KernelSwitches(), fp8_output=f) for f in (True, False)]
     for norm in norms:
         norm.weight.data = weight
-    x, r = torch.randn(4, 300) * 3, torch.randn(4, 300) if residual else None
+    x = torch.randn(4, 300, device=DEVICE) * 3
+    r = torch.randn(4, 300, device=DEVICE) if residual else None
     got, ref = (norm._forward_cuda(x, r) for norm in norms)
     if residual:
         (got, got_r), (ref, ref_r) = got, ref
