@@ -306,18 +306,19 @@ def _combine_kernel(
 
 
 @triton.jit
-def _first_check(logits, stride, temperature, top_p, min_p, state, out_ids, r):
+def _first_check(logits, stride, temperature, kth_logit, top_p, min_p, state, out_ids, r):
     """What the check of row r's first draw needs: (whether it needs one, the row, its max,
-    1 / T, min-p's logit, top-p, the candidate's logit). A greedy row, or a sampled one whose
-    candidate no filter can reject (no top-p, min-p keeps it), needs none."""
+    1 / T, the top-k threshold, min-p's logit, top-p, the candidate's logit). A greedy row, or
+    a sampled one whose candidate no filter can reject (no top-p, min-p keeps it), needs none
+    (a greedy row's max was never stored: its min-p logit means nothing and goes unused)."""
     row = logits + r.to(tl.int64) * stride
-    t = tl.load(temperature + r)
+    t, kth, _, inv_t = _row_filters(temperature, kth_logit, r)
     m = tl.load(state + r)
     min_logit = _min_logit(min_p, r, m, t)
     p_top = tl.load(top_p + r)
     lc = tl.load(row + tl.load(out_ids + r)).to(tl.float32)
     needed = (t != 0) & ((p_top < 1.0) | (lc < min_logit))
-    return needed, row, m, 1.0 / tl.where(t == 0, 1.0, t), min_logit, p_top, lc
+    return needed, row, m, inv_t, kth, min_logit, p_top, lc
 
 
 @triton.jit
@@ -339,11 +340,10 @@ def _chunk_above_kernel(
     above[0..1, r, c], where the candidate needs a check."""
     r = tl.program_id(0)
     c = tl.program_id(1)
-    needed, row, m, inv_t, min_logit, _, lc = _first_check(
-        logits, stride, temperature, top_p, min_p, state, out_ids, r
+    needed, row, m, inv_t, kth, min_logit, _, lc = _first_check(
+        logits, stride, temperature, kth_logit, top_p, min_p, state, out_ids, r
     )
     if needed:
-        kth = tl.load(kth_logit + r)
         lo = c * BLOCK
         a, a_min = _mass_above(
             row, lo, tl.minimum(lo + BLOCK, V), lc, kth, min_logit, m, inv_t, BLOCK
@@ -374,8 +374,8 @@ def _check_kernel(
     """Row r's first candidate kept or rejected from the chunks' masses above it; after a
     rejection the draws go on in this program (_draw), over the whole row."""
     r = tl.program_id(0)
-    needed, row, m, inv_t, min_logit, p_top, lc = _first_check(
-        logits, stride, temperature, top_p, min_p, state, out_ids, r
+    needed, row, m, inv_t, kth, min_logit, p_top, lc = _first_check(
+        logits, stride, temperature, kth_logit, top_p, min_p, state, out_ids, r
     )
     if needed:
         c_idx = tl.arange(0, CHUNKS)
@@ -385,7 +385,6 @@ def _check_kernel(
         a_min = tl.sum(tl.load(at + tl.num_programs(0) * NUM_CHUNKS, mask=ok, other=0.0), 0)
         z_k = tl.load(state + tl.num_programs(0) + r)
         if (a >= p_top * z_k) | (lc < min_logit):
-            kth = tl.load(kth_logit + r)
             seed = tl.load(seeds + r)
             _draw(
                 row,
